@@ -1,0 +1,183 @@
+"""
+Shared transformer pieces for the VAE, the DiT and the baselines (SPEC §3, §4, §8).
+
+- mask builders: block-causal (bidirectional inside a block, causal across blocks) and the Cola rule
+  for mixed clean/noisy sequences; True = may attend, fed to SDPA as a bool mask with is_causal=False
+  (a mask together with is_causal=True silently gives plain causal attention on CPU);
+- RoPE with optional partial rotation; attention with per-head QK LayerNorm; SwiGLU MLP;
+- a KV cache for block-wise decoding: a block's keys are appended only when it is committed.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------------
+# masks (pure functions)
+
+def block_causal_mask(q_block, k_block):
+    """(..., Tq, Tk) bool: a query in block i sees keys in blocks <= i. Inputs are block ids (..., T)."""
+    return k_block.unsqueeze(-2) <= q_block.unsqueeze(-1)
+
+
+def cola_mask(q_block, q_noisy, k_block, k_noisy):
+    """The mixed clean/noisy rule of SPEC §4 (the "2L" layout, and the cached sampling pass).
+
+    clean query in block i -> clean keys in blocks <= i; noisy query in block j -> clean keys in
+    blocks < j and noisy keys of block j only; clean queries never see noisy keys.
+    """
+    qb, kb = q_block.unsqueeze(-1), k_block.unsqueeze(-2)
+    qn, kn = q_noisy.unsqueeze(-1), k_noisy.unsqueeze(-2)
+    clean_key = ~kn & torch.where(qn, kb < qb, kb <= qb)
+    noisy_key = kn & qn & (kb == qb)
+    return clean_key | noisy_key
+
+
+def with_key_padding(mask, key_valid, query_valid=None):
+    """AND a (B, Tk) key-validity into a (Tq, Tk) or (B, Tq, Tk) mask -> (B, 1, Tq, Tk).
+
+    Invalid queries (padding) keep their rule so that no row is fully masked (a fully masked row
+    makes SDPA return NaN, which would then leak through V into valid rows).
+    """
+    keep = key_valid.unsqueeze(-2)  # (B, 1, Tk)
+    if query_valid is not None:
+        keep = keep | ~query_valid.unsqueeze(-1)  # (B, Tq, Tk)
+    return (mask & keep).unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# rotary position embedding
+
+class Rotary(nn.Module):
+    """RoPE on the first `rot_dim` channels of each head (the paper's DiT rotates 96 of 128)."""
+
+    def __init__(self, head_dim, theta=10000.0, fraction=1.0):
+        super().__init__()
+        rot_dim = int(head_dim * fraction) // 2 * 2
+        self.rot_dim = rot_dim
+        inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / max(rot_dim, 1)))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x, pos):
+        """x (B, H, T, hd); pos (T,) or (B, T) integer positions."""
+        if self.rot_dim == 0:
+            return x
+        ang = pos.to(torch.float32).unsqueeze(-1) * self.inv_freq  # (T, r/2) or (B, T, r/2)
+        if ang.dim() == 3:
+            ang = ang.unsqueeze(1)  # (B, 1, T, r/2)
+        cos, sin = ang.cos(), ang.sin()
+        xr, xp = x[..., :self.rot_dim], x[..., self.rot_dim:]
+        x1, x2 = xr.float().chunk(2, dim=-1)
+        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        return torch.cat([rotated, xp], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# KV cache
+
+class LayerKV:
+    """Keys/values of the committed blocks for one attention layer."""
+
+    def __init__(self):
+        self.k = None  # (B, H, Tc, hd)
+        self.v = None
+
+    def extend(self, k, v, commit):
+        """Return cached+new keys/values; store them only if `commit` (noisy blocks are never stored)."""
+        if self.k is not None:
+            ck, cv = self.k, self.v
+            if ck.shape[0] != k.shape[0]:  # cond+uncond batched pass: both halves read the same cache
+                reps = k.shape[0] // ck.shape[0]
+                ck, cv = ck.repeat(reps, 1, 1, 1), cv.repeat(reps, 1, 1, 1)
+            k, v = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+        if commit:
+            self.k, self.v = k, v
+        return k, v
+
+
+class KVCache:
+    """One LayerKV per layer plus the length of what is stored."""
+
+    def __init__(self, n_layers):
+        self.layers = [LayerKV() for _ in range(n_layers)]
+
+    def __len__(self):
+        k = self.layers[0].k
+        return 0 if k is None else k.shape[2]
+
+
+# ----------------------------------------------------------------------------------------------------
+# modules
+
+class Attention(nn.Module):
+    """Multi-head attention through SDPA with an explicit bool mask, QK LayerNorm and RoPE."""
+
+    def __init__(self, width, n_heads, rope_theta=10000.0, rope_fraction=1.0, qk_norm=True, dropout=0.0):
+        super().__init__()
+        assert width % n_heads == 0, "width must be divisible by n_heads"
+        self.n_heads, self.head_dim = n_heads, width // n_heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.proj = nn.Linear(width, width, bias=False)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.rope = Rotary(self.head_dim, rope_theta, rope_fraction)
+        self.dropout = dropout
+
+    def forward(self, x, pos, mask, cache=None, commit=False):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(q, pos), self.rope(k, pos)
+        if cache is not None:
+            k, v = cache.extend(k, v, commit)  # (B, H, Tc+T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width, hidden, dropout=0.0):
+        super().__init__()
+        self.gate_up = nn.Linear(width, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, width, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.drop(self.down(F.silu(gate) * up))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block (LayerNorm, attention, SwiGLU) used by the VAE and the baselines."""
+
+    def __init__(self, width, n_heads, mlp_hidden, rope_theta, dropout=0.0):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = Attention(width, n_heads, rope_theta, 1.0, qk_norm=True, dropout=dropout)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = SwiGLU(width, mlp_hidden, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, pos, mask, cache=None, commit=False):
+        x = x + self.drop(self.attn(self.ln1(x), pos, mask, cache, commit))
+        return x + self.mlp(self.ln2(x))
+
+
+def init_weights(module, std=0.02):
+    """GPT-2 style init: N(0, 0.02) for Linear/Embedding, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, std)
+
+
+def scale_residual_init(module, n_layers):
+    """Scale output projections by 1/sqrt(2*n_layers) as GPT-2 does, so deep residual streams start tame."""
+    for name, p in module.named_parameters():
+        if name.endswith("attn.proj.weight") or name.endswith("mlp.down.weight"):
+            nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layers))

@@ -1,0 +1,110 @@
+"""
+Sample from a trained model. Needs no model flags: the checkpoint carries its configuration.
+
+    python sample.py                                  # out/ckpt.pt, the default prompt
+    python sample.py --prompt "ROMEO:" --num_samples 3 --steps 8 --cfg 3
+    python sample.py --prompt FILE:prompt.txt --ckpt out/ckpt.pt
+
+Cola DLM decodes block by block (SPEC §6) and each block is printed as soon as it is decoded.
+"""
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+import torch
+
+from decoder import GenerationError, generate
+from prepare import DataError, get_tokenizer
+from train import HERE, build_cola, load_checkpoint
+
+MODEL_KINDS = ("cola",)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", default=os.path.join(HERE, "out"), help="directory holding ckpt.pt")
+    p.add_argument("--ckpt", default=None, help="checkpoint path (overrides --out_dir)")
+    p.add_argument("--prompt", default="\n", help="prompt text, or FILE:path to read it from a file")
+    p.add_argument("--num_samples", type=int, default=2, help="number of samples")
+    p.add_argument("--max_new_tokens", type=int, default=96, help="tokens to generate per sample")
+    p.add_argument("--steps", type=int, default=16, help="Euler steps per block (paper: 16)")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off; paper: 7)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--repetition_penalty", type=float, default=1.1, help="CTRL-style penalty (1 = off)")
+    p.add_argument("--seed", type=int, default=1337, help="random seed")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT and the decoder")
+    a = p.parse_args(argv)
+    if a.num_samples < 1 or a.max_new_tokens < 1 or a.steps < 1:
+        p.error("--num_samples, --max_new_tokens and --steps must be >= 1")
+    if a.temperature < 0 or not 0 < a.top_p <= 1 or a.repetition_penalty <= 0:
+        p.error("need --temperature >= 0, 0 < --top_p <= 1 and --repetition_penalty > 0")
+    return a
+
+
+def read_prompt(prompt):
+    if prompt.startswith("FILE:"):
+        path = prompt[5:]
+        if not os.path.exists(path):
+            raise DataError(f"prompt file {path} not found")
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    return prompt
+
+
+def load_model(path, device):
+    ckpt = load_checkpoint(path, MODEL_KINDS)
+    model = build_cola(ckpt).to(device).eval()
+    return model, ckpt
+
+
+def main(argv=None):
+    a = get_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    path = a.ckpt or os.path.join(a.out_dir, "ckpt.pt")
+    try:
+        if not a.ckpt and not os.path.exists(path) and os.path.exists(os.path.join(a.out_dir, "vae.pt")):
+            raise DataError(f"{path} not found; {a.out_dir}/vae.pt is a stage-1 VAE, which cannot generate: "
+                            "run `python train.py --stage joint` first")
+        model, ckpt = load_model(path, device)
+        enc = get_tokenizer(ckpt["tokenizer"])
+        prompt_ids = enc.encode_ordinary(read_prompt(a.prompt))
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    if a.compile:
+        model.dit = torch.compile(model.dit, dynamic=True)
+        model.vae.dec = torch.compile(model.vae.dec, dynamic=True)
+    dev_type = "cuda" if device.startswith("cuda") else "cpu"
+    amp = torch.autocast(dev_type, dtype=torch.bfloat16) if a.dtype == "bfloat16" else contextlib.nullcontext()
+    g = torch.Generator(device=device).manual_seed(a.seed)
+    torch.manual_seed(a.seed)
+    print(f"# {path}: step {ckpt['step']}, steps {a.steps}, cfg {a.cfg}, prompt {len(prompt_ids)} tokens", flush=True)
+    total_tokens, total_time = 0, 0.0
+    for i in range(a.num_samples):
+        print(f"--- sample {i}\n{enc.decode(prompt_ids)}", end="", flush=True)
+
+        def show(k, new):
+            sys.stdout.write(enc.decode(new[0]))
+            sys.stdout.flush()
+
+        t0 = time.time()
+        try:
+            with amp:
+                out, stats = generate(model, [prompt_ids], a.max_new_tokens, a.steps, a.cfg, a.temperature, a.top_k,
+                                      a.top_p, a.repetition_penalty, eos_id=enc.eot_token, pad_id=enc.eot_token,
+                                      generator=g, on_block=show)
+        except GenerationError as e:
+            sys.exit(f"\nerror: {e}")
+        total_time += time.time() - t0
+        total_tokens += len(out[0])
+        print()
+    print(f"# {total_tokens} tokens in {total_time:.2f} s ({total_tokens / max(total_time, 1e-9):.1f} tok/s)")
+
+
+if __name__ == "__main__":
+    main()

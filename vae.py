@@ -1,0 +1,190 @@
+"""
+The Text VAE of Cola DLM (SPEC §3): tokens <-> one continuous latent of dimension d per `patch_size`
+tokens, through block-causal transformers (so a prompt can be encoded and decoded block by block).
+
+    encoder q_phi(z|x): embed -> [patch] -> blocks -> LN -> Linear -> (mu, logvar); mu -> LN without
+                        parameters, logvar clamped (or fixed at a given logSNR)
+    decoder p_theta(x|z): Linear d -> width -> blocks -> LN -> [unpatch] -> Linear -> vocab
+
+Stage-1 loss: CE(decoder(z), x) + beta * KL(q || N(0, I)) + lambda_mask * CE(decoder(z~), x), where z~
+encodes the text with 15% of its tokens replaced by [MASK] and the original tokens are predicted at
+every position (a BERT-style term that keeps the encoder semantic).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from layers import Block, block_causal_mask, init_weights, scale_residual_init
+
+
+@dataclass
+class VAEConfig:
+    vocab_size: int = 50257         # tokenizer vocabulary; the encoder embedding has one extra row: [MASK]
+    latent_dim: int = 16            # d: channels per latent (paper: 16)
+    width: int = 128                # transformer width (paper: 1536)
+    n_enc_layers: int = 2           # encoder blocks (paper: 4)
+    n_dec_layers: int = 2           # decoder blocks (paper: 4)
+    n_heads: int = 4                # attention heads (paper: 12 of 128)
+    mlp_hidden: int = 512           # SwiGLU hidden size (paper preset: 3200, chosen to give its ~502M)
+    block_size: int = 16            # latents per attention block, shared with the DiT (paper: 16)
+    patch_size: int = 1             # tokens per latent (paper tried 2)
+    max_seq_len: int = 1024         # longest token sequence the model is meant for
+    rope_theta: float = 500000.0    # RoPE base (paper: 500,000)
+    dropout: float = 0.0            # dropout in attention/MLP outputs (paper: none)
+    logvar_min: float = -30.0       # clamp of the posterior log-variance (paper: [-30, 20])
+    logvar_max: float = 20.0
+    fixed_logsnr: float = 0.0       # > 0: fixed posterior variance sigma^2 = exp(-logSNR) instead of learned
+
+    @property
+    def mask_id(self):
+        return self.vocab_size
+
+    @property
+    def tokens_per_block(self):
+        return self.block_size * self.patch_size
+
+
+def gaussian_kl_std_normal(mu, logvar):
+    """KL(N(mu, e^logvar) || N(0, I)) summed over the last (channel) dim."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+
+
+def gaussian_kl(mu, logvar, mu_ref, logvar_ref):
+    """KL(N(mu, e^logvar) || N(mu_ref, e^logvar_ref)) summed over the last dim."""
+    return 0.5 * (logvar_ref - logvar + (logvar.exp() + (mu - mu_ref).pow(2)) / logvar_ref.exp() - 1.0).sum(-1)
+
+
+def vae_logsnr(mu, logvar):
+    """log(E[mu^2] / E[sigma^2]) over data, positions and channels (SPEC §3)."""
+    return torch.log(mu.float().pow(2).mean() / logvar.float().exp().mean())
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        w, p = cfg.width, cfg.patch_size
+        self.embed = nn.Embedding(cfg.vocab_size + 1, w)  # + [MASK]
+        self.patch = nn.Linear(p * w, w) if p > 1 else nn.Identity()
+        self.blocks = nn.ModuleList(Block(w, cfg.n_heads, cfg.mlp_hidden, cfg.rope_theta, cfg.dropout)
+                                    for _ in range(cfg.n_enc_layers))
+        self.ln_f = nn.LayerNorm(w)
+        self.to_latent = nn.Linear(w, 2 * cfg.latent_dim)
+
+    def forward(self, tokens, mask=None):
+        """tokens (B, T) -> mu, logvar (B, N, d) with N = T / patch_size."""
+        cfg = self.cfg
+        B, T = tokens.shape
+        x = self.embed(tokens)  # (B, T, w)
+        x = self.patch(x.reshape(B, T // cfg.patch_size, -1))  # (B, N, w)
+        N = x.shape[1]
+        pos = torch.arange(N, device=tokens.device)
+        if mask is None:
+            blk = pos // cfg.block_size
+            mask = block_causal_mask(blk, blk)
+        for block in self.blocks:
+            x = block(x, pos, mask)
+        mu, logvar = self.to_latent(self.ln_f(x)).chunk(2, dim=-1)  # (B, N, d) each
+        mu = F.layer_norm(mu, (cfg.latent_dim,))  # no learnable parameters: E[mu^2] = 1 per latent
+        if cfg.fixed_logsnr > 0:
+            logvar = torch.full_like(logvar, -cfg.fixed_logsnr)
+        else:
+            logvar = logvar.clamp(cfg.logvar_min, cfg.logvar_max)
+        return mu, logvar
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        w, p = cfg.width, cfg.patch_size
+        self.from_latent = nn.Linear(cfg.latent_dim, w)
+        self.blocks = nn.ModuleList(Block(w, cfg.n_heads, cfg.mlp_hidden, cfg.rope_theta, cfg.dropout)
+                                    for _ in range(cfg.n_dec_layers))
+        self.ln_f = nn.LayerNorm(w)
+        self.unpatch = nn.Linear(w, p * w) if p > 1 else nn.Identity()
+        self.head = nn.Linear(w, cfg.vocab_size, bias=False)  # untied from the encoder embedding
+
+    def forward(self, z, pos=None, mask=None, cache=None):
+        """z (B, N, d) -> logits (B, N * patch_size, V). With a cache, z is the next block(s) and is committed."""
+        cfg = self.cfg
+        B, N, _ = z.shape
+        if pos is None:
+            pos = torch.arange(N, device=z.device)
+        if mask is None:
+            blk = pos // cfg.block_size
+            mask = block_causal_mask(blk, blk)
+        x = self.from_latent(z)  # (B, N, w)
+        for i, block in enumerate(self.blocks):
+            x = block(x, pos, mask, None if cache is None else cache.layers[i], commit=True)
+        x = self.unpatch(self.ln_f(x)).reshape(B, N * cfg.patch_size, cfg.width)  # (B, T, w)
+        return self.head(x)  # (B, T, V)
+
+
+class TextVAE(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.enc = Encoder(cfg)
+        self.dec = Decoder(cfg)
+        init_weights(self)
+        scale_residual_init(self, cfg.n_enc_layers + cfg.n_dec_layers)
+
+    def encode(self, tokens, mask=None):
+        return self.enc(tokens, mask)
+
+    def decode(self, z, pos=None, mask=None, cache=None):
+        return self.dec(z, pos, mask, cache)
+
+    @staticmethod
+    def reparameterize(mu, logvar):
+        return mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+
+    def mask_tokens(self, tokens, mask_prob):
+        """Replace a random `mask_prob` of the tokens with [MASK] (BERT-style branch)."""
+        hide = torch.rand(tokens.shape, device=tokens.device) < mask_prob
+        return torch.where(hide, torch.full_like(tokens, self.cfg.mask_id), tokens)
+
+    def recon_terms(self, tokens, mask_prob, lam_mask):
+        """The terms both stages share: CE of the sampled latent, the masked branch, and the posterior.
+        The clean and the masked copies go through the encoder and decoder as one batch (one big head
+        matmul is cheaper than two on CPU)."""
+        B = tokens.shape[0]
+        both = torch.cat([tokens, self.mask_tokens(tokens, mask_prob)]) if lam_mask > 0 else tokens  # (2B, T)
+        mu, logvar = self.encode(both)  # (2B, N, d)
+        z = self.reparameterize(mu, logvar)
+        logits = self.decode(z)  # (2B, T, V)
+        target = tokens.repeat(2, 1) if lam_mask > 0 else tokens
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none").view(-1, B, tokens.shape[1])
+        hit = (logits.argmax(-1) == target).float().view(-1, B, tokens.shape[1])
+        out = {"mu": mu[:B], "logvar": logvar[:B], "z": z[:B], "ce": ce[0].mean(), "acc": hit[0].mean()}
+        if lam_mask > 0:
+            out["mask_ce"], out["mask_acc"] = ce[1].mean(), hit[1].mean()
+        else:
+            out["mask_ce"] = out["mask_acc"] = torch.zeros((), device=tokens.device)
+        return out
+
+    def forward(self, tokens, beta=1e-3, mask_prob=0.15, lam_mask=1.0):
+        """Stage-1 loss (SPEC §3). tokens (B, T) -> dict with 'loss' and metrics."""
+        out = self.recon_terms(tokens, mask_prob, lam_mask)
+        mu, logvar = out.pop("mu"), out.pop("logvar")
+        out.pop("z")
+        out["kl"] = gaussian_kl_std_normal(mu.float(), logvar.float()).mean()  # per latent, summed over d
+        out["loss"] = out["ce"] + beta * out["kl"] + lam_mask * out["mask_ce"]
+        out["logsnr"] = vae_logsnr(mu.detach(), logvar.detach())
+        return out
+
+    @torch.no_grad()
+    def recon_accuracy(self, tokens, noise_t=0.0):
+        """Greedy token accuracy decoding the posterior mean (optionally along the flow path at t)."""
+        mu, _ = self.encode(tokens)
+        if noise_t > 0:
+            mu = (1 - noise_t) * mu + noise_t * torch.randn_like(mu)
+        return (self.decode(mu).argmax(-1) == tokens).float().mean()
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
