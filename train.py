@@ -92,11 +92,14 @@ def get_args(argv=None):
     # running
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="autocast dtype")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.compile the model (--no-compile for quick runs: a cold compile costs ~30 s)")
     p.add_argument("--seed", type=int, default=1337, help="random seed")
     p.add_argument("--log_interval", type=int, default=25, help="steps between log lines")
     p.add_argument("--eval_interval", type=int, default=200, help="steps between validations and checkpoints")
     p.add_argument("--eval_iters", type=int, default=8, help="validation batches per evaluation")
+    p.add_argument("--stop_after", type=int, default=0,
+                   help="checkpoint and exit after this many steps in this invocation (time-sliced jobs; 0 = off)")
     a = p.parse_args(argv)
     errs = []
     if a.seq_len % (a.block_size * a.patch_size):
@@ -319,8 +322,14 @@ class Trainer:
     def run(self, evaluate, log_prefix):
         a = self.a
         tokens_per_step = a.batch_size * a.seq_len * a.grad_accum * self.world
-        t0, acc, n = time.time(), {}, 0
+        t0, acc, n, steps_here = time.time(), {}, 0, 0
         while self.step < self.max_iters:
+            if a.stop_after and steps_here == a.stop_after:
+                if self.master:
+                    save_checkpoint(self.ckpt_path, self.state())
+                    print(f"[{log_prefix}] stopped at step {self.step} (--stop_after); continue with --resume", flush=True)
+                return False
+            steps_here += 1
             metrics, lr = self.train_step()
             for k, v in metrics.items():
                 acc[k] = acc.get(k, 0.0) + v
@@ -342,6 +351,7 @@ class Trainer:
                     with open(os.path.join(a.out_dir, f"log_{log_prefix}.jsonl"), "a") as f:
                         f.write(json.dumps({"step": self.step, **val}) + "\n")
                 t0 = time.time()
+        return True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -388,8 +398,8 @@ def train_vae(a, env, data):
         model.train()
         return trainer.all_reduce_mean(sums)
 
-    trainer.run(evaluate, "vae")
-    return path
+    trainer.finished = trainer.run(evaluate, "vae")
+    return trainer
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -497,8 +507,8 @@ def train_joint(a, env, data):
                 res[f"fmu_t{i}"] = float(bins_u[0, i] / bins_u[1, i])
         return res
 
-    trainer.run(evaluate, "joint")
-    return path
+    trainer.finished = trainer.run(evaluate, "joint")
+    return trainer
 
 
 def main(argv=None):
@@ -509,9 +519,10 @@ def main(argv=None):
         if rank == 0:
             os.makedirs(a.out_dir, exist_ok=True)
         data = TokenData(a.data_dir, a.seq_len)
+        finished = True
         if a.stage in ("vae", "all"):
-            train_vae(a, env, data)
-        if a.stage in ("joint", "all"):
+            finished = train_vae(a, env, data).finished
+        if a.stage == "joint" or (a.stage == "all" and finished):
             train_joint(a, env, data)
     except DataError as e:
         cleanup_distributed()
