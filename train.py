@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from prepare import DataError, load_meta
 from diffusion import ColaDLM, latent_stats, t_bin_sums
 from dit import DiTConfig
+from baselines import LMConfig, TransformerLM, match_layers
 from vae import TextVAE, VAEConfig, count_params
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,7 +47,9 @@ PRESETS = {
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to train
-    p.add_argument("--stage", default="all", choices=["vae", "joint", "all"], help="training stage")
+    p.add_argument("--model", default="cola", choices=["cola", "ar", "llada"],
+                   help="cola (the stages below) or a matched baseline (trained for --main_iters)")
+    p.add_argument("--stage", default="all", choices=["vae", "joint", "all"], help="Cola training stage")
     p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="model size preset")
     p.add_argument("--data_dir", default=os.path.join(HERE, "data", "shakespeare"), help="prepared data (prepare.py)")
     p.add_argument("--out_dir", default=os.path.join(HERE, "out"), help="checkpoints and logs go here")
@@ -67,6 +70,9 @@ def get_args(argv=None):
     p.add_argument("--dit_width", type=int, default=None, help="DiT width (default: preset)")
     p.add_argument("--dit_layers", type=int, default=None, help="DiT blocks (default: preset)")
     p.add_argument("--rope_fraction", type=float, default=None, help="fraction of DiT head channels RoPE rotates")
+    p.add_argument("--lm_width", type=int, default=None, help="baseline width (default: the preset's VAE width)")
+    p.add_argument("--lm_layers", type=int, default=0,
+                   help="baseline blocks (0: as many as match the Cola model of this preset in parameters)")
     p.add_argument("--main_iters", type=int, default=600, help="optimizer steps of stage 2 (or of a baseline)")
     p.add_argument("--vae_lr_ratio", type=float, default=1.0, help="VAE lr / DiT lr in stage 2 (0 freezes the VAE)")
     p.add_argument("--lam_vae", type=float, default=1.0, help="weight of the VAE terms in stage 2")
@@ -86,6 +92,8 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--min_lr", type=float, default=3e-4, help="learning rate at the end of the cosine decay")
     p.add_argument("--warmup_iters", type=int, default=50, help="linear warm-up steps")
+    p.add_argument("--embed_lr_mult", type=float, default=1.0,
+                   help="learning-rate multiplier of embedding tables and output heads (rare tokens get few updates)")
     p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (paper: 0.95)")
     p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
     p.add_argument("--grad_clip", type=float, default=1.0, help="global grad-norm clip (0: off)")
@@ -236,6 +244,15 @@ def make_optimizer(named_groups, a, device):
     return torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, a.beta2), fused=fused)
 
 
+def lr_groups(module, scale, embed_mult):
+    """[(params, lr scale)]: the vocabulary-sized matrices (token embeddings and output heads) get
+    `embed_mult` times the module's learning rate: a rare token's rows are updated only when it occurs."""
+    emb = [m.weight for name, m in module.named_modules()
+           if isinstance(m, torch.nn.Embedding) or name.endswith("head")]
+    ids = {id(p) for p in emb}
+    return [([p for p in module.parameters() if id(p) not in ids], scale), (emb, scale * embed_mult)]
+
+
 def vae_config_from_args(a, vocab_size):
     cfg = dict(PRESETS[a.preset]["vae"])
     cfg.update(vocab_size=vocab_size, latent_dim=a.latent_dim, block_size=a.block_size,
@@ -246,6 +263,41 @@ def vae_config_from_args(a, vocab_size):
     if a.vae_layers:
         cfg["n_enc_layers"] = cfg["n_dec_layers"] = a.vae_layers
     return VAEConfig(**cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# compute accounting
+
+def linear_params(module):
+    """Weights of every nn.Linear (embedding lookups cost no FLOPs; the output head is a Linear)."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def attn_flops(n_layers, width, n_keys):
+    """Forward FLOPs per query position of QK^T and AV: SDPA with a bool mask computes all keys."""
+    return n_layers * 2 * 2 * n_keys * width
+
+
+def train_flops_per_token(kind, model, seq_len, stage=None):
+    """Training FLOPs per token of data, convention: 6 per matmul weight per position a network runs on
+    (forward 2 + backward 4), 2 for forward-only networks, plus attention scores/values at the full
+    (masked-but-computed) key length. Cola's stage 1 runs encoder+decoder on two copies (clean, masked);
+    stage 2 adds the frozen reference encoder (forward only) and the DiT on (2L - bs) latents per L."""
+    if kind in ("ar", "llada"):
+        c = model.cfg
+        return 6 * linear_params(model) + 3 * attn_flops(c.n_layers, c.width, seq_len)
+    vae = model.vae if hasattr(model, "vae") else model
+    c = vae.cfg
+    n_lat = seq_len // c.patch_size
+    per_latent = (3 * attn_flops(c.n_enc_layers + c.n_dec_layers, c.width, n_lat)) / c.patch_size
+    f = 2 * (6 * (linear_params(vae.enc) + linear_params(vae.dec) - linear_params(vae.dec.head)) / c.patch_size
+             + 6 * linear_params(vae.dec.head) + per_latent)
+    if stage == "joint":
+        L, bs = n_lat, c.block_size
+        d = model.dit.cfg
+        f += 2 * linear_params(model.ref_enc) / c.patch_size
+        f += (6 * linear_params(model.dit) + 3 * attn_flops(d.n_layers, d.width, 2 * L - bs)) * (2 * L - bs) / L / c.patch_size
+    return f
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -263,6 +315,7 @@ class Trainer:
         self.loss_kwargs, self.ckpt_extra = loss_kwargs, ckpt_extra
         self.opt = make_optimizer(param_groups, a, self.device)
         self.step = 0
+        self.tokens_per_step = a.batch_size * a.seq_len * a.grad_accum * self.world
         self.model = self.raw
         if a.compile:
             self.model = torch.compile(self.model)
@@ -321,7 +374,7 @@ class Trainer:
 
     def run(self, evaluate, log_prefix):
         a = self.a
-        tokens_per_step = a.batch_size * a.seq_len * a.grad_accum * self.world
+        tokens_per_step = self.tokens_per_step
         t0, acc, n, steps_here = time.time(), {}, 0, 0
         while self.step < self.max_iters:
             if a.stop_after and steps_here == a.stop_after:
@@ -345,8 +398,13 @@ class Trainer:
             if self.step % a.eval_interval == 0 or self.step == self.max_iters:
                 val = evaluate()
                 if self.master:
+                    main = {k: v for k, v in val.items() if not k.startswith(("fm_t", "fmu_t"))}
                     print(f"[{log_prefix}] val step {self.step} " +
-                          " ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
+                          " ".join(f"{k} {v:.4g}" for k, v in main.items()), flush=True)
+                    if len(main) < len(val):
+                        print(f"[{log_prefix}] val FM per t-bin (cond | uncond): " + " ".join(
+                            f"{i / 10:.1f}:{val[f'fm_t{i}']:.3f}|{val[f'fmu_t{i}']:.3f}"
+                            for i in range(10) if f"fm_t{i}" in val), flush=True)
                     save_checkpoint(self.ckpt_path, self.state())
                     with open(os.path.join(a.out_dir, f"log_{log_prefix}.jsonl"), "a") as f:
                         f.write(json.dumps({"step": self.step, **val}) + "\n")
@@ -373,8 +431,10 @@ def train_vae(a, env, data):
     if env["rank"] == 0:
         print(f"[vae] {count_params(model) / 1e6:.2f}M parameters, config {asdict(cfg)}", flush=True)
     loss_kwargs = dict(beta=a.beta, mask_prob=a.mask_prob, lam_mask=a.lam_mask)
-    trainer = Trainer(a, env, data, model, [(model.parameters(), 1.0)], loss_kwargs, a.vae_iters, path,
-                      lambda: dict(kind="vae", vae_config=asdict(cfg), model=model.state_dict()))
+    fpt = train_flops_per_token("cola", model, a.seq_len, "vae")
+    trainer = Trainer(a, env, data, model, lr_groups(model, 1.0, a.embed_lr_mult), loss_kwargs, a.vae_iters, path,
+                      lambda: dict(kind="vae", vae_config=asdict(cfg), model=model.state_dict(),
+                                   train_flops=trainer.step * trainer.tokens_per_step * fpt))
     if ckpt:
         trainer.load_state(ckpt)
         if env["rank"] == 0:
@@ -396,7 +456,9 @@ def train_vae(a, env, data):
                 sums[k] = sums.get(k, 0.0) + float(out[k]) / a.eval_iters
         torch.set_rng_state(rng)
         model.train()
-        return trainer.all_reduce_mean(sums)
+        res = trainer.all_reduce_mean(sums)
+        res["train_flops"] = trainer.step * trainer.tokens_per_step * fpt
+        return res
 
     trainer.finished = trainer.run(evaluate, "vae")
     return trainer
@@ -449,6 +511,7 @@ def train_joint(a, env, data):
     if ckpt:
         model = build_cola(ckpt)
         vae_cfg, dit_cfg = model.vae.cfg, model.dit.cfg
+        stage1_flops = ckpt["stage1_flops"]
     else:
         vae_ckpt = load_checkpoint(os.path.join(a.out_dir, "vae.pt"), ("vae",))
         vae_cfg = VAEConfig(**vae_ckpt["vae_config"])
@@ -458,18 +521,21 @@ def train_joint(a, env, data):
         model.vae.load_state_dict(vae_ckpt["model"])
         shift, scale = estimate_latent_stats(model.vae.to(device), a, data, device)
         model.init_from_vae(vae_ckpt["model"], shift, scale)
+        stage1_flops = vae_ckpt["train_flops"]
     if env["rank"] == 0:
         print(f"[joint] VAE {count_params(model.vae) / 1e6:.2f}M + DiT {count_params(model.dit) / 1e6:.2f}M "
               f"parameters; DiT config {asdict(dit_cfg)}", flush=True)
-        print(f"[joint] latent shift {model.latent_shift.cpu().numpy().round(3).tolist()} "
-              f"scale {model.latent_scale.cpu().numpy().round(3).tolist()}", flush=True)
+        print("[joint] latent shift " + " ".join(f"{v:.2f}" for v in model.latent_shift.tolist()) +
+              " | scale " + " ".join(f"{v:.2f}" for v in model.latent_scale.tolist()), flush=True)
     if a.vae_lr_ratio == 0:
         model.vae.requires_grad_(False)  # Joint x0: the VAE stays at stage 1
-    groups = [(model.dit.parameters(), 1.0), (model.vae.parameters(), a.vae_lr_ratio)]
+    groups = [(model.dit.parameters(), 1.0)] + lr_groups(model.vae, a.vae_lr_ratio, a.embed_lr_mult)
     loss_kwargs = joint_loss_kwargs(a)
+    fpt = train_flops_per_token("cola", model, a.seq_len, "joint")
     trainer = Trainer(a, env, data, model, groups, loss_kwargs, a.main_iters, path,
                       lambda: dict(kind="cola", vae_config=asdict(vae_cfg), dit_config=asdict(dit_cfg),
-                                   model=model.state_dict()))
+                                   model=model.state_dict(), stage1_flops=stage1_flops,
+                                   train_flops=stage1_flops + trainer.step * trainer.tokens_per_step * fpt))
     if ckpt:
         trainer.load_state(ckpt)
         if env["rank"] == 0:
@@ -505,9 +571,71 @@ def train_joint(a, env, data):
             if bins_c[1, i] > 0:
                 res[f"fm_t{i}"] = float(bins_c[0, i] / bins_c[1, i])
                 res[f"fmu_t{i}"] = float(bins_u[0, i] / bins_u[1, i])
+        res["train_flops"] = stage1_flops + trainer.step * trainer.tokens_per_step * fpt
         return res
 
     trainer.finished = trainer.run(evaluate, "joint")
+    return trainer
+
+
+# ----------------------------------------------------------------------------------------------------
+# baselines
+
+def lm_config_from_args(a, vocab_size):
+    """A baseline at the preset's VAE width, with its depth matched to the Cola model's parameter count."""
+    vcfg = vae_config_from_args(a, vocab_size)
+    width = a.lm_width or vcfg.width
+    heads = vcfg.n_heads if width % vcfg.n_heads == 0 else 1
+    cfg = LMConfig(kind=a.model, vocab_size=vocab_size, width=width, n_heads=heads, mlp_hidden=vcfg.mlp_hidden * width // vcfg.width,
+                   max_seq_len=vcfg.max_seq_len, dropout=a.dropout)
+    with torch.device("meta"):
+        cola = ColaDLM(vcfg, dit_config_from_args(a, vcfg))
+    target = count_params(cola.vae) + count_params(cola.dit)
+    cfg.n_layers = a.lm_layers or match_layers(target, cfg)
+    return cfg, target
+
+
+def train_lm(a, env, data):
+    path = os.path.join(a.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(path, (a.model,)) if a.resume and os.path.exists(path) else None
+    if ckpt:
+        cfg = LMConfig(**ckpt["lm_config"])
+    else:
+        cfg, target = lm_config_from_args(a, data.meta["vocab_size"])
+    torch.manual_seed(a.seed)
+    model = TransformerLM(cfg)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    elif env["rank"] == 0:
+        print(f"[{a.model}] {count_params(model) / 1e6:.2f}M parameters ({cfg.n_layers} layers x {cfg.width}) "
+              f"matched to Cola's {target / 1e6:.2f}M (VAE + DiT)", flush=True)
+    fpt = train_flops_per_token(a.model, model=model, seq_len=a.seq_len)
+    trainer = Trainer(a, env, data, model, [(model.parameters(), 1.0)], {}, a.main_iters, path,
+                      lambda: dict(kind=a.model, lm_config=asdict(cfg), model=model.state_dict(),
+                                   train_flops=trainer.step * trainer.tokens_per_step * fpt))
+    if ckpt:
+        trainer.load_state(ckpt)
+    else:
+        torch.manual_seed(a.seed + env["rank"] * 1000)
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        sums = {}
+        rng = torch.get_rng_state()
+        torch.manual_seed(a.seed + 7)
+        for x in val_batches(a, data, env["rank"], env["device"]):
+            with trainer.autocast:
+                out = model(x)
+            for k in ("loss", "acc"):
+                sums[k] = sums.get(k, 0.0) + float(out[k]) / a.eval_iters
+        torch.set_rng_state(rng)
+        model.train()
+        res = trainer.all_reduce_mean(sums)
+        res["train_flops"] = trainer.step * trainer.tokens_per_step * fpt
+        return res
+
+    trainer.finished = trainer.run(evaluate, a.model)
     return trainer
 
 
@@ -520,9 +648,11 @@ def main(argv=None):
             os.makedirs(a.out_dir, exist_ok=True)
         data = TokenData(a.data_dir, a.seq_len)
         finished = True
-        if a.stage in ("vae", "all"):
+        if a.model != "cola":
+            train_lm(a, env, data)
+        elif a.stage in ("vae", "all"):
             finished = train_vae(a, env, data).finished
-        if a.stage == "joint" or (a.stage == "all" and finished):
+        if a.model == "cola" and (a.stage == "joint" or (a.stage == "all" and finished)):
             train_joint(a, env, data)
     except DataError as e:
         cleanup_distributed()

@@ -1,0 +1,202 @@
+"""Baselines and eval.py on known answers."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as ev
+from baselines import LMConfig, TransformerLM, ar_generate, llada_generate, match_layers
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+
+@pytest.mark.parametrize("raw,norm", [
+    ("  The Cat, sat!\nignored line", "the cat sat"),
+    ("\nHello   WORLD...", "hello world"),
+    ("\u201cQuoted\u201d -- text", "quoted text"),
+    ("", ""),
+])
+def test_normalize_answer(raw, norm):
+    assert ev.normalize_answer(raw) == norm
+
+
+def test_first_word_and_exact():
+    assert ev.score_one(" Romeo, my love\n", {"scoring": "first_word", "answer": "romeo"}) == 1.0
+    assert ev.score_one(" Juliet", {"scoring": "first_word", "answer": "romeo"}) == 0.0
+    assert ev.score_one("Paris.", {"scoring": "exact", "answer": "paris"}) == 1.0
+
+
+def test_best_option():
+    opts = ["the king is dead", "long live the queen", "a horse a horse"]
+    assert ev.best_option("long live the queen!", opts) == 1
+    assert ev.best_option("A horse, my kingdom", opts) == 2
+    assert ev.best_option("nothing alike", opts) == 0  # no overlap: the first option
+    assert ev.best_option("the", ["the end", "the"]) == 1  # F1 prefers the exact option
+    task = {"scoring": "option", "options": opts, "answer": "a horse a horse"}
+    assert ev.score_one("a horse\nmore", task) == 1.0
+
+
+def write(tmp_path, lines):
+    p = tmp_path / "t.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    return str(p)
+
+
+def test_read_tasks_ok(tmp_path):
+    p = write(tmp_path, ['{"prompt": "Q: 2+2?\\nAnswer:", "answer": "4", "scoring": "exact"}', "",
+                         '{"prompt": "p", "answer": "b", "options": ["a", "b"]}'])
+    tasks = ev.read_tasks(p)
+    assert len(tasks) == 2 and tasks[1]["scoring"] == "option"
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ('{"prompt": "p"', "not valid JSON"),
+    ('["a"]', "must be a JSON object"),
+    ('{"prompt": 3, "answer": "a"}', "'prompt' must be a string"),
+    ('{"prompt": "p", "answer": "a", "scoring": "bleu"}', "'scoring' must be"),
+    ('{"prompt": "p", "answer": "a", "options": ["a"]}', "at least 2 strings"),
+    ('{"prompt": "p", "answer": "c", "options": ["a", "b"]}', "not one of the options"),
+    ('{"prompt": "p", "answer": "a", "scoring": "option"}', "needs 'options'"),
+])
+def test_read_tasks_errors_name_the_line(tmp_path, bad, msg):
+    p = write(tmp_path, ['{"prompt": "p", "answer": "a"}', bad])
+    with pytest.raises(ev.TaskError, match=f":2: .*{msg}"):
+        ev.read_tasks(p)
+
+
+def test_builtin_tasks():
+    text = "\n".join(f"Line number {i} speaks of kings and crowns and horses" for i in range(200))
+    t = ev.builtin_tasks(text, n=10)
+    assert len(t["lambada_style"]) == 10 and len(t["ending_choice"]) == 10
+    for x in t["lambada_style"]:
+        assert x["scoring"] == "first_word" and x["answer"].isalpha()
+    for x in t["ending_choice"]:
+        assert x["answer"] in x["options"] and len(set(x["options"])) == 2
+
+
+def test_sample_stats():
+    s = ev.sample_stats([[1, 2, 3, 4, 1, 2, 3, 4], [5, 5]])
+    assert s["distinct_1"] == pytest.approx(5 / 10)
+    assert s["repetition_4"] == pytest.approx(1 / 5)  # (1,2,3,4) repeats once among 5 4-grams
+    assert s["unigram_entropy_bits"] == pytest.approx(-(4 * 0.2 * math.log2(0.2) + 0.2 * math.log2(0.2)))
+
+
+# ---------------------------------------------------------------------------------------------------- likelihood
+
+def test_hutchinson_matches_exact_divergence_of_linear_field():
+    torch.manual_seed(0)
+    A = torch.randn(6, 6)
+    fn = lambda z: z @ A.T  # v = A z, div = tr(A)
+    z = torch.randn(1, 6)
+    ests = torch.stack([ev.hutchinson_divergence(fn, z, torch.randn(1, 6))[1][0] for _ in range(4000)])
+    # unbiased: the mean is within 4 standard errors of tr(A)
+    assert abs(float(ests.mean()) - float(torch.trace(A))) < 4 * float(ests.std()) / math.sqrt(4000)
+    # a Rademacher probe on a diagonal field is exact
+    D = torch.diag(torch.randn(6))
+    probe = torch.randint(0, 2, (1, 6)).float() * 2 - 1
+    assert torch.allclose(ev.hutchinson_divergence(lambda z: z @ D, z, probe)[1], torch.trace(D).reshape(1))
+
+
+def test_cnf_log_prior_of_zero_field_is_standard_normal():
+    """With a zero velocity (fresh adaLN-Zero DiT) the flow is the identity: log p(z) = log N(z; 0, I)."""
+    from test_generate import tiny_model
+    from diffusion import ColaDLM
+    from dit import DiT
+    model = tiny_model()
+    model.dit = DiT(model.dit.cfg)  # zero-initialised output: v = 0
+    zn = torch.randn(2, 8, 4)
+    lp = ev.cola_log_prior(model, zn, steps=4)
+    expected = (-0.5 * (zn.pow(2) + math.log(2 * math.pi))).flatten(1).sum(1)
+    assert torch.allclose(lp, expected, atol=1e-5)
+
+
+def tiny_lm(kind):
+    torch.manual_seed(0)
+    return TransformerLM(LMConfig(kind=kind, vocab_size=50, width=32, n_layers=2, n_heads=2, mlp_hidden=64,
+                                  max_seq_len=64)).eval()
+
+
+def test_ar_nll_equals_mean_ce():
+    m = tiny_lm("ar")
+    x = torch.randint(0, 50, (3, 10))
+    bos = 49
+    inp = torch.cat([torch.full((3, 1), bos), x[:, :-1]], 1)
+    manual = 0.0
+    for b in range(3):  # token by token, no masks involved: position i sees tokens <= i only
+        for i in range(10):
+            logits = m.logits(inp[b:b + 1, :i + 1])[0, -1]
+            manual += float(F.cross_entropy(logits[None], x[b, i:i + 1]))
+    assert ev.ar_bits_per_token(m, x, bos) == pytest.approx(manual / 30 / math.log(2), rel=1e-5)
+
+
+def test_ar_cache_equals_recompute():
+    m = tiny_lm("ar")
+    out, st = ar_generate(m, [1, 2, 3], 8)
+    ids = [1, 2, 3]
+    for _ in range(8):  # greedy without a cache
+        ids.append(int(m.logits(torch.tensor([ids]))[0, -1].argmax()))
+    assert out == ids[3:] and st["passes"] == 8
+
+
+def test_llada_loss_and_sampling():
+    m = tiny_lm("llada")
+    x = torch.randint(0, 50, (2, 12))
+    out = m.llada_loss(x, t=torch.tensor([1.0, 1.0]))  # all masked at t = 1: loss = mean CE
+    assert float(out["loss"]) == pytest.approx(float(out["masked_ce"]), rel=1e-4)
+    toks, st = llada_generate(m, [1, 2], 8, steps=4, block_length=4)
+    assert len(toks) == 8 and st["passes"] == 4 and m.cfg.mask_id not in toks
+
+
+def test_match_layers():
+    cfg = LMConfig(vocab_size=50, width=32, n_layers=1, n_heads=2, mlp_hidden=64)
+    base = sum(p.numel() for p in TransformerLM(LMConfig(**{**cfg.__dict__, "n_layers": 0})).parameters())
+    per = sum(p.numel() for p in TransformerLM(cfg).parameters()) - base
+    assert match_layers(base + 5 * per + 3, cfg) == 5
+
+
+# ---------------------------------------------------------------------------------------------------- eval.py end to end
+
+def test_eval_json_keys(tmp_path, root):
+    """Train a tiny Cola and AR for a few steps, run eval.py on both with a user task file."""
+    from test_train import TINY
+    import train
+    from prepare import prepare
+    src = tmp_path / "text.txt"
+    src.write_text(open(os.path.join(root, "data", "shakespeare_tiny.txt"), encoding="utf-8").read()[:30000])
+    prepare(str(src), str(tmp_path / "d"), seq_len=16)
+    common = ["--data_dir", str(tmp_path / "d"), "--vae_iters", "2", "--main_iters", "2", "--eval_interval", "2"] + TINY
+    train.main(common + ["--out_dir", str(tmp_path / "cola")])
+    train.main(common + ["--out_dir", str(tmp_path / "ar"), "--model", "ar", "--lm_layers", "1"])
+    task = write(tmp_path, ['{"prompt": "ROMEO:", "answer": "love", "scoring": "first_word"}',
+                            '{"prompt": "Pick:", "answer": "yes", "options": ["yes", "no"]}'])
+    small = ["--batches", "1", "--batch_size", "2", "--ll_steps", "2", "--iwae_k", "2", "--builtin_n", "2",
+             "--n_samples", "2", "--sample_len", "8", "--task_max_new", "4", "--steps", "2", "--tasks", task]
+    res = ev.main(["--out_dir", str(tmp_path / "cola"), "--judge", str(tmp_path / "ar" / "ckpt.pt"),
+                   "--sweep_steps", "1,2"] + small)
+    saved = json.load(open(tmp_path / "cola" / "eval.json"))
+    for k in ("recon_acc", "mask_acc", "logsnr", "recon_acc_vs_t", "fm", "fm_cond", "fm_uncond",
+              "fm_cond_per_t_bin", "bits_per_token", "bits_per_token_elbo", "tasks", "task_accuracy",
+              "distinct_2", "repetition_4", "unigram_entropy_bits", "judge_ppl", "gen_tokens_per_s",
+              "passes_per_token", "train_flops", "sweep_steps"):
+        assert k in saved, k
+    assert set(saved["tasks"]) == {"t.jsonl", "lambada_style", "ending_choice"}
+    assert saved["bits_per_token"] <= saved["bits_per_token_elbo"] + 1e-6  # IWAE is the tighter bound
+    assert (tmp_path / "cola" / "training_curves.png").exists() and (tmp_path / "cola" / "sweep_steps.png").exists()
+    res_ar = ev.main(["--out_dir", str(tmp_path / "ar")] + small)
+    assert res_ar["kind"] == "ar" and res_ar["bits_per_token"] > 0
+    ev.main(["--compare", str(tmp_path / "cola" / "eval.json"), str(tmp_path / "ar" / "eval.json"),
+             "--results", str(tmp_path)])
+    assert (tmp_path / "scaling_bits_per_token.png").exists()
+
+
+def test_eval_bad_task_file_is_one_line(tmp_path, root):
+    p = write(tmp_path, ['{"prompt": "p", "answer": "a"}', "{broken"])
+    r = subprocess.run([sys.executable, os.path.join(root, "eval.py"), "--ckpt", str(tmp_path / "x.pt"),
+                        "--tasks", p], capture_output=True, text=True)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+    assert f"{p}:2: not valid JSON" in r.stderr
