@@ -75,7 +75,23 @@ def eot_id(enc):
     return enc.eot_token
 
 
-def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64):
+def split_tokens(ids, val_fraction, split="chunks", chunk=2048, min_chunk=64):
+    """Train/val split. 'chunks': every k-th chunk of `chunk` tokens is held out, so validation text comes
+    from the same works as training text (a single-document corpus split at its tail would hold out
+    whole plays, with names never seen in training); 'tail': the last val_fraction of the file (nanoGPT)."""
+    n = len(ids)
+    if split == "tail":
+        n_train = n - int(n * val_fraction)
+        return ids[:n_train], ids[n_train:]
+    every = max(2, round(1 / val_fraction))
+    chunk = max(min_chunk, min(chunk, n // (every * 10)))  # small files still get ~10 validation chunks
+    starts = range(0, n, chunk)
+    val = np.concatenate([ids[s:s + chunk] for i, s in enumerate(starts) if i % every == every - 1] or [ids[:0]])
+    train = np.concatenate([ids[s:s + chunk] for i, s in enumerate(starts) if i % every != every - 1])
+    return train, val
+
+
+def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64, split="chunks"):
     """Tokenize input_path into out_dir/{train,val}.bin and meta.json. Returns the meta dict."""
     if not os.path.exists(input_path):
         raise DataError(f"input file {input_path} does not exist")
@@ -92,24 +108,23 @@ def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64)
     enc = get_tokenizer(tokenizer)
     ids = enc.encode_ordinary(text)
     n = len(ids)
-    # windows are seq_len tokens; a split needs one full window (nanoGPT's get_batch needs seq_len + 0)
+    # windows are seq_len tokens; each split needs one full window
     if n < seq_len:
         raise DataError(f"input file {input_path} has {n} tokens, fewer than one training sequence ({seq_len})")
-    n_val = int(n * val_fraction)
-    n_train = n - n_val
+    dtype = np.uint16 if enc.n_vocab <= 65536 else np.uint32
+    train_ids, val_ids = split_tokens(np.array(ids, dtype=dtype), val_fraction, split, min_chunk=seq_len)
+    n_train, n_val = len(train_ids), len(val_ids)
     if n_val < seq_len:
         raise DataError(f"validation split has {n_val} tokens, fewer than one sequence ({seq_len}); "
                         "use a larger file or --val_fraction")
     if n_train < seq_len:
         raise DataError(f"training split has {n_train} tokens, fewer than one sequence ({seq_len})")
-    dtype = np.uint16 if enc.n_vocab <= 65536 else np.uint32
-    arr = np.array(ids, dtype=dtype)
     os.makedirs(out_dir, exist_ok=True)
-    for split, part in (("train", arr[:n_train]), ("val", arr[n_train:])):
-        tmp = os.path.join(out_dir, f"{split}.bin.tmp")
+    for name, part in (("train", train_ids), ("val", val_ids)):
+        tmp = os.path.join(out_dir, f"{name}.bin.tmp")
         part.tofile(tmp)
-        os.replace(tmp, os.path.join(out_dir, f"{split}.bin"))
-    meta = dict(tokenizer=tokenizer, vocab_size=enc.n_vocab, eot_id=eot_id(enc), dtype=np.dtype(dtype).name,
+        os.replace(tmp, os.path.join(out_dir, f"{name}.bin"))
+    meta = dict(tokenizer=tokenizer, vocab_size=enc.n_vocab, eot_id=eot_id(enc), dtype=np.dtype(dtype).name, split=split,
                 train_tokens=int(n_train), val_tokens=int(n_val), source=os.path.abspath(input_path),
                 source_sha256=hashlib.sha256(raw).hexdigest())
     with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
@@ -131,15 +146,17 @@ def main(argv=None):
     p.add_argument("--input", default=DEFAULT_CORPUS, help="UTF-8 text file to tokenize (default: embedded Shakespeare)")
     p.add_argument("--out_dir", default=os.path.join(HERE, "data", "shakespeare"), help="where train.bin/val.bin/meta.json go")
     p.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "cl100k_base"], help="tiktoken encoding")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="fraction of tokens (the end of the file) held out")
+    p.add_argument("--val_fraction", type=float, default=0.1, help="fraction of tokens held out")
+    p.add_argument("--split", default="chunks", choices=["chunks", "tail"],
+                   help="chunks: every k-th 2048-token chunk is validation; tail: the end of the file (nanoGPT)")
     p.add_argument("--min_seq_len", type=int, default=64, help="each split must hold at least one sequence this long")
     a = p.parse_args(argv)
     try:
-        meta = prepare(a.input, a.out_dir, a.tokenizer, a.val_fraction, a.min_seq_len)
+        meta = prepare(a.input, a.out_dir, a.tokenizer, a.val_fraction, a.min_seq_len, a.split)
     except DataError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {a.out_dir}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
-          f"({meta['tokenizer']}, {meta['dtype']})")
+          f"({meta['tokenizer']}, {meta['dtype']}, {meta['split']} split)")
 
 
 if __name__ == "__main__":

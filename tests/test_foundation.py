@@ -31,13 +31,24 @@ def test_prepare_roundtrip(tmp_path):
     src = tmp_path / "a.txt"
     text = "To be, or not to be, that is the question. " * 40
     src.write_text(text, encoding="utf-8")
-    meta = prepare(str(src), str(tmp_path / "out"), seq_len=16)
+    meta = prepare(str(src), str(tmp_path / "out"), seq_len=16, split="tail")
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 50257
     tr = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16)
     va = np.fromfile(tmp_path / "out" / "val.bin", dtype=np.uint16)
     assert len(tr) == meta["train_tokens"] and len(va) == meta["val_tokens"]
     assert get_tokenizer().decode(np.concatenate([tr, va]).tolist()) == text
     assert load_meta(str(tmp_path / "out"))["source_sha256"] == meta["source_sha256"]
+
+
+def test_chunk_split_interleaves():
+    from prepare import split_tokens
+    ids = np.arange(10_000)
+    train, val = split_tokens(ids, 0.1, "chunks", chunk=100, min_chunk=10)
+    assert len(val) == 1000 and len(train) == 9000
+    assert sorted(np.concatenate([train, val]).tolist()) == ids.tolist()
+    assert val[:100].tolist() == list(range(900, 1000)) and val[100:200].tolist() == list(range(1900, 2000))
+    tr, va = split_tokens(ids, 0.1, "tail")
+    assert va.tolist() == list(range(9000, 10000))
 
 
 @pytest.mark.parametrize("content,match", [
@@ -58,8 +69,9 @@ def test_prepare_errors(tmp_path, content, match):
 def test_prepare_val_too_small(tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("word " * 100)  # 100 tokens: val split of 10 < 16
-    with pytest.raises(DataError, match="validation split"):
-        prepare(str(src), str(tmp_path / "out"), seq_len=16, val_fraction=0.1)
+    for split in ("tail", "chunks"):
+        with pytest.raises(DataError, match="validation split"):
+            prepare(str(src), str(tmp_path / "out"), seq_len=16, val_fraction=0.1, split=split)
 
 
 def test_prepare_cli_error_is_one_line(tmp_path, root):

@@ -1,0 +1,83 @@
+"""
+Generation speed: model passes per generated token and tokens/s for Cola DLM at several step counts,
+beside token-by-token AR decoding (one pass per token). Prints figures; asserts nothing.
+
+    python bench.py                                   # out/ckpt.pt, 8 and 16 steps, an AR of matched size
+    python bench.py --ckpt out/ckpt.pt --ar_ckpt out_ar/ckpt.pt --steps 4,8,16 --batch 4
+
+Without --ar_ckpt an untrained AR model of the size train.py matches to this Cola model is timed
+(speed does not depend on the weights).
+"""
+import argparse
+import os
+import time
+
+import torch
+
+from baselines import LMConfig, TransformerLM, ar_generate
+from decoder import generate
+from train import HERE, build_cola, get_args as train_args, lm_config_from_args, load_checkpoint
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=os.path.join(HERE, "out", "ckpt.pt"), help="Cola checkpoint")
+    p.add_argument("--ar_ckpt", default=None, help="AR checkpoint (default: untrained, size-matched)")
+    p.add_argument("--steps", default="8,16", help="comma list of Euler steps per block")
+    p.add_argument("--cfg", type=float, default=3.0, help="guidance scale (1 skips the unconditional half)")
+    p.add_argument("--batch", type=int, default=1, help="samples generated together")
+    p.add_argument("--prompt_len", type=int, default=16, help="prompt tokens")
+    p.add_argument("--new_tokens", type=int, default=128, help="tokens generated per sample")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (best is reported)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    a = p.parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    ck = load_checkpoint(a.ckpt, ("cola",))
+    cola = build_cola(ck).to(device).eval()
+    cola.vae.cfg.max_seq_len = max(cola.vae.cfg.max_seq_len, a.prompt_len + a.new_tokens + 64)
+    if a.ar_ckpt:
+        ack = load_checkpoint(a.ar_ckpt, ("ar",))
+        ar = TransformerLM(LMConfig(**ack["lm_config"]))
+        ar.load_state_dict(ack["model"])
+    else:
+        targs = train_args(["--model", "ar", "--preset", ck["args"]["preset"]])
+        cfg, _ = lm_config_from_args(targs, cola.vae.cfg.vocab_size)
+        ar = TransformerLM(cfg)
+    ar.cfg.max_seq_len = max(ar.cfg.max_seq_len, a.prompt_len + a.new_tokens + 1)
+    ar = ar.to(device).eval()
+    g = torch.Generator(device=device).manual_seed(0)
+    prompts = [torch.randint(0, 50000, (a.prompt_len,), generator=torch.Generator().manual_seed(i)).tolist()
+               for i in range(a.batch)]
+
+    def timed(fn):
+        best, res = float("inf"), None
+        for _ in range(a.repeats):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            res = fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return best, res
+
+    n_cola = sum(p.numel() for n, p in cola.named_parameters() if not n.startswith("ref_enc"))
+    print(f"device {device}, batch {a.batch}, prompt {a.prompt_len}, {a.new_tokens} new tokens per sample, "
+          f"Cola {n_cola / 1e6:.1f}M params, AR {sum(p.numel() for p in ar.parameters()) / 1e6:.1f}M params")
+    print(f"{'model':<22}{'passes/token':>14}{'  (DiT, commit, decoder per block)':<36}{'tok/s':>10}")
+    bs = cola.vae.cfg.tokens_per_block
+    for steps in [int(s) for s in a.steps.split(",")]:
+        dt, (outs, st) = timed(lambda: generate(cola, prompts, a.new_tokens, steps, a.cfg, eos_id=-1, generator=g))
+        n = sum(len(o) for o in outs)
+        passes = st["dit"] + st["dit_commit"] + st["decoder"]
+        per_block = f"  ({st['dit'] // st['blocks']}, 1, 1 per {bs} tokens)"
+        print(f"{'Cola, ' + str(steps) + ' steps':<22}{passes / (n / a.batch):>14.3f}{per_block:<36}{n / dt:>10.1f}")
+    n_ar, dt_ar = 0, 0.0
+    for p in prompts:  # AR decodes each sample in turn (one pass per token)
+        dt, (out, st) = timed(lambda: ar_generate(ar, p, a.new_tokens, eos_id=-1))
+        n_ar, dt_ar = n_ar + len(out), dt_ar + dt
+    print(f"{'AR (KV cache)':<22}{st['passes'] / len(out):>14.3f}{'  (1 per token)':<36}{n_ar / dt_ar:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
