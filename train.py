@@ -376,6 +376,26 @@ class Trainer:
         self.step += 1
         return sums, lr
 
+    @torch.no_grad()
+    def validate(self, metrics_fn, train_flops):
+        """Average the scalars of metrics_fn(x) over the validation batches with fixed noise (comparable
+        between evaluations, and the training RNG stream is left as it was), over ranks too."""
+        a = self.a
+        self.raw.eval()
+        rng = torch.get_rng_state()
+        torch.manual_seed(a.seed + 7)
+        sums = {}
+        for x in val_batches(a, self.data, self.rank, self.device):
+            with self.autocast:
+                out = metrics_fn(x)
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / a.eval_iters
+        torch.set_rng_state(rng)
+        self.raw.train()
+        res = self.all_reduce_mean(sums)
+        res["train_flops"] = train_flops
+        return res
+
     def all_reduce_mean(self, metrics):
         if self.world == 1:
             return {k: float(v) for k, v in metrics.items()}
@@ -456,23 +476,13 @@ def train_vae(a, env, data):
     else:
         torch.manual_seed(a.seed + env["rank"] * 1000)  # different noise per rank
 
-    @torch.no_grad()
+    def metrics(x):
+        out = model(x, **loss_kwargs)
+        out["recon_acc"] = model.recon_accuracy(x)
+        return {k: out[k] for k in ("loss", "ce", "kl", "mask_acc", "recon_acc", "logsnr")}
+
     def evaluate():
-        model.eval()
-        sums = {}
-        rng = torch.get_rng_state()
-        torch.manual_seed(a.seed + 7)  # fixed noise: comparable between evaluations, no effect on training
-        for x in val_batches(a, data, env["rank"], env["device"]):
-            with trainer.autocast:
-                out = model(x, **loss_kwargs)
-                out["recon_acc"] = model.recon_accuracy(x)
-            for k in ("loss", "ce", "kl", "mask_acc", "recon_acc", "logsnr"):
-                sums[k] = sums.get(k, 0.0) + float(out[k]) / a.eval_iters
-        torch.set_rng_state(rng)
-        model.train()
-        res = trainer.all_reduce_mean(sums)
-        res["train_flops"] = trainer.step * trainer.tokens_per_step * fpt
-        return res
+        return trainer.validate(metrics, trainer.step * trainer.tokens_per_step * fpt)
 
     trainer.finished = trainer.run(evaluate, "vae")
     return trainer
@@ -559,35 +569,27 @@ def train_joint(a, env, data):
     else:
         torch.manual_seed(a.seed + env["rank"] * 1000)
 
-    @torch.no_grad()
+    bins = {}
+
+    def metrics(x):
+        out = model(x, **loss_kwargs)
+        out["recon_acc"] = model.vae.recon_accuracy(x)
+        t, cond, uncond = model.fm_eval(x, t_uniform=True)  # uniform t: every bin gets samples
+        bins["c"] = bins.get("c", 0) + t_bin_sums(t, cond)
+        bins["u"] = bins.get("u", 0) + t_bin_sums(t, uncond)
+        res = {k: out[k] for k in ("loss", "ce", "mask_acc", "recon_acc", "fm", "ref_kl", "logsnr")}
+        return {**res, "fm_cond": cond.mean(), "fm_uncond": uncond.mean()}
+
     def evaluate():
-        model.eval()
-        sums, bins_c, bins_u = {}, 0, 0
-        rng = torch.get_rng_state()
-        torch.manual_seed(a.seed + 7)
-        g = torch.Generator(device=device).manual_seed(a.seed + 11)
-        for x in val_batches(a, data, env["rank"], device):
-            with trainer.autocast:
-                out = model(x, **loss_kwargs)
-                out["recon_acc"] = model.vae.recon_accuracy(x)
-                t, cond, uncond = model.fm_eval(x, t_uniform=True, generator=g)  # uniform t: every bin
-            for k in ("loss", "ce", "mask_acc", "recon_acc", "fm", "ref_kl", "logsnr"):
-                sums[k] = sums.get(k, 0.0) + float(out[k]) / a.eval_iters
-            sums["fm_cond"] = sums.get("fm_cond", 0.0) + float(cond.mean()) / a.eval_iters
-            sums["fm_uncond"] = sums.get("fm_uncond", 0.0) + float(uncond.mean()) / a.eval_iters
-            bins_c = bins_c + t_bin_sums(t, cond)
-            bins_u = bins_u + t_bin_sums(t, uncond)
-        torch.set_rng_state(rng)
-        model.train()
+        bins.clear()
+        res = trainer.validate(metrics, stage1_flops + trainer.step * trainer.tokens_per_step * fpt)
         if env["world"] > 1:
-            for b in (bins_c, bins_u):
+            for b in bins.values():
                 dist.all_reduce(b)
-        res = trainer.all_reduce_mean(sums)
-        for i in range(bins_c.shape[1]):
-            if bins_c[1, i] > 0:
-                res[f"fm_t{i}"] = float(bins_c[0, i] / bins_c[1, i])
-                res[f"fmu_t{i}"] = float(bins_u[0, i] / bins_u[1, i])
-        res["train_flops"] = stage1_flops + trainer.step * trainer.tokens_per_step * fpt
+        for i in range(bins["c"].shape[1]):
+            if bins["c"][1, i] > 0:
+                res[f"fm_t{i}"] = float(bins["c"][0, i] / bins["c"][1, i])
+                res[f"fmu_t{i}"] = float(bins["u"][0, i] / bins["u"][1, i])
         return res
 
     trainer.finished = trainer.run(evaluate, "joint")
@@ -634,22 +636,9 @@ def train_lm(a, env, data):
     else:
         torch.manual_seed(a.seed + env["rank"] * 1000)
 
-    @torch.no_grad()
     def evaluate():
-        model.eval()
-        sums = {}
-        rng = torch.get_rng_state()
-        torch.manual_seed(a.seed + 7)
-        for x in val_batches(a, data, env["rank"], env["device"]):
-            with trainer.autocast:
-                out = model(x)
-            for k in ("loss", "acc"):
-                sums[k] = sums.get(k, 0.0) + float(out[k]) / a.eval_iters
-        torch.set_rng_state(rng)
-        model.train()
-        res = trainer.all_reduce_mean(sums)
-        res["train_flops"] = trainer.step * trainer.tokens_per_step * fpt
-        return res
+        return trainer.validate(lambda x: {k: v for k, v in model(x).items() if k in ("loss", "acc")},
+                                trainer.step * trainer.tokens_per_step * fpt)
 
     trainer.finished = trainer.run(evaluate, a.model)
     return trainer
