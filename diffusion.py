@@ -12,10 +12,9 @@ import copy
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from dit import DiT, DiTConfig
-from layers import block_causal_mask, cola_mask
+from layers import cola_mask
 from vae import TextVAE, VAEConfig, gaussian_kl, vae_logsnr
 
 

@@ -403,7 +403,6 @@ def main(argv=None):
                 if not os.path.exists(f):
                     raise DataError(f"results file {f} not found")
                 results.append(json.load(open(f)))
-            out = os.path.join(os.path.dirname(os.path.abspath(a.compare[0])), "..")
             for m in ("bits_per_token", "task_accuracy"):
                 print("wrote", plot_scaling(results, m, os.path.join(a.results or ".", f"scaling_{m}.png")))
             return

@@ -11,7 +11,6 @@ tokenizer) and written atomically; --resume continues a run exactly where it sto
 """
 import argparse
 import contextlib
-import copy
 import json
 import math
 import os

@@ -10,7 +10,6 @@ Stage-1 loss: CE(decoder(z), x) + beta * KL(q || N(0, I)) + lambda_mask * CE(dec
 encodes the text with 15% of its tokens replaced by [MASK] and the original tokens are predicted at
 every position (a BERT-style term that keeps the encoder semantic).
 """
-import math
 from dataclasses import dataclass
 
 import torch

@@ -1,7 +1,6 @@
 """The block-causal DiT, the flow-matching functions and the joint stage-2 loss."""
 import math
 
-import pytest
 import torch
 
 from diffusion import (ColaDLM, cfg_combine, euler_step, flow_path, fm_loss, latent_stats, partial_known_prefix,

@@ -105,7 +105,6 @@ def test_hutchinson_matches_exact_divergence_of_linear_field():
 def test_cnf_log_prior_of_zero_field_is_standard_normal():
     """With a zero velocity (fresh adaLN-Zero DiT) the flow is the identity: log p(z) = log N(z; 0, I)."""
     from test_generate import tiny_model
-    from diffusion import ColaDLM
     from dit import DiT
     model = tiny_model()
     model.dit = DiT(model.dit.cfg)  # zero-initialised output: v = 0
@@ -176,7 +175,7 @@ def test_eval_json_keys(tmp_path, root):
                             '{"prompt": "Pick:", "answer": "yes", "options": ["yes", "no"]}'])
     small = ["--batches", "1", "--batch_size", "2", "--ll_steps", "2", "--iwae_k", "2", "--builtin_n", "2",
              "--n_samples", "2", "--sample_len", "8", "--task_max_new", "4", "--steps", "2", "--tasks", task]
-    res = ev.main(["--out_dir", str(tmp_path / "cola"), "--judge", str(tmp_path / "ar" / "ckpt.pt"),
+    ev.main(["--out_dir", str(tmp_path / "cola"), "--judge", str(tmp_path / "ar" / "ckpt.pt"),
                    "--sweep_steps", "1,2"] + small)
     saved = json.load(open(tmp_path / "cola" / "eval.json"))
     for k in ("recon_acc", "mask_acc", "logsnr", "recon_acc_vs_t", "fm", "fm_cond", "fm_uncond",
