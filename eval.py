@@ -272,14 +272,16 @@ def load_any(path, device):
 
 
 def make_generator(kind, model, steps, cfg_scale, eos_id, seed):
-    """fn(list of prompt ids, max_new) -> (list of new ids, passes). Greedy, as the paper's tasks."""
+    """fn(list of prompt ids, max_new) -> (list of new ids, model passes summed over samples). Greedy, as
+    the paper's tasks."""
     g = torch.Generator(device=str(next(model.parameters()).device)).manual_seed(seed)
 
     def run(prompts, max_new):
         if kind == "cola":
             outs, st = generate(model, prompts, max_new, steps, cfg_scale, repetition_penalty=1.1, eos_id=eos_id,
                                 pad_id=eos_id, generator=g)
-            return outs, st["dit"] + st["dit_commit"] + st["decoder"]
+            # a batched pass serves every row: count it once per row, as AR's passes are per sample
+            return outs, (st["dit"] + st["dit_commit"] + st["decoder"]) * len(prompts)
         outs, passes = [], 0
         for p in prompts:
             if kind == "ar":
