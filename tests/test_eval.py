@@ -146,7 +146,7 @@ def test_llada_loss_and_sampling():
     m = tiny_lm("llada")
     x = torch.randint(0, 50, (2, 12))
     out = m.llada_loss(x, t=torch.tensor([1.0, 1.0]))  # all masked at t = 1: loss = mean CE
-    assert float(out["loss"]) == pytest.approx(float(out["masked_ce"]), rel=1e-4)
+    assert float(out["loss"].detach()) == pytest.approx(float(out["masked_ce"].detach()), rel=1e-4)
     toks, st = llada_generate(m, [1, 2], 8, steps=4, block_length=4)
     assert len(toks) == 8 and st["passes"] == 4 and m.cfg.mask_id not in toks
 
