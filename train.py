@@ -11,6 +11,7 @@ tokenizer) and written atomically; --resume continues a run exactly where it sto
 """
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -153,6 +154,9 @@ def setup_distributed(device_arg):
 
 
 def cleanup_distributed():
+    # free DDP wrappers first (trainers sit in reference cycles): a reducer torn down after its process
+    # group aborts gloo at exit now and then ("terminate called without an active exception")
+    gc.collect()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

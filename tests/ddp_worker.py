@@ -10,7 +10,6 @@ import train
 a = train.get_args(sys.argv[1:])
 rank, world, local, device = train.setup_distributed("cpu")
 data = train.TokenData(a.data_dir, a.seq_len)
-init = None
 trainer = train.train_vae(a, dict(rank=rank, world=world, device=device), data)
 flat = torch.cat([p.detach().flatten() for p in trainer.raw.parameters()])
 gathered = [torch.zeros_like(flat) for _ in range(world)]
@@ -20,5 +19,8 @@ if rank == 0:
     fresh = torch.cat([p.flatten() for p in train.TextVAE(trainer.raw.cfg).parameters()])
     with open(a.out_dir + "/ddp_check.json", "w") as f:
         json.dump({"world": world, "max_rank_diff": max(float((g - gathered[0]).abs().max()) for g in gathered),
-                   "moved_from_init": float((flat - fresh).abs().max()), "step": trainer.step}, f)
+                   "moved_from_init": float((flat - fresh.detach()).abs().max()), "step": trainer.step}, f)
+# drop the DDP wrapper (it holds the process group) before the group is destroyed; otherwise its
+# reducer can be torn down at interpreter exit after the group, which aborts gloo now and then
+del trainer, flat, gathered
 train.cleanup_distributed()
