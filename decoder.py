@@ -127,7 +127,7 @@ def generate(model, prompts, max_new_tokens=64, steps=16, cfg_scale=3.0, tempera
         prompt_mu, _ = vae.encode(tokens, enc_mask)  # (B, Np, d)
         prompt_zn = model.normalize(prompt_mu.float())
     hist_valid = valid[:, :N * bs]  # (B, Tc) keys of committed blocks that are real
-    hist_zn = prompt_zn[:, :N * bs] if N > 0 else torch.zeros(B, 0, d, device=device)  # for use_cache=False
+    hist_zn = prompt_zn[:, :N * bs] if N > 0 else torch.zeros(B, 0, d, device=device)  # committed clean latents
     stats = dict(dit=0, dit_commit=0, decoder=0, blocks=0)
 
     # 2. prefill the caches with the prompt's full blocks
