@@ -113,6 +113,12 @@ def latent_stats(mu, logvar):
     return shift.float(), total_var.rsqrt().float()
 
 
+def history_blocks(err):
+    """Mean over the blocks that have a clean history (1..), per sequence. err (B, n_blocks) -> (B,).
+    Block 0 is denoised from nothing in both passes, so including it only dilutes the comparison."""
+    return err[:, 1:].mean(1) if err.shape[1] > 1 else err.mean(1)
+
+
 def t_bin_sums(t, err, n_bins=10):
     """Sum of err and counts per t-bin ([0, 0.1), ..., [0.9, 1.0]); t, err (N,). -> (2, n_bins)."""
     b = (t.clamp(0, 1 - 1e-6) * n_bins).long()
@@ -174,11 +180,19 @@ class ColaDLM(nn.Module):
         return v.reshape(B, L, d)
 
     def forward(self, tokens, beta=1e-3, mask_prob=0.15, lam_mask=1.0, lam_vae=1.0, lam_fm=1.0, lam_ref=1.0,
-                t_loc=1.0, t_scale=1.0, t_uniform=False, partial_prob=0.05, detach_zt=False):
-        """Stage-2 loss (SPEC §5). tokens (B, T) -> dict with 'loss' and its parts."""
+                t_loc=1.0, t_scale=1.0, t_uniform=False, partial_prob=0.05, detach_zt=False, decode_rows=0):
+        """Stage-2 loss (SPEC §5). tokens (B, T) -> dict with 'loss' and its parts.
+        decode_rows > 0 (off in the paper) runs the decoder terms, whose vocabulary head is the costly part at
+        small width, on the first decode_rows sequences only; every sequence feeds the encoder, the entropy,
+        the reference KL and the FM term. Both estimates stay unbiased; the prior just sees a larger batch."""
         vae = self.vae
-        out = vae.recon_terms(tokens, mask_prob, lam_mask)
-        mu, logvar, z = out.pop("mu"), out.pop("logvar"), out.pop("z")  # (B, L, d)
+        n_dec = decode_rows if 0 < decode_rows < tokens.shape[0] else tokens.shape[0]
+        out = vae.recon_terms(tokens[:n_dec], mask_prob, lam_mask)
+        mu, logvar, z = out.pop("mu"), out.pop("logvar"), out.pop("z")  # (n_dec, L, d)
+        if n_dec < tokens.shape[0]:  # the other sequences: encoder only
+            mu2, logvar2 = vae.encode(tokens[n_dec:])
+            mu, logvar = torch.cat([mu, mu2]), torch.cat([logvar, logvar2])  # (B, L, d)
+            z = torch.cat([z, vae.reparameterize(mu2, logvar2)])
         # beta * E_q log q(z|x) = -beta * entropy: keeps the posterior from shrinking to a point
         out["neg_entropy"] = (-0.5 * (logvar.float() + 1.0 + 1.8378770664093453)).sum(-1).mean()
         with torch.no_grad():
@@ -186,8 +200,8 @@ class ColaDLM(nn.Module):
         out["ref_kl"] = gaussian_kl(mu.float(), logvar.float(), mu_ref.float(), logvar_ref.float()).mean()
         out["logsnr"] = vae_logsnr(mu.detach(), logvar.detach())
         # flow matching on normalised latents
-        B, L, _ = z.shape
         z0n = self.normalize(z.float())  # (B, L, d)
+        B, L, _ = z0n.shape
         eps = torch.randn_like(z0n)
         t_tok = sample_t(B, t_loc, t_scale, t_uniform, tokens.device).unsqueeze(1).expand(B, L)  # (B, L)
         known = partial_known_prefix(B, L, self.block_size, partial_prob, tokens.device)  # (B, L)
@@ -200,17 +214,17 @@ class ColaDLM(nn.Module):
         return out
 
     @torch.no_grad()
-    def fm_eval(self, tokens, t_loc=1.0, t_scale=1.0, t_uniform=False, n_bins=10, generator=None):
+    def fm_eval(self, tokens, t_loc=1.0, t_scale=1.0, t_uniform=False, generator=None):
         """FM loss with the clean history (cond) and without it (uncond, each block alone) on the same
-        noise, with the posterior mean as z0. Returns per-sequence t and losses for binning."""
+        noise, with the posterior mean as z0. Returns t (B,) and the losses per block, cond and uncond
+        (B, n_blocks). Block 0 has no history, so its two losses are equal: compare blocks 1.. (history_gap)."""
         mu, _ = self.vae.encode(tokens)
-        z0n = self.normalize(mu.float())
-        B, L, _ = z0n.shape
+        z0n = self.normalize(mu.float())  # (B, L, d)
+        B, L, d = z0n.shape
         eps = torch.randn(z0n.shape, device=z0n.device, generator=generator)
         t = sample_t(B, t_loc, t_scale, t_uniform, tokens.device, generator)  # (B,)
         t_tok = t.unsqueeze(1).expand(B, L)
         zt = flow_path(z0n, eps, t_tok)
         target = velocity_target(z0n, eps)
-        cond = (self.velocity_2l(z0n, zt, t_tok).float() - target).pow(2).mean((1, 2))  # (B,)
-        uncond = (self.velocity_uncond(zt, t_tok).float() - target).pow(2).mean((1, 2))  # (B,)
-        return t, cond, uncond
+        per_block = lambda v: (v.float() - target).pow(2).reshape(B, L // self.block_size, -1).mean(-1)
+        return t, per_block(self.velocity_2l(z0n, zt, t_tok)), per_block(self.velocity_uncond(zt, t_tok))

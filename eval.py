@@ -431,12 +431,13 @@ def evaluate(a):
            "seq_len": targs["seq_len"], "heldout_tokens": a.batches * a.batch_size * targs["seq_len"]}
     t0 = time.time()
     if kind == "cola":
-        from diffusion import flow_path, t_bin_sums
+        from diffusion import flow_path, history_blocks, t_bin_sums
         vae = model.vae
         ts = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
         acc = {k: 0.0 for k in ("recon_acc", "mask_acc", "logsnr", "fm", "fm_cond", "fm_uncond")}
         noise_acc = [0.0] * len(ts)
         bins_c = bins_u = 0
+        gaps = []  # per sequence: uncond - cond on the same noise (a paired comparison)
         for x in batches:
             out = vae(x, **{k: targs[k] for k in ("beta", "mask_prob")}, lam_mask=1.0)
             acc["mask_acc"] += float(out["mask_acc"]) / a.batches
@@ -446,15 +447,21 @@ def evaluate(a):
             for i, t in enumerate(ts):
                 noisy = flow_path(zn, torch.randn(zn.shape, device=device, generator=g), torch.tensor(t))
                 noise_acc[i] += float((vae.decode(model.denormalize(noisy)).argmax(-1) == x).float().mean()) / a.batches
-            fm = model(x, t_loc=targs["t_loc"], t_scale=targs["t_scale"], t_uniform=targs["t_uniform"])
+            with torch.no_grad():
+                fm = model(x, t_loc=targs["t_loc"], t_scale=targs["t_scale"], t_uniform=targs["t_uniform"])
             acc["fm"] += float(fm["fm"]) / a.batches
             t, c, u = model.fm_eval(x, t_uniform=True, generator=g)
+            c, u = history_blocks(c), history_blocks(u)  # (B,): blocks 1.., the ones with a history
             acc["fm_cond"] += float(c.mean()) / a.batches
             acc["fm_uncond"] += float(u.mean()) / a.batches
+            gaps.append(u - c)
             bins_c, bins_u = bins_c + t_bin_sums(t, c), bins_u + t_bin_sums(t, u)
         acc["recon_acc"] = noise_acc[0]
         res.update(acc)
         res["recon_acc_vs_t"] = dict(zip(map(str, ts), noise_acc))
+        gaps = torch.cat(gaps).double()
+        res["fm_history_gap"] = float(gaps.mean())  # > 0: the history helps
+        res["fm_history_gap_stderr"] = float(gaps.std() / len(gaps) ** 0.5) if len(gaps) > 1 else 0.0
         res["fm_cond_per_t_bin"] = (bins_c[0] / bins_c[1].clamp(min=1)).tolist()
         res["fm_uncond_per_t_bin"] = (bins_u[0] / bins_u[1].clamp(min=1)).tolist()
         elbo = iwae = 0.0

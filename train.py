@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from prepare import DataError, load_meta
-from diffusion import ColaDLM, latent_stats, t_bin_sums
+from diffusion import ColaDLM, history_blocks, latent_stats, t_bin_sums
 from dit import DiTConfig
 from baselines import LMConfig, TransformerLM, match_layers
 from vae import TextVAE, VAEConfig, count_params
@@ -33,7 +33,8 @@ from vae import TextVAE, VAEConfig, count_params
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # The paper's recipe (SPEC §3, §5); a preset may override it where its scale calls for it.
-RECIPE = dict(beta=1e-3, beta2=0.95, embed_lr_mult=1.0, lr=1.5e-4, min_lr=1e-5, warmup_iters=5000)
+RECIPE = dict(beta=1e-3, beta2=0.95, embed_lr_mult=1.0, lr=1.5e-4, min_lr=1e-5, warmup_iters=5000, grad_clip_scope="global",
+              fm_batch_mult=1)
 
 # Size presets. 'cpu' is the laptop default; 'paper' is the paper's configuration (SPEC §3-4, §10).
 PRESETS = {
@@ -43,9 +44,13 @@ PRESETS = {
     # A few hundred steps over ~0.3M tokens: a large lr, beta2 0.999 (nanoGPT's Shakespeare config raises
     # it too: few tokens per step), and 10x lr on the vocabulary-sized matrices, whose rows for rare tokens
     # see a gradient only when the token occurs. beta 1e-4 puts the learned logSNR near the paper's ~4.5.
+    # Stage 2: the prior learns slowly and the decoder's 50K head is most of a step's cost, so the DiT sees
+    # 4x the decoded batch; and the VAE's reference-KL gradient norm (~1e3) would otherwise shrink every
+    # DiT step through the global clip, so each network is clipped on its own.
     "cpu": dict(vae=dict(width=128, n_enc_layers=2, n_dec_layers=2, n_heads=4, mlp_hidden=384),
                 dit=dict(width=192, n_layers=4, n_heads=4),
-                recipe=dict(beta=1e-4, beta2=0.999, embed_lr_mult=10.0, lr=3e-3, min_lr=3e-4, warmup_iters=50)),
+                recipe=dict(beta=1e-4, beta2=0.999, embed_lr_mult=10.0, lr=3e-3, min_lr=3e-4, warmup_iters=50,
+                            fm_batch_mult=4, grad_clip_scope="network")),
     "paper": dict(vae=dict(width=1536, n_enc_layers=4, n_dec_layers=4, n_heads=12, mlp_hidden=3200,
                            vocab_size=100278),
                   dit=dict(width=2048, n_layers=24, n_heads=16, mlp_hidden=8192, rope_fraction=0.75)),
@@ -82,7 +87,7 @@ def get_args(argv=None):
     p.add_argument("--lm_width", type=int, default=None, help="baseline width (default: the preset's VAE width)")
     p.add_argument("--lm_layers", type=int, default=0,
                    help="baseline blocks (0: as many as match the Cola model of this preset in parameters)")
-    p.add_argument("--main_iters", type=int, default=400, help="optimizer steps of stage 2 (or of a baseline)")
+    p.add_argument("--main_iters", type=int, default=300, help="optimizer steps of stage 2 (or of a baseline)")
     p.add_argument("--vae_lr_ratio", type=float, default=1.0, help="VAE lr / DiT lr in stage 2 (0 freezes the VAE)")
     p.add_argument("--lam_vae", type=float, default=1.0, help="weight of the VAE terms in stage 2")
     p.add_argument("--lam_fm", type=float, default=1.0, help="weight of the flow-matching loss")
@@ -91,6 +96,9 @@ def get_args(argv=None):
     p.add_argument("--t_scale", type=float, default=1.0, help="logit-normal scale of t")
     p.add_argument("--t_uniform", action="store_true", help="sample t uniformly instead of logit-normal")
     p.add_argument("--partial_prob", type=float, default=0.05, help="per-block probability of a known clean prefix")
+    p.add_argument("--fm_batch_mult", type=int, default=None,
+                   help="stage 2: the encoder and the prior see this many times --batch_size sequences per micro-"
+                        "batch, the decoder terms --batch_size of them (default: preset; paper 1)")
     p.add_argument("--detach_zt", action="store_true", help="no FM gradient into the encoder (fallback if unstable)")
     p.add_argument("--stats_batches", type=int, default=16, help="batches used to estimate the latent shift/scale")
     # optimisation
@@ -105,7 +113,10 @@ def get_args(argv=None):
                    help="lr multiplier of embedding tables and output heads (default: preset; paper 1)")
     p.add_argument("--beta2", type=float, default=None, help="AdamW beta2 (default: preset; paper 0.95)")
     p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="global grad-norm clip (0: off)")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="grad-norm clip (0: off)")
+    p.add_argument("--grad_clip_scope", default=None, choices=["global", "network"],
+                   help="stage 2: one norm over VAE + DiT (paper) or one per network, so that the VAE's large "
+                        "reference-KL gradients do not scale the DiT's step down (default: preset)")
     # running
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="autocast dtype")
@@ -124,7 +135,7 @@ def get_args(argv=None):
     errs = []
     if a.seq_len % (a.block_size * a.patch_size):
         errs.append(f"--seq_len {a.seq_len} must be a multiple of block_size*patch_size = {a.block_size * a.patch_size}")
-    for name in ("batch_size", "grad_accum", "latent_dim", "block_size", "patch_size", "seq_len"):
+    for name in ("batch_size", "grad_accum", "latent_dim", "block_size", "patch_size", "seq_len", "fm_batch_mult"):
         if getattr(a, name) < 1:
             errs.append(f"--{name} must be >= 1")
     if not 0 <= a.mask_prob <= 1:
@@ -293,25 +304,27 @@ def attn_flops(n_layers, width, n_keys):
     return n_layers * 2 * 2 * n_keys * width
 
 
-def train_flops_per_token(kind, model, seq_len, stage=None):
+def train_flops_per_token(kind, model, seq_len, stage=None, decode_frac=1.0):
     """Training FLOPs per token of data, convention: 6 per matmul weight per position a network runs on
     (forward 2 + backward 4), 2 for forward-only networks, plus attention scores/values at the full
     (masked-but-computed) key length. Cola's stage 1 runs encoder+decoder on two copies (clean, masked);
-    stage 2 adds the frozen reference encoder (forward only) and the DiT on (2L - bs) latents per L."""
+    stage 2 adds the frozen reference encoder (forward only) and the DiT on (2L - bs) latents per L, and
+    runs the decoder (both copies) and the masked copy's encoder on the decoded fraction of the batch."""
     if kind in ("ar", "llada"):
         c = model.cfg
         return 6 * linear_params(model) + 3 * attn_flops(c.n_layers, c.width, seq_len)
     vae = model.vae if hasattr(model, "vae") else model
     c = vae.cfg
     n_lat = seq_len // c.patch_size
-    per_latent = (3 * attn_flops(c.n_enc_layers + c.n_dec_layers, c.width, n_lat)) / c.patch_size
-    f = 2 * (6 * (linear_params(vae.enc) + linear_params(vae.dec) - linear_params(vae.dec.head)) / c.patch_size
-             + 6 * linear_params(vae.dec.head) + per_latent)
-    if stage == "joint":
-        L, bs = n_lat, c.block_size
-        d = model.dit.cfg
-        f += 2 * linear_params(model.ref_enc) / c.patch_size
-        f += (6 * linear_params(model.dit) + 3 * attn_flops(d.n_layers, d.width, 2 * L - bs)) * (2 * L - bs) / L / c.patch_size
+    enc = (6 * linear_params(vae.enc) + 3 * attn_flops(c.n_enc_layers, c.width, n_lat)) / c.patch_size
+    dec = ((6 * (linear_params(vae.dec) - linear_params(vae.dec.head)) + 3 * attn_flops(c.n_dec_layers, c.width, n_lat))
+           / c.patch_size + 6 * linear_params(vae.dec.head))
+    if stage != "joint":
+        return 2 * (enc + dec)
+    L, bs = n_lat, c.block_size
+    d = model.dit.cfg
+    f = enc * (1 + decode_frac) + 2 * dec * decode_frac + 2 * linear_params(model.ref_enc) / c.patch_size
+    f += (6 * linear_params(model.dit) + 3 * attn_flops(d.n_layers, d.width, 2 * L - bs)) * (2 * L - bs) / L / c.patch_size
     return f
 
 
@@ -322,7 +335,8 @@ class Trainer:
     """Holds the model, optimizer and the step loop. A stage provides: the raw model, the loss call,
     the parameter groups, an evaluate() and what goes into its checkpoint."""
 
-    def __init__(self, a, env, data, raw_model, param_groups, loss_kwargs, max_iters, ckpt_path, ckpt_extra):
+    def __init__(self, a, env, data, raw_model, param_groups, loss_kwargs, max_iters, ckpt_path, ckpt_extra,
+                 micro_batch=None):
         self.a, self.data, self.max_iters, self.ckpt_path = a, data, max_iters, ckpt_path
         self.rank, self.world, self.device = env["rank"], env["world"], env["device"]
         self.master = self.rank == 0
@@ -330,7 +344,9 @@ class Trainer:
         self.loss_kwargs, self.ckpt_extra = loss_kwargs, ckpt_extra
         self.opt = make_optimizer(param_groups, a, self.device)
         self.step = 0
-        self.tokens_per_step = a.batch_size * a.seq_len * a.grad_accum * self.world
+        self.clip_groups = None  # {suffix: params} clipped separately; None: one global norm
+        self.micro_batch = micro_batch or a.batch_size  # training sequences per micro-batch per process
+        self.tokens_per_step = self.micro_batch * a.seq_len * a.grad_accum * self.world
         self.model = self.raw
         if a.compile:
             self.model = torch.compile(self.model)
@@ -361,7 +377,7 @@ class Trainer:
             g["lr"] = lr * g["lr_scale"]
         sums = {}
         for micro in range(a.grad_accum):
-            x = self.data.batch("train", a.batch_size, batch_seed(a.seed, self.rank, self.step, micro), self.device)
+            x = self.data.batch("train", self.micro_batch, batch_seed(a.seed, self.rank, self.step, micro), self.device)
             last = micro == a.grad_accum - 1
             # gradients are all-reduced only on the last micro-batch (DDP no_sync otherwise)
             sync = self.model.no_sync() if (self.world > 1 and not last) else contextlib.nullcontext()
@@ -373,7 +389,8 @@ class Trainer:
                 if torch.is_tensor(v) and v.dim() == 0:
                     sums[k] = sums.get(k, 0.0) + v.detach().float() / a.grad_accum
         if a.grad_clip > 0:
-            sums["gnorm"] = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), a.grad_clip)
+            for name, params in (self.clip_groups or {"": list(self.raw.parameters())}).items():
+                sums["gnorm" + name] = torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
@@ -522,7 +539,8 @@ def estimate_latent_stats(vae, a, data, device):
 def joint_loss_kwargs(a):
     return dict(beta=a.beta, mask_prob=a.mask_prob, lam_mask=a.lam_mask, lam_vae=a.lam_vae, lam_fm=a.lam_fm,
                 lam_ref=a.lam_ref, t_loc=a.t_loc, t_scale=a.t_scale, t_uniform=a.t_uniform,
-                partial_prob=a.partial_prob, detach_zt=a.detach_zt)
+                partial_prob=a.partial_prob, detach_zt=a.detach_zt,
+                decode_rows=a.batch_size if a.fm_batch_mult > 1 else 0)
 
 
 def build_cola(ckpt):
@@ -560,11 +578,14 @@ def train_joint(a, env, data):
     # vocabulary-matrix multiplier of stage 1 is not applied: it lets the latents drift from q_ref
     groups = [(model.dit.parameters(), 1.0), (model.vae.parameters(), a.vae_lr_ratio)]
     loss_kwargs = joint_loss_kwargs(a)
-    fpt = train_flops_per_token("cola", model, a.seq_len, "joint")
+    fpt = train_flops_per_token("cola", model, a.seq_len, "joint", 1 / a.fm_batch_mult)
     trainer = Trainer(a, env, data, model, groups, loss_kwargs, a.main_iters, path,
                       lambda: dict(kind="cola", vae_config=asdict(vae_cfg), dit_config=asdict(dit_cfg),
                                    model=model.state_dict(), stage1_flops=stage1_flops,
-                                   train_flops=stage1_flops + trainer.step * trainer.tokens_per_step * fpt))
+                                   train_flops=stage1_flops + trainer.step * trainer.tokens_per_step * fpt),
+                      micro_batch=a.batch_size * a.fm_batch_mult)
+    if a.grad_clip_scope == "network":
+        trainer.clip_groups = {"_dit": list(model.dit.parameters()), "_vae": list(model.vae.parameters())}
     if ckpt:
         trainer.load_state(ckpt)
         if env["rank"] == 0:
@@ -578,6 +599,7 @@ def train_joint(a, env, data):
         out = model(x, **loss_kwargs)
         out["recon_acc"] = model.vae.recon_accuracy(x)
         t, cond, uncond = model.fm_eval(x, t_uniform=True)  # uniform t: every bin gets samples
+        cond, uncond = history_blocks(cond), history_blocks(uncond)  # (B,): blocks that have a history
         bins["c"] = bins.get("c", 0) + t_bin_sums(t, cond)
         bins["u"] = bins.get("u", 0) + t_bin_sums(t, uncond)
         res = {k: out[k] for k in ("loss", "ce", "mask_acc", "recon_acc", "fm", "ref_kl", "logsnr")}
