@@ -445,7 +445,7 @@ def evaluate(a):
             mu, _ = vae.encode(x)
             zn = model.normalize(mu.float())
             for i, t in enumerate(ts):
-                noisy = flow_path(zn, torch.randn(zn.shape, device=device, generator=g), torch.tensor(t))
+                noisy = flow_path(zn, torch.randn(zn.shape, device=device, generator=g), torch.tensor(t, device=device))
                 noise_acc[i] += float((vae.decode(model.denormalize(noisy)).argmax(-1) == x).float().mean()) / a.batches
             with torch.no_grad():
                 fm = model(x, t_loc=targs["t_loc"], t_scale=targs["t_scale"], t_uniform=targs["t_uniform"])

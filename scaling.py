@@ -44,8 +44,8 @@ def get_args(argv=None):
     p.add_argument("--out_root", default=os.path.join(HERE, "out_scaling"), help="one run directory per model and level")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (passed to train.py and eval.py)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (1 on a CPU; several fit one GPU)")
-    p.add_argument("--train_args", default="", help="extra train.py flags for every run, e.g. '--no-compile'")
-    p.add_argument("--eval_args", default="", help="extra eval.py flags for every run, e.g. '--builtin_n 64'")
+    p.add_argument("--train_args", default="", help="extra train.py flags for every run, e.g. --train_args='--no-compile' (note the =)")
+    p.add_argument("--eval_args", default="", help="extra eval.py flags for every run, e.g. --eval_args='--builtin_n 64'")
     p.add_argument("--tasks", nargs="*", default=[], help="JSONL task files eval.py scores for every run")
     a = p.parse_args(argv)
     try:

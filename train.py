@@ -87,7 +87,7 @@ def get_args(argv=None):
     p.add_argument("--lm_width", type=int, default=None, help="baseline width (default: the preset's VAE width)")
     p.add_argument("--lm_layers", type=int, default=0,
                    help="baseline blocks (0: as many as match the Cola model of this preset in parameters)")
-    p.add_argument("--main_iters", type=int, default=300, help="optimizer steps of stage 2 (or of a baseline)")
+    p.add_argument("--main_iters", type=int, default=250, help="optimizer steps of stage 2 (or of a baseline)")
     p.add_argument("--vae_lr_ratio", type=float, default=1.0, help="VAE lr / DiT lr in stage 2 (0 freezes the VAE)")
     p.add_argument("--lam_vae", type=float, default=1.0, help="weight of the VAE terms in stage 2")
     p.add_argument("--lam_fm", type=float, default=1.0, help="weight of the flow-matching loss")
