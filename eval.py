@@ -377,6 +377,8 @@ def get_args(argv=None):
     p.add_argument("--results", default=None, help="JSON output path (default: <run dir>/eval.json)")
     p.add_argument("--batches", type=int, default=4, help="held-out batches for losses and likelihood")
     p.add_argument("--batch_size", type=int, default=8, help="sequences per held-out batch")
+    p.add_argument("--fm_batches", type=int, default=32,
+                   help="held-out batches for the FM loss with / without history (Cola)")
     p.add_argument("--ll_steps", type=int, default=16, help="midpoint steps of the CNF likelihood solve")
     p.add_argument("--iwae_k", type=int, default=2, help="posterior samples per sequence for Cola's bounds")
     p.add_argument("--tasks", nargs="*", default=[], help="JSONL task files to score")
@@ -393,7 +395,11 @@ def get_args(argv=None):
                    help="eval JSON files of several runs: draw the scaling plot and exit")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    for name in ("batches", "batch_size", "fm_batches", "ll_steps", "iwae_k", "steps"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    return a
 
 
 def main(argv=None):
@@ -436,8 +442,6 @@ def evaluate(a):
         ts = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
         acc = {k: 0.0 for k in ("recon_acc", "mask_acc", "logsnr", "fm", "fm_cond", "fm_uncond")}
         noise_acc = [0.0] * len(ts)
-        bins_c = bins_u = 0
-        gaps = []  # per sequence: uncond - cond on the same noise (a paired comparison)
         for x in batches:
             out = vae(x, **{k: targs[k] for k in ("beta", "mask_prob")}, lam_mask=1.0)
             acc["mask_acc"] += float(out["mask_acc"]) / a.batches
@@ -450,16 +454,22 @@ def evaluate(a):
             with torch.no_grad():
                 fm = model(x, t_loc=targs["t_loc"], t_scale=targs["t_scale"], t_uniform=targs["t_uniform"])
             acc["fm"] += float(fm["fm"]) / a.batches
+        # the prior with and without its clean history, on the same noise: a paired comparison over more
+        # windows than the likelihood uses (it is cheap), uniform t so that every bin gets samples
+        cs, us, tt = [], [], []
+        for i in range(a.fm_batches):
+            x = data.batch("val", a.batch_size, batch_seed(a.seed + 98, 0, 0, i), device)
             t, c, u = model.fm_eval(x, t_uniform=True, generator=g)
-            c, u = history_blocks(c), history_blocks(u)  # (B,): blocks 1.., the ones with a history
-            acc["fm_cond"] += float(c.mean()) / a.batches
-            acc["fm_uncond"] += float(u.mean()) / a.batches
-            gaps.append(u - c)
-            bins_c, bins_u = bins_c + t_bin_sums(t, c), bins_u + t_bin_sums(t, u)
+            cs.append(history_blocks(c))  # (B,): blocks 1.., the ones with a history
+            us.append(history_blocks(u))
+            tt.append(t)
+        c, u, t = torch.cat(cs), torch.cat(us), torch.cat(tt)
+        acc["fm_cond"], acc["fm_uncond"] = float(c.mean()), float(u.mean())
+        bins_c, bins_u = t_bin_sums(t, c), t_bin_sums(t, u)
+        gaps = (u - c).double()
         acc["recon_acc"] = noise_acc[0]
         res.update(acc)
         res["recon_acc_vs_t"] = dict(zip(map(str, ts), noise_acc))
-        gaps = torch.cat(gaps).double()
         res["fm_history_gap"] = float(gaps.mean())  # > 0: the history helps
         res["fm_history_gap_stderr"] = float(gaps.std() / len(gaps) ** 0.5) if len(gaps) > 1 else 0.0
         res["fm_cond_per_t_bin"] = (bins_c[0] / bins_c[1].clamp(min=1)).tolist()

@@ -173,13 +173,13 @@ def test_eval_json_keys(tmp_path, root):
     train.main(common + ["--out_dir", str(tmp_path / "ar"), "--model", "ar", "--lm_layers", "1"])
     task = write(tmp_path, ['{"prompt": "ROMEO:", "answer": "love", "scoring": "first_word"}',
                             '{"prompt": "Pick:", "answer": "yes", "options": ["yes", "no"]}'])
-    small = ["--batches", "1", "--batch_size", "2", "--ll_steps", "2", "--iwae_k", "2", "--builtin_n", "2",
+    small = ["--batches", "1", "--batch_size", "2", "--fm_batches", "2", "--ll_steps", "2", "--iwae_k", "2", "--builtin_n", "2",
              "--n_samples", "2", "--sample_len", "8", "--task_max_new", "4", "--steps", "2", "--tasks", task]
     ev.main(["--out_dir", str(tmp_path / "cola"), "--judge", str(tmp_path / "ar" / "ckpt.pt"),
                    "--sweep_steps", "1,2"] + small)
     saved = json.load(open(tmp_path / "cola" / "eval.json"))
     for k in ("recon_acc", "mask_acc", "logsnr", "recon_acc_vs_t", "fm", "fm_cond", "fm_uncond",
-              "fm_cond_per_t_bin", "bits_per_token", "bits_per_token_elbo", "tasks", "task_accuracy",
+              "fm_cond_per_t_bin", "fm_history_gap", "fm_history_gap_stderr", "bits_per_token", "bits_per_token_elbo", "tasks", "task_accuracy",
               "distinct_2", "repetition_4", "unigram_entropy_bits", "judge_ppl", "gen_tokens_per_s",
               "passes_per_token", "train_flops", "sweep_steps"):
         assert k in saved, k
@@ -199,3 +199,30 @@ def test_eval_bad_task_file_is_one_line(tmp_path, root):
                         "--tasks", p], capture_output=True, text=True)
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
     assert f"{p}:2: not valid JSON" in r.stderr
+
+
+def test_scaling_plan_matches_training_flops(tmp_path, root):
+    """scaling.py gives each baseline the steps that match its Cola run's FLOPs (to within one step),
+    and a level scales both Cola stages."""
+    import scaling
+    import train
+    from prepare import prepare
+    src = tmp_path / "text.txt"
+    src.write_text(open(os.path.join(root, "data", "shakespeare_tiny.txt"), encoding="utf-8").read()[:30000])
+    prepare(str(src), str(tmp_path / "d"), seq_len=64)
+    a = scaling.get_args(["--levels", "1,0.5", f"--train_args=--data_dir {tmp_path / 'd'}"])
+    runs = scaling.plan(a)
+    assert [(m, lv) for m, lv, *_ in runs] == [(m, lv) for lv in (0.5, 1.0) for m in ("cola", "ar", "llada")]
+    cola = {lv: (flags, flops) for m, lv, _, flags, flops in runs if m == "cola"}
+    assert cola[0.5][0] == ["--vae_iters", "225", "--main_iters", "125"]
+    assert abs(cola[1.0][1] / cola[0.5][1] - 2) < 0.01
+    for m, lv, _, flags, flops in runs:
+        if m == "cola":
+            continue
+        targs = train.get_args(["--model", m, "--data_dir", str(tmp_path / "d")])
+        cfg, _ = train.lm_config_from_args(targs, json.load(open(tmp_path / "d" / "meta.json"))["vocab_size"])
+        with torch.device("meta"):
+            fpt = train.train_flops_per_token(m, scaling.TransformerLM(cfg), targs.seq_len)
+        per_step = fpt * targs.batch_size * targs.seq_len
+        steps = int(flags[flags.index("--main_iters") + 1])
+        assert abs(steps * per_step - cola[lv][1]) <= per_step / 2 + 1
