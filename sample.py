@@ -1,11 +1,16 @@
 """
-Sample from a trained model. Needs no model flags: the checkpoint carries its configuration.
+Sample from a trained model: Cola DLM, or the AR / LLaDA baselines. Needs no model flags: the
+checkpoint carries its kind and configuration.
 
     python sample.py                                  # out/ckpt.pt, the default prompt
     python sample.py --prompt "ROMEO:" --num_samples 3 --steps 8 --cfg 3
     python sample.py --prompt FILE:prompt.txt --ckpt out/ckpt.pt
+    python sample.py --out_dir out_ar                 # AR: token by token with a KV cache
+    python sample.py --out_dir out_llada --steps 32 --block_length 16   # LLaDA, semi-autoregressive blocks
 
-Cola DLM decodes block by block (SPEC §6) and each block is printed as soon as it is decoded.
+Cola DLM decodes block by block (SPEC §6) and each block is printed as soon as it is decoded; AR prints
+each token; LLaDA unmasks the most confident positions over --steps passes (low-confidence remasking,
+SPEC §8) and prints the result.
 """
 import argparse
 import contextlib
@@ -15,11 +20,12 @@ import time
 
 import torch
 
+from baselines import LMConfig, TransformerLM, ar_generate, llada_generate
 from decoder import GenerationError, generate
 from prepare import DataError, get_tokenizer
 from train import HERE, build_cola, load_checkpoint
 
-MODEL_KINDS = ("cola",)
+MODEL_KINDS = ("cola", "ar", "llada")
 
 
 def get_args(argv=None):
@@ -29,19 +35,21 @@ def get_args(argv=None):
     p.add_argument("--prompt", default="\n", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--num_samples", type=int, default=2, help="number of samples")
     p.add_argument("--max_new_tokens", type=int, default=96, help="tokens to generate per sample")
-    p.add_argument("--steps", type=int, default=16, help="Euler steps per block (paper: 16)")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off; paper: 7)")
+    p.add_argument("--steps", type=int, default=16, help="Cola: Euler steps per block (paper: 16); LLaDA: unmasking passes")
+    p.add_argument("--cfg", type=float, default=3.0, help="Cola: classifier-free guidance scale (1 = off; paper: 7)")
+    p.add_argument("--block_length", type=int, default=0,
+                   help="LLaDA: semi-autoregressive block length in tokens (0 = one block of --max_new_tokens)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--repetition_penalty", type=float, default=1.1, help="CTRL-style penalty (1 = off)")
+    p.add_argument("--top_k", type=int, default=0, help="Cola, AR: keep the k most likely tokens (0 = all)")
+    p.add_argument("--top_p", type=float, default=1.0, help="Cola, AR: nucleus sampling mass (1 = off)")
+    p.add_argument("--repetition_penalty", type=float, default=1.1, help="Cola, AR: CTRL-style penalty (1 = off)")
     p.add_argument("--seed", type=int, default=1337, help="random seed")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype")
-    p.add_argument("--compile", action="store_true", help="torch.compile the DiT and the decoder")
+    p.add_argument("--compile", action="store_true", help="Cola: torch.compile the DiT and the decoder")
     a = p.parse_args(argv)
-    if a.num_samples < 1 or a.max_new_tokens < 1 or a.steps < 1:
-        p.error("--num_samples, --max_new_tokens and --steps must be >= 1")
+    if a.num_samples < 1 or a.max_new_tokens < 1 or a.steps < 1 or a.block_length < 0:
+        p.error("--num_samples, --max_new_tokens and --steps must be >= 1, --block_length >= 0")
     if a.temperature < 0 or not 0 < a.top_p <= 1 or a.repetition_penalty <= 0:
         p.error("need --temperature >= 0, 0 < --top_p <= 1 and --repetition_penalty > 0")
     return a
@@ -59,8 +67,12 @@ def read_prompt(prompt):
 
 def load_model(path, device):
     ckpt = load_checkpoint(path, MODEL_KINDS)
-    model = build_cola(ckpt).to(device).eval()
-    return model, ckpt
+    if ckpt["kind"] == "cola":
+        model = build_cola(ckpt)
+    else:
+        model = TransformerLM(LMConfig(**ckpt["lm_config"]))
+        model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
 
 
 def main(argv=None):
@@ -76,14 +88,17 @@ def main(argv=None):
         prompt_ids = enc.encode_ordinary(read_prompt(a.prompt))
     except DataError as e:
         sys.exit(f"error: {e}")
-    if a.compile:
+    kind = ckpt["kind"]
+    if a.compile and kind == "cola":
         model.dit = torch.compile(model.dit, dynamic=True)
         model.vae.dec = torch.compile(model.vae.dec, dynamic=True)
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
     amp = torch.autocast(dev_type, dtype=torch.bfloat16) if a.dtype == "bfloat16" else contextlib.nullcontext()
     g = torch.Generator(device=device).manual_seed(a.seed)
     torch.manual_seed(a.seed)
-    print(f"# {path}: step {ckpt['step']}, steps {a.steps}, cfg {a.cfg}, prompt {len(prompt_ids)} tokens", flush=True)
+    how = {"cola": f"steps {a.steps}, cfg {a.cfg}", "ar": "KV cache",
+           "llada": f"steps {a.steps}, block length {a.block_length or a.max_new_tokens}"}[kind]
+    print(f"# {path}: {kind}, step {ckpt['step']}, {how}, prompt {len(prompt_ids)} tokens", flush=True)
     total_tokens, total_time = 0, 0.0
     for i in range(a.num_samples):
         print(f"--- sample {i}\n{enc.decode(prompt_ids)}", end="", flush=True)
@@ -95,9 +110,20 @@ def main(argv=None):
         t0 = time.time()
         try:
             with amp:
-                out, stats = generate(model, [prompt_ids], a.max_new_tokens, a.steps, a.cfg, a.temperature, a.top_k,
+                if kind == "cola":
+                    out, _ = generate(model, [prompt_ids], a.max_new_tokens, a.steps, a.cfg, a.temperature, a.top_k,
                                       a.top_p, a.repetition_penalty, eos_id=enc.eot_token, pad_id=enc.eot_token,
                                       generator=g, on_block=show)
+                elif kind == "ar":
+                    new, _ = ar_generate(model, prompt_ids, a.max_new_tokens, a.temperature, a.top_k, a.top_p,
+                                         a.repetition_penalty, eos_id=enc.eot_token, generator=g,
+                                         on_token=lambda tok: show(0, [[tok]]))
+                    out = [new]
+                else:
+                    new, _ = llada_generate(model, prompt_ids, a.max_new_tokens, a.steps, a.block_length or None,
+                                            a.temperature, eos_id=enc.eot_token, generator=g)
+                    show(0, [new])
+                    out = [new]
         except GenerationError as e:
             sys.exit(f"\nerror: {e}")
         total_time += time.time() - t0

@@ -3,14 +3,16 @@ The small-scale version of the paper's comparison (SPEC §8-9, RQ4): Cola DLM, A
 preset, trained on the same data with the same recipe to matched training FLOPs at several compute
 levels, each scored by eval.py. Writes a markdown table and scaling plots (metric vs training FLOPs).
 
-    python scaling.py                                  # levels 0.25,0.5,1 at the cpu preset, one run at a time
-    python scaling.py --device cuda --jobs 6           # one GPU, several runs side by side
+    python scaling.py --tasks tasks/comedies.jsonl     # levels 0.25,0.5,1 at the cpu preset, one run at a time
+    OMP_NUM_THREADS=1 python scaling.py --jobs 2       # two runs side by side on a 2-core machine
+    python scaling.py --device cuda --jobs 12 --train_args=--no-compile   # one GPU, all runs at once
 
 Level 1 is the default Cola run (--vae_iters + --main_iters steps of train.py); level x scales both
 stages' steps by x. Each baseline gets the number of steps that matches its Cola run's training FLOPs
 (train.train_flops_per_token's convention, computed on the meta device before anything trains). The
 largest level's AR model is the judge of every run's sample perplexity. Finished runs are kept: running
-the command again skips them (delete --out_root to start over).
+the command again skips them (delete --out_root to start over); so does a run directory filled by hand,
+e.g. the main command's out/ copied to out_scaling/cola_1 (the same run as level 1).
 """
 import argparse
 import json
