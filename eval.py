@@ -36,10 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from baselines import LMConfig, TransformerLM, ar_generate, llada_generate
+from baselines import ar_generate, llada_generate
 from decoder import GenerationError, generate
 from prepare import DataError, get_tokenizer
-from train import HERE, build_cola, load_checkpoint, TokenData, batch_seed
+from train import HERE, TokenData, batch_seed, load_model
 
 LN2 = math.log(2)
 
@@ -261,16 +261,6 @@ def llada_bits_per_token(model, x, k=8, generator=None):
 # ----------------------------------------------------------------------------------------------------
 # models behind one interface
 
-def load_any(path, device):
-    ckpt = load_checkpoint(path, ("cola", "ar", "llada"))
-    if ckpt["kind"] == "cola":
-        model = build_cola(ckpt)
-    else:
-        model = TransformerLM(LMConfig(**ckpt["lm_config"]))
-        model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
-
-
 def make_generator(kind, model, steps, cfg_scale, eos_id, seed):
     """fn(list of prompt ids, max_new) -> (list of new ids, model passes summed over samples). Greedy, as
     the paper's tasks."""
@@ -424,7 +414,7 @@ def evaluate(a):
     path = a.ckpt or os.path.join(a.out_dir, "ckpt.pt")
     run_dir = os.path.dirname(os.path.abspath(path))
     tasks = {os.path.basename(f): read_tasks(f) for f in a.tasks}  # check every file before the long work
-    model, ckpt = load_any(path, device)
+    model, ckpt = load_model(path, device)
     kind, targs = ckpt["kind"], ckpt["args"]
     enc = get_tokenizer(ckpt["tokenizer"])
     eos = enc.eot_token
@@ -504,7 +494,7 @@ def evaluate(a):
     res.update(sample_stats(samples))
     res["samples"] = [enc.decode(p) + " ||| " + enc.decode(s) for p, s in zip(prompts[:3], samples[:3])]
     if a.judge:
-        judge, jck = load_any(a.judge, device)
+        judge, jck = load_model(a.judge, device)
         if jck["kind"] != "ar":
             raise DataError(f"--judge {a.judge} holds a '{jck['kind']}' model; the judge must be an AR checkpoint")
         res["judge_ppl"] = judge_perplexity(judge, prompts, samples)

@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from baselines import LMConfig, TransformerLM, ar_generate, llada_generate
+from baselines import ar_generate, llada_generate
 from decoder import GenerationError, generate
 from prepare import DataError, get_tokenizer
-from train import HERE, build_cola, load_checkpoint
+from train import HERE, load_model
 
 MODEL_KINDS = ("cola", "ar", "llada")
 
@@ -65,16 +65,6 @@ def read_prompt(prompt):
     return prompt
 
 
-def load_model(path, device):
-    ckpt = load_checkpoint(path, MODEL_KINDS)
-    if ckpt["kind"] == "cola":
-        model = build_cola(ckpt)
-    else:
-        model = TransformerLM(LMConfig(**ckpt["lm_config"]))
-        model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
-
-
 def main(argv=None):
     a = get_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
@@ -83,7 +73,7 @@ def main(argv=None):
         if not a.ckpt and not os.path.exists(path) and os.path.exists(os.path.join(a.out_dir, "vae.pt")):
             raise DataError(f"{path} not found; {a.out_dir}/vae.pt is a stage-1 VAE, which cannot generate: "
                             "run `python train.py --stage joint` first")
-        model, ckpt = load_model(path, device)
+        model, ckpt = load_model(path, device, MODEL_KINDS)
         enc = get_tokenizer(ckpt["tokenizer"])
         prompt_ids = enc.encode_ordinary(read_prompt(a.prompt))
     except DataError as e:

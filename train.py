@@ -549,6 +549,17 @@ def build_cola(ckpt):
     return model
 
 
+def load_model(path, device="cpu", kinds=("cola", "ar", "llada")):
+    """A trained model from its checkpoint alone -> (model in eval mode on device, checkpoint)."""
+    ckpt = load_checkpoint(path, kinds)
+    if ckpt["kind"] == "cola":
+        model = build_cola(ckpt)
+    else:
+        model = TransformerLM(LMConfig(**ckpt["lm_config"]))
+        model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
 def train_joint(a, env, data):
     path = os.path.join(a.out_dir, "ckpt.pt")
     device = env["device"]
