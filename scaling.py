@@ -33,7 +33,8 @@ MODELS = ("cola", "ar", "llada")
 COLUMNS = [  # (header, eval.json key, format)
     ("params", "params", "{:.2f}M"), ("train FLOPs", "train_flops", "{:.2e}"),
     ("bits/token", "bits_per_token", "{:.2f}"), ("LAMBADA-style", "lambada_style", "{:.3f}"),
-    ("ending choice", "ending_choice", "{:.3f}"), ("distinct-2", "distinct_2", "{:.3f}"),
+    ("ending choice", "ending_choice", "{:.3f}"), ("task files", "user_tasks", "{:.3f}"),
+    ("distinct-2", "distinct_2", "{:.3f}"),
     ("4-gram rep.", "repetition_4", "{:.3f}"), ("unigram entropy", "unigram_entropy_bits", "{:.2f}"),
     ("judge ppl", "judge_ppl", "{:.1f}"), ("tok/s", "gen_tokens_per_s", "{:.1f}"),
     ("passes/token", "passes_per_token", "{:.3f}"),
@@ -162,7 +163,9 @@ def main(argv=None):
     rows = []
     for m, level, run_dir, _, _ in runs:
         res = json.load(open(os.path.join(run_dir, "eval.json")))
-        rows.append({**res, "level": level, **res.get("tasks", {})})
+        user = [v for k, v in res.get("tasks", {}).items() if k not in ("lambada_style", "ending_choice")]
+        rows.append({**res, "level": level, **res.get("tasks", {}),
+                     "user_tasks": sum(user) / len(user) if user else None})
     md = table(rows)
     with open(os.path.join(a.out_root, "table.md"), "w") as f:
         f.write(md + "\n")
