@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from baselines import LMConfig, TransformerLM, ar_generate
+from baselines import TransformerLM, ar_generate
 from decoder import generate
-from train import HERE, build_cola, get_args as train_args, lm_config_from_args, load_checkpoint
+from train import HERE, get_args as train_args, lm_config_from_args, load_model
 
 
 def main():
@@ -32,13 +32,10 @@ def main():
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     a = p.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    ck = load_checkpoint(a.ckpt, ("cola",))
-    cola = build_cola(ck).to(device).eval()
+    cola, ck = load_model(a.ckpt, device, ("cola",))
     cola.vae.cfg.max_seq_len = max(cola.vae.cfg.max_seq_len, a.prompt_len + a.new_tokens + 64)
     if a.ar_ckpt:
-        ack = load_checkpoint(a.ar_ckpt, ("ar",))
-        ar = TransformerLM(LMConfig(**ack["lm_config"]))
-        ar.load_state_dict(ack["model"])
+        ar, _ = load_model(a.ar_ckpt, device, ("ar",))
     else:
         targs = train_args(["--model", "ar", "--preset", ck["args"]["preset"]])
         cfg, _ = lm_config_from_args(targs, cola.vae.cfg.vocab_size)

@@ -220,7 +220,7 @@ class ColaDLM(nn.Module):
         (B, n_blocks). Block 0 has no history, so its two losses are equal: compare blocks 1.. (history_gap)."""
         mu, _ = self.vae.encode(tokens)
         z0n = self.normalize(mu.float())  # (B, L, d)
-        B, L, d = z0n.shape
+        B, L, _ = z0n.shape
         eps = torch.randn(z0n.shape, device=z0n.device, generator=generator)
         t = sample_t(B, t_loc, t_scale, t_uniform, tokens.device, generator)  # (B,)
         t_tok = t.unsqueeze(1).expand(B, L)
