@@ -1,5 +1,7 @@
 """
-Conditional decoding and block-wise generation for Cola DLM (SPEC §6).
+Generation: Cola DLM's block-wise loop with conditional decoding (docs/method.md §6), the baselines'
+samplers (AR with a KV cache, LLaDA with low-confidence remasking), token choice, and loading any trained
+model from its checkpoint alone.
 
 Text is produced one block of `block_size` latents (block_size * patch_size tokens) at a time:
   1. the prompt is encoded with the posterior mean and normalised; its full blocks prefill the DiT's
@@ -18,12 +20,23 @@ import math
 
 import torch
 
-from diffusion import cfg_combine, euler_step, time_grid
-from layers import KVCache, block_causal_mask, cola_mask, with_key_padding
+from baselines import TransformerLM
+from checkpoint import load_checkpoint
+from diffusion import ColaDLM, euler_step, time_grid
+from layers import KVCache, block_causal_mask, with_key_padding
+
+MODEL_KINDS = ("cola", "ar", "llada")
 
 
 class GenerationError(ValueError):
     """A request generate() cannot serve; the message is one line meant for the user."""
+
+
+def load_model(path, device="cpu", kinds=MODEL_KINDS):
+    """A trained model from its checkpoint alone -> (model in eval mode on device, checkpoint dict)."""
+    ckpt = load_checkpoint(path, kinds)
+    model = ColaDLM.from_checkpoint(ckpt) if ckpt["kind"] == "cola" else TransformerLM.from_checkpoint(ckpt)
+    return model.to(device).eval(), ckpt
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -63,49 +76,174 @@ def choose_tokens(logits, seen=None, temperature=0.0, top_k=0, top_p=1.0, repeti
 
 
 # ----------------------------------------------------------------------------------------------------
-# generation
+# the baselines
+
+def left_pad(prompts, pad_id, device):
+    """Prompts of different lengths, right-aligned: tokens (B, P) and their validity (B, P). An empty prompt
+    becomes the single token pad_id (<|endoftext|>, the start of a document)."""
+    rows = [list(p) or [pad_id] for p in prompts]
+    P = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), P), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(rows), P, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        tokens[b, P - len(r):] = torch.tensor(r, dtype=torch.long)
+        valid[b, P - len(r):] = True
+    return tokens.to(device), valid.to(device)
+
+
+def check_context(prompts, max_new_tokens, context):
+    longest = max((len(p) for p in prompts), default=0)
+    if longest + max_new_tokens > context:
+        raise GenerationError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
+                              f"model's context of {context} tokens")
+
+
+@torch.no_grad()
+def ar_generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                eos_id=50256, generator=None, on_token=None):
+    """Token-by-token decoding of a batch of prompts with a KV cache: one batched forward pass per token.
+    Prompts are left-padded, the padded keys masked out (RoPE sees only relative positions), so each row
+    gets what it would get alone. Returns (new-token lists, {'passes': batched passes}).
+    on_token(tokens) is called with each row's new token (None once the row has stopped)."""
+    if not prompts:
+        raise GenerationError("no prompts given")
+    check_context(prompts, max_new_tokens, model.cfg.max_seq_len)
+    device = model.head.weight.device
+    tokens, key_valid = left_pad(prompts, eos_id, device)
+    B, P = tokens.shape
+    pos = torch.arange(P, device=device)
+    cache = KVCache(model.cfg.n_layers)
+    logits = model.logits(tokens, pos, with_key_padding(block_causal_mask(pos, pos), key_valid, key_valid), cache)
+    seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)  # generated tokens (the penalty's)
+    outs, done, passes = [[] for _ in range(B)], [False] * B, 1
+    for n in range(max_new_tokens):
+        tok = choose_tokens(logits[:, -1:], seen, temperature, top_k, top_p, repetition_penalty, generator)  # (B, 1)
+        new = []
+        for b, t in enumerate(tok[:, 0].tolist()):
+            done[b] = done[b] or t == eos_id
+            new.append(None if done[b] else t)
+            if not done[b]:
+                outs[b].append(t)
+        seen[torch.arange(B, device=device), tok[:, 0]] = True
+        if on_token is not None:
+            on_token(new)
+        if all(done) or n == max_new_tokens - 1:
+            break
+        key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
+        logits = model.logits(tok, pos[-1:] + n + 1, key_valid[:, None, None, :], cache)  # (B, 1, V)
+        passes += 1
+    return outs, {"passes": passes}
+
+
+@torch.no_grad()
+def llada_generate(model, prompts, max_new_tokens, steps=32, block_length=None, temperature=0.0, eos_id=50256,
+                   generator=None):
+    """LLaDA sampling with low-confidence remasking for a batch of prompts (left-padded, padded keys masked).
+    block_length < max_new_tokens gives semi-autoregressive blocks, each unmasked over
+    steps * block_length / max_new_tokens steps. Returns (new-token lists, {'passes': batched passes})."""
+    if not prompts:
+        raise GenerationError("no prompts given")
+    check_context(prompts, max_new_tokens, model.cfg.max_seq_len)
+    device = model.head.weight.device
+    mask_id = model.cfg.mask_id
+    prompt, prompt_valid = left_pad(prompts, eos_id, device)
+    B, P = prompt.shape
+    x = torch.cat([prompt, torch.full((B, max_new_tokens), mask_id, dtype=torch.long, device=device)], 1)  # (B, T)
+    key_valid = torch.cat([prompt_valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], 1)
+    T = x.shape[1]
+    attn = with_key_padding(torch.ones(T, T, dtype=torch.bool, device=device), key_valid, key_valid)
+    pos = torch.arange(T, device=device)
+    block_length = block_length or max_new_tokens
+    n_blocks = math.ceil(max_new_tokens / block_length)
+    steps_per_block = max(1, steps // n_blocks)
+    passes = 0
+    for blk in range(n_blocks):
+        lo, hi = P + blk * block_length, min(P + (blk + 1) * block_length, T)
+        n_masked = hi - lo
+        for i in range(steps_per_block):
+            k = n_masked // steps_per_block + (i < n_masked % steps_per_block)  # positions to unmask this step
+            if k == 0:
+                continue
+            logits = model.logits(x, pos, attn).float()  # (B, T, V)
+            passes += 1
+            probs = torch.softmax(logits / max(temperature, 1e-8) if temperature > 0 else logits, -1)
+            pred = (torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(B, T) if temperature > 0
+                    else logits.argmax(-1))
+            conf = probs.gather(-1, pred.unsqueeze(-1)).squeeze(-1)  # (B, T)
+            eligible = torch.zeros_like(x, dtype=torch.bool)
+            eligible[:, lo:hi] = x[:, lo:hi] == mask_id
+            conf = torch.where(eligible, conf, torch.full_like(conf, -1.0))
+            pick = torch.topk(conf, k, dim=-1).indices  # (B, k): the k most confident masked positions per row
+            x.scatter_(1, pick, pred.gather(1, pick))
+    outs = []
+    for row in x[:, P:].tolist():
+        outs.append(row[:row.index(eos_id)] if eos_id in row else row)
+    return outs, {"passes": passes}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cola DLM
 
 def draw_noise(shape, device, generator):
     """The starting noise of a block (a seam for tests that need batch-independent noise)."""
     return torch.randn(shape, device=device, generator=generator)
 
 
-def _prompt_layout(prompts, tpb, patch, pad_id, device):
-    """Left-pad each prompt by whole blocks. Returns the padded tokens (B, Tp), latent validity (B, Np),
-    the number of full prompt blocks N (common to all rows after padding) and per-row known latents and
-    leftover tokens of the partial last block."""
-    n_full = [len(p) // tpb for p in prompts]
-    rem = [len(p) % tpb for p in prompts]
-    N = max(n_full)
-    has_partial = any(rem)
-    n_blocks = N + (1 if has_partial else 0)
+def prompt_layout(prompts, tokens_per_block, patch, pad_id, device):
+    """Left-pad each prompt by whole blocks so that every row reaches block boundaries together.
+    Returns the padded tokens (B, Tp), latent validity (B, Np), the number of full prompt blocks (common
+    to all rows after padding), and per row the tokens of its partial last block."""
+    n_full = [len(p) // tokens_per_block for p in prompts]
+    rem = [len(p) % tokens_per_block for p in prompts]
+    n_blocks = max(n_full) + (1 if any(rem) else 0)
     B = len(prompts)
-    tokens = torch.full((B, n_blocks * tpb), pad_id, dtype=torch.long)
-    valid_tok = torch.zeros(B, n_blocks * tpb, dtype=torch.bool)
+    tokens = torch.full((B, n_blocks * tokens_per_block), pad_id, dtype=torch.long)
+    valid_tok = torch.zeros(B, n_blocks * tokens_per_block, dtype=torch.bool)
     for b, p in enumerate(prompts):
-        start = (N - n_full[b]) * tpb
+        start = (max(n_full) - n_full[b]) * tokens_per_block
         tokens[b, start:start + len(p)] = torch.tensor(p, dtype=torch.long)
-        full_end = start + n_full[b] * tpb + (rem[b] // patch) * patch  # whole latents only
+        full_end = start + n_full[b] * tokens_per_block + (rem[b] // patch) * patch  # whole latents only
         valid_tok[b, start:full_end] = True
     valid_lat = valid_tok.reshape(B, -1, patch).all(-1)  # (B, Np)
-    known = [r // patch for r in rem]
-    return tokens.to(device), valid_lat.to(device), N, known, rem
+    return tokens.to(device), valid_lat.to(device), max(n_full), rem
+
+
+def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin_z=None):
+    """Guided Euler steps for the next block along `grid` (from t = grid[0] down to grid[-1]), given the
+    committed history in the DiT cache. Latents marked in `pin` (B, bs) are held at pin_z at t = 0.
+    z (B, bs, d) normalised, at time grid[0]."""
+    B, block_size, _ = z.shape
+    if pin is None:
+        pin = torch.zeros(B, block_size, dtype=torch.bool, device=z.device)
+        pin_z = z
+    for i in range(len(grid) - 1):
+        z = torch.where(pin.unsqueeze(-1), pin_z, z)
+        t_tok = torch.where(pin, torch.zeros_like(z[..., 0]), grid[i].expand(B, block_size))  # (B, bs)
+        v = model.guided_velocity(z, t_tok, hist_valid, guidance, dit_cache)
+        z = euler_step(z, v.float(), grid[i] - grid[i + 1])
+    return torch.where(pin.unsqueeze(-1), pin_z, z)
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens=64, steps=16, cfg_scale=3.0, temperature=0.0, top_k=0, top_p=1.0,
-             repetition_penalty=1.1, eos_id=50256, pad_id=50256, generator=None, use_cache=True, on_block=None):
-    """Generate continuations of token-id `prompts` (a list of lists, any lengths, may be empty).
+def generate(model, prompts, max_new_tokens=64, steps=16, guidance=3.0, temperature=0.0, top_k=0, top_p=1.0,
+             repetition_penalty=1.1, eos_id=50256, pad_id=50256, generator=None, on_block=None, grid_power=1.0,
+             reencode_history=False, on_drift=None):
+    """Continue token-id `prompts` (a list of lists, any lengths, may be empty) block by block.
 
-    Returns (list of new-token lists, stats). stats counts model passes: 'dit' batched DiT forwards
-    (cond+uncond share one), 'dit_commit', 'decoder', and 'blocks'. on_block(k, new_tokens) is called after
-    each block with the new tokens of every row. use_cache=False recomputes every pass from scratch over
-    the whole history (slow; for testing the cache).
+    1. The prompt is encoded with the posterior mean; its full blocks prefill the DiT's and the decoder's
+       KV caches. 2. Each new block starts from noise and takes `steps` guided Euler steps from t = 1 to 0;
+       the known latents of a partial last prompt block stay pinned clean ("clean-condition repaint").
+    3. One decoder pass turns the block into tokens; the block is committed to both caches at t = 0.
+    Returns (list of new-token lists, stats). stats counts model passes: 'dit' (batched guided passes),
+    'dit_commit', 'decoder' and 'blocks'. on_block(k, new_tokens) is called after each block.
+    Options that are not the paper's: grid_power > 1 makes the time grid denser near t = 0;
+    reencode_history decodes every finished block, re-encodes its tokens, and lets the re-encoded latents
+    (not the generated ones) be the history of later blocks; on_drift(distance) is called after each block
+    with the mean distance between its generated latents and the re-encoding of its tokens.
     """
-    vae, dit = model.vae, model.dit
-    cfg = vae.cfg
-    bs, patch, d = cfg.block_size, cfg.patch_size, cfg.latent_dim
-    tpb = bs * patch
+    cfg = model.vae.cfg
+    block_size, patch, d = cfg.block_size, cfg.patch_size, cfg.latent_dim
+    tokens_per_block = block_size * patch
     device = model.latent_shift.device
     B = len(prompts)
     if B == 0:
@@ -113,107 +251,62 @@ def generate(model, prompts, max_new_tokens=64, steps=16, cfg_scale=3.0, tempera
     longest = max(len(p) for p in prompts)
     if longest > cfg.max_seq_len:
         raise GenerationError(f"prompt of {longest} tokens is longer than the model's context of {cfg.max_seq_len} tokens")
-    tokens, valid, N, known, rem = _prompt_layout(prompts, tpb, patch, pad_id, device)
-    n_gen = max(math.ceil((r + max_new_tokens) / tpb) for r in rem)
-    if (N + n_gen) * tpb > cfg.max_seq_len:
+    tokens, valid, n_prompt_blocks, rem = prompt_layout(prompts, tokens_per_block, patch, pad_id, device)
+    n_gen = max(math.ceil((r + max_new_tokens) / tokens_per_block) for r in rem)
+    if (n_prompt_blocks + n_gen) * tokens_per_block > cfg.max_seq_len:
         raise GenerationError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
                               f"context of {cfg.max_seq_len} tokens; ask for fewer new tokens")
-
-    # 1. encode the prompt with the posterior mean (block-causal, padded keys masked out)
-    prompt_zn, prompt_mu = None, None
-    if tokens.shape[1] > 0:
-        lat_blk = torch.arange(valid.shape[1], device=device) // bs
-        enc_mask = with_key_padding(block_causal_mask(lat_blk, lat_blk), valid, valid)
-        prompt_mu, _ = vae.encode(tokens, enc_mask)  # (B, Np, d)
-        prompt_zn = model.normalize(prompt_mu.float())
-    hist_valid = valid[:, :N * bs]  # (B, Tc) keys of committed blocks that are real
-    hist_zn = prompt_zn[:, :N * bs] if N > 0 else torch.zeros(B, 0, d, device=device)  # committed clean latents
+    Tc = n_prompt_blocks * block_size  # latents of the full prompt blocks
+    prompt_zn = torch.zeros(B, 0, d, device=device)
+    if tokens.shape[1] > 0:  # the prompt's posterior means, block-causal, padded keys masked out
+        blk = torch.arange(valid.shape[1], device=device) // block_size
+        prompt_mu, _ = model.vae.encode(tokens, with_key_padding(block_causal_mask(blk, blk), valid, valid))
+        prompt_zn = model.normalize(prompt_mu.float())  # (B, Np, d)
+    caches = model.new_caches()
+    hist_valid = valid[:, :Tc]  # (B, Tc): real latents among the committed ones
     stats = dict(dit=0, dit_commit=0, decoder=0, blocks=0)
-
-    # 2. prefill the caches with the prompt's full blocks
-    dit_cache, dec_cache = KVCache(dit.cfg.n_layers), KVCache(cfg.n_dec_layers)
-    if use_cache and N > 0:
-        pos = torch.arange(N * bs, device=device)
-        m = with_key_padding(block_causal_mask(pos // bs, pos // bs), hist_valid, hist_valid)
-        dit(hist_zn, torch.zeros(B, N * bs, device=device), pos, m, dit_cache, commit=True)
-        vae.decode(prompt_mu[:, :N * bs], pos, m, dec_cache)
+    if Tc > 0:
+        model.prefill(prompt_zn[:, :Tc], hist_valid, caches)
         stats["dit_commit"] += 1
         stats["decoder"] += 1
+    # repaint: the latents of a partial last prompt block are known and stay pinned (first block only)
+    pin = torch.zeros(B, block_size, dtype=torch.bool, device=device)
+    pin_z = torch.zeros(B, block_size, d, device=device)
+    if prompt_zn.shape[1] > Tc:
+        for b in range(B):
+            pin[b, :rem[b] // patch] = True
+        pin_z = prompt_zn[:, Tc:Tc + block_size]
 
-    seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
-    for b, p in enumerate(prompts):
-        if p:
-            seen[b, torch.tensor(p, device=device)] = True
-    outputs = [[] for _ in range(B)]
-    done = [max_new_tokens <= 0] * B
-    grid = time_grid(steps, device)
+    seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)  # generated tokens (the penalty's)
+    outputs, done = [[] for _ in range(B)], [max_new_tokens <= 0] * B
+    grid = time_grid(steps, device, power=grid_power)
+    own = torch.ones(B, block_size, dtype=torch.bool, device=device)
     for k in range(n_gen):
-        j = N + k  # block index in the padded frame
-        pos = torch.arange(j * bs, (j + 1) * bs, device=device)  # (bs,)
-        Tc = hist_zn.shape[1]
-        # pinned latents of the partial prompt block (first generated block only)
-        pin = torch.zeros(B, bs, dtype=torch.bool, device=device)
-        pin_z = torch.zeros(B, bs, d, device=device)
-        if k == 0 and prompt_zn is not None and prompt_zn.shape[1] > N * bs:
-            for b in range(B):
-                pin[b, :known[b]] = True
-            pin_z = prompt_zn[:, N * bs:(N + 1) * bs]
-        # keys: committed history (real ones only) + the whole current block
-        own = torch.ones(B, bs, dtype=torch.bool, device=device)
-        cond_mask = torch.cat([hist_valid, own], 1)[:, None, None, :].expand(B, 1, bs, Tc + bs)
-
-        def velocity(z, t_tok):
-            if use_cache:
-                if cfg_scale == 1.0:
-                    return dit(z, t_tok, pos, cond_mask, dit_cache, commit=False)
-                uncond_mask = torch.cat([torch.zeros_like(hist_valid), own], 1)[:, None, None, :].expand(B, 1, bs, Tc + bs)
-                both_pos = torch.cat([pos.expand(B, bs), torch.arange(bs, device=device).expand(B, bs)])  # (2B, bs)
-                v = dit(torch.cat([z, z]), torch.cat([t_tok, t_tok]), both_pos,
-                        torch.cat([cond_mask, uncond_mask]), dit_cache, commit=False)
-                v_cond, v_uncond = v.chunk(2)
-            else:  # recompute over [clean history | noisy block] with the training mask rule
-                seq = torch.cat([hist_zn, z], 1)
-                t_all = torch.cat([torch.zeros(B, Tc, device=device), t_tok], 1)
-                all_pos = torch.arange(Tc + bs, device=device)
-                noisy = all_pos >= Tc
-                m = with_key_padding(cola_mask(all_pos // bs, noisy, all_pos // bs, noisy),
-                                     torch.cat([hist_valid, own], 1))
-                v_cond = dit(seq, t_all, all_pos, m)[:, Tc:]
-                if cfg_scale == 1.0:
-                    return v_cond
-                local = torch.arange(bs, device=device)
-                v_uncond = dit(z, t_tok, local, torch.ones(bs, bs, dtype=torch.bool, device=device))
-            return cfg_combine(v_cond, v_uncond, cfg_scale)
-
-        z = draw_noise((B, bs, d), device, generator)
-        for i in range(steps):
-            z = torch.where(pin.unsqueeze(-1), pin_z, z)
-            t_tok = torch.where(pin, torch.zeros_like(pin, dtype=z.dtype), grid[i].expand(B, bs))
-            z = euler_step(z, velocity(z, t_tok).float(), grid[i] - grid[i + 1])
-            stats["dit"] += 1
-        z = torch.where(pin.unsqueeze(-1), pin_z, z)  # (B, bs, d), normalised
-
-        # 3. decode the block in one pass, then commit it
-        z_raw = model.denormalize(z)
-        if use_cache:
-            logits = vae.decode(z_raw, pos, cond_mask, dec_cache)  # (B, tpb, V)
-            dit(z, torch.zeros(B, bs, device=device), pos, cond_mask, dit_cache, commit=True)
-        else:
-            seq = model.denormalize(torch.cat([hist_zn, z], 1))
-            all_pos = torch.arange(Tc + bs, device=device)
-            m = with_key_padding(block_causal_mask(all_pos // bs, all_pos // bs), torch.cat([hist_valid, own], 1))
-            logits = vae.decode(seq, all_pos, m)[:, -tpb:]
+        z = draw_noise((B, block_size, d), device, generator)  # (B, bs, d), normalised
+        z = denoise_block(model, z, grid, hist_valid, guidance, caches[0], pin, pin_z)
+        stats["dit"] += steps
+        logits = model.decode_and_commit(z, hist_valid, caches)  # (B, tpb, V)
+        hist_valid = torch.cat([hist_valid, own], 1)
         stats["decoder"] += 1
         stats["dit_commit"] += 1
         stats["blocks"] += 1
         new = choose_tokens(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)  # (B, tpb)
-        hist_zn = torch.cat([hist_zn, z], 1)
-        hist_valid = torch.cat([hist_valid, own], 1)
+        if k == 0 and any(rem):  # the prompt's own tokens of this block are kept as given
+            for b in range(B):
+                new[b, :rem[b]] = torch.tensor(prompts[b][len(prompts[b]) - rem[b]:], device=device)
+        if reencode_history or on_drift is not None:
+            tokens = torch.cat([tokens[:, :(Tc + k * block_size) * patch], new], 1)  # the whole text so far
+            blk = torch.arange(hist_valid.shape[1], device=device) // block_size
+            zr = model.normalize(model.vae.encode(tokens, with_key_padding(block_causal_mask(blk, blk), hist_valid,
+                                                                           hist_valid))[0].float())  # (B, N, d)
+            if on_drift is not None:
+                on_drift(float((zr[:, -block_size:] - z).norm(dim=-1).mean()))
+            if reencode_history:  # rebuild both caches from the re-encoded text
+                caches = model.new_caches()
+                model.prefill(zr, hist_valid, caches)
         block_new = []
         for b in range(B):
             start = rem[b] if k == 0 else 0
-            if k == 0 and rem[b]:  # the prompt's own tokens of this block are kept as given
-                new[b, :rem[b]] = torch.tensor(prompts[b][len(prompts[b]) - rem[b]:], device=device)
             fresh = []
             for tok in new[b, start:].tolist():
                 if done[b]:
@@ -222,11 +315,11 @@ def generate(model, prompts, max_new_tokens=64, steps=16, cfg_scale=3.0, tempera
                     done[b] = True
                     break
                 fresh.append(tok)
-                if len(outputs[b]) + len(fresh) >= max_new_tokens:
-                    done[b] = True
+                done[b] = len(outputs[b]) + len(fresh) >= max_new_tokens
             outputs[b].extend(fresh)
             block_new.append(fresh)
-        seen[torch.arange(B, device=device).unsqueeze(1), new] = True
+            seen[b, new[b, start:]] = True
+        pin = torch.zeros_like(pin)
         if on_block is not None:
             on_block(k, block_new)
         if all(done):

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from dit import DiT, DiTConfig
-from layers import cola_mask
+from layers import KVCache, attention_flops, block_causal_mask, cola_mask, matmul_params, with_key_padding
 from vae import TextVAE, VAEConfig, gaussian_kl, vae_logsnr
 
 
@@ -54,9 +54,10 @@ def cfg_combine(v_cond, v_uncond, scale):
     return v_uncond + scale * (v_cond - v_uncond)
 
 
-def time_grid(steps, device="cpu"):
-    """Uniform grid from t = 1 to t = 0 with `steps` intervals (paper: 16)."""
-    return torch.linspace(1.0, 0.0, steps + 1, device=device)
+def time_grid(steps, device="cpu", t_max=1.0, power=1.0):
+    """Grid from t = t_max down to 0 with `steps` intervals: uniform (power 1, the paper's, 16 steps), or
+    denser near t = 0 for power > 1 (t_i = t_max * (1 - i / steps) ** power)."""
+    return t_max * torch.linspace(1.0, 0.0, steps + 1, device=device) ** power
 
 
 def two_l_mask(L, block_size, device="cpu"):
@@ -81,6 +82,18 @@ def two_l_layout(z0, zt, t_tok, block_size):
     t = torch.cat([torch.zeros(B, Lc, device=zt.device, dtype=t_tok.dtype), t_tok], dim=1)  # (B, 2L-bs)
     pos = torch.cat([torch.arange(Lc), torch.arange(L)]).to(zt.device)
     return seq, t, pos, two_l_mask(L, block_size, zt.device)
+
+
+def cached_block_masks(hist_valid, block_size):
+    """Masks of a noisy block's queries over [cached history | the block itself] during generation.
+    hist_valid (B, Tc) marks real (not padded) history latents. Returns (cond, uncond), each
+    (B, 1, bs, Tc + bs): the conditional pass sees the real history and its own block; the
+    unconditional pass sees its own block only (the cached keys are all hidden)."""
+    B = hist_valid.shape[0]
+    own = torch.ones(B, block_size, dtype=torch.bool, device=hist_valid.device)
+    cond = torch.cat([hist_valid, own], 1)[:, None, None, :].expand(B, 1, block_size, -1)
+    uncond = torch.cat([torch.zeros_like(hist_valid), own], 1)[:, None, None, :].expand(B, 1, block_size, -1)
+    return cond, uncond
 
 
 def partial_known_prefix(B, L, block_size, prob, device="cpu", generator=None):
@@ -142,6 +155,13 @@ class ColaDLM(nn.Module):
         self.ref_enc.requires_grad_(False)
         self.register_buffer("latent_shift", torch.zeros(vae_cfg.latent_dim))
         self.register_buffer("latent_scale", torch.ones(vae_cfg.latent_dim))
+
+    @classmethod
+    def from_checkpoint(cls, ckpt):
+        """The model of a stage-2 checkpoint dict (checkpoint.load_checkpoint)."""
+        model = cls(VAEConfig(**ckpt["vae_config"]), DiTConfig(**ckpt["dit_config"]))
+        model.load_state_dict(ckpt["model"])
+        return model
 
     @property
     def block_size(self):
@@ -212,6 +232,68 @@ class ColaDLM(nn.Module):
         out["loss"] = (lam_vae * (out["ce"] + beta * out["neg_entropy"] + lam_mask * out["mask_ce"])
                        + lam_fm * out["fm"] + lam_ref * out["ref_kl"])
         return out
+
+    def train_flops_per_token(self, seq_len, decode_frac=1.0, lam_mask=1.0):
+        """Stage-2 training FLOPs per token (layers.py's convention): the encoder on every sequence (and on
+        the masked copy of the decoded ones), the decoder on the decoded fraction of the batch (both copies),
+        the frozen reference encoder forward only, and the DiT on (2L - bs) latents per L."""
+        c, d = self.vae.cfg, self.dit.cfg
+        copies = 2 if lam_mask > 0 else 1
+        enc, dec = self.vae.flops_per_token(seq_len)
+        f = enc * (1 + (copies - 1) * decode_frac) + copies * dec * decode_frac
+        f += 2 * matmul_params(self.ref_enc) / c.patch_size
+        L, bs = seq_len // c.patch_size, c.block_size
+        n_dit = 2 * L - bs
+        f += (6 * matmul_params(self.dit) + 3 * attention_flops(d.n_layers, d.width, n_dit)) * n_dit / L / c.patch_size
+        return f
+
+    # ------------------------------------------------------------------------------------------------
+    # generation with KV caches (docs/method.md §6): decoder.generate() is the block loop over these
+
+    def new_caches(self):
+        """(DiT cache, decoder cache), both empty."""
+        return KVCache(self.dit.cfg.n_layers), KVCache(self.vae.cfg.n_dec_layers)
+
+    def prefill(self, zn, key_valid, caches):
+        """Commit clean prompt blocks to both caches: the DiT at t = 0 and the decoder.
+        zn (B, Tc, d) normalised latents, Tc a whole number of blocks; key_valid (B, Tc) real latents."""
+        dit_cache, dec_cache = caches
+        B, Tc, _ = zn.shape
+        pos = torch.arange(Tc, device=zn.device)
+        blk = pos // self.block_size
+        mask = with_key_padding(block_causal_mask(blk, blk), key_valid, key_valid)  # (B, 1, Tc, Tc)
+        self.dit(zn, torch.zeros(B, Tc, device=zn.device), pos, mask, dit_cache, commit=True)
+        self.vae.decode(self.denormalize(zn), pos, mask, dec_cache)
+
+    def guided_velocity(self, z, t_tok, hist_valid, guidance, dit_cache):
+        """v_u + s (v_c - v_u) for the next noisy block after the cached history, DiT's forward_with_cfg
+        pattern: the conditional rows (history + block, at the block's positions) and the unconditional
+        rows (the block alone at positions 0..bs-1) go through the DiT as one batch.
+        z (B, bs, d) normalised noisy latents; t_tok (B, bs); hist_valid (B, Tc) real cached latents."""
+        B, bs, _ = z.shape
+        Tc = hist_valid.shape[1]
+        pos = torch.arange(Tc, Tc + bs, device=z.device)  # (bs,)
+        cond_mask, uncond_mask = cached_block_masks(hist_valid, bs)
+        if guidance == 1.0:  # the conditional pass alone
+            return self.dit(z, t_tok, pos, cond_mask, dit_cache, commit=False)
+        local = torch.arange(bs, device=z.device)
+        both_pos = torch.cat([pos.expand(B, bs), local.expand(B, bs)])  # (2B, bs)
+        v = self.dit(torch.cat([z, z]), torch.cat([t_tok, t_tok]), both_pos, torch.cat([cond_mask, uncond_mask]),
+                     dit_cache, commit=False)  # (2B, bs, d)
+        v_cond, v_uncond = v.chunk(2)
+        return cfg_combine(v_cond, v_uncond, guidance)
+
+    def decode_and_commit(self, z, hist_valid, caches):
+        """Decoder logits (B, bs * patch, V) of the finished block z (B, bs, d, normalised), which then joins
+        both caches: the decoder keeps its keys, the DiT commits the block at t = 0."""
+        dit_cache, dec_cache = caches
+        B, bs, _ = z.shape
+        Tc = hist_valid.shape[1]
+        pos = torch.arange(Tc, Tc + bs, device=z.device)
+        cond_mask, _ = cached_block_masks(hist_valid, bs)
+        logits = self.vae.decode(self.denormalize(z), pos, cond_mask, dec_cache)
+        self.dit(z, torch.zeros(B, bs, device=z.device), pos, cond_mask, dit_cache, commit=True)
+        return logits
 
     @torch.no_grad()
     def fm_eval(self, tokens, t_loc=1.0, t_scale=1.0, t_uniform=False, generator=None):

@@ -176,6 +176,25 @@ def init_weights(module, std=0.02):
             nn.init.normal_(m.weight, 0.0, std)
 
 
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------
+# compute accounting: 6 FLOPs per matmul weight per position trained on (forward 2, backward 4), 2 for a
+# forward-only pass; embedding lookups are free; attention scores and values cost 2 * 2 * keys * width per
+# query and layer in the forward pass, at the full key length (SDPA with a bool mask computes every key)
+
+def matmul_params(module):
+    """Weights of every nn.Linear in module (the output heads are Linears; embeddings are not)."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def attention_flops(n_layers, width, n_keys):
+    """Forward FLOPs per query position of QK^T and AV."""
+    return n_layers * 2 * 2 * n_keys * width
+
+
 def scale_residual_init(module, n_layers):
     """Scale output projections by 1/sqrt(2*n_layers) as GPT-2 does, so deep residual streams start tame."""
     for name, p in module.named_parameters():

@@ -5,8 +5,11 @@ Data preparation: any UTF-8 text file -> train.bin / val.bin token files + meta.
     python prepare.py --input my.txt --out_dir data/my  # any UTF-8 text file
 
 Tokens are stored as uint16 when the vocabulary fits, else uint32, as nanoGPT does. The GPT-2 BPE
-(SPEC §2) loads offline from the vendored data/gpt2.tiktoken after a hash check; cl100k_base (the
-paper's tokenizer family) is used only where tiktoken can load it (it needs its own download/cache).
+(docs/method.md §2) loads offline from the vendored data/gpt2.tiktoken after a hash check; cl100k_base
+(the paper's tokenizer family) is used only where tiktoken can load it (it needs its own download/cache).
+
+TokenData reads the prepared files for training and evaluation: random windows from a memmap, each
+batch a pure function of (seed, index, step), so a run's data position is just its step.
 """
 import argparse
 import base64
@@ -16,10 +19,12 @@ import os
 import sys
 
 import numpy as np
+import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CORPUS = os.path.join(HERE, "data", "shakespeare_tiny.txt")
-GPT2_BPE_FILE = os.path.join(HERE, "data", "gpt2.tiktoken")
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))  # default paths of every script start here
+DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "data", "shakespeare")
+DEFAULT_CORPUS = os.path.join(REPO_DIR, "data", "shakespeare_tiny.txt")
+GPT2_BPE_FILE = os.path.join(REPO_DIR, "data", "gpt2.tiktoken")
 GPT2_BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 EOT = "<|endoftext|>"
 
@@ -71,7 +76,7 @@ def get_tokenizer(name="gpt2"):
 
 
 def eot_id(enc):
-    """The <|endoftext|> id: EOS and pad (SPEC §2)."""
+    """The <|endoftext|> id: EOS and pad (docs/method.md §2)."""
     return enc.eot_token
 
 
@@ -141,10 +146,43 @@ def load_meta(data_dir):
         return json.load(f)
 
 
+class TokenData:
+    """Random windows of seq_len tokens from the memmapped train.bin / val.bin of a prepared directory."""
+
+    def __init__(self, data_dir, seq_len):
+        self.meta = load_meta(data_dir)
+        dtype = np.dtype(self.meta["dtype"])
+        self.splits = {}
+        for split in ("train", "val"):
+            path = os.path.join(data_dir, f"{split}.bin")
+            if not os.path.exists(path):
+                raise DataError(f"{path} not found: run prepare.py")
+            arr = np.memmap(path, dtype=dtype, mode="r")
+            if len(arr) < seq_len:
+                raise DataError(f"{path} has {len(arr)} tokens, fewer than one sequence ({seq_len}); "
+                                "use a smaller --seq_len or more data")
+            self.splits[split] = arr
+        self.seq_len = seq_len
+
+    def batch(self, split, batch_size, seed, device):
+        """(batch_size, seq_len) int64 token windows; the same seed gives the same windows."""
+        arr = self.splits[split]
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(len(arr) - self.seq_len + 1, (batch_size,), generator=g).tolist()
+        x = torch.from_numpy(np.stack([arr[s:s + self.seq_len].astype(np.int64) for s in starts]))
+        return x.to(device, non_blocking=True)
+
+
+def batch_seed(base, index, step):
+    """Seed of the micro-batch `index` of an optimizer step. Under DDP with accumulation the index is
+    rank * grad_accum + micro, so 2 processes x 2 micro-batches read what 1 process x 4 reads."""
+    return (base * 1_000_003 + step * 104_729 + index) % (2 ** 63)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", default=DEFAULT_CORPUS, help="UTF-8 text file to tokenize (default: embedded Shakespeare)")
-    p.add_argument("--out_dir", default=os.path.join(HERE, "data", "shakespeare"), help="where train.bin/val.bin/meta.json go")
+    p.add_argument("--out_dir", default=DEFAULT_DATA_DIR, help="where train.bin/val.bin/meta.json go")
     p.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "cl100k_base"], help="tiktoken encoding")
     p.add_argument("--val_fraction", type=float, default=0.1, help="fraction of tokens held out")
     p.add_argument("--split", default="chunks", choices=["chunks", "tail"],

@@ -3,14 +3,14 @@ Sample from a trained model: Cola DLM, or the AR / LLaDA baselines. Needs no mod
 checkpoint carries its kind and configuration.
 
     python sample.py                                  # out/ckpt.pt, the default prompt
-    python sample.py --prompt "ROMEO:" --num_samples 3 --steps 8 --cfg 3
+    python sample.py --prompt "ROMEO:" --num_samples 3 --steps 8 --guidance 3
     python sample.py --prompt FILE:prompt.txt --ckpt out/ckpt.pt
     python sample.py --out_dir out_ar                 # AR: token by token with a KV cache
     python sample.py --out_dir out_llada --steps 32 --block_length 16   # LLaDA, semi-autoregressive blocks
 
-Cola DLM decodes block by block (SPEC §6) and each block is printed as soon as it is decoded; AR prints
+Cola DLM decodes block by block (docs/method.md §6) and each block is printed as soon as it is decoded; AR prints
 each token; LLaDA unmasks the most confident positions over --steps passes (low-confidence remasking,
-SPEC §8) and prints the result.
+docs/method.md §8) and prints the result.
 """
 import argparse
 import contextlib
@@ -20,23 +20,20 @@ import time
 
 import torch
 
-from baselines import ar_generate, llada_generate
-from decoder import GenerationError, generate
-from prepare import DataError, get_tokenizer
-from train import HERE, load_model
-
-MODEL_KINDS = ("cola", "ar", "llada")
+from checkpoint import CheckpointError
+from decoder import MODEL_KINDS, GenerationError, ar_generate, generate, llada_generate, load_model
+from prepare import REPO_DIR, DataError, get_tokenizer
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default=os.path.join(HERE, "out"), help="directory holding ckpt.pt")
+    p.add_argument("--out_dir", default=os.path.join(REPO_DIR, "out"), help="directory holding ckpt.pt")
     p.add_argument("--ckpt", default=None, help="checkpoint path (overrides --out_dir)")
     p.add_argument("--prompt", default="\n", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--num_samples", type=int, default=2, help="number of samples")
     p.add_argument("--max_new_tokens", type=int, default=96, help="tokens to generate per sample")
     p.add_argument("--steps", type=int, default=16, help="Cola: Euler steps per block (paper: 16); LLaDA: unmasking passes")
-    p.add_argument("--cfg", type=float, default=3.0, help="Cola: classifier-free guidance scale (1 = off; paper: 7)")
+    p.add_argument("--guidance", type=float, default=3.0, help="Cola: classifier-free guidance scale (1 = off; paper: 7)")
     p.add_argument("--block_length", type=int, default=0,
                    help="LLaDA: semi-autoregressive block length in tokens (0 = one block of --max_new_tokens)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -47,12 +44,12 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype")
     p.add_argument("--compile", action="store_true", help="Cola: torch.compile the DiT and the decoder")
-    a = p.parse_args(argv)
-    if a.num_samples < 1 or a.max_new_tokens < 1 or a.steps < 1 or a.block_length < 0:
+    args = p.parse_args(argv)
+    if args.num_samples < 1 or args.max_new_tokens < 1 or args.steps < 1 or args.block_length < 0:
         p.error("--num_samples, --max_new_tokens and --steps must be >= 1, --block_length >= 0")
-    if a.temperature < 0 or not 0 < a.top_p <= 1 or a.repetition_penalty <= 0:
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.repetition_penalty <= 0:
         p.error("need --temperature >= 0, 0 < --top_p <= 1 and --repetition_penalty > 0")
-    return a
+    return args
 
 
 def read_prompt(prompt):
@@ -66,31 +63,31 @@ def read_prompt(prompt):
 
 
 def main(argv=None):
-    a = get_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    path = a.ckpt or os.path.join(a.out_dir, "ckpt.pt")
+    args = get_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     try:
-        if not a.ckpt and not os.path.exists(path) and os.path.exists(os.path.join(a.out_dir, "vae.pt")):
-            raise DataError(f"{path} not found; {a.out_dir}/vae.pt is a stage-1 VAE, which cannot generate: "
+        if not args.ckpt and not os.path.exists(path) and os.path.exists(os.path.join(args.out_dir, "vae.pt")):
+            raise DataError(f"{path} not found; {args.out_dir}/vae.pt is a stage-1 VAE, which cannot generate: "
                             "run `python train.py --stage joint` first")
         model, ckpt = load_model(path, device, MODEL_KINDS)
         enc = get_tokenizer(ckpt["tokenizer"])
-        prompt_ids = enc.encode_ordinary(read_prompt(a.prompt))
-    except DataError as e:
+        prompt_ids = enc.encode_ordinary(read_prompt(args.prompt))
+    except (DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     kind = ckpt["kind"]
-    if a.compile and kind == "cola":
+    if args.compile and kind == "cola":
         model.dit = torch.compile(model.dit, dynamic=True)
         model.vae.dec = torch.compile(model.vae.dec, dynamic=True)
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
-    amp = torch.autocast(dev_type, dtype=torch.bfloat16) if a.dtype == "bfloat16" else contextlib.nullcontext()
-    g = torch.Generator(device=device).manual_seed(a.seed)
-    torch.manual_seed(a.seed)
-    how = {"cola": f"steps {a.steps}, cfg {a.cfg}", "ar": "KV cache",
-           "llada": f"steps {a.steps}, block length {a.block_length or a.max_new_tokens}"}[kind]
+    amp = torch.autocast(dev_type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else contextlib.nullcontext()
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    how = {"cola": f"steps {args.steps}, guidance {args.guidance}", "ar": "KV cache",
+           "llada": f"steps {args.steps}, block length {args.block_length or args.max_new_tokens}"}[kind]
     print(f"# {path}: {kind}, step {ckpt['step']}, {how}, prompt {len(prompt_ids)} tokens", flush=True)
     total_tokens, total_time = 0, 0.0
-    for i in range(a.num_samples):
+    for i in range(args.num_samples):
         print(f"--- sample {i}\n{enc.decode(prompt_ids)}", end="", flush=True)
 
         def show(k, new):
@@ -101,19 +98,18 @@ def main(argv=None):
         try:
             with amp:
                 if kind == "cola":
-                    out, _ = generate(model, [prompt_ids], a.max_new_tokens, a.steps, a.cfg, a.temperature, a.top_k,
-                                      a.top_p, a.repetition_penalty, eos_id=enc.eot_token, pad_id=enc.eot_token,
+                    out, _ = generate(model, [prompt_ids], args.max_new_tokens, args.steps, args.guidance, args.temperature, args.top_k,
+                                      args.top_p, args.repetition_penalty, eos_id=enc.eot_token, pad_id=enc.eot_token,
                                       generator=g, on_block=show)
                 elif kind == "ar":
-                    new, _ = ar_generate(model, prompt_ids, a.max_new_tokens, a.temperature, a.top_k, a.top_p,
-                                         a.repetition_penalty, eos_id=enc.eot_token, generator=g,
-                                         on_token=lambda tok: show(0, [[tok]]))
-                    out = [new]
+                    out, _ = ar_generate(model, [prompt_ids], args.max_new_tokens, args.temperature, args.top_k,
+                                         args.top_p, args.repetition_penalty, eos_id=enc.eot_token, generator=g,
+                                         on_token=lambda toks: show(0, [[toks[0]] if toks[0] is not None else []]))
                 else:
-                    new, _ = llada_generate(model, prompt_ids, a.max_new_tokens, a.steps, a.block_length or None,
-                                            a.temperature, eos_id=enc.eot_token, generator=g)
-                    show(0, [new])
-                    out = [new]
+                    out, _ = llada_generate(model, [prompt_ids], args.max_new_tokens, args.steps,
+                                            args.block_length or None, args.temperature, eos_id=enc.eot_token,
+                                            generator=g)
+                    show(0, out)
         except GenerationError as e:
             sys.exit(f"\nerror: {e}")
         total_time += time.time() - t0

@@ -1,7 +1,8 @@
 """
-The small-scale version of the paper's comparison (SPEC §8-9, RQ4): Cola DLM, AR and LLaDA at one size
-preset, trained on the same data with the same recipe to matched training FLOPs at several compute
-levels, each scored by eval.py. Writes a markdown table and scaling plots (metric vs training FLOPs).
+The comparison study, the small-scale version of the paper's (docs/method.md §8-9, its RQ4): Cola DLM, AR
+and LLaDA at one size preset, trained on the same data with the same recipe to matched training FLOPs at
+several compute levels, each scored by eval.py against one fixed judge. Writes a markdown table and
+scaling plots (metric vs training FLOPs).
 
     python scaling.py --tasks tasks/comedies.jsonl     # levels 0.25,0.5,1 at the cpu preset, one run at a time
     OMP_NUM_THREADS=1 python scaling.py --jobs 2       # two runs side by side on a 2-core machine
@@ -9,8 +10,10 @@ levels, each scored by eval.py. Writes a markdown table and scaling plots (metri
 
 Level 1 is the default Cola run (--vae_iters + --main_iters steps of train.py); level x scales both
 stages' steps by x. Each baseline gets the number of steps that matches its Cola run's training FLOPs
-(train.train_flops_per_token's convention, computed on the meta device before anything trains). The
-largest level's AR model is the judge of every run's sample perplexity. Finished runs are kept: running
+(`train.py --dry_run` reports FLOPs per step by layers.py's convention, on the meta device, before anything
+trains). The judge of every run's sample perplexity is --judge (default: an AR model trained once per
+corpus by `python train.py --model ar --out_dir out_judge --main_iters 3000`, trained here first if it is
+missing). Finished runs are kept: running
 the command again skips them (delete --out_root to start over); so does a run directory filled by hand,
 e.g. the main command's out/ copied to out_scaling/cola_1 (the same run as level 1).
 """
@@ -22,20 +25,15 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
+from prepare import REPO_DIR
 
-import train
-from baselines import TransformerLM
-from diffusion import ColaDLM
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = ("cola", "ar", "llada")
 COLUMNS = [  # (header, eval.json key, format)
     ("params", "params", "{:.2f}M"), ("train FLOPs", "train_flops", "{:.2e}"),
-    ("bits/token", "bits_per_token", "{:.2f}"), ("LAMBADA-style", "lambada_style", "{:.3f}"),
-    ("ending choice", "ending_choice", "{:.3f}"), ("task files", "user_tasks", "{:.3f}"),
-    ("distinct-2", "distinct_2", "{:.3f}"),
-    ("4-gram rep.", "repetition_4", "{:.3f}"), ("unigram entropy", "unigram_entropy_bits", "{:.2f}"),
+    ("bits/token", "bits_per_token", "{:.2f}"), ("LAMBADA-style", "lambada_style", "{:.1f}"),
+    ("ending choice", "ending_choice", "{:.1f}"), ("task files", "user_tasks", "{:.1f}"),
+    ("seen 2-gram", "seen_2gram_rate", "{:.2f}"), ("seen 3-gram", "seen_3gram_rate", "{:.2f}"),
+    ("distinct-2", "distinct_2", "{:.2f}"), ("4-gram rep.", "repetition_4", "{:.2f}"),
     ("judge ppl", "judge_ppl", "{:.1f}"), ("tok/s", "gen_tokens_per_s", "{:.1f}"),
     ("passes/token", "passes_per_token", "{:.3f}"),
 ]
@@ -44,7 +42,10 @@ COLUMNS = [  # (header, eval.json key, format)
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--levels", default="0.25,0.5,1", help="comma list of compute levels (1 = the default Cola run)")
-    p.add_argument("--out_root", default=os.path.join(HERE, "out_scaling"), help="one run directory per model and level")
+    p.add_argument("--out_root", default=os.path.join(REPO_DIR, "out_scaling"), help="one run directory per model and level")
+    p.add_argument("--judge", default=os.path.join(REPO_DIR, "out_judge", "ckpt.pt"),
+                   help="AR checkpoint that judges every run's samples (trained with --judge_iters steps if missing)")
+    p.add_argument("--judge_iters", type=int, default=3000, help="steps of the judge, when it has to be trained")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (passed to train.py and eval.py)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (1 on a CPU; several fit one GPU)")
     p.add_argument("--train_args", default="", help="extra train.py flags for every run, e.g. --train_args='--no-compile' (note the =)")
@@ -65,29 +66,32 @@ def get_args(argv=None):
     return a
 
 
+def dry_run(flags):
+    """train.py's configs, parameters and FLOPs per step for these flags (built on the meta device)."""
+    out = subprocess.run([sys.executable, "train.py", "--dry_run", *flags], capture_output=True, text=True, cwd=REPO_DIR)
+    if out.returncode:
+        raise RuntimeError(f"train.py --dry_run {' '.join(flags)} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def plan(a):
-    """[(model, level, run_dir, train.py argv)] with the baselines' steps matched to Cola's FLOPs."""
-    base = train.get_args(a.train_args.split())
-    meta = json.load(open(os.path.join(base.data_dir, "meta.json")))
-    vocab = meta["vocab_size"]
-    vcfg = train.vae_config_from_args(base, vocab)
-    lm_cfgs = {m: train.lm_config_from_args(train.get_args(["--model", m, *a.train_args.split()]), vocab)[0]
-               for m in ("ar", "llada")}
-    with torch.device("meta"):
-        cola = ColaDLM(vcfg, train.dit_config_from_args(base, vcfg))
-        lm = {m: TransformerLM(cfg) for m, cfg in lm_cfgs.items()}
-    tokens = base.batch_size * base.seq_len * base.grad_accum
-    f_vae = train.train_flops_per_token("cola", cola.vae, base.seq_len, "vae") * tokens
-    f_joint = train.train_flops_per_token("cola", cola, base.seq_len, "joint", 1 / base.fm_batch_mult) * tokens * base.fm_batch_mult
+    """[(model, level, run_dir, train.py argv, planned FLOPs)] with the baselines' steps matched to Cola's."""
+    extra = a.train_args.split()
+    defaults = dict(zip(["vae_iters", "main_iters"], [450, 250]))
+    for flag in defaults:  # the level scales the steps train.py would take
+        if f"--{flag}" in extra:
+            defaults[flag] = int(extra[extra.index(f"--{flag}") + 1])
+    cola = dry_run(extra)
+    lm = {m: dry_run(["--model", m, *extra]) for m in ("ar", "llada")}
     runs = []
     for level in a.levels:
-        vae_iters, main_iters = max(1, round(base.vae_iters * level)), max(1, round(base.main_iters * level))
-        flops = f_vae * vae_iters + f_joint * main_iters
+        vae_iters, main_iters = max(1, round(defaults["vae_iters"] * level)), max(1, round(defaults["main_iters"] * level))
+        flops = cola["vae_flops_per_step"] * vae_iters + cola["joint_flops_per_step"] * main_iters
         tag = f"{level:g}"
         runs.append(("cola", level, os.path.join(a.out_root, f"cola_{tag}"),
                      ["--vae_iters", str(vae_iters), "--main_iters", str(main_iters)], flops))
         for m in ("ar", "llada"):
-            steps = max(1, round(flops / (train.train_flops_per_token(m, lm[m], base.seq_len) * tokens)))
+            steps = max(1, round(flops / lm[m]["flops_per_step"]))
             runs.append((m, level, os.path.join(a.out_root, f"{m}_{tag}"),
                          ["--model", m, "--main_iters", str(steps), "--eval_interval", str(max(1, steps // 4))], flops))
     return runs
@@ -95,7 +99,7 @@ def plan(a):
 
 def run(cmd, log_path):
     with open(log_path, "w") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=HERE)
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_DIR)
     if rc:
         tail = open(log_path).read().strip().splitlines()[-1:] or ["(no output)"]
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {rc}); see {log_path}: {tail[0]}")
@@ -125,6 +129,26 @@ def eval_one(a, r, judge):
     print(f"[scaling] evaluated {model} level {level:g} in {time.time() - t0:.0f} s", flush=True)
 
 
+def plot_scaling(rows, metric, path):
+    """metric vs training FLOPs, one series per model kind."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for kind in sorted({r["kind"] for r in rows}):
+        pts = sorted((r["train_flops"], r[metric]) for r in rows if r["kind"] == kind and r.get(metric) is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kind)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel(metric)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def table(rows):
     head = "| model | level | " + " | ".join(c[0] for c in COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
@@ -144,18 +168,24 @@ def table(rows):
 
 def main(argv=None):
     a = get_args(argv)
-    from eval import plot_scaling
     try:
         runs = plan(a)
-    except FileNotFoundError as e:
-        sys.exit(f"error: {e.filename} not found (run prepare.py first)")
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")
     os.makedirs(a.out_root, exist_ok=True)
     for m, level, run_dir, flags, flops in runs:
         print(f"[scaling] {m:5s} level {level:g}: {' '.join(flags)} (planned {flops:.3e} training FLOPs)", flush=True)
     try:
         with ThreadPoolExecutor(a.jobs) as ex:
             list(ex.map(lambda r: train_one(a, r), runs))
-        judge = os.path.join(a.out_root, f"ar_{max(a.levels):g}", "ckpt.pt")
+        judge = a.judge
+        if not os.path.exists(judge):
+            print(f"[scaling] training the judge {judge} ({a.judge_iters} AR steps)", flush=True)
+            out = os.path.dirname(os.path.abspath(judge))
+            os.makedirs(out, exist_ok=True)
+            run([sys.executable, "train.py", *a.train_args.split(), "--model", "ar", "--out_dir", out,
+                 "--main_iters", str(a.judge_iters), "--eval_interval", str(a.judge_iters), "--device", a.device],
+                os.path.join(out, "train.log"))
         with ThreadPoolExecutor(a.jobs) as ex:
             list(ex.map(lambda r: eval_one(a, r, judge), runs))
     except RuntimeError as e:
@@ -166,11 +196,11 @@ def main(argv=None):
         user = [v for k, v in res.get("tasks", {}).items() if k not in ("lambada_style", "ending_choice")]
         rows.append({**res, "level": level, **res.get("tasks", {}),
                      "user_tasks": sum(user) / len(user) if user else None})
-    md = table(rows)
+    md = table(rows) + f"\n\njudge: {judge}"
     with open(os.path.join(a.out_root, "table.md"), "w") as f:
         f.write(md + "\n")
     json.dump(rows, open(os.path.join(a.out_root, "results.json"), "w"), indent=1, default=str)
-    for metric in ("bits_per_token", "task_accuracy", "judge_ppl"):
+    for metric in ("bits_per_token", "task_accuracy", "judge_ppl", "seen_3gram_rate"):
         print("wrote", plot_scaling(rows, metric, os.path.join(a.out_root, f"scaling_{metric}.png")))
     print(md)
 

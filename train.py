@@ -1,13 +1,16 @@
 """
-Training for every stage of Cola DLM, nanoGPT style: one file, argparse flags, DDP under torchrun.
+Training for every stage of Cola DLM and for the baselines, nanoGPT style: one file, argparse flags,
+DDP under torchrun (gloo on CPU, nccl on CUDA).
 
-    python train.py --stage vae     # stage 1: Text VAE pretraining (SPEC §3)
-    python train.py --stage joint   # stage 2: joint VAE + block-causal DiT, from out/vae.pt (SPEC §5)
+    python train.py --stage vae     # stage 1: Text VAE pretraining (docs/method.md §3)       -> out/vae.pt
+    python train.py --stage joint   # stage 2: joint VAE + block-causal DiT, from out/vae.pt  -> out/ckpt.pt
     python train.py                 # --stage all: stage 1 then stage 2
-    torchrun --standalone --nproc_per_node=2 train.py --stage vae   # DDP (gloo on CPU, nccl on CUDA)
+    python train.py --model ar      # a matched baseline (ar or llada)                        -> out/ckpt.pt
+    torchrun --standalone --nproc_per_node=2 train.py --stage vae
 
-Checkpoints are self-describing (model configs, args, step, optimizer, RNG states, data position,
-tokenizer) and written atomically; --resume continues a run exactly where it stopped.
+The file reads top to bottom: arguments and presets, set-up, stage 1, stage 2, the baselines, then the
+one training loop they share. Checkpoints are self-describing (model configs, args, step, optimizer,
+every rank's random state) and written atomically; --resume continues a run where it stopped.
 """
 import argparse
 import contextlib
@@ -17,26 +20,28 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from prepare import DataError, load_meta
+from baselines import LMConfig, TransformerLM, matched_lm_config
+from checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from diffusion import ColaDLM, history_blocks, latent_stats, t_bin_sums
 from dit import DiTConfig
-from baselines import LMConfig, TransformerLM, match_layers
-from vae import TextVAE, VAEConfig, count_params
+from layers import n_params
+from prepare import DEFAULT_DATA_DIR, REPO_DIR, DataError, TokenData, batch_seed
+from vae import TextVAE, VAEConfig
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+# ----------------------------------------------------------------------------------------------------
+# arguments and presets
 
-# The paper's recipe (SPEC §3, §5); a preset may override it where its scale calls for it.
-RECIPE = dict(beta=1e-3, beta2=0.95, embed_lr_mult=1.0, lr=1.5e-4, min_lr=1e-5, warmup_iters=5000, grad_clip_scope="global",
-              fm_batch_mult=1)
+# The paper's recipe (docs/method.md §5); a preset may override it where its scale calls for it.
+RECIPE = dict(beta=1e-3, beta2=0.95, embed_lr_mult=1.0, lr=1.5e-4, min_lr=1e-5, warmup_iters=5000,
+              grad_clip_scope="global", fm_batch_mult=1)
 
-# Size presets. 'cpu' is the laptop default; 'paper' is the paper's configuration (SPEC §3-4, §10).
+# Size presets. 'cpu' is the laptop default; 'paper' is the paper's configuration (docs/method.md §3, §4, §10).
 PRESETS = {
     "tiny": dict(vae=dict(width=64, n_enc_layers=1, n_dec_layers=1, n_heads=2, mlp_hidden=128),
                  dit=dict(width=64, n_layers=2, n_heads=2),
@@ -64,9 +69,11 @@ def get_args(argv=None):
                    help="cola (the stages below) or a matched baseline (trained for --main_iters)")
     p.add_argument("--stage", default="all", choices=["vae", "joint", "all"], help="Cola training stage")
     p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="model size preset")
-    p.add_argument("--data_dir", default=os.path.join(HERE, "data", "shakespeare"), help="prepared data (prepare.py)")
-    p.add_argument("--out_dir", default=os.path.join(HERE, "out"), help="checkpoints and logs go here")
+    p.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="prepared data (prepare.py)")
+    p.add_argument("--out_dir", default=os.path.join(REPO_DIR, "out"), help="checkpoints and logs go here")
     p.add_argument("--resume", action="store_true", help="continue from the stage's checkpoint in --out_dir")
+    p.add_argument("--dry_run", action="store_true",
+                   help="print the model configs, parameter counts and training FLOPs per step as JSON, then exit")
     # model knobs (override the preset)
     p.add_argument("--latent_dim", type=int, default=16, help="d: channels per latent")
     p.add_argument("--block_size", type=int, default=16, help="latents per block (VAE and DiT attention)")
@@ -128,577 +135,430 @@ def get_args(argv=None):
     p.add_argument("--eval_iters", type=int, default=8, help="validation batches per evaluation")
     p.add_argument("--stop_after", type=int, default=0,
                    help="checkpoint and exit after this many steps in this invocation (time-sliced jobs; 0 = off)")
-    a = p.parse_args(argv)
-    for k, v in {**RECIPE, **PRESETS[a.preset].get("recipe", {})}.items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    args = p.parse_args(argv)
+    for k, v in {**RECIPE, **PRESETS[args.preset].get("recipe", {})}.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     errs = []
-    if a.seq_len % (a.block_size * a.patch_size):
-        errs.append(f"--seq_len {a.seq_len} must be a multiple of block_size*patch_size = {a.block_size * a.patch_size}")
+    if args.seq_len % (args.block_size * args.patch_size):
+        errs.append(f"--seq_len {args.seq_len} must be a multiple of block_size*patch_size = "
+                    f"{args.block_size * args.patch_size}")
     for name in ("batch_size", "grad_accum", "latent_dim", "block_size", "patch_size", "seq_len", "fm_batch_mult"):
-        if getattr(a, name) < 1:
+        if getattr(args, name) < 1:
             errs.append(f"--{name} must be >= 1")
-    if not 0 <= a.mask_prob <= 1:
+    if not 0 <= args.mask_prob <= 1:
         errs.append("--mask_prob must be in [0, 1]")
     if errs:
         p.error("; ".join(errs))
-    return a
+    return args
+
+
+def vae_config(args, vocab_size):
+    cfg = dict(PRESETS[args.preset]["vae"])
+    cfg.update(vocab_size=vocab_size, latent_dim=args.latent_dim, block_size=args.block_size,
+               patch_size=args.patch_size, dropout=args.dropout, fixed_logsnr=args.fixed_logsnr,
+               max_seq_len=max(args.seq_len, 1024))
+    if args.vae_width:
+        cfg["width"] = args.vae_width
+    if args.vae_layers:
+        cfg["n_enc_layers"] = cfg["n_dec_layers"] = args.vae_layers
+    return VAEConfig(**cfg)
+
+
+def dit_config(args, vae_cfg):
+    cfg = dict(PRESETS[args.preset]["dit"])
+    cfg.update(latent_dim=vae_cfg.latent_dim, block_size=vae_cfg.block_size, dropout=args.dropout)
+    if args.dit_width:
+        cfg["width"] = args.dit_width
+    if args.dit_layers:
+        cfg["n_layers"] = args.dit_layers
+    if args.rope_fraction is not None:
+        cfg["rope_fraction"] = args.rope_fraction
+    return DiTConfig(**cfg)
+
+
+def lm_config(args, vocab_size):
+    """A baseline at the preset's VAE width, its depth matched to the Cola model's parameter count."""
+    vcfg = vae_config(args, vocab_size)
+    with torch.device("meta"):
+        cola = ColaDLM(vcfg, dit_config(args, vcfg))
+    target = n_params(cola.vae) + n_params(cola.dit)
+    width = args.lm_width or vcfg.width
+    return matched_lm_config(args.model, target, vocab_size, width, vcfg.n_heads, vcfg.mlp_hidden * width // vcfg.width,
+                             vcfg.max_seq_len, args.dropout, args.lm_layers), target
 
 
 # ----------------------------------------------------------------------------------------------------
-# distributed set-up
+# set-up: processes, optimizer, schedule
 
-def setup_distributed(device_arg):
-    """Returns (rank, world, local_rank, device). Works with or without torchrun."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    if ddp:
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        backend = "nccl" if device_arg.startswith("cuda") else "gloo"
-        if device_arg.startswith("cuda"):
-            device_arg = f"cuda:{local}"
-            torch.cuda.set_device(device_arg)
-        dist.init_process_group(backend=backend)
-        return rank, world, local, device_arg
-    return 0, 1, 0, device_arg
+def setup_distributed(device):
+    """Returns (rank, world, device). Works with or without torchrun."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 1, device
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
 
 
 def cleanup_distributed():
-    # free DDP wrappers first (trainers sit in reference cycles): a reducer torn down after its process
-    # group aborts gloo at exit now and then ("terminate called without an active exception")
-    gc.collect()
+    gc.collect()  # free DDP wrappers first: a reducer torn down after its process group can abort gloo at exit
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------------------------------
-# data
-
-class TokenData:
-    """Random windows from a memmapped token file. The batch for (step, micro) is a pure function of
-    (seed, rank, step, micro), so the data position is just the step and resume is exact."""
-
-    def __init__(self, data_dir, seq_len):
-        self.meta = load_meta(data_dir)
-        dtype = np.dtype(self.meta["dtype"])
-        self.splits = {}
-        for split in ("train", "val"):
-            path = os.path.join(data_dir, f"{split}.bin")
-            if not os.path.exists(path):
-                raise DataError(f"{path} not found: run prepare.py")
-            arr = np.memmap(path, dtype=dtype, mode="r")
-            if len(arr) < seq_len:
-                raise DataError(f"{path} has {len(arr)} tokens, fewer than one sequence ({seq_len}); "
-                                "use a smaller --seq_len or more data")
-            self.splits[split] = arr
-        self.seq_len = seq_len
-
-    def batch(self, split, batch_size, seed, device):
-        arr = self.splits[split]
-        g = torch.Generator().manual_seed(seed)
-        starts = torch.randint(len(arr) - self.seq_len + 1, (batch_size,), generator=g).tolist()
-        x = torch.from_numpy(np.stack([arr[s:s + self.seq_len].astype(np.int64) for s in starts]))
-        return x.to(device, non_blocking=True)
-
-
-def batch_seed(base, rank, step, micro):
-    return (base * 1_000_003 + rank * 7919 + step * 104_729 + micro) % (2 ** 63)
-
-
-# ----------------------------------------------------------------------------------------------------
-# checkpoints
-
-def save_checkpoint(path, obj):
-    """Write to a temporary file, then rename: a crash never leaves a truncated checkpoint behind."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, expect_kind=None):
-    if not os.path.exists(path):
-        raise DataError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise DataError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "kind" not in ckpt:
-        raise DataError(f"{path} is not a checkpoint of this project")
-    if expect_kind is not None and ckpt["kind"] not in expect_kind:
-        raise DataError(f"{path} holds a '{ckpt['kind']}' model, expected {' or '.join(expect_kind)}")
-    return ckpt
-
-
-def rng_state():
-    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-# ----------------------------------------------------------------------------------------------------
-# optimisation
-
-def lr_at(step, a, max_iters):
+def lr_at(step, args, max_iters):
     """Linear warm-up to --lr, then cosine decay to --min_lr at max_iters."""
-    if step < a.warmup_iters:
-        return a.lr * (step + 1) / a.warmup_iters
-    frac = min(1.0, (step - a.warmup_iters) / max(1, max_iters - a.warmup_iters))
-    return a.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (a.lr - a.min_lr)
+    if step < args.warmup_iters:
+        return args.lr * (step + 1) / args.warmup_iters
+    frac = min(1.0, (step - args.warmup_iters) / max(1, max_iters - args.warmup_iters))
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (args.lr - args.min_lr)
 
 
-def make_optimizer(named_groups, a, device):
-    """AdamW (0.9, --beta2); weight decay on matrices only. named_groups: [(params_iter, lr_scale)]."""
+def make_optimizer(param_groups, args, device):
+    """AdamW (0.9, --beta2); weight decay on matrices only. param_groups: [(params, lr_scale)]."""
     groups = []
-    for params, lr_scale in named_groups:
+    for params, lr_scale in param_groups:
         params = [p for p in params if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups.append({"params": decay, "weight_decay": a.weight_decay, "lr_scale": lr_scale})
-        groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale})
-    fused = str(device).startswith("cuda")
-    return torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, a.beta2), fused=fused)
+        groups.append({"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay,
+                       "lr_scale": lr_scale})
+        groups.append({"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": lr_scale})
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=str(device).startswith("cuda"))
 
 
-def lr_groups(module, scale, embed_mult):
+def vocab_lr_groups(module, scale, vocab_mult):
     """[(params, lr scale)]: the vocabulary-sized matrices (token embeddings and output heads) get
-    `embed_mult` times the module's learning rate: a rare token's rows are updated only when it occurs."""
-    emb = [m.weight for name, m in module.named_modules()
-           if isinstance(m, torch.nn.Embedding) or name.endswith("head")]
-    ids = {id(p) for p in emb}
-    return [([p for p in module.parameters() if id(p) not in ids], scale), (emb, scale * embed_mult)]
+    vocab_mult times the module's learning rate: a rare token's rows are updated only when it occurs."""
+    vocab = [m.weight for name, m in module.named_modules()
+             if isinstance(m, torch.nn.Embedding) or name.endswith("head")]
+    ids = {id(p) for p in vocab}
+    return [([p for p in module.parameters() if id(p) not in ids], scale), (vocab, scale * vocab_mult)]
 
 
-def vae_config_from_args(a, vocab_size):
-    cfg = dict(PRESETS[a.preset]["vae"])
-    cfg.update(vocab_size=vocab_size, latent_dim=a.latent_dim, block_size=a.block_size,
-               patch_size=a.patch_size, dropout=a.dropout, fixed_logsnr=a.fixed_logsnr,
-               max_seq_len=max(a.seq_len, 1024))
-    if a.vae_width:
-        cfg["width"] = a.vae_width
-    if a.vae_layers:
-        cfg["n_enc_layers"] = cfg["n_dec_layers"] = a.vae_layers
-    return VAEConfig(**cfg)
-
-
-# ----------------------------------------------------------------------------------------------------
-# compute accounting
-
-def linear_params(module):
-    """Weights of every nn.Linear (embedding lookups cost no FLOPs; the output head is a Linear)."""
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
-
-
-def attn_flops(n_layers, width, n_keys):
-    """Forward FLOPs per query position of QK^T and AV: SDPA with a bool mask computes all keys."""
-    return n_layers * 2 * 2 * n_keys * width
-
-
-def train_flops_per_token(kind, model, seq_len, stage=None, decode_frac=1.0):
-    """Training FLOPs per token of data, convention: 6 per matmul weight per position a network runs on
-    (forward 2 + backward 4), 2 for forward-only networks, plus attention scores/values at the full
-    (masked-but-computed) key length. Cola's stage 1 runs encoder+decoder on two copies (clean, masked);
-    stage 2 adds the frozen reference encoder (forward only) and the DiT on (2L - bs) latents per L, and
-    runs the decoder (both copies) and the masked copy's encoder on the decoded fraction of the batch."""
-    if kind in ("ar", "llada"):
-        c = model.cfg
-        return 6 * linear_params(model) + 3 * attn_flops(c.n_layers, c.width, seq_len)
-    vae = model.vae if hasattr(model, "vae") else model
-    c = vae.cfg
-    n_lat = seq_len // c.patch_size
-    enc = (6 * linear_params(vae.enc) + 3 * attn_flops(c.n_enc_layers, c.width, n_lat)) / c.patch_size
-    dec = ((6 * (linear_params(vae.dec) - linear_params(vae.dec.head)) + 3 * attn_flops(c.n_dec_layers, c.width, n_lat))
-           / c.patch_size + 6 * linear_params(vae.dec.head))
-    if stage != "joint":
-        return 2 * (enc + dec)
-    L, bs = n_lat, c.block_size
-    d = model.dit.cfg
-    f = enc * (1 + decode_frac) + 2 * dec * decode_frac + 2 * linear_params(model.ref_enc) / c.patch_size
-    f += (6 * linear_params(model.dit) + 3 * attn_flops(d.n_layers, d.width, 2 * L - bs)) * (2 * L - bs) / L / c.patch_size
-    return f
+@dataclass
+class Run:
+    """What a stage hands the training loop."""
+    name: str                      # log prefix and log file: vae, joint, ar, llada
+    model: torch.nn.Module         # the raw model; its forward(tokens, **loss_kwargs) returns {'loss', ...}
+    param_groups: list             # [(params, lr scale)]
+    loss_kwargs: dict
+    max_iters: int
+    ckpt_path: str
+    ckpt_fields: dict              # kind, configs and anything else the checkpoint must hold
+    flops_per_token: float         # training FLOPs per token of data (layers.py's convention)
+    flops_before: float = 0.0      # FLOPs of earlier stages (stage 1 for stage 2)
+    micro_batch: int = 0           # sequences per micro-batch (0: --batch_size)
+    clip_groups: dict = field(default_factory=dict)  # {log suffix: params} clipped separately; empty: one norm
+    resume_from: dict = None       # the checkpoint to continue
+    validate: object = None        # validate(x) -> {metric: value} on one validation batch (no grad)
+    report: object = None          # report(metrics) -> extra lines to print after the validation line
 
 
 # ----------------------------------------------------------------------------------------------------
-# the training loop shared by every stage
+# stage 1: the Text VAE (docs/method.md §3)
 
-class Trainer:
-    """Holds the model, optimizer and the step loop. A stage provides: the raw model, the loss call,
-    the parameter groups, an evaluate() and what goes into its checkpoint."""
-
-    def __init__(self, a, env, data, raw_model, param_groups, loss_kwargs, max_iters, ckpt_path, ckpt_extra,
-                 micro_batch=None):
-        self.a, self.data, self.max_iters, self.ckpt_path = a, data, max_iters, ckpt_path
-        self.rank, self.world, self.device = env["rank"], env["world"], env["device"]
-        self.master = self.rank == 0
-        self.raw = raw_model.to(self.device)
-        self.loss_kwargs, self.ckpt_extra = loss_kwargs, ckpt_extra
-        self.opt = make_optimizer(param_groups, a, self.device)
-        self.step = 0
-        self.clip_groups = None  # {suffix: params} clipped separately; None: one global norm
-        self.micro_batch = micro_batch or a.batch_size  # training sequences per micro-batch per process
-        self.tokens_per_step = self.micro_batch * a.seq_len * a.grad_accum * self.world
-        self.model = self.raw
-        if a.compile:
-            self.model = torch.compile(self.model)
-        if self.world > 1:
-            self.model = DDP(self.model, device_ids=[int(str(self.device).split(":")[1])]
-                             if str(self.device).startswith("cuda") else None)
-        dev_type = "cuda" if str(self.device).startswith("cuda") else "cpu"
-        self.autocast = (torch.autocast(dev_type, dtype=torch.bfloat16) if a.dtype == "bfloat16"
-                         else contextlib.nullcontext())
-
-    def state(self):
-        return dict(step=self.step, optimizer=self.opt.state_dict(), rng=rng_state(), args=vars(self.a),
-                    tokenizer=self.data.meta["tokenizer"], data_position={"step": self.step, "seed": self.a.seed},
-                    **self.ckpt_extra())
-
-    def load_state(self, ckpt):
-        self.opt.load_state_dict(ckpt["optimizer"])
-        self.step = ckpt["step"]
-        set_rng_state(ckpt["rng"])
-        # each rank continues its own stream: offset as at the start (seeded by rank)
-        if self.rank:
-            torch.manual_seed(self.a.seed + self.rank * 1000 + self.step)
-
-    def train_step(self):
-        a = self.a
-        lr = lr_at(self.step, a, self.max_iters)
-        for g in self.opt.param_groups:
-            g["lr"] = lr * g["lr_scale"]
-        sums = {}
-        for micro in range(a.grad_accum):
-            x = self.data.batch("train", self.micro_batch, batch_seed(a.seed, self.rank, self.step, micro), self.device)
-            last = micro == a.grad_accum - 1
-            # gradients are all-reduced only on the last micro-batch (DDP no_sync otherwise)
-            sync = self.model.no_sync() if (self.world > 1 and not last) else contextlib.nullcontext()
-            with sync:
-                with self.autocast:
-                    out = self.model(x, **self.loss_kwargs)
-                (out["loss"] / a.grad_accum).backward()
-            for k, v in out.items():
-                if torch.is_tensor(v) and v.dim() == 0:
-                    sums[k] = sums.get(k, 0.0) + v.detach().float() / a.grad_accum
-        if a.grad_clip > 0:
-            for name, params in (self.clip_groups or {"": list(self.raw.parameters())}).items():
-                sums["gnorm" + name] = torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.step += 1
-        return sums, lr
-
-    @torch.no_grad()
-    def validate(self, metrics_fn, train_flops):
-        """Average the scalars of metrics_fn(x) over the validation batches with fixed noise (comparable
-        between evaluations, and the training RNG stream is left as it was), over ranks too."""
-        a = self.a
-        self.raw.eval()
-        rng = torch.get_rng_state()
-        torch.manual_seed(a.seed + 7)
-        sums = {}
-        for x in val_batches(a, self.data, self.rank, self.device):
-            with self.autocast:
-                out = metrics_fn(x)
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / a.eval_iters
-        torch.set_rng_state(rng)
-        self.raw.train()
-        res = self.all_reduce_mean(sums)
-        res["train_flops"] = train_flops
-        return res
-
-    def all_reduce_mean(self, metrics):
-        if self.world == 1:
-            return {k: float(v) for k, v in metrics.items()}
-        keys = sorted(metrics)
-        t = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=self.device) for k in keys])
-        dist.all_reduce(t)
-        return {k: float(v) / self.world for k, v in zip(keys, t)}
-
-    def run(self, evaluate, log_prefix):
-        a = self.a
-        tokens_per_step = self.tokens_per_step
-        t0, acc, n, steps_here = time.time(), {}, 0, 0
-        start = time.time()
-        while self.step < self.max_iters:
-            if a.stop_after and steps_here == a.stop_after:
-                if self.master:
-                    save_checkpoint(self.ckpt_path, self.state())
-                    print(f"[{log_prefix}] stopped at step {self.step} (--stop_after); continue with --resume", flush=True)
-                return False
-            steps_here += 1
-            metrics, lr = self.train_step()
-            for k, v in metrics.items():
-                acc[k] = acc.get(k, 0.0) + v
-            n += 1
-            if self.step % a.log_interval == 0 or self.step == self.max_iters:
-                m = self.all_reduce_mean({k: v / n for k, v in acc.items()})
-                dt = (time.time() - t0) / n
-                if self.master:
-                    parts = " ".join(f"{k} {v:.4f}" for k, v in m.items())
-                    print(f"[{log_prefix}] step {self.step}/{self.max_iters} {parts} lr {lr:.2e} "
-                          f"{dt * 1000:.0f} ms/step {tokens_per_step / dt:,.0f} tok/s", flush=True)
-                t0, acc, n = time.time(), {}, 0
-            if self.step % a.eval_interval == 0 or self.step == self.max_iters:
-                val = evaluate()
-                if self.master:
-                    main = {k: v for k, v in val.items() if not k.startswith(("fm_t", "fmu_t"))}
-                    print(f"[{log_prefix}] val step {self.step} " +
-                          " ".join(f"{k} {v:.4g}" for k, v in main.items()) +
-                          f" | {time.time() - start:.0f} s into this run", flush=True)
-                    if len(main) < len(val):
-                        print(f"[{log_prefix}] val FM per t-bin (cond | uncond): " + " ".join(
-                            f"{i / 10:.1f}:{val[f'fm_t{i}']:.3f}|{val[f'fmu_t{i}']:.3f}"
-                            for i in range(10) if f"fm_t{i}" in val), flush=True)
-                    save_checkpoint(self.ckpt_path, self.state())
-                    with open(os.path.join(a.out_dir, f"log_{log_prefix}.jsonl"), "a") as f:
-                        f.write(json.dumps({"step": self.step, **val}) + "\n")
-                t0 = time.time()
-        return True
-
-
-# ----------------------------------------------------------------------------------------------------
-# stage 1
-
-def val_batches(a, data, rank, device):
-    for i in range(a.eval_iters):
-        yield data.batch("val", a.batch_size, batch_seed(a.seed + 1, rank, 0, i), device)
-
-
-def train_vae(a, env, data):
-    path = os.path.join(a.out_dir, "vae.pt")
-    ckpt = load_checkpoint(path, ("vae",)) if a.resume and os.path.exists(path) else None
-    cfg = VAEConfig(**ckpt["vae_config"]) if ckpt else vae_config_from_args(a, data.meta["vocab_size"])
-    torch.manual_seed(a.seed)  # same init on every rank
+def stage_vae(args, env, data):
+    path = os.path.join(args.out_dir, "vae.pt")
+    ckpt = load_checkpoint(path, ("vae",)) if args.resume and os.path.exists(path) else None
+    cfg = VAEConfig(**ckpt["vae_config"]) if ckpt else vae_config(args, data.meta["vocab_size"])
+    torch.manual_seed(args.seed)  # the same init on every rank
     model = TextVAE(cfg)
     if ckpt:
         model.load_state_dict(ckpt["model"])
-    if env["rank"] == 0:
-        print(f"[vae] {count_params(model) / 1e6:.2f}M parameters, config {asdict(cfg)}", flush=True)
-    loss_kwargs = dict(beta=a.beta, mask_prob=a.mask_prob, lam_mask=a.lam_mask)
-    fpt = train_flops_per_token("cola", model, a.seq_len, "vae")
-    trainer = Trainer(a, env, data, model, lr_groups(model, 1.0, a.embed_lr_mult), loss_kwargs, a.vae_iters, path,
-                      lambda: dict(kind="vae", vae_config=asdict(cfg), model=model.state_dict(),
-                                   train_flops=trainer.step * trainer.tokens_per_step * fpt))
-    if ckpt:
-        trainer.load_state(ckpt)
-        if env["rank"] == 0:
-            print(f"[vae] resumed at step {trainer.step}", flush=True)
-    else:
-        torch.manual_seed(a.seed + env["rank"] * 1000)  # different noise per rank
+    if env["master"]:
+        print(f"[vae] {n_params(model) / 1e6:.2f}M parameters, config {asdict(cfg)}", flush=True)
+    loss_kwargs = dict(beta=args.beta, mask_prob=args.mask_prob, lam_mask=args.lam_mask)
 
-    def metrics(x):
+    def validate(x):
         out = model(x, **loss_kwargs)
         out["recon_acc"] = model.recon_accuracy(x)
         return {k: out[k] for k in ("loss", "ce", "kl", "mask_acc", "recon_acc", "logsnr")}
 
-    def evaluate():
-        return trainer.validate(metrics, trainer.step * trainer.tokens_per_step * fpt)
-
-    trainer.finished = trainer.run(evaluate, "vae")
-    return trainer
+    return Run("vae", model, vocab_lr_groups(model, 1.0, args.embed_lr_mult), loss_kwargs, args.vae_iters, path,
+               dict(kind="vae", vae_config=asdict(cfg)), model.train_flops_per_token(args.seq_len, args.lam_mask),
+               resume_from=ckpt, validate=validate)
 
 
 # ----------------------------------------------------------------------------------------------------
-# stage 2
-
-def dit_config_from_args(a, vae_cfg):
-    cfg = dict(PRESETS[a.preset]["dit"])
-    cfg.update(latent_dim=vae_cfg.latent_dim, block_size=vae_cfg.block_size, dropout=a.dropout)
-    if a.dit_width:
-        cfg["width"] = a.dit_width
-    if a.dit_layers:
-        cfg["n_layers"] = a.dit_layers
-    if a.rope_fraction is not None:
-        cfg["rope_fraction"] = a.rope_fraction
-    return DiTConfig(**cfg)
-
+# stage 2: the VAE and the block-causal DiT prior, jointly (docs/method.md §4, §5)
 
 @torch.no_grad()
-def estimate_latent_stats(vae, a, data, device):
+def estimate_latent_stats(vae, args, data, device):
     """Per-channel shift/scale of q(z|x) over training batches (the same batches on every rank)."""
     vae.eval()
     mus, logvars = [], []
-    for i in range(a.stats_batches):
-        mu, logvar = vae.encode(data.batch("train", a.batch_size, batch_seed(a.seed + 2, 0, 0, i), device))
+    for i in range(args.stats_batches):
+        mu, logvar = vae.encode(data.batch("train", args.batch_size, batch_seed(args.seed + 2, i, 0), device))
         mus.append(mu)
         logvars.append(logvar)
     vae.train()
     return latent_stats(torch.cat(mus), torch.cat(logvars))
 
 
-def joint_loss_kwargs(a):
-    return dict(beta=a.beta, mask_prob=a.mask_prob, lam_mask=a.lam_mask, lam_vae=a.lam_vae, lam_fm=a.lam_fm,
-                lam_ref=a.lam_ref, t_loc=a.t_loc, t_scale=a.t_scale, t_uniform=a.t_uniform,
-                partial_prob=a.partial_prob, detach_zt=a.detach_zt,
-                decode_rows=a.batch_size if a.fm_batch_mult > 1 else 0)
-
-
-def build_cola(ckpt):
-    model = ColaDLM(VAEConfig(**ckpt["vae_config"]), DiTConfig(**ckpt["dit_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model
-
-
-def load_model(path, device="cpu", kinds=("cola", "ar", "llada")):
-    """A trained model from its checkpoint alone -> (model in eval mode on device, checkpoint)."""
-    ckpt = load_checkpoint(path, kinds)
-    if ckpt["kind"] == "cola":
-        model = build_cola(ckpt)
-    else:
-        model = TransformerLM(LMConfig(**ckpt["lm_config"]))
-        model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
-
-
-def train_joint(a, env, data):
-    path = os.path.join(a.out_dir, "ckpt.pt")
-    device = env["device"]
-    ckpt = load_checkpoint(path, ("cola",)) if a.resume and os.path.exists(path) else None
+def stage_joint(args, env, data):
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(path, ("cola",)) if args.resume and os.path.exists(path) else None
     if ckpt:
-        model = build_cola(ckpt)
-        vae_cfg, dit_cfg = model.vae.cfg, model.dit.cfg
+        model = ColaDLM.from_checkpoint(ckpt)
         stage1_flops = ckpt["stage1_flops"]
     else:
-        vae_ckpt = load_checkpoint(os.path.join(a.out_dir, "vae.pt"), ("vae",))
+        vae_ckpt = load_checkpoint(os.path.join(args.out_dir, "vae.pt"), ("vae",))
         vae_cfg = VAEConfig(**vae_ckpt["vae_config"])
-        dit_cfg = dit_config_from_args(a, vae_cfg)
-        torch.manual_seed(a.seed)  # same DiT init on every rank
-        model = ColaDLM(vae_cfg, dit_cfg)
+        torch.manual_seed(args.seed)  # the same DiT init on every rank
+        model = ColaDLM(vae_cfg, dit_config(args, vae_cfg))
         model.vae.load_state_dict(vae_ckpt["model"])
-        shift, scale = estimate_latent_stats(model.vae.to(device), a, data, device)
+        shift, scale = estimate_latent_stats(model.vae.to(env["device"]), args, data, env["device"])
         model.init_from_vae(vae_ckpt["model"], shift, scale)
         stage1_flops = vae_ckpt["train_flops"]
-    if env["rank"] == 0:
-        print(f"[joint] VAE {count_params(model.vae) / 1e6:.2f}M + DiT {count_params(model.dit) / 1e6:.2f}M "
-              f"parameters; DiT config {asdict(dit_cfg)}", flush=True)
+    if env["master"]:
+        print(f"[joint] VAE {n_params(model.vae) / 1e6:.2f}M + DiT {n_params(model.dit) / 1e6:.2f}M parameters; "
+              f"DiT config {asdict(model.dit.cfg)}", flush=True)
         print("[joint] latent shift " + " ".join(f"{v:.2f}" for v in model.latent_shift.tolist()) +
               " | scale " + " ".join(f"{v:.2f}" for v in model.latent_scale.tolist()), flush=True)
-    if a.vae_lr_ratio == 0:
+    if args.vae_lr_ratio == 0:
         model.vae.requires_grad_(False)  # Joint x0: the VAE stays at stage 1
-    # the VAE trains at exactly the DiT's lr times --vae_lr_ratio (the paper's "Joint x1"); the
-    # vocabulary-matrix multiplier of stage 1 is not applied: it lets the latents drift from q_ref
-    groups = [(model.dit.parameters(), 1.0), (model.vae.parameters(), a.vae_lr_ratio)]
-    loss_kwargs = joint_loss_kwargs(a)
-    fpt = train_flops_per_token("cola", model, a.seq_len, "joint", 1 / a.fm_batch_mult)
-    trainer = Trainer(a, env, data, model, groups, loss_kwargs, a.main_iters, path,
-                      lambda: dict(kind="cola", vae_config=asdict(vae_cfg), dit_config=asdict(dit_cfg),
-                                   model=model.state_dict(), stage1_flops=stage1_flops,
-                                   train_flops=stage1_flops + trainer.step * trainer.tokens_per_step * fpt),
-                      micro_batch=a.batch_size * a.fm_batch_mult)
-    if a.grad_clip_scope == "network":
-        trainer.clip_groups = {"_dit": list(model.dit.parameters()), "_vae": list(model.vae.parameters())}
-    if ckpt:
-        trainer.load_state(ckpt)
-        if env["rank"] == 0:
-            print(f"[joint] resumed at step {trainer.step}", flush=True)
-    else:
-        torch.manual_seed(a.seed + env["rank"] * 1000)
+    # the VAE trains at exactly the DiT's lr times --vae_lr_ratio (the paper's "Joint x1"); stage 1's
+    # vocabulary-matrix multiplier is not applied: it lets the latents drift from q_ref
+    groups = [(model.dit.parameters(), 1.0), (model.vae.parameters(), args.vae_lr_ratio)]
+    loss_kwargs = dict(beta=args.beta, mask_prob=args.mask_prob, lam_mask=args.lam_mask, lam_vae=args.lam_vae,
+                       lam_fm=args.lam_fm, lam_ref=args.lam_ref, t_loc=args.t_loc, t_scale=args.t_scale,
+                       t_uniform=args.t_uniform, partial_prob=args.partial_prob, detach_zt=args.detach_zt,
+                       decode_rows=args.batch_size if args.fm_batch_mult > 1 else 0)
+    clip_groups = ({"_dit": list(model.dit.parameters()), "_vae": list(model.vae.parameters())}
+                   if args.grad_clip_scope == "network" else {})
 
-    bins = {}
-
-    def metrics(x):
+    def validate(x):
         out = model(x, **loss_kwargs)
         out["recon_acc"] = model.vae.recon_accuracy(x)
-        t, cond, uncond = model.fm_eval(x, t_uniform=True)  # uniform t: every bin gets samples
-        cond, uncond = history_blocks(cond), history_blocks(uncond)  # (B,): blocks that have a history
-        bins["c"] = bins.get("c", 0) + t_bin_sums(t, cond)
-        bins["u"] = bins.get("u", 0) + t_bin_sums(t, uncond)
+        # the prior with and without its clean history on the same noise; uniform t so that every bin gets
+        # samples; blocks 1.. only (block 0 has no history, so both passes agree there)
+        t, cond, uncond = model.fm_eval(x, t_uniform=True)
+        cond, uncond = history_blocks(cond), history_blocks(uncond)  # (B,)
         res = {k: out[k] for k in ("loss", "ce", "mask_acc", "recon_acc", "fm", "ref_kl", "logsnr")}
-        return {**res, "fm_cond": cond.mean(), "fm_uncond": uncond.mean()}
-
-    def evaluate():
-        bins.clear()
-        res = trainer.validate(metrics, stage1_flops + trainer.step * trainer.tokens_per_step * fpt)
-        if env["world"] > 1:
-            for b in bins.values():
-                dist.all_reduce(b)
-        for i in range(bins["c"].shape[1]):
-            if bins["c"][1, i] > 0:
-                res[f"fm_t{i}"] = float(bins["c"][0, i] / bins["c"][1, i])
-                res[f"fmu_t{i}"] = float(bins["u"][0, i] / bins["u"][1, i])
+        res.update(fm_cond=cond.mean(), fm_uncond=uncond.mean())
+        for name, err in (("c", cond), ("u", uncond)):  # per t-bin sums and counts, averaged like the rest
+            sums = t_bin_sums(t, err)
+            res.update({f"bin_{name}{i}": sums[0, i] for i in range(sums.shape[1])})
+            res.update({f"bin_n{i}": sums[1, i] for i in range(sums.shape[1])})
         return res
 
-    trainer.finished = trainer.run(evaluate, "joint")
-    return trainer
+    def report(val):
+        bins = sorted({int(k[5:]) for k in val if k.startswith("bin_n")})
+        parts = [f"{i / len(bins):.1f}:{val[f'bin_c{i}'] / val[f'bin_n{i}']:.3f}|{val[f'bin_u{i}'] / val[f'bin_n{i}']:.3f}"
+                 for i in bins if val[f"bin_n{i}"] > 0]
+        return ["val FM per t-bin (with history | without): " + " ".join(parts)]
+
+    return Run("joint", model, groups, loss_kwargs, args.main_iters, path,
+               dict(kind="cola", vae_config=asdict(model.vae.cfg), dit_config=asdict(model.dit.cfg),
+                    stage1_flops=stage1_flops),
+               model.train_flops_per_token(args.seq_len, 1 / args.fm_batch_mult, args.lam_mask), stage1_flops,
+               micro_batch=args.batch_size * args.fm_batch_mult, clip_groups=clip_groups, resume_from=ckpt,
+               validate=validate, report=report)
 
 
 # ----------------------------------------------------------------------------------------------------
-# baselines
+# the baselines: AR and LLaDA (docs/method.md §8)
 
-def lm_config_from_args(a, vocab_size):
-    """A baseline at the preset's VAE width, with its depth matched to the Cola model's parameter count."""
-    vcfg = vae_config_from_args(a, vocab_size)
-    width = a.lm_width or vcfg.width
-    heads = vcfg.n_heads if width % vcfg.n_heads == 0 else 1
-    cfg = LMConfig(kind=a.model, vocab_size=vocab_size, width=width, n_heads=heads, mlp_hidden=vcfg.mlp_hidden * width // vcfg.width,
-                   max_seq_len=vcfg.max_seq_len, dropout=a.dropout)
-    with torch.device("meta"):
-        cola = ColaDLM(vcfg, dit_config_from_args(a, vcfg))
-    target = count_params(cola.vae) + count_params(cola.dit)
-    cfg.n_layers = a.lm_layers or match_layers(target, cfg)
-    return cfg, target
-
-
-def train_lm(a, env, data):
-    path = os.path.join(a.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(path, (a.model,)) if a.resume and os.path.exists(path) else None
-    if ckpt:
-        cfg = LMConfig(**ckpt["lm_config"])
-    else:
-        cfg, target = lm_config_from_args(a, data.meta["vocab_size"])
-    torch.manual_seed(a.seed)
+def stage_lm(args, env, data):
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(path, (args.model,)) if args.resume and os.path.exists(path) else None
+    cfg, target = (LMConfig(**ckpt["lm_config"]), None) if ckpt else lm_config(args, data.meta["vocab_size"])
+    torch.manual_seed(args.seed)
     model = TransformerLM(cfg)
     if ckpt:
         model.load_state_dict(ckpt["model"])
-    elif env["rank"] == 0:
-        print(f"[{a.model}] {count_params(model) / 1e6:.2f}M parameters ({cfg.n_layers} layers x {cfg.width}) "
+    elif env["master"]:
+        print(f"[{args.model}] {n_params(model) / 1e6:.2f}M parameters ({cfg.n_layers} layers x {cfg.width}) "
               f"matched to Cola's {target / 1e6:.2f}M (VAE + DiT)", flush=True)
-    fpt = train_flops_per_token(a.model, model=model, seq_len=a.seq_len)
-    trainer = Trainer(a, env, data, model, [(model.parameters(), 1.0)], {}, a.main_iters, path,
-                      lambda: dict(kind=a.model, lm_config=asdict(cfg), model=model.state_dict(),
-                                   train_flops=trainer.step * trainer.tokens_per_step * fpt))
-    if ckpt:
-        trainer.load_state(ckpt)
+
+    def validate(x):
+        return {k: v for k, v in model(x).items() if k in ("loss", "acc")}
+
+    return Run(args.model, model, [(model.parameters(), 1.0)], {}, args.main_iters, path,
+               dict(kind=args.model, lm_config=asdict(cfg)), model.train_flops_per_token(args.seq_len),
+               resume_from=ckpt, validate=validate)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the training loop every stage shares
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a NaN loss, say); the message is one line meant for the user."""
+
+
+def all_reduce_mean(metrics, env):
+    if env["world"] == 1:
+        return {k: float(v) for k, v in metrics.items()}
+    keys = sorted(metrics)
+    t = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=env["device"]) for k in keys])
+    dist.all_reduce(t)
+    return {k: float(v) / env["world"] for k, v in zip(keys, t)}
+
+
+def train(run, args, env, data):
+    """Optimise run.model for run.max_iters steps. Returns False if --stop_after ended it early."""
+    device, rank, world, master = env["device"], env["rank"], env["world"], env["master"]
+    model = run.model.to(device)
+    opt = make_optimizer(run.param_groups, args, device)
+    step = 0
+    if run.resume_from:
+        opt.load_state_dict(run.resume_from["optimizer"])
+        step = run.resume_from["step"]
+        states = run.resume_from["rng"]
+        if len(states) == world:  # every rank continues its own random stream
+            set_rng_state(states[rank])
+        else:
+            torch.manual_seed(args.seed + rank * 1000 + step)
+            if master:
+                print(f"[{run.name}] warning: saved by {len(states)} processes, resumed by {world}: the random "
+                      "streams are reseeded, so this run is not the exact continuation", flush=True)
+        if master:
+            print(f"[{run.name}] resumed at step {step}", flush=True)
     else:
-        torch.manual_seed(a.seed + env["rank"] * 1000)
+        torch.manual_seed(args.seed + rank * 1000)  # different noise on every rank
+    fwd = torch.compile(model) if args.compile else model
+    if world > 1:
+        fwd = DDP(fwd, device_ids=[torch.device(device).index] if str(device).startswith("cuda") else None)
+    autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
+                else contextlib.nullcontext())
+    micro_batch = run.micro_batch or args.batch_size
+    tokens_per_step = micro_batch * args.seq_len * args.grad_accum * world
+    flops = lambda: run.flops_before + step * tokens_per_step * run.flops_per_token
 
-    def evaluate():
-        return trainer.validate(lambda x: {k: v for k, v in model(x).items() if k in ("loss", "acc")},
-                                trainer.step * trainer.tokens_per_step * fpt)
+    def save():
+        states = [None] * world
+        if world > 1:
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        if master:
+            save_checkpoint(run.ckpt_path, dict(**run.ckpt_fields, model=model.state_dict(), step=step,
+                                                optimizer=opt.state_dict(), rng=states, args=vars(args),
+                                                data_position=dict(step=step, seed=args.seed),
+                                                tokenizer=data.meta["tokenizer"], train_flops=flops()))
 
-    trainer.finished = trainer.run(evaluate, a.model)
-    return trainer
+    def validate():
+        """Metrics averaged over the validation batches and ranks, with fixed noise: comparable between
+        evaluations, and the training random stream is left as it was."""
+        model.eval()
+        saved = torch.get_rng_state()
+        torch.manual_seed(args.seed + 7)
+        sums = {}
+        with torch.no_grad(), autocast:
+            for i in range(args.eval_iters):
+                x = data.batch("val", args.batch_size, batch_seed(args.seed + 1, rank * args.eval_iters + i, 0), device)
+                for k, v in run.validate(x).items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / args.eval_iters
+        torch.set_rng_state(saved)
+        model.train()
+        return {**all_reduce_mean(sums, env), "train_flops": flops()}
+
+    t0, start, acc, n, steps_here = time.time(), time.time(), {}, 0, 0
+    while step < run.max_iters:
+        if args.stop_after and steps_here == args.stop_after:
+            save()
+            if master:
+                print(f"[{run.name}] stopped at step {step} (--stop_after); continue with --resume", flush=True)
+            return False
+        lr = lr_at(step, args, run.max_iters)
+        for g in opt.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        sums = {}
+        for micro in range(args.grad_accum):
+            x = data.batch("train", micro_batch, batch_seed(args.seed, rank * args.grad_accum + micro, step), device)
+            # gradients are all-reduced on the last micro-batch only
+            last = micro == args.grad_accum - 1
+            with (fwd.no_sync() if world > 1 and not last else contextlib.nullcontext()), autocast:
+                out = fwd(x, **run.loss_kwargs)
+            (out["loss"] / args.grad_accum).backward()
+            for k, v in out.items():
+                if torch.is_tensor(v) and v.dim() == 0:
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() / args.grad_accum
+        bad = torch.tensor(0.0 if math.isfinite(float(sums["loss"])) else 1.0, device=device)
+        if world > 1:
+            dist.all_reduce(bad)  # every rank stops together
+        if bad > 0:  # checked before the step: the weights and the last checkpoint stay good
+            raise TrainingError(f"[{run.name}] loss is {float(sums['loss'])} at step {step}; stopped, "
+                                f"{run.ckpt_path} holds the last good checkpoint (try a lower --lr)")
+        if args.grad_clip > 0:
+            for suffix, params in (run.clip_groups or {"": list(model.parameters())}).items():
+                sums["gnorm" + suffix] = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        steps_here += 1
+        for k, v in sums.items():
+            acc[k] = acc.get(k, 0.0) + v
+        n += 1
+        if step % args.log_interval == 0 or step == run.max_iters:
+            m = all_reduce_mean({k: v / n for k, v in acc.items()}, env)
+            dt = (time.time() - t0) / n
+            if master:
+                print(f"[{run.name}] step {step}/{run.max_iters} " + " ".join(f"{k} {v:.4f}" for k, v in m.items()) +
+                      f" lr {lr:.2e} {dt * 1000:.0f} ms/step {tokens_per_step / dt:,.0f} tok/s", flush=True)
+            t0, acc, n = time.time(), {}, 0
+        if step % args.eval_interval == 0 or step == run.max_iters:
+            val = validate()
+            if master:
+                line = {k: v for k, v in val.items() if not k.startswith("bin_")}
+                print(f"[{run.name}] val step {step} " + " ".join(f"{k} {v:.4g}" for k, v in line.items()) +
+                      f" | {time.time() - start:.0f} s into this run", flush=True)
+                for extra in (run.report(val) if run.report else []):
+                    print(f"[{run.name}] {extra}", flush=True)
+                with open(os.path.join(args.out_dir, f"log_{run.name}.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": step, **val}) + "\n")
+            save()
+            t0 = time.time()
+    return True
+
+
+def dry_run(args, vocab_size):
+    """Configs, parameters and FLOPs per optimizer step of this invocation, built on the meta device."""
+    tokens = args.batch_size * args.seq_len * args.grad_accum
+    with torch.device("meta"):
+        if args.model == "cola":
+            vcfg = vae_config(args, vocab_size)
+            cola = ColaDLM(vcfg, dit_config(args, vcfg))
+            return dict(model="cola", vae_config=asdict(vcfg), dit_config=asdict(cola.dit.cfg),
+                        params=n_params(cola.vae) + n_params(cola.dit),
+                        vae_flops_per_step=cola.vae.train_flops_per_token(args.seq_len, args.lam_mask) * tokens,
+                        joint_flops_per_step=cola.train_flops_per_token(args.seq_len, 1 / args.fm_batch_mult,
+                                                                        args.lam_mask) * tokens * args.fm_batch_mult)
+        cfg, _ = lm_config(args, vocab_size)
+        lm = TransformerLM(cfg)
+        return dict(model=args.model, lm_config=asdict(cfg), params=n_params(lm),
+                    flops_per_step=lm.train_flops_per_token(args.seq_len) * tokens)
 
 
 def main(argv=None):
-    a = get_args(argv)
-    rank, world, local, device = setup_distributed(a.device)
-    env = dict(rank=rank, world=world, device=device)
+    args = get_args(argv)
+    rank, world, device = setup_distributed(args.device)
+    env = dict(rank=rank, world=world, device=device, master=rank == 0)
     try:
-        if rank == 0:
-            os.makedirs(a.out_dir, exist_ok=True)
-        data = TokenData(a.data_dir, a.seq_len)
+        data = TokenData(args.data_dir, args.seq_len)
+        if args.dry_run:
+            if env["master"]:
+                print(json.dumps(dry_run(args, data.meta["vocab_size"])))
+            return
+        if env["master"]:
+            os.makedirs(args.out_dir, exist_ok=True)
+        if args.model != "cola":
+            train(stage_lm(args, env, data), args, env, data)
+            return
         finished = True
-        if a.model != "cola":
-            train_lm(a, env, data)
-        elif a.stage in ("vae", "all"):
-            finished = train_vae(a, env, data).finished
-        if a.model == "cola" and (a.stage == "joint" or (a.stage == "all" and finished)):
-            train_joint(a, env, data)
-    except DataError as e:
-        cleanup_distributed()
+        if args.stage in ("vae", "all"):
+            finished = train(stage_vae(args, env, data), args, env, data)
+        if args.stage == "joint" or (args.stage == "all" and finished):
+            train(stage_joint(args, env, data), args, env, data)
+    except (DataError, CheckpointError, TrainingError) as e:
         sys.exit(f"error: {e}")
-    cleanup_distributed()
+    finally:
+        cleanup_distributed()
 
 
 if __name__ == "__main__":

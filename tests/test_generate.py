@@ -7,11 +7,13 @@ import pytest
 import torch
 
 import decoder
+import diffusion
+from checkpoint import save_checkpoint
 from decoder import GenerationError, apply_repetition_penalty, choose_tokens, generate
-from diffusion import ColaDLM
+from diffusion import ColaDLM, cfg_combine
 from dit import DiTConfig
+from layers import block_causal_mask, cola_mask, with_key_padding
 from test_dit import randomize_zero_init
-from train import save_checkpoint
 from vae import VAEConfig
 
 V, EOS = 120, 119
@@ -29,10 +31,53 @@ def tiny_model(seed=0, patch=1):
     return model.eval()
 
 
+class Uncached:
+    """ColaDLM's generation methods recomputed from scratch over the whole history, without KV caches: the
+    conditional pass runs [clean history | noisy block] under the training mask rule (cola_mask), the
+    unconditional pass is velocity_uncond (each block alone), the decoder sees the whole text. The cached
+    methods must give what this gives."""
+
+    def __init__(self, model):
+        self.model, self.hist = model, None
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def new_caches(self):
+        self.hist = None
+        return None, None
+
+    def prefill(self, zn, key_valid, caches):
+        self.hist = zn
+
+    def _history(self, z):
+        return self.hist if self.hist is not None else z[:, :0]
+
+    def guided_velocity(self, z, t_tok, hist_valid, guidance, cache):
+        m = self.model
+        hist = self._history(z)
+        B, Tc, bs = z.shape[0], hist.shape[1], z.shape[1]
+        pos = torch.arange(Tc + bs)
+        noisy = pos >= Tc
+        mask = with_key_padding(cola_mask(pos // bs, noisy, pos // bs, noisy),
+                                torch.cat([hist_valid, torch.ones(B, bs, dtype=torch.bool)], 1))
+        v_cond = m.dit(torch.cat([hist, z], 1), torch.cat([torch.zeros(B, Tc), t_tok], 1), pos, mask)[:, Tc:]
+        return v_cond if guidance == 1.0 else cfg_combine(v_cond, m.velocity_uncond(z, t_tok), guidance)
+
+    def decode_and_commit(self, z, hist_valid, caches):
+        m = self.model
+        self.hist = torch.cat([self._history(z), z], 1)
+        B, T, bs = z.shape[0], self.hist.shape[1], z.shape[1]
+        pos = torch.arange(T)
+        mask = with_key_padding(block_causal_mask(pos // bs, pos // bs),
+                                torch.cat([hist_valid, torch.ones(B, bs, dtype=torch.bool)], 1))
+        return m.vae.decode(m.denormalize(self.hist), pos, mask)[:, -bs * m.vae.cfg.patch_size:]
+
+
 def run(model, prompts, seed=0, **kw):
     kw.setdefault("max_new_tokens", 12)
     kw.setdefault("steps", 4)
-    kw.setdefault("cfg_scale", 3.0)
+    kw.setdefault("guidance", 3.0)
     kw.setdefault("eos_id", EOS)
     kw.setdefault("pad_id", EOS)
     return generate(model, prompts, generator=torch.Generator().manual_seed(seed), **kw)
@@ -56,10 +101,10 @@ PROMPTS = [[5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], []]  # part
 def test_cached_equals_uncached(monkeypatch):
     model = tiny_model()
     logits = capture_latents(monkeypatch)
-    out_c, _ = run(model, PROMPTS, use_cache=True)
+    out_c, _ = run(model, PROMPTS)
     cached = list(logits)
     logits.clear()
-    out_u, _ = run(model, PROMPTS, use_cache=False)
+    out_u, _ = run(Uncached(model), PROMPTS)
     assert out_c == out_u
     diff = max(float((a - b).abs().max()) for a, b in zip(cached, logits))
     print(f"largest |cached - uncached| decoder logit difference: {diff:.2e}")
@@ -83,19 +128,19 @@ def test_guidance_one_is_conditional_pass(monkeypatch):
         calls.append(z.shape[0])
         return real(z, *a, **k)
     monkeypatch.setattr(model.dit, "forward", spy)
-    out1, _ = run(model, PROMPTS, cfg_scale=1.0)
+    out1, _ = run(model, PROMPTS, guidance=1.0)
     assert max(calls) == len(PROMPTS)  # no unconditional half was run
     # and it equals combining the cond and uncond halves at scale 1 inside the batched pass
-    monkeypatch.setattr(decoder, "cfg_combine", lambda vc, vu, s: vc)
+    monkeypatch.setattr(diffusion, "cfg_combine", lambda vc, vu, s: vc)
     calls.clear()
-    out3, _ = run(model, PROMPTS, cfg_scale=3.0)
+    out3, _ = run(model, PROMPTS, guidance=3.0)
     assert max(calls) == 2 * len(PROMPTS)
     assert out3 == out1
 
 
 def test_guidance_changes_output():
     model = tiny_model()
-    assert run(model, PROMPTS, cfg_scale=1.0)[0] != run(model, PROMPTS, cfg_scale=5.0)[0]
+    assert run(model, PROMPTS, guidance=1.0)[0] != run(model, PROMPTS, guidance=5.0)[0]
 
 
 def test_repaint_pins_known_latents(monkeypatch):

@@ -123,8 +123,8 @@ def test_lr_schedule():
 def test_paper_preset_parameter_counts():
     from diffusion import ColaDLM
     a = train.get_args(["--preset", "paper"])
-    vcfg = train.vae_config_from_args(a, 100278)
-    dcfg = train.dit_config_from_args(a, vcfg)
+    vcfg = train.vae_config(a, 100278)
+    dcfg = train.dit_config(a, vcfg)
     with torch.device("meta"):
         model = ColaDLM(vcfg, dcfg)
     n_vae = sum(p.numel() for p in model.vae.parameters())
@@ -138,7 +138,7 @@ def test_sample_cli_runs_every_kind(tmp_path, data_dir, capsys):
     """sample.py reads the kind from the checkpoint: AR streams its KV-cached tokens, LLaDA prints its
     remasking result; both equal a direct call of the generator."""
     import sample
-    from baselines import ar_generate, llada_generate
+    from decoder import ar_generate, llada_generate
     from prepare import get_tokenizer
     for kind in ("ar", "llada"):
         out = tmp_path / kind
@@ -152,6 +152,6 @@ def test_sample_cli_runs_every_kind(tmp_path, data_dir, capsys):
         model, ck = sample.load_model(str(out / "ckpt.pt"), "cpu")
         enc = get_tokenizer(ck["tokenizer"])
         p = enc.encode_ordinary("ROMEO:")
-        new, _ = (ar_generate(model, p, 6, eos_id=enc.eot_token) if kind == "ar"
-                  else llada_generate(model, p, 6, steps=3, block_length=3, eos_id=enc.eot_token))
-        assert "ROMEO:" + enc.decode(new) in text
+        new, _ = (ar_generate(model, [p], 6, eos_id=enc.eot_token) if kind == "ar"
+                  else llada_generate(model, [p], 6, steps=3, block_length=3, eos_id=enc.eot_token))
+        assert "ROMEO:" + enc.decode(new[0]) in text

@@ -1,0 +1,228 @@
+"""
+Task files and how a generated answer is scored, by the rules of the paper's benchmark evaluation
+(docs/method.md §9; the authors' release applies them in its scripts/acc_calc.py). Pure functions.
+
+Every generation is first cut at the first newline that has a word character before it (a reply that
+starts with blank lines is not cut to nothing). Texts are then normalised: lower-cased, stripped,
+every character that is neither a word character nor whitespace deleted ("Mairi's" -> "mairis"),
+whitespace collapsed. Then, by task:
+- lambada: the first word of the generation equals the first word of the ground truth;
+- mmlu, obqa, race, siqa (choice tasks): the generation is mapped to a choice letter, and it is right
+  when that letter is the ground truth's; an unmapped generation is right only if it equals the ground
+  truth after normalisation. A generation maps to a choice through, in this order: a bare letter
+  ("B", "(B)", "B."), a letter after "answer/option/choice (is)", a bracketed letter in a short reply;
+  else through the choices' texts: normalised equality, equality once an "answer is" prefix is removed,
+  exactly one choice contained in it, or a difflib similarity of at least 0.9. The last "answer is ..."
+  line of the reply is tried before the whole reply;
+- every other task (hellaswag, squad, story_cloze, ...): the generation equals the ground truth after
+  normalisation. There is no mapping to the nearest option.
+
+Task files are JSONL. The paper's format: {"id", "prompt", "ground_truth", "choices", "few_shot_prefix"};
+the prefix goes back in front of the prompt. This repo's own format: {"prompt", "answer", "options",
+"scoring": "first_word" | "option" | "exact"}. The rules are picked by task name (the file-name stem):
+lambada, mmlu, obqa, hellaswag, race, siqa, squad, story_cloze; any other file falls back to each line's
+`scoring` (first_word = the lambada rule, option = the choice rule, exact = equality).
+"""
+import difflib
+import json
+import os
+import re
+
+PAPER_TASKS = ("lambada", "mmlu", "obqa", "hellaswag", "race", "siqa", "squad", "story_cloze")
+CHOICE_TASKS = ("mmlu", "obqa", "race", "siqa")
+RULE_OF_SCORING = {"first_word": "first_word", "option": "choice", "exact": "exact"}
+
+
+class TaskError(ValueError):
+    """A bad task file; the message is one line meant for the user."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# text rules
+
+def cut_generation(text):
+    """Everything before the first newline that has a word character in front of it."""
+    pos = 0
+    while (idx := text.find("\n", pos)) != -1:
+        if re.search(r"\w", text[:idx]):
+            return text[:idx]
+        pos = idx + 1
+    return text
+
+
+def normalize(text):
+    """Lower-case, strip, delete punctuation (anything neither word character nor space), collapse spaces."""
+    text = re.sub(r"[^\w\s]", "", str(text or "").lower().strip())
+    return " ".join(text.split())
+
+
+def similarity(a, b):
+    """difflib ratio of the normalised texts; 1.0 when both are empty."""
+    a, b = normalize(a), normalize(b)
+    if not a and not b:
+        return 1.0
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
+def first_word(text):
+    words = normalize(text).split()
+    return words[0] if words else ""
+
+
+_ANSWER_LINE = re.compile(r"(?i)\b(?:final\s+answer|answer)\b\s*(?:is|=|:|：)?\s*(.+)$")
+_BARE_LETTER = re.compile(r"[\(\[]?\s*([A-Za-z])\s*[\)\]]?\.?")
+_KEYWORD_LETTER = re.compile(r"(?i)\b(?:final\s+answer|answer|option|choice)\b\s*(?:is|=|:|：)?\s*"
+                             r"[\(\[]?\s*([A-Za-z])\s*[\)\]]?(?=\s|$|[.,;:!?])")
+_BRACKET_LETTER = re.compile(r"[\(\[]\s*([A-Za-z])\s*[\)\]]")
+_ANSWER_PREFIX = re.compile(r"(?i)^(the\s+)?(correct\s+)?(final\s+)?(answer|option|choice)\b\s*(is|=|:|：)?\s*")
+
+
+def answer_segment(text):
+    """What follows "answer (is)" on the last line that has it; else the whole stripped text."""
+    raw = str(text or "").strip()
+    for line in reversed([ln.strip() for ln in raw.splitlines() if ln.strip()]):
+        m = _ANSWER_LINE.search(line)
+        if m and m.group(1).strip():
+            return m.group(1).strip()
+    return raw
+
+
+def letter_in(text, n_choices):
+    """A choice letter written as such: bare, after a keyword, or bracketed in a short reply; '' if none.
+    A letter past the last choice does not count, and the next form is tried."""
+    raw = str(text or "").strip()
+    if not raw:
+        return ""
+    m = _BARE_LETTER.fullmatch(raw)
+    candidates = [m.group(1)] if m else []
+    candidates += _KEYWORD_LETTER.findall(raw)[-1:]
+    if len(raw) <= 40:
+        candidates += _BRACKET_LETTER.findall(raw)[-1:]
+    for c in candidates:
+        if 0 <= ord(c.upper()) - 65 < n_choices:
+            return c.upper()
+    return ""
+
+
+def choice_by_text(text, choices):
+    """The letter of the choice the text names by its words; '' if none or several."""
+    norm = normalize(text)
+    if not norm or not choices:
+        return ""
+    norm_choices = [normalize(c) for c in choices]
+    if norm in norm_choices:
+        return chr(65 + norm_choices.index(norm))
+    cleaned = _ANSWER_PREFIX.sub("", str(text)).strip()
+    norm = normalize(cleaned)
+    if not norm:
+        return ""
+    if norm in norm_choices:
+        return chr(65 + norm_choices.index(norm))
+    inside = [i for i, c in enumerate(norm_choices) if c and c in norm]
+    if len(inside) == 1:
+        return chr(65 + inside[0])
+    scores = [similarity(cleaned, c) for c in choices]
+    best = max(range(len(choices)), key=lambda i: (scores[i], -i))
+    return chr(65 + best) if scores[best] >= 0.9 else ""
+
+
+def choice_of(text, choices):
+    """The choice letter a generation maps to, or '' (unmapped)."""
+    if not choices:
+        return ""
+    for candidate in (answer_segment(text), text):
+        letter = letter_in(candidate, min(len(choices), 26)) or choice_by_text(candidate, choices)
+        if letter:
+            return letter
+    return ""
+
+
+def score(generation, task):
+    """1.0 if the generation answers the task by its rule, else 0.0."""
+    gen, truth, rule = cut_generation(generation), task["ground_truth"], task["rule"]
+    if rule == "first_word":
+        return float(first_word(gen) == first_word(truth))
+    if rule == "choice":
+        choices = task.get("choices") or []
+        n = min(len(choices), 26)
+        predicted = choice_of(gen, choices)
+        truth_letter = (letter_in(truth, n) or choice_by_text(truth, choices)) if n else ""
+        if predicted and truth_letter and predicted == truth_letter:
+            return 1.0
+    return float(similarity(gen, truth) >= 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# task files
+
+def task_rule(name, scoring=None):
+    """The rule of a task by its name (file-name stem), else by the line's own `scoring`."""
+    if name == "lambada":
+        return "first_word"
+    if name in CHOICE_TASKS:
+        return "choice"
+    if name in PAPER_TASKS:
+        return "exact"
+    return RULE_OF_SCORING.get(scoring or "exact", "exact")
+
+
+def parse_task(obj, name, where):
+    """One task dict {id, prompt, ground_truth, choices, rule} from either format; TaskError naming `where`."""
+    if not isinstance(obj, dict):
+        raise TaskError(f"{where}: each line must be a JSON object")
+    truth_key = "ground_truth" if "ground_truth" in obj else "answer"
+    for key in ("prompt", truth_key):
+        if not isinstance(obj.get(key), str):
+            raise TaskError(f"{where}: '{key}' must be a string")
+    prefix = obj.get("few_shot_prefix") or ""
+    if not isinstance(prefix, str):
+        raise TaskError(f"{where}: 'few_shot_prefix' must be a string")
+    choices = obj.get("choices", obj.get("options"))
+    if choices is not None and (not isinstance(choices, list) or len(choices) < 2
+                                or not all(isinstance(c, str) for c in choices)):
+        raise TaskError(f"{where}: 'choices' / 'options' must be a list of at least 2 strings")
+    scoring = obj.get("scoring", "option" if choices and name not in PAPER_TASKS else "exact")
+    if scoring not in RULE_OF_SCORING:
+        raise TaskError(f"{where}: 'scoring' must be first_word, option or exact, got {scoring!r}")
+    rule = task_rule(name, scoring)
+    if rule == "choice" and name not in PAPER_TASKS:
+        if choices is None:
+            raise TaskError(f"{where}: scoring 'option' needs 'options'")
+        if obj[truth_key].strip() not in [c.strip() for c in choices]:
+            raise TaskError(f"{where}: 'answer' is not one of the options")
+    return {"id": obj.get("id"), "prompt": prefix + obj["prompt"], "ground_truth": obj[truth_key],
+            "choices": choices, "rule": rule}
+
+
+def read_tasks(path):
+    """Parse and check a JSONL task file -> (task name, [task]); a bad line raises TaskError with its number."""
+    if not os.path.exists(path):
+        raise TaskError(f"task file {path} not found")
+    name = os.path.splitext(os.path.basename(path))[0]
+    tasks = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            task = parse_task(obj, name, f"{path}:{n}")
+            task["id"] = len(tasks) if task["id"] is None else task["id"]
+            if "generate" in obj:
+                task["generate"] = str(obj["generate"])
+            tasks.append(task)
+    if not tasks:
+        raise TaskError(f"task file {path} holds no task")
+    return name, tasks
+
+
+def score_file(path):
+    """Score the existing generations ('generate' field) of a task file -> {task, n, accuracy (percent)}."""
+    name, tasks = read_tasks(path)
+    missing = [i for i, t in enumerate(tasks) if "generate" not in t]
+    if missing:
+        raise TaskError(f"{path}: {len(missing)} of {len(tasks)} lines have no 'generate' field to score")
+    hits = sum(score(t["generate"], t) for t in tasks)
+    return {"task": name, "n": len(tasks), "accuracy": 100.0 * hits / len(tasks)}
