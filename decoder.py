@@ -227,7 +227,7 @@ def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=64, steps=16, guidance=3.0, temperature=0.0, top_k=0, top_p=1.0,
              repetition_penalty=1.1, eos_id=50256, pad_id=50256, generator=None, on_block=None, grid_power=1.0,
-             reencode_history=False, on_drift=None):
+             reencode_history=False, on_drift=None, noise_scale=1.0):
     """Continue token-id `prompts` (a list of lists, any lengths, may be empty) block by block.
 
     1. The prompt is encoded with the posterior mean; its full blocks prefill the DiT's and the decoder's
@@ -236,7 +236,8 @@ def generate(model, prompts, max_new_tokens=64, steps=16, guidance=3.0, temperat
     3. One decoder pass turns the block into tokens; the block is committed to both caches at t = 0.
     Returns (list of new-token lists, stats). stats counts model passes: 'dit' (batched guided passes),
     'dit_commit', 'decoder' and 'blocks'. on_block(k, new_tokens) is called after each block.
-    Options that are not the paper's: grid_power > 1 makes the time grid denser near t = 0;
+    Options that are not the paper's: grid_power > 1 makes the time grid denser near t = 0; noise_scale < 1
+    starts each block from N(0, noise_scale^2 I), a lower-temperature sample;
     reencode_history decodes every finished block, re-encodes its tokens, and lets the re-encoded latents
     (not the generated ones) be the history of later blocks; on_drift(distance) is called after each block
     with the mean distance between its generated latents and the re-encoding of its tokens.
@@ -282,7 +283,7 @@ def generate(model, prompts, max_new_tokens=64, steps=16, guidance=3.0, temperat
     grid = time_grid(steps, device, power=grid_power)
     own = torch.ones(B, block_size, dtype=torch.bool, device=device)
     for k in range(n_gen):
-        z = draw_noise((B, block_size, d), device, generator)  # (B, bs, d), normalised
+        z = noise_scale * draw_noise((B, block_size, d), device, generator)  # (B, bs, d), normalised
         z = denoise_block(model, z, grid, hist_valid, guidance, caches[0], pin, pin_z)
         stats["dit"] += steps
         logits = model.decode_and_commit(z, hist_valid, caches)  # (B, tpb, V)

@@ -1,5 +1,5 @@
 """
-Flow matching over VAE latents, and the joint stage-2 objective of Cola DLM (SPEC §2, §4, §5).
+Flow matching over VAE latents, and the joint stage-2 objective of Cola DLM (docs/method.md §2, §4, §5).
 
 Time convention, fixed for the whole codebase: t in [0, 1], t = 0 is data, t = 1 is noise.
     z_t = (1 - t) * z0 + t * eps,   eps ~ N(0, I),   velocity target v = eps - z0,
@@ -12,6 +12,7 @@ import copy
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from dit import DiT, DiTConfig
 from layers import KVCache, attention_flops, block_causal_mask, cola_mask, matmul_params, with_key_padding
@@ -140,6 +141,26 @@ def t_bin_sums(t, err, n_bins=10):
     return torch.stack([sums, counts])
 
 
+def history_metrics(t, cond, uncond, n_bins=10):
+    """Validation scalars of the FM loss with (cond) and without (uncond) the clean history, per block
+    (B, n_blocks), at times t (B,): both means over blocks 1.., and per t-bin sums and counts (so that
+    averages over batches and ranks stay exact ratios; t_bin_line prints them)."""
+    cond, uncond = history_blocks(cond), history_blocks(uncond)  # (B,)
+    res = {"fm_cond": cond.mean(), "fm_uncond": uncond.mean()}
+    for name, err in (("c", cond), ("u", uncond)):
+        sums = t_bin_sums(t, err, n_bins)
+        res.update({f"bin_{name}{i}": sums[0, i] for i in range(n_bins)})
+        res.update({f"bin_n{i}": sums[1, i] for i in range(n_bins)})
+    return res
+
+
+def t_bin_line(metrics):
+    """'0.0:cond|uncond 0.1:...' from history_metrics' bins (after averaging)."""
+    n = len([k for k in metrics if k.startswith("bin_n")])
+    return " ".join(f"{i / n:.1f}:{metrics[f'bin_c{i}'] / metrics[f'bin_n{i}']:.3f}|"
+                    f"{metrics[f'bin_u{i}'] / metrics[f'bin_n{i}']:.3f}" for i in range(n) if metrics[f"bin_n{i}"] > 0)
+
+
 # ----------------------------------------------------------------------------------------------------
 # the joint model
 
@@ -173,6 +194,17 @@ class ColaDLM(nn.Module):
         self.latent_shift.copy_(shift)
         self.latent_scale.copy_(scale)
 
+    @torch.no_grad()
+    def init_from_stage1(self, vae_state, batches):
+        """Start stage 2: the stage-1 VAE, its frozen copy as the reference encoder, and the latent
+        normalisation estimated on `batches` of training tokens (latent_stats of the posterior)."""
+        self.vae.load_state_dict(vae_state)
+        self.vae.eval()
+        posts = [self.vae.encode(x) for x in batches]
+        self.vae.train()
+        shift, scale = latent_stats(torch.cat([mu for mu, _ in posts]), torch.cat([lv for _, lv in posts]))
+        self.init_from_vae(vae_state, shift, scale)
+
     def train(self, mode=True):
         super().train(mode)
         self.ref_enc.eval()  # the reference never has dropout on
@@ -200,14 +232,17 @@ class ColaDLM(nn.Module):
         return v.reshape(B, L, d)
 
     def forward(self, tokens, beta=1e-3, mask_prob=0.15, lam_mask=1.0, lam_vae=1.0, lam_fm=1.0, lam_ref=1.0,
-                t_loc=1.0, t_scale=1.0, t_uniform=False, partial_prob=0.05, detach_zt=False, decode_rows=0):
-        """Stage-2 loss (SPEC §5). tokens (B, T) -> dict with 'loss' and its parts.
-        decode_rows > 0 (off in the paper) runs the decoder terms, whose vocabulary head is the costly part at
-        small width, on the first decode_rows sequences only; every sequence feeds the encoder, the entropy,
-        the reference KL and the FM term. Both estimates stay unbiased; the prior just sees a larger batch."""
+                t_loc=1.0, t_scale=1.0, t_uniform=False, partial_prob=0.05, detach_zt=False, decode_rows=0,
+                decoder_noise=0.0, lam_x0_ce=0.0):
+        """Stage-2 loss (docs/method.md §5). tokens (B, T) -> dict with 'loss' and its parts.
+        Not the paper's, all off by default: decode_rows > 0 runs the decoder terms, whose vocabulary head is
+        the costly part at small width, on the first decode_rows sequences only (every sequence feeds the
+        encoder, the entropy, the reference KL and the FM term; both estimates stay unbiased, the prior just
+        sees a larger batch); decoder_noise (vae.recon_terms); lam_x0_ce weighs a token-level loss on the
+        DiT's estimate of z0, decoded by the decoder held fixed (its gradient reaches the DiT only)."""
         vae = self.vae
         n_dec = decode_rows if 0 < decode_rows < tokens.shape[0] else tokens.shape[0]
-        out = vae.recon_terms(tokens[:n_dec], mask_prob, lam_mask)
+        out = vae.recon_terms(tokens[:n_dec], mask_prob, lam_mask, decoder_noise)
         mu, logvar, z = out.pop("mu"), out.pop("logvar"), out.pop("z")  # (n_dec, L, d)
         if n_dec < tokens.shape[0]:  # the other sequences: encoder only
             mu2, logvar2 = vae.encode(tokens[n_dec:])
@@ -231,6 +266,14 @@ class ColaDLM(nn.Module):
         out["fm"] = fm_loss(v_pred, velocity_target(z0n.detach(), eps), ~known)
         out["loss"] = (lam_vae * (out["ce"] + beta * out["neg_entropy"] + lam_mask * out["mask_ce"])
                        + lam_fm * out["fm"] + lam_ref * out["ref_kl"])
+        if lam_x0_ce > 0:
+            z0_hat = zt[:n_dec] - t_tok[:n_dec].unsqueeze(-1) * v_pred[:n_dec].float()  # (n_dec, L, d) normalised
+            frozen = {k: p.detach() for k, p in vae.dec.named_parameters()}
+            logits = torch.func.functional_call(vae.dec, frozen, (self.denormalize(z0_hat),))  # (n_dec, T, V)
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:n_dec].flatten(), reduction="none")
+            keep = (~known[:n_dec]).repeat_interleave(vae.cfg.patch_size, 1).flatten().float()
+            out["x0_ce"] = (ce * keep).sum() / keep.sum().clamp(min=1)
+            out["loss"] = out["loss"] + lam_x0_ce * out["x0_ce"]
         return out
 
     def train_flops_per_token(self, seq_len, decode_frac=1.0, lam_mask=1.0):

@@ -1,6 +1,6 @@
 """
 The block-causal DiT of Cola DLM: the prior p_psi(z0) over VAE latents, a velocity network trained by
-flow matching (SPEC §4). Bidirectional attention inside a block of `block_size` latents, causal across
+flow matching (docs/method.md §4). Bidirectional attention inside a block of `block_size` latents, causal across
 blocks; one timestep per latent (clean context latents carry t = 0).
 
     z (B, T, d) -> Linear -> N x [adaLN-Zero block] -> LN + adaLN shift/scale -> Linear -> v (B, T, d)
@@ -38,7 +38,7 @@ class DiTConfig:
 
 
 def timestep_embedding(t, dim, max_period=10000.0):
-    """Sinusoidal features of 1000*t (SPEC §2: the network sees t in [0, 1000]). t (...,) -> (..., dim)."""
+    """Sinusoidal features of 1000*t (docs/method.md §2: the network sees t in [0, 1000]). t (...,) -> (..., dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = (1000.0 * t.float()).unsqueeze(-1) * freqs  # (..., half)

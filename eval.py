@@ -335,7 +335,7 @@ def judge_perplexity(judge, prompts, samples):
     return math.exp(nll / max(n, 1))
 
 
-def make_generator(kind, model, steps, guidance, eos_id, seed):
+def make_generator(kind, model, steps, guidance, eos_id, seed, **cola_options):
     """fn(prompts, max_new) -> (new-token lists, model passes summed over rows). Greedy, repetition
     penalty 1.1 on generated tokens (the paper's task settings); batched for every kind."""
     g = torch.Generator(device=str(next(model.parameters()).device)).manual_seed(seed)
@@ -343,7 +343,7 @@ def make_generator(kind, model, steps, guidance, eos_id, seed):
     def run(prompts, max_new):
         if kind == "cola":
             outs, st = generate(model, prompts, max_new, steps, guidance, repetition_penalty=1.1, eos_id=eos_id,
-                                pad_id=eos_id, generator=g)
+                                pad_id=eos_id, generator=g, **cola_options)
             return outs, (st["dit"] + st["dit_commit"] + st["decoder"]) * len(prompts)
         if kind == "ar":
             outs, st = ar_generate(model, prompts, max_new, repetition_penalty=1.1, eos_id=eos_id)
@@ -505,6 +505,8 @@ def get_args(argv=None):
     p.add_argument("--judge", default=None, help="AR checkpoint that scores sample perplexity (name it in every comparison)")
     p.add_argument("--steps", type=int, default=16, help="Euler steps per block (Cola, paper: 16) / LLaDA steps")
     p.add_argument("--guidance", type=float, default=7.0, help="guidance scale (Cola, paper: 7)")
+    p.add_argument("--noise_scale", type=float, default=1.0, help="Cola: std of each block's starting noise (paper: 1)")
+    p.add_argument("--grid_power", type=float, default=1.0, help="Cola: > 1 makes the time grid denser near t = 0 (paper: 1)")
     p.add_argument("--sweep_steps", default="", help="comma list of step counts to sweep (Cola)")
     p.add_argument("--sweep_guidance", default="", help="comma list of guidance scales to sweep (Cola)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -570,7 +572,8 @@ def evaluate(args):
         print(f"[eval] generation diagnostics: {time.time() - t0:.1f} s", flush=True)
 
     # generation: tasks, samples, speed
-    gen = make_generator(kind, model, args.steps, args.guidance, eos, args.seed)
+    cola_options = dict(noise_scale=args.noise_scale, grid_power=args.grid_power) if kind == "cola" else {}
+    gen = make_generator(kind, model, args.steps, args.guidance, eos, args.seed, **cola_options)
     val_text = enc.decode(data.splits["val"][:200_000].astype(np.int64).tolist())
     if args.builtin_n:
         tasks.update(builtin_tasks(val_text, args.builtin_n, args.seed))
@@ -599,7 +602,7 @@ def evaluate(args):
             sweep = []
             for v in [float(s) for s in values.split(",")]:
                 gen_v = make_generator(kind, model, int(v) if key == "steps" else args.steps,
-                                       v if key == "guidance" else args.guidance, eos, args.seed)
+                                       v if key == "guidance" else args.guidance, eos, args.seed, **cola_options)
                 smp, _ = gen_v(prompts, args.sample_len)
                 row = {key: v, **ngram_metrics(smp, train_ngrams)}
                 if judge is not None:

@@ -1,5 +1,5 @@
 """
-Shared transformer pieces for the VAE, the DiT and the baselines (SPEC §3, §4, §8).
+Shared transformer pieces for the VAE, the DiT and the baselines (docs/method.md §3, §4, §8).
 
 - mask builders: block-causal (bidirectional inside a block, causal across blocks) and the Cola rule
   for mixed clean/noisy sequences; True = may attend, fed to SDPA as a bool mask with is_causal=False
@@ -23,7 +23,7 @@ def block_causal_mask(q_block, k_block):
 
 
 def cola_mask(q_block, q_noisy, k_block, k_noisy):
-    """The mixed clean/noisy rule of SPEC §4 (the "2L" layout, and the cached sampling pass).
+    """The mixed clean/noisy rule of docs/method.md §4 (the "2L" layout, and the cached sampling pass).
 
     clean query in block i -> clean keys in blocks <= i; noisy query in block j -> clean keys in
     blocks < j and noisy keys of block j only; clean queries never see noisy keys.

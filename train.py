@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from baselines import LMConfig, TransformerLM, matched_lm_config
 from checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from diffusion import ColaDLM, history_blocks, latent_stats, t_bin_sums
+from diffusion import ColaDLM, history_metrics, t_bin_line
 from dit import DiTConfig
 from layers import n_params
 from prepare import DEFAULT_DATA_DIR, REPO_DIR, DataError, TokenData, batch_seed
@@ -39,113 +39,98 @@ from vae import TextVAE, VAEConfig
 
 # The paper's recipe (docs/method.md §5); a preset may override it where its scale calls for it.
 RECIPE = dict(beta=1e-3, beta2=0.95, embed_lr_mult=1.0, lr=1.5e-4, min_lr=1e-5, warmup_iters=5000,
-              grad_clip_scope="global", fm_batch_mult=1)
+              grad_clip_scope="global", fm_batch_mult=1, decoder_noise=0.0, lam_x0_ce=0.0)
 
 # Size presets. 'cpu' is the laptop default; 'paper' is the paper's configuration (docs/method.md §3, §4, §10).
 PRESETS = {
     "tiny": dict(vae=dict(width=64, n_enc_layers=1, n_dec_layers=1, n_heads=2, mlp_hidden=128),
                  dit=dict(width=64, n_layers=2, n_heads=2),
                  recipe=dict(lr=3e-3, min_lr=3e-4, warmup_iters=50)),
-    # A few hundred steps over ~0.3M tokens: a large lr, beta2 0.999 (nanoGPT's Shakespeare config raises
-    # it too: few tokens per step), and 10x lr on the vocabulary-sized matrices, whose rows for rare tokens
-    # see a gradient only when the token occurs. beta 1e-4 puts the learned logSNR near the paper's ~4.5.
-    # Stage 2: the prior learns slowly and the decoder's 50K head is most of a step's cost, so the DiT sees
-    # 4x the decoded batch; and the VAE's reference-KL gradient norm (~1e3) would otherwise shrink every
-    # DiT step through the global clip, so each network is clipped on its own.
+    # a few hundred steps over ~0.3M tokens; each deviation from RECIPE is measured in the README
     "cpu": dict(vae=dict(width=128, n_enc_layers=2, n_dec_layers=2, n_heads=4, mlp_hidden=384),
                 dit=dict(width=192, n_layers=4, n_heads=4),
                 recipe=dict(beta=1e-4, beta2=0.999, embed_lr_mult=10.0, lr=3e-3, min_lr=3e-4, warmup_iters=50,
                             fm_batch_mult=4, grad_clip_scope="network")),
-    "paper": dict(vae=dict(width=1536, n_enc_layers=4, n_dec_layers=4, n_heads=12, mlp_hidden=3200,
-                           vocab_size=100278),
+    # the paper's vocabulary (100,278) comes from the data: prepare.py --tokenizer cl100k_base
+    "paper": dict(vae=dict(width=1536, n_enc_layers=4, n_dec_layers=4, n_heads=12, mlp_hidden=3200),
                   dit=dict(width=2048, n_layers=24, n_heads=16, mlp_hidden=8192, rope_fraction=0.75)),
 }
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
     # what to train
-    p.add_argument("--model", default="cola", choices=["cola", "ar", "llada"],
-                   help="cola (the stages below) or a matched baseline (trained for --main_iters)")
-    p.add_argument("--stage", default="all", choices=["vae", "joint", "all"], help="Cola training stage")
-    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="model size preset")
-    p.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="prepared data (prepare.py)")
-    p.add_argument("--out_dir", default=os.path.join(REPO_DIR, "out"), help="checkpoints and logs go here")
-    p.add_argument("--resume", action="store_true", help="continue from the stage's checkpoint in --out_dir")
-    p.add_argument("--dry_run", action="store_true",
-                   help="print the model configs, parameter counts and training FLOPs per step as JSON, then exit")
-    # model knobs (override the preset)
-    p.add_argument("--latent_dim", type=int, default=16, help="d: channels per latent")
-    p.add_argument("--block_size", type=int, default=16, help="latents per block (VAE and DiT attention)")
-    p.add_argument("--patch_size", type=int, default=1, help="tokens per latent")
-    p.add_argument("--vae_width", type=int, default=None, help="VAE width (default: preset)")
-    p.add_argument("--vae_layers", type=int, default=None, help="encoder and decoder blocks each (default: preset)")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout in every transformer block")
-    p.add_argument("--fixed_logsnr", type=float, default=0.0, help=">0: fixed posterior variance at this logSNR")
-    # stage-1 loss
-    p.add_argument("--beta", type=float, default=None,
-                   help="weight of the KL (stage 1) / entropy (stage 2) term (default: preset; paper 1e-3)")
-    p.add_argument("--mask_prob", type=float, default=0.15, help="fraction of tokens replaced by [MASK] in the BERT branch")
-    p.add_argument("--lam_mask", type=float, default=1.0, help="weight of the BERT-style masked branch (0: off)")
-    # stage-2 (joint) loss and the prior
-    p.add_argument("--dit_width", type=int, default=None, help="DiT width (default: preset)")
-    p.add_argument("--dit_layers", type=int, default=None, help="DiT blocks (default: preset)")
-    p.add_argument("--rope_fraction", type=float, default=None, help="fraction of DiT head channels RoPE rotates")
-    p.add_argument("--lm_width", type=int, default=None, help="baseline width (default: the preset's VAE width)")
-    p.add_argument("--lm_layers", type=int, default=0,
-                   help="baseline blocks (0: as many as match the Cola model of this preset in parameters)")
-    p.add_argument("--main_iters", type=int, default=250, help="optimizer steps of stage 2 (or of a baseline)")
-    p.add_argument("--vae_lr_ratio", type=float, default=1.0, help="VAE lr / DiT lr in stage 2 (0 freezes the VAE)")
-    p.add_argument("--lam_vae", type=float, default=1.0, help="weight of the VAE terms in stage 2")
-    p.add_argument("--lam_fm", type=float, default=1.0, help="weight of the flow-matching loss")
-    p.add_argument("--lam_ref", type=float, default=1.0, help="weight of KL(q || q_ref) to the frozen stage-1 encoder")
-    p.add_argument("--t_loc", type=float, default=1.0, help="logit-normal location of t (paper: 1.0 at d=16)")
-    p.add_argument("--t_scale", type=float, default=1.0, help="logit-normal scale of t")
-    p.add_argument("--t_uniform", action="store_true", help="sample t uniformly instead of logit-normal")
-    p.add_argument("--partial_prob", type=float, default=0.05, help="per-block probability of a known clean prefix")
-    p.add_argument("--fm_batch_mult", type=int, default=None,
-                   help="stage 2: the encoder and the prior see this many times --batch_size sequences per micro-"
-                        "batch, the decoder terms --batch_size of them (default: preset; paper 1)")
-    p.add_argument("--detach_zt", action="store_true", help="no FM gradient into the encoder (fallback if unstable)")
-    p.add_argument("--stats_batches", type=int, default=16, help="batches used to estimate the latent shift/scale")
+    add("--model", default="cola", choices=["cola", "ar", "llada"], help="Cola DLM or a baseline")
+    add("--stage", default="all", choices=["vae", "joint", "all"], help="Cola training stage")
+    add("--preset", default="cpu", choices=list(PRESETS), help="model size preset")
+    add("--data_dir", default=DEFAULT_DATA_DIR, help="prepared data (prepare.py)")
+    add("--out_dir", default=os.path.join(REPO_DIR, "out"), help="checkpoints and logs go here")
+    add("--resume", action="store_true", help="continue from the stage's checkpoint in --out_dir")
+    add("--dry_run", action="store_true", help="print configs, parameters, FLOPs per step; exit")
+    # the models (override the preset)
+    add("--latent_dim", type=int, default=16, help="d: channels per latent")
+    add("--block_size", type=int, default=16, help="latents per block (VAE and DiT attention)")
+    add("--patch_size", type=int, default=1, help="tokens per latent")
+    add("--vae_width", type=int, default=None, help="VAE width (default: preset)")
+    add("--vae_layers", type=int, default=None, help="encoder and decoder blocks each (default: preset)")
+    add("--dit_width", type=int, default=None, help="DiT width (default: preset)")
+    add("--dit_layers", type=int, default=None, help="DiT blocks (default: preset)")
+    add("--rope_fraction", type=float, default=None, help="share of DiT head channels RoPE rotates")
+    add("--lm_width", type=int, default=None, help="baseline width (default: the preset's VAE width)")
+    add("--lm_layers", type=int, default=0, help="baseline blocks (0: as many as match Cola's parameters)")
+    add("--dropout", type=float, default=0.0, help="dropout in every transformer block")
+    add("--fixed_logsnr", type=float, default=0.0, help=">0: fixed posterior variance at this logSNR")
+    # the losses
+    add("--beta", type=float, default=None, help="KL / entropy weight (paper 1e-3)")
+    add("--mask_prob", type=float, default=0.15, help="fraction of tokens replaced by [MASK] in the BERT branch")
+    add("--lam_mask", type=float, default=1.0, help="weight of the BERT-style masked branch (0: off)")
+    add("--vae_lr_ratio", type=float, default=1.0, help="VAE lr / DiT lr in stage 2 (0 freezes the VAE)")
+    add("--lam_vae", type=float, default=1.0, help="weight of the VAE terms in stage 2")
+    add("--lam_fm", type=float, default=1.0, help="weight of the flow-matching loss")
+    add("--lam_ref", type=float, default=1.0, help="weight of KL(q || q_ref) to the frozen stage-1 encoder")
+    add("--t_loc", type=float, default=1.0, help="logit-normal location of t (paper: 1.0 at d=16)")
+    add("--t_scale", type=float, default=1.0, help="logit-normal scale of t")
+    add("--t_uniform", action="store_true", help="sample t uniformly instead of logit-normal")
+    add("--partial_prob", type=float, default=0.05, help="per-block probability of a known clean prefix")
+    add("--detach_zt", action="store_true", help="no FM gradient into the encoder (fallback if unstable)")
+    add("--stats_batches", type=int, default=16, help="batches that estimate the latent shift/scale")
+    # deviations from the paper's recipe (docs/method.md; README "What each deviation buys"): default preset
+    add("--fm_batch_mult", type=int, default=None, help="stage 2: the prior sees this x --batch_size (paper 1)")
+    add("--grad_clip_scope", choices=["global", "network"], help="stage 2: clip VAE+DiT together (paper) or apart")
+    add("--decoder_noise", type=float, default=None, help="decoder reads latents noised to t<this (paper 0)")
+    add("--lam_x0_ce", type=float, default=None, help="stage 2: decoder CE on the DiT's z0 estimate (paper 0)")
+    add("--embed_lr_mult", type=float, default=None, help="lr multiplier of embeddings and output heads (paper 1)")
     # optimisation
-    p.add_argument("--seq_len", type=int, default=64, help="tokens per training sequence")
-    p.add_argument("--batch_size", type=int, default=16, help="sequences per micro-batch per process")
-    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--vae_iters", type=int, default=450, help="optimizer steps of stage 1")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: preset; paper 1.5e-4)")
-    p.add_argument("--min_lr", type=float, default=None, help="final learning rate of the cosine (default: preset)")
-    p.add_argument("--warmup_iters", type=int, default=None, help="linear warm-up steps (default: preset)")
-    p.add_argument("--embed_lr_mult", type=float, default=None,
-                   help="lr multiplier of embedding tables and output heads (default: preset; paper 1)")
-    p.add_argument("--beta2", type=float, default=None, help="AdamW beta2 (default: preset; paper 0.95)")
-    p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="grad-norm clip (0: off)")
-    p.add_argument("--grad_clip_scope", default=None, choices=["global", "network"],
-                   help="stage 2: one norm over VAE + DiT (paper) or one per network, so that the VAE's large "
-                        "reference-KL gradients do not scale the DiT's step down (default: preset)")
+    add("--seq_len", type=int, default=64, help="tokens per training sequence")
+    add("--batch_size", type=int, default=16, help="sequences per micro-batch per process")
+    add("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    add("--vae_iters", type=int, default=450, help="optimizer steps of stage 1")
+    add("--main_iters", type=int, default=250, help="optimizer steps of stage 2 (or of a baseline)")
+    add("--lr", type=float, default=None, help="peak learning rate (default: preset; paper 1.5e-4)")
+    add("--min_lr", type=float, default=None, help="final learning rate of the cosine (default: preset)")
+    add("--warmup_iters", type=int, default=None, help="linear warm-up steps (default: preset)")
+    add("--beta2", type=float, default=None, help="AdamW beta2 (default: preset; paper 0.95)")
+    add("--weight_decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
+    add("--grad_clip", type=float, default=1.0, help="grad-norm clip (0: off)")
     # running
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="autocast dtype")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="torch.compile the model (--no-compile for quick runs: a cold compile costs ~30 s)")
-    p.add_argument("--seed", type=int, default=1337, help="random seed")
-    p.add_argument("--log_interval", type=int, default=25, help="steps between log lines")
-    p.add_argument("--eval_interval", type=int, default=150, help="steps between validations and checkpoints")
-    p.add_argument("--eval_iters", type=int, default=8, help="validation batches per evaluation")
-    p.add_argument("--stop_after", type=int, default=0,
-                   help="checkpoint and exit after this many steps in this invocation (time-sliced jobs; 0 = off)")
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    add("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="autocast dtype")
+    add("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile (cold: ~30 s)")
+    add("--seed", type=int, default=1337, help="random seed")
+    add("--log_interval", type=int, default=25, help="steps between log lines")
+    add("--eval_interval", type=int, default=150, help="steps between validations and checkpoints")
+    add("--eval_iters", type=int, default=8, help="validation batches per evaluation")
+    add("--stop_after", type=int, default=0, help="checkpoint and exit after this many steps (0: off)")
     args = p.parse_args(argv)
     for k, v in {**RECIPE, **PRESETS[args.preset].get("recipe", {})}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    errs = []
+    errs = [f"--{n} must be >= 1" for n in ("batch_size", "grad_accum", "latent_dim", "block_size", "patch_size",
+                                            "seq_len", "fm_batch_mult") if getattr(args, n) < 1]
     if args.seq_len % (args.block_size * args.patch_size):
         errs.append(f"--seq_len {args.seq_len} must be a multiple of block_size*patch_size = "
                     f"{args.block_size * args.patch_size}")
-    for name in ("batch_size", "grad_accum", "latent_dim", "block_size", "patch_size", "seq_len", "fm_batch_mult"):
-        if getattr(args, name) < 1:
-            errs.append(f"--{name} must be >= 1")
     if not 0 <= args.mask_prob <= 1:
         errs.append("--mask_prob must be in [0, 1]")
     if errs:
@@ -154,27 +139,19 @@ def get_args(argv=None):
 
 
 def vae_config(args, vocab_size):
-    cfg = dict(PRESETS[args.preset]["vae"])
-    cfg.update(vocab_size=vocab_size, latent_dim=args.latent_dim, block_size=args.block_size,
-               patch_size=args.patch_size, dropout=args.dropout, fixed_logsnr=args.fixed_logsnr,
-               max_seq_len=max(args.seq_len, 1024))
-    if args.vae_width:
-        cfg["width"] = args.vae_width
-    if args.vae_layers:
-        cfg["n_enc_layers"] = cfg["n_dec_layers"] = args.vae_layers
-    return VAEConfig(**cfg)
+    """The preset's VAE with the flags' overrides."""
+    over = dict(width=args.vae_width, n_enc_layers=args.vae_layers, n_dec_layers=args.vae_layers)
+    return VAEConfig(**{**PRESETS[args.preset]["vae"], **{k: v for k, v in over.items() if v},
+                        "vocab_size": vocab_size, "latent_dim": args.latent_dim, "block_size": args.block_size,
+                        "patch_size": args.patch_size, "dropout": args.dropout, "fixed_logsnr": args.fixed_logsnr,
+                        "max_seq_len": max(args.seq_len, 1024)})
 
 
 def dit_config(args, vae_cfg):
-    cfg = dict(PRESETS[args.preset]["dit"])
-    cfg.update(latent_dim=vae_cfg.latent_dim, block_size=vae_cfg.block_size, dropout=args.dropout)
-    if args.dit_width:
-        cfg["width"] = args.dit_width
-    if args.dit_layers:
-        cfg["n_layers"] = args.dit_layers
-    if args.rope_fraction is not None:
-        cfg["rope_fraction"] = args.rope_fraction
-    return DiTConfig(**cfg)
+    """The preset's DiT with the flags' overrides, on the VAE's latents and blocks."""
+    over = dict(width=args.dit_width, n_layers=args.dit_layers, rope_fraction=args.rope_fraction)
+    return DiTConfig(**{**PRESETS[args.preset]["dit"], **{k: v for k, v in over.items() if v},
+                        "latent_dim": vae_cfg.latent_dim, "block_size": vae_cfg.block_size, "dropout": args.dropout})
 
 
 def lm_config(args, vocab_size):
@@ -193,8 +170,7 @@ def lm_config(args, vocab_size):
 
 def setup_distributed(device):
     """Returns (rank, world, device). Works with or without torchrun."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if int(os.environ.get("RANK", -1)) == -1:
         return 0, 1, device
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -225,17 +201,15 @@ def make_optimizer(param_groups, args, device):
     groups = []
     for params, lr_scale in param_groups:
         params = [p for p in params if p.requires_grad]
-        groups.append({"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay,
-                       "lr_scale": lr_scale})
-        groups.append({"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": lr_scale})
+        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay,
+                    "lr_scale": lr_scale}, {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0,
+                                            "lr_scale": lr_scale}]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=str(device).startswith("cuda"))
 
 
 def vocab_lr_groups(module, scale, vocab_mult):
-    """[(params, lr scale)]: the vocabulary-sized matrices (token embeddings and output heads) get
-    vocab_mult times the module's learning rate: a rare token's rows are updated only when it occurs."""
-    vocab = [m.weight for name, m in module.named_modules()
-             if isinstance(m, torch.nn.Embedding) or name.endswith("head")]
+    """[(params, lr scale)]: embeddings and output heads get vocab_mult x (a rare token's rows learn rarely)."""
+    vocab = [m.weight for name, m in module.named_modules() if isinstance(m, torch.nn.Embedding) or name[-4:] == "head"]
     ids = {id(p) for p in vocab}
     return [([p for p in module.parameters() if id(p) not in ids], scale), (vocab, scale * vocab_mult)]
 
@@ -272,7 +246,7 @@ def stage_vae(args, env, data):
         model.load_state_dict(ckpt["model"])
     if env["master"]:
         print(f"[vae] {n_params(model) / 1e6:.2f}M parameters, config {asdict(cfg)}", flush=True)
-    loss_kwargs = dict(beta=args.beta, mask_prob=args.mask_prob, lam_mask=args.lam_mask)
+    loss_kwargs = {k: getattr(args, k) for k in ("beta", "mask_prob", "lam_mask", "decoder_noise")}
 
     def validate(x):
         out = model(x, **loss_kwargs)
@@ -287,18 +261,8 @@ def stage_vae(args, env, data):
 # ----------------------------------------------------------------------------------------------------
 # stage 2: the VAE and the block-causal DiT prior, jointly (docs/method.md §4, §5)
 
-@torch.no_grad()
-def estimate_latent_stats(vae, args, data, device):
-    """Per-channel shift/scale of q(z|x) over training batches (the same batches on every rank)."""
-    vae.eval()
-    mus, logvars = [], []
-    for i in range(args.stats_batches):
-        mu, logvar = vae.encode(data.batch("train", args.batch_size, batch_seed(args.seed + 2, i, 0), device))
-        mus.append(mu)
-        logvars.append(logvar)
-    vae.train()
-    return latent_stats(torch.cat(mus), torch.cat(logvars))
-
+JOINT_LOSS_ARGS = ("beta", "mask_prob", "lam_mask", "lam_vae", "lam_fm", "lam_ref", "t_loc", "t_scale", "t_uniform",
+                   "partial_prob", "detach_zt", "decoder_noise", "lam_x0_ce")  # flags ColaDLM.forward takes
 
 def stage_joint(args, env, data):
     path = os.path.join(args.out_dir, "ckpt.pt")
@@ -310,48 +274,31 @@ def stage_joint(args, env, data):
         vae_ckpt = load_checkpoint(os.path.join(args.out_dir, "vae.pt"), ("vae",))
         vae_cfg = VAEConfig(**vae_ckpt["vae_config"])
         torch.manual_seed(args.seed)  # the same DiT init on every rank
-        model = ColaDLM(vae_cfg, dit_config(args, vae_cfg))
-        model.vae.load_state_dict(vae_ckpt["model"])
-        shift, scale = estimate_latent_stats(model.vae.to(env["device"]), args, data, env["device"])
-        model.init_from_vae(vae_ckpt["model"], shift, scale)
+        model = ColaDLM(vae_cfg, dit_config(args, vae_cfg)).to(env["device"])
+        model.init_from_stage1(vae_ckpt["model"], [data.batch("train", args.batch_size, batch_seed(args.seed + 2, i, 0),
+                                                              env["device"]) for i in range(args.stats_batches)])
         stage1_flops = vae_ckpt["train_flops"]
     if env["master"]:
-        print(f"[joint] VAE {n_params(model.vae) / 1e6:.2f}M + DiT {n_params(model.dit) / 1e6:.2f}M parameters; "
-              f"DiT config {asdict(model.dit.cfg)}", flush=True)
-        print("[joint] latent shift " + " ".join(f"{v:.2f}" for v in model.latent_shift.tolist()) +
-              " | scale " + " ".join(f"{v:.2f}" for v in model.latent_scale.tolist()), flush=True)
+        print(f"[joint] VAE {n_params(model.vae) / 1e6:.2f}M + DiT {n_params(model.dit) / 1e6:.2f}M parameters; DiT "
+              f"config {asdict(model.dit.cfg)}; latent scale {[round(v, 2) for v in model.latent_scale.tolist()]}")
     if args.vae_lr_ratio == 0:
         model.vae.requires_grad_(False)  # Joint x0: the VAE stays at stage 1
     # the VAE trains at exactly the DiT's lr times --vae_lr_ratio (the paper's "Joint x1"); stage 1's
     # vocabulary-matrix multiplier is not applied: it lets the latents drift from q_ref
     groups = [(model.dit.parameters(), 1.0), (model.vae.parameters(), args.vae_lr_ratio)]
-    loss_kwargs = dict(beta=args.beta, mask_prob=args.mask_prob, lam_mask=args.lam_mask, lam_vae=args.lam_vae,
-                       lam_fm=args.lam_fm, lam_ref=args.lam_ref, t_loc=args.t_loc, t_scale=args.t_scale,
-                       t_uniform=args.t_uniform, partial_prob=args.partial_prob, detach_zt=args.detach_zt,
-                       decode_rows=args.batch_size if args.fm_batch_mult > 1 else 0)
+    loss_kwargs = {k: getattr(args, k) for k in JOINT_LOSS_ARGS}
+    loss_kwargs["decode_rows"] = args.batch_size if args.fm_batch_mult > 1 else 0
     clip_groups = ({"_dit": list(model.dit.parameters()), "_vae": list(model.vae.parameters())}
                    if args.grad_clip_scope == "network" else {})
 
     def validate(x):
         out = model(x, **loss_kwargs)
         out["recon_acc"] = model.vae.recon_accuracy(x)
-        # the prior with and without its clean history on the same noise; uniform t so that every bin gets
-        # samples; blocks 1.. only (block 0 has no history, so both passes agree there)
-        t, cond, uncond = model.fm_eval(x, t_uniform=True)
-        cond, uncond = history_blocks(cond), history_blocks(uncond)  # (B,)
         res = {k: out[k] for k in ("loss", "ce", "mask_acc", "recon_acc", "fm", "ref_kl", "logsnr")}
-        res.update(fm_cond=cond.mean(), fm_uncond=uncond.mean())
-        for name, err in (("c", cond), ("u", uncond)):  # per t-bin sums and counts, averaged like the rest
-            sums = t_bin_sums(t, err)
-            res.update({f"bin_{name}{i}": sums[0, i] for i in range(sums.shape[1])})
-            res.update({f"bin_n{i}": sums[1, i] for i in range(sums.shape[1])})
-        return res
+        # the prior with and without its clean history on the same noise, uniform t (every bin gets samples)
+        return {**res, **history_metrics(*model.fm_eval(x, t_uniform=True))}
 
-    def report(val):
-        bins = sorted({int(k[5:]) for k in val if k.startswith("bin_n")})
-        parts = [f"{i / len(bins):.1f}:{val[f'bin_c{i}'] / val[f'bin_n{i}']:.3f}|{val[f'bin_u{i}'] / val[f'bin_n{i}']:.3f}"
-                 for i in bins if val[f"bin_n{i}"] > 0]
-        return ["val FM per t-bin (with history | without): " + " ".join(parts)]
+    report = lambda val: ["val FM per t-bin (with history | without): " + t_bin_line(val)]
 
     return Run("joint", model, groups, loss_kwargs, args.main_iters, path,
                dict(kind="cola", vae_config=asdict(model.vae.cfg), dit_config=asdict(model.dit.cfg),
@@ -392,11 +339,10 @@ class TrainingError(RuntimeError):
 
 
 def all_reduce_mean(metrics, env):
-    if env["world"] == 1:
-        return {k: float(v) for k, v in metrics.items()}
     keys = sorted(metrics)
     t = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=env["device"]) for k in keys])
-    dist.all_reduce(t)
+    if env["world"] > 1:
+        dist.all_reduce(t)
     return {k: float(v) / env["world"] for k, v in zip(keys, t)}
 
 
@@ -414,11 +360,9 @@ def train(run, args, env, data):
             set_rng_state(states[rank])
         else:
             torch.manual_seed(args.seed + rank * 1000 + step)
-            if master:
-                print(f"[{run.name}] warning: saved by {len(states)} processes, resumed by {world}: the random "
-                      "streams are reseeded, so this run is not the exact continuation", flush=True)
         if master:
-            print(f"[{run.name}] resumed at step {step}", flush=True)
+            print(f"[{run.name}] resumed at step {step}" + ("" if len(states) == world else
+                  f"; warning: saved by {len(states)} processes, so the random streams are reseeded"), flush=True)
     else:
         torch.manual_seed(args.seed + rank * 1000)  # different noise on every rank
     fwd = torch.compile(model) if args.compile else model
@@ -431,11 +375,9 @@ def train(run, args, env, data):
     flops = lambda: run.flops_before + step * tokens_per_step * run.flops_per_token
 
     def save():
-        states = [None] * world
-        if world > 1:
+        states = [rng_state()] * world
+        if world > 1:  # every rank's random state, so that a resume continues every stream
             dist.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
         if master:
             save_checkpoint(run.ckpt_path, dict(**run.ckpt_fields, model=model.state_dict(), step=step,
                                                 optimizer=opt.state_dict(), rng=states, args=vars(args),
@@ -446,15 +388,14 @@ def train(run, args, env, data):
         """Metrics averaged over the validation batches and ranks, with fixed noise: comparable between
         evaluations, and the training random stream is left as it was."""
         model.eval()
-        saved = torch.get_rng_state()
-        torch.manual_seed(args.seed + 7)
-        sums = {}
-        with torch.no_grad(), autocast:
+        sums, cuda = {}, torch.device(device).type == "cuda"
+        rng_devices = [torch.device(device).index or 0] if cuda else []
+        with torch.random.fork_rng(devices=rng_devices), torch.no_grad(), autocast:
+            torch.manual_seed(args.seed + 7)
             for i in range(args.eval_iters):
                 x = data.batch("val", args.batch_size, batch_seed(args.seed + 1, rank * args.eval_iters + i, 0), device)
                 for k, v in run.validate(x).items():
                     sums[k] = sums.get(k, 0.0) + float(v) / args.eval_iters
-        torch.set_rng_state(saved)
         model.train()
         return {**all_reduce_mean(sums, env), "train_flops": flops()}
 
@@ -479,10 +420,8 @@ def train(run, args, env, data):
             for k, v in out.items():
                 if torch.is_tensor(v) and v.dim() == 0:
                     sums[k] = sums.get(k, 0.0) + v.detach().float() / args.grad_accum
-        bad = torch.tensor(0.0 if math.isfinite(float(sums["loss"])) else 1.0, device=device)
-        if world > 1:
-            dist.all_reduce(bad)  # every rank stops together
-        if bad > 0:  # checked before the step: the weights and the last checkpoint stay good
+        # a NaN or Inf loss stops every rank before the step: the weights and the last checkpoint stay good
+        if not math.isfinite(all_reduce_mean({"loss": sums["loss"]}, env)["loss"]):
             raise TrainingError(f"[{run.name}] loss is {float(sums['loss'])} at step {step}; stopped, "
                                 f"{run.ckpt_path} holds the last good checkpoint (try a lower --lr)")
         if args.grad_clip > 0:
@@ -492,9 +431,7 @@ def train(run, args, env, data):
         opt.zero_grad(set_to_none=True)
         step += 1
         steps_here += 1
-        for k, v in sums.items():
-            acc[k] = acc.get(k, 0.0) + v
-        n += 1
+        acc, n = {k: acc.get(k, 0.0) + v for k, v in sums.items()}, n + 1
         if step % args.log_interval == 0 or step == run.max_iters:
             m = all_reduce_mean({k: v / n for k, v in acc.items()}, env)
             dt = (time.time() - t0) / n
@@ -519,20 +456,18 @@ def train(run, args, env, data):
 
 def dry_run(args, vocab_size):
     """Configs, parameters and FLOPs per optimizer step of this invocation, built on the meta device."""
-    tokens = args.batch_size * args.seq_len * args.grad_accum
+    tokens, L = args.batch_size * args.seq_len * args.grad_accum, args.seq_len
     with torch.device("meta"):
-        if args.model == "cola":
-            vcfg = vae_config(args, vocab_size)
-            cola = ColaDLM(vcfg, dit_config(args, vcfg))
-            return dict(model="cola", vae_config=asdict(vcfg), dit_config=asdict(cola.dit.cfg),
-                        params=n_params(cola.vae) + n_params(cola.dit),
-                        vae_flops_per_step=cola.vae.train_flops_per_token(args.seq_len, args.lam_mask) * tokens,
-                        joint_flops_per_step=cola.train_flops_per_token(args.seq_len, 1 / args.fm_batch_mult,
-                                                                        args.lam_mask) * tokens * args.fm_batch_mult)
-        cfg, _ = lm_config(args, vocab_size)
-        lm = TransformerLM(cfg)
-        return dict(model=args.model, lm_config=asdict(cfg), params=n_params(lm),
-                    flops_per_step=lm.train_flops_per_token(args.seq_len) * tokens)
+        if args.model != "cola":
+            lm = TransformerLM(lm_config(args, vocab_size)[0])
+            return dict(model=args.model, lm_config=asdict(lm.cfg), params=n_params(lm),
+                        flops_per_step=lm.train_flops_per_token(L) * tokens)
+        vcfg = vae_config(args, vocab_size)
+        cola = ColaDLM(vcfg, dit_config(args, vcfg))
+    return dict(model="cola", vae_config=asdict(vcfg), dit_config=asdict(cola.dit.cfg), params=n_params(cola.vae) +
+                n_params(cola.dit), vae_flops_per_step=cola.vae.train_flops_per_token(L, args.lam_mask) * tokens,
+                joint_flops_per_step=cola.train_flops_per_token(L, 1 / args.fm_batch_mult, args.lam_mask) * tokens
+                * args.fm_batch_mult)
 
 
 def main(argv=None):

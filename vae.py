@@ -1,5 +1,5 @@
 """
-The Text VAE of Cola DLM (SPEC §3): tokens <-> one continuous latent of dimension d per `patch_size`
+The Text VAE of Cola DLM (docs/method.md §3): tokens <-> one continuous latent of dimension d per `patch_size`
 tokens, through block-causal transformers (so a prompt can be encoded and decoded block by block).
 
     encoder q_phi(z|x): embed -> [patch] -> blocks -> LN -> Linear -> (mu, logvar); mu -> LN without
@@ -57,7 +57,7 @@ def gaussian_kl(mu, logvar, mu_ref, logvar_ref):
 
 
 def vae_logsnr(mu, logvar):
-    """log(E[mu^2] / E[sigma^2]) over data, positions and channels (SPEC §3)."""
+    """log(E[mu^2] / E[sigma^2]) over data, positions and channels (docs/method.md §3)."""
     return torch.log(mu.float().pow(2).mean() / logvar.float().exp().mean())
 
 
@@ -147,15 +147,22 @@ class TextVAE(nn.Module):
         hide = torch.rand(tokens.shape, device=tokens.device) < mask_prob
         return torch.where(hide, torch.full_like(tokens, self.cfg.mask_id), tokens)
 
-    def recon_terms(self, tokens, mask_prob, lam_mask):
+    def recon_terms(self, tokens, mask_prob, lam_mask, decoder_noise=0.0):
         """The terms both stages share: CE of the sampled latent, the masked branch, and the posterior.
         The clean and the masked copies go through the encoder and decoder as one batch (one big head
-        matmul is cheaper than two on CPU)."""
+        matmul is cheaper than two on CPU). decoder_noise > 0 (not the paper's) moves the clean copy's
+        latents along a flow path, z <- (1 - s) z + s eps with s ~ U(0, decoder_noise) per sequence, so
+        that the decoder learns to read latents a little off the posterior, as generated ones are."""
         B = tokens.shape[0]
         both = torch.cat([tokens, self.mask_tokens(tokens, mask_prob)]) if lam_mask > 0 else tokens  # (2B, T)
         mu, logvar = self.encode(both)  # (2B, N, d)
         z = self.reparameterize(mu, logvar)
-        logits = self.decode(z)  # (2B, T, V)
+        z_dec = z
+        if decoder_noise > 0:
+            s = torch.zeros(z.shape[0], 1, 1, device=z.device)
+            s[:B] = decoder_noise * torch.rand(B, 1, 1, device=z.device)
+            z_dec = (1 - s) * z + s * torch.randn_like(z)
+        logits = self.decode(z_dec)  # (2B, T, V)
         target = tokens.repeat(2, 1) if lam_mask > 0 else tokens
         ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none").view(-1, B, tokens.shape[1])
         hit = (logits.argmax(-1) == target).float().view(-1, B, tokens.shape[1])
@@ -166,9 +173,9 @@ class TextVAE(nn.Module):
             out["mask_ce"] = out["mask_acc"] = torch.zeros((), device=tokens.device)
         return out
 
-    def forward(self, tokens, beta=1e-3, mask_prob=0.15, lam_mask=1.0):
-        """Stage-1 loss (SPEC §3). tokens (B, T) -> dict with 'loss' and metrics."""
-        out = self.recon_terms(tokens, mask_prob, lam_mask)
+    def forward(self, tokens, beta=1e-3, mask_prob=0.15, lam_mask=1.0, decoder_noise=0.0):
+        """Stage-1 loss (docs/method.md §3). tokens (B, T) -> dict with 'loss' and metrics."""
+        out = self.recon_terms(tokens, mask_prob, lam_mask, decoder_noise)
         mu, logvar = out.pop("mu"), out.pop("logvar")
         out.pop("z")
         out["kl"] = gaussian_kl_std_normal(mu.float(), logvar.float()).mean()  # per latent, summed over d

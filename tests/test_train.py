@@ -155,3 +155,43 @@ def test_sample_cli_runs_every_kind(tmp_path, data_dir, capsys):
         new, _ = (ar_generate(model, [p], 6, eos_id=enc.eot_token) if kind == "ar"
                   else llada_generate(model, [p], 6, steps=3, block_length=3, eos_id=enc.eot_token))
         assert "ROMEO:" + enc.decode(new[0]) in text
+
+
+class Payload:
+    """A class a checkpoint must not be able to make us import and run."""
+
+
+def test_checkpoint_with_a_pickled_object_is_refused(tmp_path, root):
+    from checkpoint import CheckpointError, load_checkpoint
+    path = tmp_path / "evil.pt"
+    torch.save({"kind": "cola", "model": {}, "extra": Payload()}, path)
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
+        load_checkpoint(str(path))
+    r = subprocess.run([sys.executable, os.path.join(root, "sample.py"), "--ckpt", str(path)], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [f"error: {path} holds pickled Python objects; refusing to load it "
+                                             "(a checkpoint may hold only tensors and plain containers)"]
+
+
+def test_training_checkpoints_load_safely(tmp_path, data_dir):
+    """What train.py writes (configs, optimizer, every rank's random state) loads with weights_only=True."""
+    out = str(tmp_path / "o")
+    train.main(["--stage", "vae", "--data_dir", data_dir, "--out_dir", out, "--vae_iters", "1", "--eval_interval", "1"] + TINY)
+    ck = torch.load(os.path.join(out, "vae.pt"), weights_only=True)
+    assert isinstance(ck["rng"], list) and len(ck["rng"]) == 1
+
+
+def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    """A save that raises midway leaves the previous checkpoint intact and no temporary file."""
+    import checkpoint
+    path = str(tmp_path / "c.pt")
+    checkpoint.save_checkpoint(path, {"kind": "vae", "step": 1})
+
+    def broken_save(obj, f):
+        open(f, "wb").write(b"half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(checkpoint.torch, "save", broken_save)
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(path, {"kind": "vae", "step": 2})
+    monkeypatch.undo()
+    assert checkpoint.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["c.pt"]
