@@ -31,6 +31,8 @@ class DiTConfig:
     rope_fraction: float = 1.0      # fraction of each head's channels rotated (paper: 96/128 = 0.75)
     freq_dim: int = 256             # sinusoidal features of the timestep (paper: 256)
     dropout: float = 0.0            # attention/MLP dropout (paper: none)
+    adaln_zero: bool = True         # zero-init modulation and output (DiT's adaLN-Zero); False: Xavier everywhere,
+                                    # as the authors' release initialises it (its zero-init is never called)
 
     @property
     def hidden(self):
@@ -106,6 +108,8 @@ class DiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        if not self.cfg.adaln_zero:
+            return
         for m in self.t_embed.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)

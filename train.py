@@ -101,6 +101,7 @@ def get_args(argv=None):
     add("--decoder_noise", type=float, default=None, help="decoder reads latents noised to t<this (paper 0)")
     add("--lam_x0_ce", type=float, default=None, help="stage 2: decoder CE on the DiT's z0 estimate (paper 0)")
     add("--embed_lr_mult", type=float, default=None, help="lr multiplier of embeddings and output heads (paper 1)")
+    add("--dit_init", default="adaln_zero", choices=["adaln_zero", "xavier"], help="DiT init (release: xavier)")
     # optimisation
     add("--seq_len", type=int, default=64, help="tokens per training sequence")
     add("--batch_size", type=int, default=16, help="sequences per micro-batch per process")
@@ -149,8 +150,9 @@ def vae_config(args, vocab_size):
 
 def dit_config(args, vae_cfg):
     """The preset's DiT with the flags' overrides, on the VAE's latents and blocks."""
-    over = dict(width=args.dit_width, n_layers=args.dit_layers, rope_fraction=args.rope_fraction)
-    return DiTConfig(**{**PRESETS[args.preset]["dit"], **{k: v for k, v in over.items() if v},
+    over = dict(width=args.dit_width, n_layers=args.dit_layers, rope_fraction=args.rope_fraction,
+                adaln_zero=args.dit_init == "adaln_zero")
+    return DiTConfig(**{**PRESETS[args.preset]["dit"], **{k: v for k, v in over.items() if v is not None},
                         "latent_dim": vae_cfg.latent_dim, "block_size": vae_cfg.block_size, "dropout": args.dropout})
 
 
@@ -338,6 +340,11 @@ class TrainingError(RuntimeError):
     """The run cannot go on (a NaN loss, say); the message is one line meant for the user."""
 
 
+def clip_gradients(groups, max_norm):
+    """Clip each group {log suffix: params} to max_norm on its own -> {'gnorm<suffix>': norm before clipping}."""
+    return {"gnorm" + k: torch.nn.utils.clip_grad_norm_(params, max_norm) for k, params in groups.items()}
+
+
 def all_reduce_mean(metrics, env):
     keys = sorted(metrics)
     t = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=env["device"]) for k in keys])
@@ -383,6 +390,8 @@ def train(run, args, env, data):
                                                 optimizer=opt.state_dict(), rng=states, args=vars(args),
                                                 data_position=dict(step=step, seed=args.seed),
                                                 tokenizer=data.meta["tokenizer"], train_flops=flops()))
+        if world > 1:
+            dist.barrier()  # the next stage reads this file on every rank
 
     def validate():
         """Metrics averaged over the validation batches and ranks, with fixed noise: comparable between
@@ -425,8 +434,7 @@ def train(run, args, env, data):
             raise TrainingError(f"[{run.name}] loss is {float(sums['loss'])} at step {step}; stopped, "
                                 f"{run.ckpt_path} holds the last good checkpoint (try a lower --lr)")
         if args.grad_clip > 0:
-            for suffix, params in (run.clip_groups or {"": list(model.parameters())}).items():
-                sums["gnorm" + suffix] = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            sums.update(clip_gradients(run.clip_groups or {"": list(model.parameters())}, args.grad_clip))
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -470,26 +478,31 @@ def dry_run(args, vocab_size):
                 * args.fm_batch_mult)
 
 
+def run_stages(args, env):
+    """Train what the flags ask for: a baseline, or Cola's stage 1 and/or stage 2. Returns the last Run."""
+    data = TokenData(args.data_dir, args.seq_len)
+    if args.dry_run:
+        if env["master"]:
+            print(json.dumps(dry_run(args, data.meta["vocab_size"])))
+        return None
+    if env["master"]:
+        os.makedirs(args.out_dir, exist_ok=True)
+    if args.model != "cola":
+        runs = [stage_lm]
+    else:
+        runs = ([stage_vae] if args.stage in ("vae", "all") else []) + ([stage_joint] if args.stage != "vae" else [])
+    for make in runs:
+        run = make(args, env, data)
+        if not train(run, args, env, data):  # --stop_after ended it: the next stage waits for --resume
+            break
+    return run
+
+
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = setup_distributed(args.device)
-    env = dict(rank=rank, world=world, device=device, master=rank == 0)
     try:
-        data = TokenData(args.data_dir, args.seq_len)
-        if args.dry_run:
-            if env["master"]:
-                print(json.dumps(dry_run(args, data.meta["vocab_size"])))
-            return
-        if env["master"]:
-            os.makedirs(args.out_dir, exist_ok=True)
-        if args.model != "cola":
-            train(stage_lm(args, env, data), args, env, data)
-            return
-        finished = True
-        if args.stage in ("vae", "all"):
-            finished = train(stage_vae(args, env, data), args, env, data)
-        if args.stage == "joint" or (args.stage == "all" and finished):
-            train(stage_joint(args, env, data), args, env, data)
+        run_stages(args, dict(rank=rank, world=world, device=device, master=rank == 0))
     except (DataError, CheckpointError, TrainingError) as e:
         sys.exit(f"error: {e}")
     finally:

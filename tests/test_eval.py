@@ -192,3 +192,70 @@ def test_scaling_plan_matches_training_flops(tmp_path, root):
             per_step = TransformerLM(cfg).train_flops_per_token(args.seq_len) * args.batch_size * args.seq_len
         steps = int(flags[flags.index("--main_iters") + 1])
         assert abs(steps * per_step - cola[lv][1]) <= per_step / 2 + 1
+
+
+# ---------------------------------------------------------------------------------------------------- generation diagnostics
+
+def oracle(model, true):
+    """Make the model's guided velocity the exact one towards the latents `true` (B, bs, d): v = (z - true) / t."""
+    model.guided_velocity = lambda z, t_tok, hist_valid, guidance, cache: (z - true) / t_tok.unsqueeze(-1).clamp(min=1e-6)
+    return model
+
+
+def test_sdedit_with_an_oracle_prior_recovers_the_true_block():
+    """An exact prior lands on the true latents from any t0, so every 'after the DiT' accuracy equals the
+    accuracy of decoding the true latents; a sampler bug (wrong grid, wrong start) breaks the equality."""
+    from test_generate import tiny_model
+    model = tiny_model()
+    x = torch.randint(0, 100, (6, 16))
+    hist, true = ev.true_block(model, x, 2)
+    target = x[:, 8:12]
+    exact = float((ev.decode_after(model, hist, true).argmax(-1) == target).float().mean())
+    res = ev.eval_sdedit(oracle(model, true), x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0))
+    for t0 in (0.25, 0.5, 0.75, 1.0):
+        assert res[f"after_dit_{t0}"] == pytest.approx(exact)
+    assert res["noisy_0.75"] != pytest.approx(exact)  # decoding the noisy start is not the same
+
+
+def test_latent_fit_of_an_oracle_prior_equals_the_posterior():
+    from test_generate import tiny_model
+    model = tiny_model()
+    x = torch.randint(0, 100, (6, 16))
+    _, true = ev.true_block(model, x, 2)
+    res = ev.eval_latent_fit(oracle(model, true), x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0))
+    for k in ("maxprob", "entropy", "dist_to_reencoded"):
+        assert res[f"{k}_generated"] == pytest.approx(res[f"{k}_posterior"], abs=1e-4), k
+    assert res["dist_between_neighbours"] > 0
+
+
+def test_reencoded_history_is_what_the_caches_hold():
+    """With reencode_history, the next block is generated after a DiT cache that equals a fresh prefill of the
+    re-encoded text; without it, after the generated latents. The first block's drift is the same in both."""
+    from test_generate import tiny_model, run
+    model = tiny_model()
+    seen = {}
+    real = model.guided_velocity
+
+    def spy(z, t_tok, hist_valid, guidance, cache):
+        seen.setdefault(hist_valid.shape[1], [l.k.clone() for l in cache.layers])
+        return real(z, t_tok, hist_valid, guidance, cache)
+    model.guided_velocity = spy
+    drift = []
+    out, _ = run(model, [[5, 6, 7, 8]], max_new_tokens=8, eos_id=-1, reencode_history=True, on_drift=drift.append)
+    text = torch.tensor([[5, 6, 7, 8] + out[0][:4]])
+    fresh = model.new_caches()
+    model.prefill(ev.reencode(model, text), torch.ones(1, 8, dtype=torch.bool), fresh)
+    assert all(torch.allclose(a, b.k, atol=1e-5) for a, b in zip(seen[8], fresh[0].layers))
+    drift_plain = []
+    run(model, [[5, 6, 7, 8]], max_new_tokens=8, eos_id=-1, on_drift=drift_plain.append)
+    assert drift[0] == pytest.approx(drift_plain[0]) and len(drift) == 2
+
+
+def test_training_t_density_matches_the_sampler():
+    from diffusion import sample_t
+    dens = ev.training_t_density(10, 1.0, 1.0, False)
+    assert sum(dens) == pytest.approx(1.0)
+    t = sample_t(200_000, 1.0, 1.0, generator=torch.Generator().manual_seed(0))
+    hist = torch.histc(t, bins=10, min=0, max=1) / len(t)
+    assert torch.allclose(hist, torch.tensor(dens), atol=0.005)
+    assert ev.training_t_density(4, 0, 1, True) == [0.25] * 4

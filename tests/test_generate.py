@@ -238,3 +238,56 @@ def test_sample_cli_errors(tmp_path, root):
     r = subprocess.run([sys.executable, os.path.join(root, "sample.py"), "--ckpt", str(tmp_path / "junk.pt")],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "not a readable checkpoint" in r.stderr
+
+
+def test_eos_mid_block_rows_stop_at_different_blocks(monkeypatch):
+    """Rows stop at their own EOS, mid-block and in different blocks; a stopped row gets nothing more and
+    the loop ends when every row has stopped. Mutation: stopping all rows at the first EOS, or keeping
+    the tokens after a row's EOS."""
+    model = tiny_model()
+    plan = {0: [[1, 2, EOS, 4], [5, 6, 7, 8]], 1: [[9, 9, 9, 9], [10, EOS, 11, 12]], 2: [[13] * 4, [14] * 4]}
+    calls = []
+
+    def fake_choose(logits, *a, **k):
+        calls.append(1)
+        return torch.tensor(plan[len(calls) - 1])
+    monkeypatch.setattr(decoder, "choose_tokens", fake_choose)
+    out, stats = run(model, [[], []], max_new_tokens=40)
+    assert out == [[1, 2], [5, 6, 7, 8, 10]]
+    assert stats["blocks"] == 2
+
+
+def test_guided_euler_step_with_a_stubbed_dit(monkeypatch):
+    """With a DiT whose conditional rows return c and unconditional rows u (constants), every Euler step
+    is exactly z - dt * (u + s (c - u)). Mutation: guidance applied to part of the prediction, or the
+    halves swapped."""
+    model = tiny_model()
+    c, u, s, steps = 0.7, -0.2, 3.0, 4
+
+    def stub(z, t, pos, mask, cache=None, commit=False):
+        if commit:
+            return torch.zeros_like(z)
+        B = z.shape[0] // 2
+        return torch.cat([torch.full_like(z[:B], c), torch.full_like(z[B:], u)])
+    monkeypatch.setattr(model.dit, "forward", stub)
+    start = torch.randn(1, 4, 4)
+    monkeypatch.setattr(decoder, "draw_noise", lambda shape, device, g: start.clone())
+    seen = []
+    real = model.decode_and_commit
+    monkeypatch.setattr(model, "decode_and_commit", lambda z, *a: (seen.append(z.clone()), real(z, *a))[1])
+    run(model, [[]], max_new_tokens=4, steps=steps, guidance=s, eos_id=-1)
+    expected = start - 1.0 * (u + s * (c - u))  # dt sums to 1 over the uniform grid
+    assert torch.allclose(seen[0], expected, atol=1e-6)
+
+
+def test_patch_size_two_cached_equals_uncached(monkeypatch):
+    """Mutation: a cache that stores latents per token instead of per patch."""
+    model = tiny_model(patch=2)
+    logits = capture_latents(monkeypatch)
+    prompts = [[3, 4, 5, 6, 7, 8, 9, 10, 11], [7]]
+    out_c, _ = run(model, prompts, max_new_tokens=20, eos_id=-1)
+    cached = list(logits)
+    logits.clear()
+    out_u, _ = run(Uncached(model), prompts, max_new_tokens=20, eos_id=-1)
+    assert out_c == out_u
+    assert max(float((a - b).abs().max()) for a, b in zip(cached, logits)) < 1e-4
