@@ -216,11 +216,15 @@ class ColaDLM(nn.Module):
     def denormalize(self, zn):
         return zn / self.latent_scale + self.latent_shift
 
-    def velocity_2l(self, z0n, zt, t_tok):
-        """DiT velocity on the noisy half of the 2L sequence. z0n, zt (B, L, d); t_tok (B, L)."""
+    def velocity_2l(self, z0n, zt, t_tok, with_tokens=False):
+        """DiT velocity on the noisy half of the 2L sequence. z0n, zt (B, L, d); t_tok (B, L).
+        with_tokens: also the token projection of the noisy half (see DiTConfig.token_head_dim)."""
         L = zt.shape[1]
         seq, t, pos, mask = two_l_layout(z0n, zt, t_tok, self.block_size)
-        return self.dit(seq, t, pos, mask)[:, L - self.block_size:]  # (B, L, d)
+        out = self.dit(seq, t, pos, mask, with_tokens=with_tokens)
+        if with_tokens:
+            return out[0][:, L - self.block_size:], out[1][:, L - self.block_size:]
+        return out[:, L - self.block_size:]  # (B, L, d)
 
     def velocity_uncond(self, zt, t_tok):
         """Each noisy block alone at positions 0..bs-1 (the unconditional pass of CFG)."""
@@ -233,13 +237,15 @@ class ColaDLM(nn.Module):
 
     def forward(self, tokens, beta=1e-3, mask_prob=0.15, lam_mask=1.0, lam_vae=1.0, lam_fm=1.0, lam_ref=1.0,
                 t_loc=1.0, t_scale=1.0, t_uniform=False, partial_prob=0.05, detach_zt=False, decode_rows=0,
-                decoder_noise=0.0, lam_x0_ce=0.0):
+                decoder_noise=0.0, lam_x0_ce=0.0, lam_token_aux=0.0):
         """Stage-2 loss (docs/method.md §5). tokens (B, T) -> dict with 'loss' and its parts.
         Not the paper's, all off by default: decode_rows > 0 runs the decoder terms, whose vocabulary head is
         the costly part at small width, on the first decode_rows sequences only (every sequence feeds the
         encoder, the entropy, the reference KL and the FM term; both estimates stay unbiased, the prior just
         sees a larger batch); decoder_noise (vae.recon_terms); lam_x0_ce weighs a token-level loss on the
-        DiT's estimate of z0, decoded by the decoder held fixed (its gradient reaches the DiT only)."""
+        DiT's estimate of z0, decoded by the decoder held fixed (its gradient reaches the DiT only);
+        lam_token_aux weighs an auxiliary loss on the DiT's middle hidden states: they must predict each
+        noisy position's token through the decoder's output head (held fixed)."""
         vae = self.vae
         n_dec = decode_rows if 0 < decode_rows < tokens.shape[0] else tokens.shape[0]
         out = vae.recon_terms(tokens[:n_dec], mask_prob, lam_mask, decoder_noise)
@@ -262,7 +268,8 @@ class ColaDLM(nn.Module):
         known = partial_known_prefix(B, L, self.block_size, partial_prob, tokens.device)  # (B, L)
         t_tok = torch.where(known, torch.zeros_like(t_tok), t_tok)
         zt = flow_path(z0n.detach() if detach_zt else z0n, eps, t_tok)  # gradient reaches the encoder via z_t
-        v_pred = self.velocity_2l(z0n, zt, t_tok)
+        v_pred, tok_h = self.velocity_2l(z0n, zt, t_tok, with_tokens=True) if lam_token_aux > 0 else \
+            (self.velocity_2l(z0n, zt, t_tok), None)
         out["fm"] = fm_loss(v_pred, velocity_target(z0n.detach(), eps), ~known)
         out["loss"] = (lam_vae * (out["ce"] + beta * out["neg_entropy"] + lam_mask * out["mask_ce"])
                        + lam_fm * out["fm"] + lam_ref * out["ref_kl"])
@@ -274,12 +281,21 @@ class ColaDLM(nn.Module):
             keep = (~known[:n_dec]).repeat_interleave(vae.cfg.patch_size, 1).flatten().float()
             out["x0_ce"] = (ce * keep).sum() / keep.sum().clamp(min=1)
             out["loss"] = out["loss"] + lam_x0_ce * out["x0_ce"]
+        if lam_token_aux > 0:
+            h = tok_h[:n_dec].reshape(n_dec, L * vae.cfg.patch_size, -1)  # (n_dec, T, vae width)
+            logits = h @ vae.dec.head.weight.detach().T  # (n_dec, T, V)
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:n_dec].flatten(), reduction="none")
+            keep = (~known[:n_dec]).repeat_interleave(vae.cfg.patch_size, 1).flatten().float()
+            out["token_aux"] = (ce * keep).sum() / keep.sum().clamp(min=1)
+            out["loss"] = out["loss"] + lam_token_aux * out["token_aux"]
         return out
 
-    def train_flops_per_token(self, seq_len, decode_frac=1.0, lam_mask=1.0):
+    def train_flops_per_token(self, seq_len, decode_frac=1.0, lam_mask=1.0, x0_ce=False, token_aux=False):
         """Stage-2 training FLOPs per token (layers.py's convention): the encoder on every sequence (and on
         the masked copy of the decoded ones), the decoder on the decoded fraction of the batch (both copies),
-        the frozen reference encoder forward only, and the DiT on (2L - bs) latents per L."""
+        the frozen reference encoder forward only, and the DiT on (2L - bs) latents per L. The auxiliary
+        token losses run a decoder (x0_ce) or its head (token_aux) with fixed weights on the decoded rows:
+        4 per weight (forward, and backward to the input only)."""
         c, d = self.vae.cfg, self.dit.cfg
         copies = 2 if lam_mask > 0 else 1
         enc, dec = self.vae.flops_per_token(seq_len)
@@ -288,6 +304,7 @@ class ColaDLM(nn.Module):
         L, bs = seq_len // c.patch_size, c.block_size
         n_dit = 2 * L - bs
         f += (6 * matmul_params(self.dit) + 3 * attention_flops(d.n_layers, d.width, n_dit)) * n_dit / L / c.patch_size
+        f += decode_frac * (4 / 6 * dec * x0_ce + 4 * matmul_params(self.vae.dec.head) * token_aux)
         return f
 
     # ------------------------------------------------------------------------------------------------

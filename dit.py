@@ -33,6 +33,8 @@ class DiTConfig:
     dropout: float = 0.0            # attention/MLP dropout (paper: none)
     adaln_zero: bool = True         # zero-init modulation and output (DiT's adaLN-Zero); False: Xavier everywhere,
                                     # as the authors' release initialises it (its zero-init is never called)
+    token_head_dim: int = 0         # > 0 (not the paper's): a training-only projection of the middle block's
+                                    # hidden states to the VAE decoder's head, for an auxiliary token loss
 
     @property
     def hidden(self):
@@ -98,6 +100,8 @@ class DiT(nn.Module):
         self.t_embed = TimestepEmbedder(cfg.width, cfg.freq_dim)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_layers))
         self.final = FinalLayer(cfg.width, cfg.latent_dim)
+        if cfg.token_head_dim:
+            self.token_proj = nn.Linear(cfg.width, cfg.token_head_dim)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -124,12 +128,17 @@ class DiT(nn.Module):
     def new_cache(self):
         return KVCache(self.cfg.n_layers)
 
-    def forward(self, z, t, pos, mask, cache=None, commit=False):
+    def forward(self, z, t, pos, mask, cache=None, commit=False, with_tokens=False):
         """z (B, T, d) latents; t (B, T) per-latent time in [0, 1]; pos (T,) or (B, T) RoPE positions;
         mask (T, Tk) or (B, 1, T, Tk) bool, True = may attend (Tk includes cached keys).
-        With a cache, the new keys are stored only if `commit` (clean blocks at t = 0)."""
+        With a cache, the new keys are stored only if `commit` (clean blocks at t = 0).
+        with_tokens: also return token_proj of the middle block's output (B, T, token_head_dim)."""
         x = self.inp(z)  # (B, T, w)
         c = self.t_embed(t)  # (B, T, w)
+        mid = None
         for i, blk in enumerate(self.blocks):
             x = blk(x, c, pos, mask, None if cache is None else cache.layers[i], commit)
-        return self.final(x, c)  # (B, T, d)
+            if with_tokens and i == (len(self.blocks) - 1) // 2:
+                mid = self.token_proj(x)
+        v = self.final(x, c)  # (B, T, d)
+        return (v, mid) if with_tokens else v

@@ -550,7 +550,7 @@ def evaluate(args):
     enc = get_tokenizer(ckpt["tokenizer"])
     eos = enc.eot_token
     data = TokenData(args.data_dir or targs["data_dir"], targs["seq_len"])
-    train_ngrams = TrainNgrams(data.splits["train"], data.meta["vocab_size"])
+    train_ngrams = TrainNgrams(data.tokens("train", limit=50_000_000), data.meta["vocab_size"])
     torch.manual_seed(args.seed)
     g = torch.Generator(device=device).manual_seed(args.seed)
     batches = [data.batch("val", args.batch_size, batch_seed(args.seed + 99, i, 0), device) for i in range(args.batches)]
@@ -578,7 +578,7 @@ def evaluate(args):
     # generation: tasks, samples, speed
     cola_options = dict(noise_scale=args.noise_scale, grid_power=args.grid_power) if kind == "cola" else {}
     gen = make_generator(kind, model, args.steps, args.guidance, eos, args.seed, **cola_options)
-    val_text = enc.decode(data.splits["val"][:200_000].astype(np.int64).tolist())
+    val_text = enc.decode(data.tokens("val", limit=200_000).tolist())
     if args.builtin_n:
         tasks.update(builtin_tasks(val_text, args.builtin_n, args.seed))
     os.makedirs(os.path.join(run_dir, "generations"), exist_ok=True)

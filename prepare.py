@@ -1,25 +1,35 @@
 """
-Data preparation: any UTF-8 text file -> train.bin / val.bin token files + meta.json.
+Data preparation: UTF-8 text -> token shards (train_00000.bin, ..., val_00000.bin, ...) + meta.json.
 
-    python prepare.py                                   # the embedded default corpus (Shakespeare)
-    python prepare.py --input my.txt --out_dir data/my  # any UTF-8 text file
+    python prepare.py                                         # the embedded default corpus (Shakespeare)
+    python prepare.py --input my.txt --out_dir data/my        # one UTF-8 text file
+    python prepare.py --input corpus/ --out_dir data/c        # a folder of .txt files (one document each)
+    python prepare.py --input docs.jsonl --out_dir data/d     # JSONL, one document per line in a "text" field
+
+The input is streamed: it is read in blocks of at most --block_bytes, cut where the BPE cannot straddle
+the cut (before a line that starts with a non-space), tokenized by --workers processes, and written in
+shards of at most --shard_tokens tokens, so memory stays bounded whatever the corpus size. Documents are
+separated by <|endoftext|>.
 
 Tokens are stored as uint16 when the vocabulary fits, else uint32, as nanoGPT does. The GPT-2 BPE
 (docs/method.md §2) loads offline from the vendored data/gpt2.tiktoken after a hash check; cl100k_base
 (the paper's tokenizer family) is used only where tiktoken can load it (it needs its own download/cache).
 
-TokenData reads the prepared files for training and evaluation: random windows from a memmap, each
+TokenData reads the prepared shards for training and evaluation: random windows from memmaps, each
 batch a pure function of (seed, index, step), so a run's data position is just its step.
 """
 import argparse
 import base64
 import hashlib
 import json
+import multiprocessing
 import os
+import re
 import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))  # default paths of every script start here
 DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "data", "shakespeare")
@@ -89,49 +99,225 @@ def split_tokens(ids, val_fraction, split="chunks", chunk=2048, min_chunk=64):
         n_train = n - int(n * val_fraction)
         return ids[:n_train], ids[n_train:]
     every = max(2, round(1 / val_fraction))
-    chunk = max(min_chunk, min(chunk, n // (every * 10)))  # small files still get ~10 validation chunks
+    chunk = max(min_chunk, chunk)
     starts = range(0, n, chunk)
     val = np.concatenate([ids[s:s + chunk] for i, s in enumerate(starts) if i % every == every - 1] or [ids[:0]])
     train = np.concatenate([ids[s:s + chunk] for i, s in enumerate(starts) if i % every != every - 1])
     return train, val
 
 
-def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64, split="chunks"):
-    """Tokenize input_path into out_dir/{train,val}.bin and meta.json. Returns the meta dict."""
-    if not os.path.exists(input_path):
-        raise DataError(f"input file {input_path} does not exist")
-    with open(input_path, "rb") as f:
-        raw = f.read()
-    if not raw.strip():
-        raise DataError(f"input file {input_path} is empty")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"input file {input_path} is not UTF-8 text (bad byte at offset {e.start})") from None
+# ----------------------------------------------------------------------------------------------------
+# streaming: sources -> text pieces -> tokens -> train / val shards
+
+def list_sources(path):
+    """[(file, 'text' | 'jsonl')]: one text file, a JSONL file, or every .txt file under a folder."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names if f.endswith(".txt"))
+        if not files:
+            raise DataError(f"folder {path} holds no .txt file")
+        return [(f, "text") for f in files]
+    if not os.path.exists(path):
+        raise DataError(f"input file {path} does not exist")
+    return [(path, "jsonl" if path.endswith((".jsonl", ".json")) else "text")]
+
+
+# Places where the GPT-2 pre-tokenizer always starts a new piece, so the BPE of two texts cut there equals
+# the BPE of the whole: after a lone newline (a non-space before it, a non-space after it); else between a
+# non-space and " " + a letter. (Not after "\n\n": cut there, the two newlines would become one piece.)
+_CUTS = re.compile(r"(?<=\S\n)(?=\S)"), re.compile(r"(?<=\S)(?= [A-Za-z])")
+
+
+def last_cut(text, lo=0):
+    """Position of the last safe cut in text[lo:] (None if there is none)."""
+    for pattern in _CUTS:
+        cut = None
+        for m in pattern.finditer(text, lo):
+            cut = m.start()
+        if cut:
+            return cut
+    return None
+
+
+def split_document(text, block_chars):
+    """A long document in pieces of about block_chars, cut only where the BPE is unaffected."""
+    while len(text) > block_chars:
+        cut = last_cut(text[:block_chars], block_chars // 2) or last_cut(text[:block_chars])
+        if not cut:
+            break
+        yield text[:cut]
+        text = text[cut:]
+    yield text
+
+
+def read_pieces(sources, block_bytes, hasher):
+    """Yield (text, starts_a_later_document, input bytes read so far); no more than about 2 x block_bytes of
+    text is held at a time, unless a document has no safe cut at all."""
+    done, first = 0, True
+    for path, kind in sources:
+        with open(path, "rb") as f:
+            if kind == "jsonl":
+                for n, line in enumerate(f, 1):
+                    hasher.update(line)
+                    done += len(line)
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line.decode("utf-8"))["text"]
+                        assert isinstance(text, str)
+                    except (ValueError, KeyError, TypeError, AssertionError):
+                        raise DataError(f"{path}:{n}: each line must be a JSON object with a string 'text'") from None
+                    for i, piece in enumerate(split_document(text, block_bytes)):
+                        yield piece, i == 0 and not first, done
+                        first = False
+                continue
+            text, undecoded, at, new_doc = "", b"", 0, not first  # at: the file offset of undecoded[0]
+            first = False
+            while True:
+                raw = f.read(block_bytes)
+                hasher.update(raw)
+                done += len(raw)
+                data = undecoded + raw
+                try:
+                    text += data.decode("utf-8")
+                    undecoded, at = b"", at + len(data)
+                except UnicodeDecodeError as e:  # a character split by the read waits for the next one
+                    if not raw or e.reason != "unexpected end of data":
+                        raise DataError(f"input file {path} is not UTF-8 text (bad byte at offset {at + e.start})") from None
+                    text += data[:e.start].decode("utf-8")
+                    undecoded, at = data[e.start:], at + e.start
+                cut = last_cut(text, len(text) // 2) if raw else len(text)
+                if cut:
+                    yield text[:cut], new_doc, done
+                    text, new_doc = text[cut:], False
+                if not raw:
+                    break
+
+
+_WORKER_ENC = None
+
+
+def _init_worker(tokenizer):
+    global _WORKER_ENC
+    _WORKER_ENC = get_tokenizer(tokenizer)
+
+
+def _encode(item):
+    text, new_document, done = item
+    ids = _WORKER_ENC.encode_ordinary(text)
+    return ([_WORKER_ENC.eot_token] + ids if new_document else ids), done, bool(text.strip())
+
+
+class ShardWriter:
+    """Tokens of one split, appended in order, written as shards of at most shard_tokens tokens."""
+
+    def __init__(self, out_dir, split, dtype, shard_tokens):
+        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
+        self.shards, self.file = [], None
+
+    def write(self, ids):
+        ids = np.asarray(ids, dtype=self.dtype)
+        while len(ids):
+            if self.file is None or self.shards[-1]["tokens"] == self.shard_tokens:
+                self.close()
+                self.shards.append({"file": f"{self.split}_{len(self.shards):05d}.bin", "tokens": 0})
+                self.file = open(os.path.join(self.out_dir, self.shards[-1]["file"] + ".tmp"), "wb")
+            take = ids[:self.shard_tokens - self.shards[-1]["tokens"]]
+            self.file.write(take.tobytes())
+            self.shards[-1]["tokens"] += len(take)
+            ids = ids[len(take):]
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    @property
+    def tokens(self):
+        return sum(s["tokens"] for s in self.shards)
+
+
+def chunk_size(n_tokens, every, min_chunk):
+    """2,048-token validation chunks, fewer for a small corpus, so that validation gets about ten."""
+    return int(max(min_chunk, min(2048, n_tokens // (every * 10))))
+
+
+class ChunkRouter:
+    """The token stream's chunk i (tokens [i * chunk, (i + 1) * chunk)) goes to validation when
+    i % every == every - 1, else to training: split_tokens' rule, applied as tokens arrive."""
+
+    def __init__(self, writers, chunk, every):
+        self.writers, self.chunk, self.every, self.pos = writers, chunk, every, 0
+
+    def write(self, ids):
+        ids = np.asarray(ids)
+        while len(ids):
+            take = ids[:self.chunk - self.pos % self.chunk]
+            val = (self.pos // self.chunk) % self.every == self.every - 1
+            self.writers["val" if val else "train"].write(take)
+            self.pos += len(take)
+            ids = ids[len(take):]
+
+
+def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64, split="chunks", workers=1,
+            block_bytes=8 << 20, shard_tokens=1 << 28):
+    """Tokenize input_path (a file, a folder of .txt files, or JSONL) into out_dir's shards and meta.json.
+    A corpus of at most one block is split exactly (split_tokens); a larger one is streamed: 'chunks' with
+    the chunk size estimated from the first block, 'tail' by input bytes."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"--val_fraction must be in (0, 1), got {val_fraction}")
+    sources = list_sources(input_path)
+    total_bytes = sum(os.path.getsize(f) for f, _ in sources)
     enc = get_tokenizer(tokenizer)
-    ids = enc.encode_ordinary(text)
-    n = len(ids)
-    # windows are seq_len tokens; each split needs one full window
-    if n < seq_len:
-        raise DataError(f"input file {input_path} has {n} tokens, fewer than one training sequence ({seq_len})")
     dtype = np.uint16 if enc.n_vocab <= 65536 else np.uint32
-    train_ids, val_ids = split_tokens(np.array(ids, dtype=dtype), val_fraction, split, min_chunk=seq_len)
-    n_train, n_val = len(train_ids), len(val_ids)
+    os.makedirs(out_dir, exist_ok=True)
+    hasher = hashlib.sha256()
+    writers = {s: ShardWriter(out_dir, s, dtype, shard_tokens) for s in ("train", "val")}
+    every = max(2, round(1 / val_fraction))
+    pool = multiprocessing.Pool(workers, _init_worker, (tokenizer,)) if workers > 1 else None
+    _init_worker(tokenizer)
+    pieces = read_pieces(sources, block_bytes, hasher)
+    small, held, router, any_text, before, chunk = total_bytes <= block_bytes, [], None, False, 0, None
+    try:
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=None, leave=False) as bar:
+            for ids, done, has_text in (pool.imap(_encode, pieces) if pool else map(_encode, pieces)):
+                any_text |= has_text
+                bar.update(done - bar.n)
+                if small:  # everything fits in one block: split it exactly below
+                    held.extend(ids)
+                elif split == "tail":
+                    writers["val" if before >= (1 - val_fraction) * total_bytes else "train"].write(ids)
+                else:
+                    router = router or ChunkRouter(writers, chunk_size(len(ids) * total_bytes / max(done, 1), every,
+                                                                       seq_len), every)
+                    router.write(ids)
+                    chunk = router.chunk
+                before = done
+        if small and held:
+            chunk = chunk_size(len(held), every, seq_len) if split == "chunks" else None
+            train_ids, val_ids = split_tokens(np.array(held, dtype=dtype), val_fraction, split, chunk or 2048, seq_len)
+            writers["train"].write(train_ids)
+            writers["val"].write(val_ids)
+    finally:
+        for w in writers.values():
+            w.close()
+        if pool:
+            pool.close()
+    n_train, n_val = writers["train"].tokens, writers["val"].tokens
+    if not any_text:
+        raise DataError(f"input file {input_path} is empty")
+    if n_train + n_val < seq_len:
+        raise DataError(f"input file {input_path} has {n_train + n_val} tokens, fewer than one training sequence ({seq_len})")
     if n_val < seq_len:
         raise DataError(f"validation split has {n_val} tokens, fewer than one sequence ({seq_len}); "
                         "use a larger file or --val_fraction")
     if n_train < seq_len:
         raise DataError(f"training split has {n_train} tokens, fewer than one sequence ({seq_len})")
-    os.makedirs(out_dir, exist_ok=True)
-    for name, part in (("train", train_ids), ("val", val_ids)):
-        tmp = os.path.join(out_dir, f"{name}.bin.tmp")
-        part.tofile(tmp)
-        os.replace(tmp, os.path.join(out_dir, f"{name}.bin"))
+    for w in writers.values():
+        for shard in w.shards:
+            os.replace(os.path.join(out_dir, shard["file"] + ".tmp"), os.path.join(out_dir, shard["file"]))
     meta = dict(tokenizer=tokenizer, vocab_size=enc.n_vocab, eot_id=eot_id(enc), dtype=np.dtype(dtype).name, split=split,
-                train_tokens=int(n_train), val_tokens=int(n_val), source=os.path.abspath(input_path),
-                source_sha256=hashlib.sha256(raw).hexdigest())
+                train_tokens=int(n_train), val_tokens=int(n_val), chunk=chunk, shards={s: w.shards for s, w in writers.items()},
+                source=os.path.abspath(input_path), source_sha256=hasher.hexdigest())
     with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
         json.dump(meta, f, indent=2)
     os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
@@ -147,30 +333,46 @@ def load_meta(data_dir):
 
 
 class TokenData:
-    """Random windows of seq_len tokens from the memmapped train.bin / val.bin of a prepared directory."""
+    """Random windows of seq_len tokens from the memmapped shards of a prepared directory. Memory stays
+    bounded: shards are memmaps, and a window never crosses a shard boundary."""
 
     def __init__(self, data_dir, seq_len):
         self.meta = load_meta(data_dir)
         dtype = np.dtype(self.meta["dtype"])
-        self.splits = {}
+        self.seq_len, self.shards, self.starts = seq_len, {}, {}
         for split in ("train", "val"):
-            path = os.path.join(data_dir, f"{split}.bin")
-            if not os.path.exists(path):
-                raise DataError(f"{path} not found: run prepare.py")
-            arr = np.memmap(path, dtype=dtype, mode="r")
-            if len(arr) < seq_len:
-                raise DataError(f"{path} has {len(arr)} tokens, fewer than one sequence ({seq_len}); "
+            files = [s["file"] for s in self.meta["shards"][split]] if "shards" in self.meta else [f"{split}.bin"]
+            arrs = []
+            for name in files:
+                path = os.path.join(data_dir, name)
+                if not os.path.exists(path):
+                    raise DataError(f"{path} not found: run prepare.py")
+                arrs.append(np.memmap(path, dtype=dtype, mode="r"))
+            counts = [max(0, len(a) - seq_len + 1) for a in arrs]  # window starts per shard
+            if sum(counts) == 0:
+                raise DataError(f"the {split} split of {data_dir} has no shard of {seq_len} tokens; "
                                 "use a smaller --seq_len or more data")
-            self.splits[split] = arr
-        self.seq_len = seq_len
+            self.shards[split], self.starts[split] = arrs, np.cumsum(counts)
+
+    def tokens(self, split, limit=None):
+        """The first `limit` tokens of a split (all of them by default) as one int64 array."""
+        out, n = [], 0
+        for a in self.shards[split]:
+            take = a[:None if limit is None else max(0, limit - n)]
+            out.append(np.asarray(take, dtype=np.int64))
+            n += len(take)
+        return np.concatenate(out)
 
     def batch(self, split, batch_size, seed, device):
         """(batch_size, seq_len) int64 token windows; the same seed gives the same windows."""
-        arr = self.splits[split]
+        cum = self.starts[split]
         g = torch.Generator().manual_seed(seed)
-        starts = torch.randint(len(arr) - self.seq_len + 1, (batch_size,), generator=g).tolist()
-        x = torch.from_numpy(np.stack([arr[s:s + self.seq_len].astype(np.int64) for s in starts]))
-        return x.to(device, non_blocking=True)
+        rows = []
+        for s in torch.randint(int(cum[-1]), (batch_size,), generator=g).tolist():
+            k = int(np.searchsorted(cum, s, side="right"))  # the shard holding window start s
+            s -= int(cum[k - 1]) if k else 0
+            rows.append(self.shards[split][k][s:s + self.seq_len].astype(np.int64))
+        return torch.from_numpy(np.stack(rows)).to(device, non_blocking=True)
 
 
 def batch_seed(base, index, step):
@@ -181,16 +383,23 @@ def batch_seed(base, index, step):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", default=DEFAULT_CORPUS, help="UTF-8 text file to tokenize (default: embedded Shakespeare)")
-    p.add_argument("--out_dir", default=DEFAULT_DATA_DIR, help="where train.bin/val.bin/meta.json go")
+    p.add_argument("--input", default=DEFAULT_CORPUS,
+                   help="a UTF-8 text file, a folder of .txt files, or JSONL with a 'text' field (default: Shakespeare)")
+    p.add_argument("--out_dir", default=DEFAULT_DATA_DIR, help="where the shards and meta.json go")
     p.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "cl100k_base"], help="tiktoken encoding")
     p.add_argument("--val_fraction", type=float, default=0.1, help="fraction of tokens held out")
     p.add_argument("--split", default="chunks", choices=["chunks", "tail"],
                    help="chunks: every k-th 2048-token chunk is validation; tail: the end of the file (nanoGPT)")
     p.add_argument("--min_seq_len", type=int, default=64, help="each split must hold at least one sequence this long")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="tokenizing processes")
+    p.add_argument("--block_bytes", type=int, default=8 << 20, help="input read (and held) at a time, in bytes")
+    p.add_argument("--shard_tokens", type=int, default=1 << 28, help="tokens per shard file")
     a = p.parse_args(argv)
+    if min(a.workers, a.block_bytes, a.shard_tokens) < 1:
+        p.error("--workers, --block_bytes and --shard_tokens must be >= 1")
     try:
-        meta = prepare(a.input, a.out_dir, a.tokenizer, a.val_fraction, a.min_seq_len, a.split)
+        meta = prepare(a.input, a.out_dir, a.tokenizer, a.val_fraction, a.min_seq_len, a.split, a.workers,
+                       a.block_bytes, a.shard_tokens)
     except DataError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {a.out_dir}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "

@@ -39,7 +39,7 @@ from vae import TextVAE, VAEConfig
 
 # The paper's recipe (docs/method.md §5); a preset may override it where its scale calls for it.
 RECIPE = dict(beta=1e-3, beta2=0.95, embed_lr_mult=1.0, lr=1.5e-4, min_lr=1e-5, warmup_iters=5000,
-              grad_clip_scope="global", fm_batch_mult=1, decoder_noise=0.0, lam_x0_ce=0.0)
+              grad_clip_scope="global", fm_batch_mult=1, decoder_noise=0.0, lam_x0_ce=0.0, lam_token_aux=0.0)
 
 # Size presets. 'cpu' is the laptop default; 'paper' is the paper's configuration (docs/method.md §3, §4, §10).
 PRESETS = {
@@ -100,6 +100,7 @@ def get_args(argv=None):
     add("--grad_clip_scope", choices=["global", "network"], help="stage 2: clip VAE+DiT together (paper) or apart")
     add("--decoder_noise", type=float, default=None, help="decoder reads latents noised to t<this (paper 0)")
     add("--lam_x0_ce", type=float, default=None, help="stage 2: decoder CE on the DiT's z0 estimate (paper 0)")
+    add("--lam_token_aux", type=float, default=None, help="stage 2: DiT hidden states predict tokens (paper 0)")
     add("--embed_lr_mult", type=float, default=None, help="lr multiplier of embeddings and output heads (paper 1)")
     add("--dit_init", default="adaln_zero", choices=["adaln_zero", "xavier"], help="DiT init (release: xavier)")
     # optimisation
@@ -151,7 +152,8 @@ def vae_config(args, vocab_size):
 def dit_config(args, vae_cfg):
     """The preset's DiT with the flags' overrides, on the VAE's latents and blocks."""
     over = dict(width=args.dit_width, n_layers=args.dit_layers, rope_fraction=args.rope_fraction,
-                adaln_zero=args.dit_init == "adaln_zero")
+                adaln_zero=args.dit_init == "adaln_zero",
+                token_head_dim=vae_cfg.width * vae_cfg.patch_size if args.lam_token_aux > 0 else 0)
     return DiTConfig(**{**PRESETS[args.preset]["dit"], **{k: v for k, v in over.items() if v is not None},
                         "latent_dim": vae_cfg.latent_dim, "block_size": vae_cfg.block_size, "dropout": args.dropout})
 
@@ -264,7 +266,7 @@ def stage_vae(args, env, data):
 # stage 2: the VAE and the block-causal DiT prior, jointly (docs/method.md §4, §5)
 
 JOINT_LOSS_ARGS = ("beta", "mask_prob", "lam_mask", "lam_vae", "lam_fm", "lam_ref", "t_loc", "t_scale", "t_uniform",
-                   "partial_prob", "detach_zt", "decoder_noise", "lam_x0_ce")  # flags ColaDLM.forward takes
+                   "partial_prob", "detach_zt", "decoder_noise", "lam_x0_ce", "lam_token_aux")  # ColaDLM.forward's
 
 def stage_joint(args, env, data):
     path = os.path.join(args.out_dir, "ckpt.pt")
@@ -305,7 +307,8 @@ def stage_joint(args, env, data):
     return Run("joint", model, groups, loss_kwargs, args.main_iters, path,
                dict(kind="cola", vae_config=asdict(model.vae.cfg), dit_config=asdict(model.dit.cfg),
                     stage1_flops=stage1_flops),
-               model.train_flops_per_token(args.seq_len, 1 / args.fm_batch_mult, args.lam_mask), stage1_flops,
+               model.train_flops_per_token(args.seq_len, 1 / args.fm_batch_mult, args.lam_mask, args.lam_x0_ce > 0,
+                                           args.lam_token_aux > 0), stage1_flops,
                micro_batch=args.batch_size * args.fm_batch_mult, clip_groups=clip_groups, resume_from=ckpt,
                validate=validate, report=report)
 
@@ -474,8 +477,9 @@ def dry_run(args, vocab_size):
         cola = ColaDLM(vcfg, dit_config(args, vcfg))
     return dict(model="cola", vae_config=asdict(vcfg), dit_config=asdict(cola.dit.cfg), params=n_params(cola.vae) +
                 n_params(cola.dit), vae_flops_per_step=cola.vae.train_flops_per_token(L, args.lam_mask) * tokens,
-                joint_flops_per_step=cola.train_flops_per_token(L, 1 / args.fm_batch_mult, args.lam_mask) * tokens
-                * args.fm_batch_mult)
+                joint_flops_per_step=cola.train_flops_per_token(L, 1 / args.fm_batch_mult, args.lam_mask,
+                                                                args.lam_x0_ce > 0, args.lam_token_aux > 0)
+                * tokens * args.fm_batch_mult)
 
 
 def run_stages(args, env):
