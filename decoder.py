@@ -216,11 +216,14 @@ def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin
     if pin is None:
         pin = torch.zeros(B, block_size, dtype=torch.bool, device=z.device)
         pin_z = z
+    hint = None  # self-conditioning: the previous step's estimate of z0
     for i in range(len(grid) - 1):
         z = torch.where(pin.unsqueeze(-1), pin_z, z)
         t_tok = torch.where(pin, torch.zeros_like(z[..., 0]), grid[i].expand(B, block_size))  # (B, bs)
-        v = model.guided_velocity(z, t_tok, hist_valid, guidance, dit_cache)
-        z = euler_step(z, v.float(), grid[i] - grid[i + 1])
+        v = model.guided_velocity(z, t_tok, hist_valid, guidance, dit_cache, hint).float()
+        if model.dit.cfg.self_cond:
+            hint = z - t_tok.unsqueeze(-1) * v
+        z = euler_step(z, v, grid[i] - grid[i + 1])
     return torch.where(pin.unsqueeze(-1), pin_z, z)
 
 

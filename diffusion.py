@@ -216,23 +216,27 @@ class ColaDLM(nn.Module):
     def denormalize(self, zn):
         return zn / self.latent_scale + self.latent_shift
 
-    def velocity_2l(self, z0n, zt, t_tok, with_tokens=False):
+    def velocity_2l(self, z0n, zt, t_tok, with_tokens=False, hint=None):
         """DiT velocity on the noisy half of the 2L sequence. z0n, zt (B, L, d); t_tok (B, L).
-        with_tokens: also the token projection of the noisy half (see DiTConfig.token_head_dim)."""
+        with_tokens: also the token projection of the noisy half (see DiTConfig.token_head_dim);
+        hint (B, L, d): the self-conditioning estimate of z0 on the noisy half (DiTConfig.self_cond)."""
         L = zt.shape[1]
         seq, t, pos, mask = two_l_layout(z0n, zt, t_tok, self.block_size)
-        out = self.dit(seq, t, pos, mask, with_tokens=with_tokens)
+        if hint is not None:
+            hint = torch.cat([torch.zeros_like(seq[:, :L - self.block_size]), hint], 1)
+        out = self.dit(seq, t, pos, mask, with_tokens=with_tokens, hint=hint)
         if with_tokens:
             return out[0][:, L - self.block_size:], out[1][:, L - self.block_size:]
         return out[:, L - self.block_size:]  # (B, L, d)
 
-    def velocity_uncond(self, zt, t_tok):
+    def velocity_uncond(self, zt, t_tok, hint=None):
         """Each noisy block alone at positions 0..bs-1 (the unconditional pass of CFG)."""
         B, L, d = zt.shape
         bs = self.block_size
         pos = torch.arange(bs, device=zt.device)
         mask = torch.ones(bs, bs, dtype=torch.bool, device=zt.device)
-        v = self.dit(zt.reshape(B * L // bs, bs, d), t_tok.reshape(-1, bs), pos, mask)
+        v = self.dit(zt.reshape(B * L // bs, bs, d), t_tok.reshape(-1, bs), pos, mask,
+                     hint=None if hint is None else hint.reshape(B * L // bs, bs, d))
         return v.reshape(B, L, d)
 
     def forward(self, tokens, beta=1e-3, mask_prob=0.15, lam_mask=1.0, lam_vae=1.0, lam_fm=1.0, lam_ref=1.0,
@@ -268,8 +272,12 @@ class ColaDLM(nn.Module):
         known = partial_known_prefix(B, L, self.block_size, partial_prob, tokens.device)  # (B, L)
         t_tok = torch.where(known, torch.zeros_like(t_tok), t_tok)
         zt = flow_path(z0n.detach() if detach_zt else z0n, eps, t_tok)  # gradient reaches the encoder via z_t
-        v_pred, tok_h = self.velocity_2l(z0n, zt, t_tok, with_tokens=True) if lam_token_aux > 0 else \
-            (self.velocity_2l(z0n, zt, t_tok), None)
+        hint = None
+        if self.dit.cfg.self_cond and float(torch.rand(())) < 0.5:  # half the batches read their own estimate
+            with torch.no_grad():
+                hint = zt - t_tok.unsqueeze(-1) * self.velocity_2l(z0n, zt, t_tok).float()
+        v_pred, tok_h = self.velocity_2l(z0n, zt, t_tok, with_tokens=True, hint=hint) if lam_token_aux > 0 else \
+            (self.velocity_2l(z0n, zt, t_tok, hint=hint), None)
         out["fm"] = fm_loss(v_pred, velocity_target(z0n.detach(), eps), ~known)
         out["loss"] = (lam_vae * (out["ce"] + beta * out["neg_entropy"] + lam_mask * out["mask_ce"])
                        + lam_fm * out["fm"] + lam_ref * out["ref_kl"])
@@ -303,7 +311,8 @@ class ColaDLM(nn.Module):
         f += 2 * matmul_params(self.ref_enc) / c.patch_size
         L, bs = seq_len // c.patch_size, c.block_size
         n_dit = 2 * L - bs
-        f += (6 * matmul_params(self.dit) + 3 * attention_flops(d.n_layers, d.width, n_dit)) * n_dit / L / c.patch_size
+        dit_pass = (2 * matmul_params(self.dit) + attention_flops(d.n_layers, d.width, n_dit)) * n_dit / L / c.patch_size
+        f += dit_pass * (3 + 0.5 * d.self_cond)  # forward + backward, and half the time a self-conditioning forward
         f += decode_frac * (4 / 6 * dec * x0_ce + 4 * matmul_params(self.vae.dec.head) * token_aux)
         return f
 
@@ -325,21 +334,22 @@ class ColaDLM(nn.Module):
         self.dit(zn, torch.zeros(B, Tc, device=zn.device), pos, mask, dit_cache, commit=True)
         self.vae.decode(self.denormalize(zn), pos, mask, dec_cache)
 
-    def guided_velocity(self, z, t_tok, hist_valid, guidance, dit_cache):
+    def guided_velocity(self, z, t_tok, hist_valid, guidance, dit_cache, hint=None):
         """v_u + s (v_c - v_u) for the next noisy block after the cached history, DiT's forward_with_cfg
         pattern: the conditional rows (history + block, at the block's positions) and the unconditional
         rows (the block alone at positions 0..bs-1) go through the DiT as one batch.
-        z (B, bs, d) normalised noisy latents; t_tok (B, bs); hist_valid (B, Tc) real cached latents."""
+        z (B, bs, d) normalised noisy latents; t_tok (B, bs); hist_valid (B, Tc) real cached latents;
+        hint (B, bs, d): the previous step's estimate of z0 (self-conditioning only)."""
         B, bs, _ = z.shape
         Tc = hist_valid.shape[1]
         pos = torch.arange(Tc, Tc + bs, device=z.device)  # (bs,)
         cond_mask, uncond_mask = cached_block_masks(hist_valid, bs)
         if guidance == 1.0:  # the conditional pass alone
-            return self.dit(z, t_tok, pos, cond_mask, dit_cache, commit=False)
+            return self.dit(z, t_tok, pos, cond_mask, dit_cache, commit=False, hint=hint)
         local = torch.arange(bs, device=z.device)
         both_pos = torch.cat([pos.expand(B, bs), local.expand(B, bs)])  # (2B, bs)
         v = self.dit(torch.cat([z, z]), torch.cat([t_tok, t_tok]), both_pos, torch.cat([cond_mask, uncond_mask]),
-                     dit_cache, commit=False)  # (2B, bs, d)
+                     dit_cache, commit=False, hint=None if hint is None else torch.cat([hint, hint]))  # (2B, bs, d)
         v_cond, v_uncond = v.chunk(2)
         return cfg_combine(v_cond, v_uncond, guidance)
 

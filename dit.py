@@ -35,6 +35,7 @@ class DiTConfig:
                                     # as the authors' release initialises it (its zero-init is never called)
     token_head_dim: int = 0         # > 0 (not the paper's): a training-only projection of the middle block's
                                     # hidden states to the VAE decoder's head, for an auxiliary token loss
+    self_cond: bool = False         # (not the paper's) the DiT also reads an estimate of z0 (self-conditioning)
 
     @property
     def hidden(self):
@@ -96,7 +97,7 @@ class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
-        self.inp = nn.Linear(cfg.latent_dim, cfg.width)
+        self.inp = nn.Linear(cfg.latent_dim * (2 if cfg.self_cond else 1), cfg.width)
         self.t_embed = TimestepEmbedder(cfg.width, cfg.freq_dim)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_layers))
         self.final = FinalLayer(cfg.width, cfg.latent_dim)
@@ -128,11 +129,15 @@ class DiT(nn.Module):
     def new_cache(self):
         return KVCache(self.cfg.n_layers)
 
-    def forward(self, z, t, pos, mask, cache=None, commit=False, with_tokens=False):
+    def forward(self, z, t, pos, mask, cache=None, commit=False, with_tokens=False, hint=None):
         """z (B, T, d) latents; t (B, T) per-latent time in [0, 1]; pos (T,) or (B, T) RoPE positions;
         mask (T, Tk) or (B, 1, T, Tk) bool, True = may attend (Tk includes cached keys).
         With a cache, the new keys are stored only if `commit` (clean blocks at t = 0).
-        with_tokens: also return token_proj of the middle block's output (B, T, token_head_dim)."""
+        with_tokens: also return token_proj of the middle block's output (B, T, token_head_dim).
+        hint (B, T, d): with self_cond, an estimate of z0 (None: zeros); a clean latent (t = 0) is its own."""
+        if self.cfg.self_cond:
+            hint = torch.zeros_like(z) if hint is None else hint
+            z = torch.cat([z, torch.where(t.unsqueeze(-1) == 0, z, hint)], -1)  # (B, T, 2d)
         x = self.inp(z)  # (B, T, w)
         c = self.t_embed(t)  # (B, T, w)
         mid = None

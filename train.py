@@ -103,6 +103,7 @@ def get_args(argv=None):
     add("--lam_token_aux", type=float, default=None, help="stage 2: DiT hidden states predict tokens (paper 0)")
     add("--embed_lr_mult", type=float, default=None, help="lr multiplier of embeddings and output heads (paper 1)")
     add("--dit_init", default="adaln_zero", choices=["adaln_zero", "xavier"], help="DiT init (release: xavier)")
+    add("--self_cond", action="store_true", help="stage 2: the DiT also reads its own estimate of z0 (paper: off)")
     # optimisation
     add("--seq_len", type=int, default=64, help="tokens per training sequence")
     add("--batch_size", type=int, default=16, help="sequences per micro-batch per process")
@@ -153,7 +154,8 @@ def dit_config(args, vae_cfg):
     """The preset's DiT with the flags' overrides, on the VAE's latents and blocks."""
     over = dict(width=args.dit_width, n_layers=args.dit_layers, rope_fraction=args.rope_fraction,
                 adaln_zero=args.dit_init == "adaln_zero",
-                token_head_dim=vae_cfg.width * vae_cfg.patch_size if args.lam_token_aux > 0 else 0)
+                token_head_dim=vae_cfg.width * vae_cfg.patch_size if args.lam_token_aux > 0 else 0,
+                self_cond=args.self_cond)
     return DiTConfig(**{**PRESETS[args.preset]["dit"], **{k: v for k, v in over.items() if v is not None},
                         "latent_dim": vae_cfg.latent_dim, "block_size": vae_cfg.block_size, "dropout": args.dropout})
 

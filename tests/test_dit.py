@@ -264,3 +264,30 @@ def test_decode_rows_limits_the_decoder_terms():
     part["loss"].backward()
     # rows 2..3 reach the encoder (through z_t and the entropy), not the decoder
     assert model.vae.enc.embed.weight.grad[x[2:].flatten()].abs().sum() > 0
+
+
+def test_self_conditioning_training_pass():
+    """Half the batches condition on the model's own (detached) estimate; both kinds train the DiT. Mutation:
+    a hint that carries gradient (the estimate must be detached) fails the no-grad check."""
+    torch.manual_seed(0)
+    vcfg = VAEConfig(vocab_size=200, latent_dim=4, width=32, n_enc_layers=1, n_dec_layers=1, n_heads=2,
+                     mlp_hidden=64, block_size=2, max_seq_len=64)
+    model = ColaDLM(vcfg, DiTConfig(**TINY_DIT, self_cond=True))
+    randomize_zero_init(model.dit)
+    hints = []
+    real = model.dit.forward
+
+    def spy(*a, **k):
+        hints.append(k.get("hint"))
+        return real(*a, **k)
+    model.dit.forward = spy
+    x = torch.randint(0, 200, (2, 8))
+    for seed in range(6):
+        torch.manual_seed(seed)
+        out = model(x, partial_prob=0.0)
+        out["loss"].backward()
+        assert torch.isfinite(out["loss"])
+    with_hint = [h for h in hints if h is not None]
+    assert with_hint and len(with_hint) < len(hints)  # some batches with, some without
+    assert all(not h.requires_grad for h in with_hint)
+    assert model.dit.inp.weight.grad[:, 4:].abs().sum() > 0  # the hint's input weights learn

@@ -198,7 +198,7 @@ def test_scaling_plan_matches_training_flops(tmp_path, root):
 
 def oracle(model, true):
     """Make the model's guided velocity the exact one towards the latents `true` (B, bs, d): v = (z - true) / t."""
-    model.guided_velocity = lambda z, t_tok, hist_valid, guidance, cache: (z - true) / t_tok.unsqueeze(-1).clamp(min=1e-6)
+    model.guided_velocity = lambda z, t_tok, hist_valid, guidance, cache, hint=None: (z - true) / t_tok.unsqueeze(-1).clamp(min=1e-6)
     return model
 
 
@@ -236,9 +236,9 @@ def test_reencoded_history_is_what_the_caches_hold():
     seen = {}
     real = model.guided_velocity
 
-    def spy(z, t_tok, hist_valid, guidance, cache):
+    def spy(z, t_tok, hist_valid, guidance, cache, hint=None):
         seen.setdefault(hist_valid.shape[1], [l.k.clone() for l in cache.layers])
-        return real(z, t_tok, hist_valid, guidance, cache)
+        return real(z, t_tok, hist_valid, guidance, cache, hint)
     model.guided_velocity = spy
     drift = []
     out, _ = run(model, [[5, 6, 7, 8]], max_new_tokens=8, eos_id=-1, reencode_history=True, on_drift=drift.append)

@@ -19,11 +19,11 @@ from vae import VAEConfig
 V, EOS = 120, 119
 
 
-def tiny_model(seed=0, patch=1):
+def tiny_model(seed=0, patch=1, self_cond=False):
     torch.manual_seed(seed)
     vcfg = VAEConfig(vocab_size=V, latent_dim=4, width=32, n_enc_layers=1, n_dec_layers=2, n_heads=2,
                      mlp_hidden=64, block_size=4, patch_size=patch, max_seq_len=64)
-    model = ColaDLM(vcfg, DiTConfig(latent_dim=4, width=32, n_layers=2, n_heads=2, block_size=4))
+    model = ColaDLM(vcfg, DiTConfig(latent_dim=4, width=32, n_layers=2, n_heads=2, block_size=4, self_cond=self_cond))
     randomize_zero_init(model.dit)
     with torch.no_grad():
         model.latent_shift.copy_(torch.randn(4) * 0.1)
@@ -53,7 +53,7 @@ class Uncached:
     def _history(self, z):
         return self.hist if self.hist is not None else z[:, :0]
 
-    def guided_velocity(self, z, t_tok, hist_valid, guidance, cache):
+    def guided_velocity(self, z, t_tok, hist_valid, guidance, cache, hint=None):
         m = self.model
         hist = self._history(z)
         B, Tc, bs = z.shape[0], hist.shape[1], z.shape[1]
@@ -61,8 +61,9 @@ class Uncached:
         noisy = pos >= Tc
         mask = with_key_padding(cola_mask(pos // bs, noisy, pos // bs, noisy),
                                 torch.cat([hist_valid, torch.ones(B, bs, dtype=torch.bool)], 1))
-        v_cond = m.dit(torch.cat([hist, z], 1), torch.cat([torch.zeros(B, Tc), t_tok], 1), pos, mask)[:, Tc:]
-        return v_cond if guidance == 1.0 else cfg_combine(v_cond, m.velocity_uncond(z, t_tok), guidance)
+        full_hint = None if hint is None else torch.cat([torch.zeros_like(hist), hint], 1)
+        v_cond = m.dit(torch.cat([hist, z], 1), torch.cat([torch.zeros(B, Tc), t_tok], 1), pos, mask, hint=full_hint)[:, Tc:]
+        return v_cond if guidance == 1.0 else cfg_combine(v_cond, m.velocity_uncond(z, t_tok, hint), guidance)
 
     def decode_and_commit(self, z, hist_valid, caches):
         m = self.model
@@ -98,8 +99,9 @@ def capture_latents(monkeypatch):
 PROMPTS = [[5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], []]  # partial, partial, empty
 
 
-def test_cached_equals_uncached(monkeypatch):
-    model = tiny_model()
+@pytest.mark.parametrize("self_cond", [False, True])
+def test_cached_equals_uncached(monkeypatch, self_cond):
+    model = tiny_model(self_cond=self_cond)
     logits = capture_latents(monkeypatch)
     out_c, _ = run(model, PROMPTS)
     cached = list(logits)
@@ -264,7 +266,7 @@ def test_guided_euler_step_with_a_stubbed_dit(monkeypatch):
     model = tiny_model()
     c, u, s, steps = 0.7, -0.2, 3.0, 4
 
-    def stub(z, t, pos, mask, cache=None, commit=False):
+    def stub(z, t, pos, mask, cache=None, commit=False, hint=None):
         if commit:
             return torch.zeros_like(z)
         B = z.shape[0] // 2
@@ -291,3 +293,23 @@ def test_patch_size_two_cached_equals_uncached(monkeypatch):
     out_u, _ = run(Uncached(model), prompts, max_new_tokens=20, eos_id=-1)
     assert out_c == out_u
     assert max(float((a - b).abs().max()) for a, b in zip(cached, logits)) < 1e-4
+
+
+def test_self_conditioning_reads_the_previous_estimate(monkeypatch):
+    """With self_cond, every step after the first passes the previous step's z0 estimate z - t v to the DiT;
+    the first step passes none. Mutation: a hint left at zero, or taken from the wrong time."""
+    model = tiny_model(self_cond=True)
+    hints, vs = [], []
+    real = model.guided_velocity
+
+    def spy(z, t_tok, hist_valid, guidance, cache, hint=None):
+        hints.append(None if hint is None else hint.clone())
+        v = real(z, t_tok, hist_valid, guidance, cache, hint)
+        vs.append((z.clone(), t_tok.clone(), v.clone()))
+        return v
+    monkeypatch.setattr(model, "guided_velocity", spy)
+    run(model, [[]], max_new_tokens=4, steps=3, eos_id=-1)
+    assert hints[0] is None
+    for i in (1, 2):
+        z, t, v = vs[i - 1]
+        assert torch.allclose(hints[i], z - t.unsqueeze(-1) * v, atol=1e-6)
