@@ -1,80 +1,162 @@
 """
-Generation speed: model passes per generated token and tokens/s for Cola DLM at several step counts,
-beside token-by-token AR decoding (one pass per token). Prints figures; asserts nothing.
+Speed figures, printed as tables; asserts nothing. Weights are random (speed does not depend on them),
+the sizes are a preset's, as `train.py --dry_run` reports them.
 
-    python bench.py                                   # out/ckpt.pt, 8 and 16 steps, an AR of matched size
-    python bench.py --ckpt out/ckpt.pt --ar_ckpt out_ar/ckpt.pt --steps 4,8,16 --batch 4
+    python bench.py                                    # generation: Cola (8, 16 steps), AR, LLaDA at batch 1 and 32
+    python bench.py --batches 1,8 --new_tokens 128 --preset cpu
+    python bench.py --train --preset paper --device cuda --compile --dtype bfloat16   # training: tok/s and MFU
 
-Without --ar_ckpt an untrained AR model of the size train.py matches to this Cola model is timed
-(speed does not depend on the weights).
+Generation: tokens/s and model passes per generated token, every model batched the same way (Cola's
+guided DiT passes, its commit and decoder passes; AR's one pass per token with a KV cache; LLaDA's
+unmasking passes, semi-autoregressive blocks of 16 tokens). Training: milliseconds per optimizer step,
+tokens/s, and model FLOP utilisation by two conventions: the repo's (layers.py: matmul weights per
+position each network runs on, plus attention) and 6 N (N: all parameters but embeddings).
 """
 import argparse
+import contextlib
+import json
 import os
+import subprocess
+import sys
 import time
 
 import torch
 
-from baselines import TransformerLM, matched_lm_config
-from decoder import ar_generate, generate, load_model
+from baselines import LMConfig, TransformerLM
+from decoder import ar_generate, generate, llada_generate
+from diffusion import ColaDLM
+from dit import DiTConfig
 from layers import n_params
 from prepare import REPO_DIR
+from vae import VAEConfig
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
+
+
+def preset_configs(preset, vocab_size, extra=()):
+    """The model configs train.py builds for a preset (its --dry_run), for Cola, AR and LLaDA."""
+    base = [sys.executable, os.path.join(REPO_DIR, "train.py"), "--dry_run", "--preset", preset, *extra]
+    out = {}
+    for model in ("cola", "ar", "llada"):
+        r = subprocess.run(base + ["--model", model], capture_output=True, text=True, cwd=REPO_DIR)
+        if r.returncode:
+            sys.exit(f"error: train.py --dry_run failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        out[model] = json.loads(r.stdout.strip().splitlines()[-1])
+    for cfg in [out["cola"]["vae_config"], out["ar"]["lm_config"], out["llada"]["lm_config"]]:
+        cfg["vocab_size"] = vocab_size
+    return out
+
+
+def timed(fn, device, repeats):
+    """Best wall time of `repeats` calls (after one warm-up call) and the last result."""
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    res = fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        res = fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best, res
+
+
+def bench_generation(args, cfgs, device):
+    cola = ColaDLM(VAEConfig(**cfgs["cola"]["vae_config"]), DiTConfig(**cfgs["cola"]["dit_config"]))
+    ar, llada = (TransformerLM(LMConfig(**cfgs[m]["lm_config"])) for m in ("ar", "llada"))
+    need = args.prompt_len + args.new_tokens + 64
+    cola.vae.cfg.max_seq_len = max(cola.vae.cfg.max_seq_len, need)
+    for m in (ar, llada):
+        m.cfg.max_seq_len = max(m.cfg.max_seq_len, need)
+    cola, ar, llada = (m.to(device).eval() for m in (cola, ar, llada))
+    amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if args.dtype == "bfloat16" \
+        else contextlib.nullcontext()
+    g = torch.Generator(device=device).manual_seed(0)
+    print(f"device {device}, {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens per sample; "
+          f"params: Cola {(n_params(cola.vae) + n_params(cola.dit)) / 1e6:.1f}M, AR {n_params(ar) / 1e6:.1f}M, "
+          f"LLaDA {n_params(llada) / 1e6:.1f}M")
+    print(f"| model | batch | passes / token | tok/s |\n|---|---|---|---|")
+    for batch in [int(b) for b in args.batches.split(",")]:
+        prompts = [torch.randint(0, 50000, (args.prompt_len,), generator=torch.Generator().manual_seed(i)).tolist()
+                   for i in range(batch)]
+        runs = [(f"Cola, {s} steps", lambda s=s: generate(cola, prompts, args.new_tokens, s, args.guidance, eos_id=-1,
+                                                            generator=g)) for s in (8, 16)]
+        runs += [("AR (KV cache)", lambda: ar_generate(ar, prompts, args.new_tokens, eos_id=-1)),
+                 ("LLaDA, 16 steps / 16 tokens", lambda: llada_generate(llada, prompts, args.new_tokens,
+                                                                       steps=args.new_tokens, block_length=16, eos_id=-1))]
+        for name, fn in runs:
+            with torch.no_grad(), amp:
+                dt, (outs, st) = timed(fn, device, args.repeats)
+            n = sum(len(o) for o in outs)
+            passes = st["passes"] if "passes" in st else st["dit"] + st["dit_commit"] + st["decoder"]
+            print(f"| {name} | {batch} | {passes / (n / batch):.3f} | {n / dt:,.1f} |", flush=True)
+
+
+def bench_training(args, cfgs, device):
+    """One optimizer step of each stage, the baselines too, at --batch_size x --seq_len tokens."""
+    vcfg, dcfg = VAEConfig(**cfgs["cola"]["vae_config"]), DiTConfig(**cfgs["cola"]["dit_config"])
+    B, L = args.batch_size, args.seq_len
+    amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if args.dtype == "bfloat16" \
+        else contextlib.nullcontext()
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.startswith("cuda")
+                                     and k in torch.cuda.get_device_name()), 0.0)
+    print(f"device {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}), {args.dtype}, "
+          f"compile {args.compile}, {B} x {L} tokens per step, peak {peak or '?'} TFLOP/s")
+    print("| stage | params | ms / step | tok/s | TFLOP/s (repo) | MFU (repo) | TFLOP/s (6N) | MFU (6N) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for stage in ("vae", "joint", "ar", "llada"):
+        torch.manual_seed(0)
+        if stage in ("vae", "joint"):
+            cola = ColaDLM(vcfg, dcfg)
+            model = cola.vae if stage == "vae" else cola
+            fpt = cola.vae.train_flops_per_token(L) if stage == "vae" else cola.train_flops_per_token(L)
+            dense = n_params(cola.vae) - cola.vae.enc.embed.weight.numel() + (n_params(cola.dit) if stage == "joint" else 0)
+        else:
+            model = TransformerLM(LMConfig(**cfgs[stage]["lm_config"]))
+            fpt, dense = model.train_flops_per_token(L), n_params(model) - model.embed.weight.numel()
+        model = model.to(device).train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                fused=device.startswith("cuda"))
+        fwd = torch.compile(model) if args.compile else model
+        x = torch.randint(0, vcfg.vocab_size, (B, L), device=device)
+
+        def step():
+            with amp:
+                loss = fwd(x)["loss"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for _ in range(2):  # compile and warm up
+            step()
+        dt, _ = timed(step, device, args.repeats)
+        tokens = B * L
+        repo, six_n = fpt * tokens / dt / 1e12, 6 * dense * tokens / dt / 1e12
+        mfu = lambda f: f"{100 * f / peak:.1f}%" if peak else "-"
+        print(f"| {stage} | {n_params(model) / 1e6:.1f}M | {dt * 1000:.1f} | {tokens / dt:,.0f} | {repo:.2f} | {mfu(repo)} | "
+              f"{six_n:.2f} | {mfu(six_n)} |", flush=True)
+        del model, fwd, opt
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=os.path.join(REPO_DIR, "out", "ckpt.pt"), help="Cola checkpoint")
-    p.add_argument("--ar_ckpt", default=None, help="AR checkpoint (default: untrained, size-matched)")
-    p.add_argument("--steps", default="8,16", help="comma list of Euler steps per block")
-    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale (1 skips the unconditional half)")
-    p.add_argument("--batch", type=int, default=1, help="samples generated together")
-    p.add_argument("--prompt_len", type=int, default=16, help="prompt tokens")
-    p.add_argument("--new_tokens", type=int, default=128, help="tokens generated per sample")
+    p.add_argument("--train", action="store_true", help="time training steps instead of generation")
+    p.add_argument("--preset", default="cpu", help="train.py size preset")
+    p.add_argument("--vocab_size", type=int, default=50257, help="vocabulary (the paper's: 100278)")
+    p.add_argument("--batches", default="1,32", help="generation: comma list of batch sizes")
+    p.add_argument("--guidance", type=float, default=7.0, help="generation: Cola's guidance (1 skips the unconditional half)")
+    p.add_argument("--prompt_len", type=int, default=16, help="generation: prompt tokens")
+    p.add_argument("--new_tokens", type=int, default=64, help="generation: tokens per sample")
+    p.add_argument("--batch_size", type=int, default=8, help="training: sequences per step")
+    p.add_argument("--seq_len", type=int, default=512, help="training: tokens per sequence")
+    p.add_argument("--compile", action="store_true", help="training: torch.compile the models")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="autocast dtype")
+    p.add_argument("--peak_tflops", type=float, default=0.0, help="the device's peak for MFU (default: known GPUs)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (best is reported)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     args = p.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    cola, ck = load_model(args.ckpt, device, ("cola",))
-    cola.vae.cfg.max_seq_len = max(cola.vae.cfg.max_seq_len, args.prompt_len + args.new_tokens + 64)
-    if args.ar_ckpt:
-        ar, _ = load_model(args.ar_ckpt, device, ("ar",))
-    else:
-        v = cola.vae.cfg  # the size train.py matches: the VAE's width, depth matched to VAE + DiT parameters
-        ar = TransformerLM(matched_lm_config("ar", n_params(cola.vae) + n_params(cola.dit), v.vocab_size, v.width,
-                                             v.n_heads, v.mlp_hidden, v.max_seq_len))
-    ar.cfg.max_seq_len = max(ar.cfg.max_seq_len, args.prompt_len + args.new_tokens + 1)
-    ar = ar.to(device).eval()
-    g = torch.Generator(device=device).manual_seed(0)
-    prompts = [torch.randint(0, 50000, (args.prompt_len,), generator=torch.Generator().manual_seed(i)).tolist()
-               for i in range(args.batch)]
-
-    def timed(fn):
-        best, res = float("inf"), None
-        for _ in range(args.repeats):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            res = fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        return best, res
-
-    n_cola = sum(p.numel() for n, p in cola.named_parameters() if not n.startswith("ref_enc"))
-    print(f"device {device}, batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens per sample, "
-          f"Cola {n_cola / 1e6:.1f}M params, AR {sum(p.numel() for p in ar.parameters()) / 1e6:.1f}M params")
-    print(f"{'model':<22}{'passes/token':>14}{'  (DiT, commit, decoder per block)':<36}{'tok/s':>10}")
-    tokens_per_block = cola.vae.cfg.tokens_per_block
-    for steps in [int(s) for s in args.steps.split(",")]:
-        dt, (outs, st) = timed(lambda: generate(cola, prompts, args.new_tokens, steps, args.guidance, eos_id=-1, generator=g))
-        n = sum(len(o) for o in outs)
-        passes = st["dit"] + st["dit_commit"] + st["decoder"]
-        per_block = f"  ({st['dit'] // st['blocks']}, 1, 1 per {tokens_per_block} tokens)"
-        print(f"{'Cola, ' + str(steps) + ' steps':<22}{passes / (n / args.batch):>14.3f}{per_block:<36}{n / dt:>10.1f}")
-    n_ar, dt_ar = 0, 0.0
-    for p in prompts:  # AR decodes each sample in turn (one pass per token)
-        dt, (out, st) = timed(lambda: ar_generate(ar, p, args.new_tokens, eos_id=-1))
-        n_ar, dt_ar = n_ar + len(out), dt_ar + dt
-    print(f"{'AR (KV cache)':<22}{st['passes'] / len(out):>14.3f}{'  (1 per token)':<36}{n_ar / dt_ar:>10.1f}")
+    cfgs = preset_configs(args.preset, args.vocab_size, ["--seq_len", str(args.seq_len)] if args.train else [])
+    (bench_training if args.train else bench_generation)(args, cfgs, device)
 
 
 if __name__ == "__main__":

@@ -208,10 +208,12 @@ def prompt_layout(prompts, tokens_per_block, patch, pad_id, device):
     return tokens.to(device), valid_lat.to(device), max(n_full), rem
 
 
-def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin_z=None):
+def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin_z=None, eta=0.0, generator=None):
     """Guided Euler steps for the next block along `grid` (from t = grid[0] down to grid[-1]), given the
     committed history in the DiT cache. Latents marked in `pin` (B, bs) are held at pin_z at t = 0.
-    z (B, bs, d) normalised, at time grid[0]."""
+    z (B, bs, d) normalised, at time grid[0]. An Euler step is z' = (1 - t') z0_hat + t' eps_hat, with
+    z0_hat = z - t v and eps_hat = z + (1 - t) v; eta > 0 (not the paper's) replaces that share of eps_hat
+    by fresh noise, sqrt(1 - eta^2) eps_hat + eta eps, a stochastic sampler that can correct the prior's errors."""
     B, block_size, _ = z.shape
     if pin is None:
         pin = torch.zeros(B, block_size, dtype=torch.bool, device=z.device)
@@ -223,14 +225,20 @@ def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin
         v = model.guided_velocity(z, t_tok, hist_valid, guidance, dit_cache, hint).float()
         if model.dit.cfg.self_cond:
             hint = z - t_tok.unsqueeze(-1) * v
-        z = euler_step(z, v, grid[i] - grid[i + 1])
+        if eta > 0:
+            t, t_next = t_tok.unsqueeze(-1), grid[i + 1]
+            z0_hat, eps_hat = z - t * v, z + (1 - t) * v
+            fresh = torch.randn(z.shape, device=z.device, generator=generator)
+            z = (1 - t_next) * z0_hat + t_next * ((1 - eta ** 2) ** 0.5 * eps_hat + eta * fresh)
+        else:
+            z = euler_step(z, v, grid[i] - grid[i + 1])
     return torch.where(pin.unsqueeze(-1), pin_z, z)
 
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=64, steps=16, guidance=3.0, temperature=0.0, top_k=0, top_p=1.0,
              repetition_penalty=1.1, eos_id=50256, pad_id=50256, generator=None, on_block=None, grid_power=1.0,
-             reencode_history=False, on_drift=None, noise_scale=1.0):
+             reencode_history=False, on_drift=None, noise_scale=1.0, eta=0.0):
     """Continue token-id `prompts` (a list of lists, any lengths, may be empty) block by block.
 
     1. The prompt is encoded with the posterior mean; its full blocks prefill the DiT's and the decoder's
@@ -240,7 +248,8 @@ def generate(model, prompts, max_new_tokens=64, steps=16, guidance=3.0, temperat
     Returns (list of new-token lists, stats). stats counts model passes: 'dit' (batched guided passes),
     'dit_commit', 'decoder' and 'blocks'. on_block(k, new_tokens) is called after each block.
     Options that are not the paper's: grid_power > 1 makes the time grid denser near t = 0; noise_scale < 1
-    starts each block from N(0, noise_scale^2 I), a lower-temperature sample;
+    starts each block from N(0, noise_scale^2 I), a lower-temperature sample; eta > 0 (denoise_block) samples
+    stochastically;
     reencode_history decodes every finished block, re-encodes its tokens, and lets the re-encoded latents
     (not the generated ones) be the history of later blocks; on_drift(distance) is called after each block
     with the mean distance between its generated latents and the re-encoding of its tokens.
@@ -287,7 +296,7 @@ def generate(model, prompts, max_new_tokens=64, steps=16, guidance=3.0, temperat
     own = torch.ones(B, block_size, dtype=torch.bool, device=device)
     for k in range(n_gen):
         z = noise_scale * draw_noise((B, block_size, d), device, generator)  # (B, bs, d), normalised
-        z = denoise_block(model, z, grid, hist_valid, guidance, caches[0], pin, pin_z)
+        z = denoise_block(model, z, grid, hist_valid, guidance, caches[0], pin, pin_z, eta, generator)
         stats["dit"] += steps
         logits = model.decode_and_commit(z, hist_valid, caches)  # (B, tpb, V)
         hist_valid = torch.cat([hist_valid, own], 1)

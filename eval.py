@@ -511,6 +511,7 @@ def get_args(argv=None):
     p.add_argument("--guidance", type=float, default=7.0, help="guidance scale (Cola, paper: 7)")
     p.add_argument("--noise_scale", type=float, default=1.0, help="Cola: std of each block's starting noise (paper: 1)")
     p.add_argument("--grid_power", type=float, default=1.0, help="Cola: > 1 makes the time grid denser near t = 0 (paper: 1)")
+    p.add_argument("--eta", type=float, default=0.0, help="Cola: share of fresh noise per step (paper: 0, the ODE)")
     p.add_argument("--sweep_steps", default="", help="comma list of step counts to sweep (Cola)")
     p.add_argument("--sweep_guidance", default="", help="comma list of guidance scales to sweep (Cola)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -576,7 +577,7 @@ def evaluate(args):
         print(f"[eval] generation diagnostics: {time.time() - t0:.1f} s", flush=True)
 
     # generation: tasks, samples, speed
-    cola_options = dict(noise_scale=args.noise_scale, grid_power=args.grid_power) if kind == "cola" else {}
+    cola_options = dict(noise_scale=args.noise_scale, grid_power=args.grid_power, eta=args.eta) if kind == "cola" else {}
     gen = make_generator(kind, model, args.steps, args.guidance, eos, args.seed, **cola_options)
     val_text = enc.decode(data.tokens("val", limit=200_000).tolist())
     if args.builtin_n:

@@ -1,12 +1,11 @@
 """
-Training for every stage of Cola DLM and for the baselines, nanoGPT style: one file, argparse flags,
-DDP under torchrun (gloo on CPU, nccl on CUDA).
+Training for every stage of Cola DLM and for the baselines, nanoGPT style: one file, argparse flags, DDP.
 
     python train.py --stage vae     # stage 1: Text VAE pretraining (docs/method.md §3)       -> out/vae.pt
     python train.py --stage joint   # stage 2: joint VAE + block-causal DiT, from out/vae.pt  -> out/ckpt.pt
     python train.py                 # --stage all: stage 1 then stage 2
     python train.py --model ar      # a matched baseline (ar or llada)                        -> out/ckpt.pt
-    torchrun --standalone --nproc_per_node=2 train.py --stage vae
+    torchrun --standalone --nproc_per_node=8 train.py ...    # DDP: gloo on CPU, nccl on CUDA
 
 The file reads top to bottom: arguments and presets, set-up, stage 1, stage 2, the baselines, then the
 one training loop they share. Checkpoints are self-describing (model configs, args, step, optimizer,
@@ -32,30 +31,11 @@ from diffusion import ColaDLM, history_metrics, t_bin_line
 from dit import DiTConfig
 from layers import n_params
 from prepare import DEFAULT_DATA_DIR, REPO_DIR, DataError, TokenData, batch_seed
+from presets import PRESETS, RECIPE
 from vae import TextVAE, VAEConfig
 
 # ----------------------------------------------------------------------------------------------------
-# arguments and presets
-
-# The paper's recipe (docs/method.md §5); a preset may override it where its scale calls for it.
-RECIPE = dict(beta=1e-3, beta2=0.95, embed_lr_mult=1.0, lr=1.5e-4, min_lr=1e-5, warmup_iters=5000,
-              grad_clip_scope="global", fm_batch_mult=1, decoder_noise=0.0, lam_x0_ce=0.0, lam_token_aux=0.0)
-
-# Size presets. 'cpu' is the laptop default; 'paper' is the paper's configuration (docs/method.md §3, §4, §10).
-PRESETS = {
-    "tiny": dict(vae=dict(width=64, n_enc_layers=1, n_dec_layers=1, n_heads=2, mlp_hidden=128),
-                 dit=dict(width=64, n_layers=2, n_heads=2),
-                 recipe=dict(lr=3e-3, min_lr=3e-4, warmup_iters=50)),
-    # a few hundred steps over ~0.3M tokens; each deviation from RECIPE is measured in the README
-    "cpu": dict(vae=dict(width=128, n_enc_layers=2, n_dec_layers=2, n_heads=4, mlp_hidden=384),
-                dit=dict(width=192, n_layers=4, n_heads=4),
-                recipe=dict(beta=1e-4, beta2=0.999, embed_lr_mult=10.0, lr=3e-3, min_lr=3e-4, warmup_iters=50,
-                            fm_batch_mult=4, grad_clip_scope="network")),
-    # the paper's vocabulary (100,278) comes from the data: prepare.py --tokenizer cl100k_base
-    "paper": dict(vae=dict(width=1536, n_enc_layers=4, n_dec_layers=4, n_heads=12, mlp_hidden=3200),
-                  dit=dict(width=2048, n_layers=24, n_heads=16, mlp_hidden=8192, rope_fraction=0.75)),
-}
-
+# arguments (the presets they start from are in presets.py)
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -367,11 +347,8 @@ def train(run, args, env, data):
     if run.resume_from:
         opt.load_state_dict(run.resume_from["optimizer"])
         step = run.resume_from["step"]
-        states = run.resume_from["rng"]
-        if len(states) == world:  # every rank continues its own random stream
-            set_rng_state(states[rank])
-        else:
-            torch.manual_seed(args.seed + rank * 1000 + step)
+        states = run.resume_from["rng"]  # every rank continues its own random stream
+        set_rng_state(states[rank]) if len(states) == world else torch.manual_seed(args.seed + rank * 1000 + step)
         if master:
             print(f"[{run.name}] resumed at step {step}" + ("" if len(states) == world else
                   f"; warning: saved by {len(states)} processes, so the random streams are reseeded"), flush=True)
@@ -402,8 +379,7 @@ def train(run, args, env, data):
         """Metrics averaged over the validation batches and ranks, with fixed noise: comparable between
         evaluations, and the training random stream is left as it was."""
         model.eval()
-        sums, cuda = {}, torch.device(device).type == "cuda"
-        rng_devices = [torch.device(device).index or 0] if cuda else []
+        sums, rng_devices = {}, [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices), torch.no_grad(), autocast:
             torch.manual_seed(args.seed + 7)
             for i in range(args.eval_iters):
@@ -426,8 +402,7 @@ def train(run, args, env, data):
         sums = {}
         for micro in range(args.grad_accum):
             x = data.batch("train", micro_batch, batch_seed(args.seed, rank * args.grad_accum + micro, step), device)
-            # gradients are all-reduced on the last micro-batch only
-            last = micro == args.grad_accum - 1
+            last = micro == args.grad_accum - 1  # gradients are all-reduced on the last micro-batch only
             with (fwd.no_sync() if world > 1 and not last else contextlib.nullcontext()), autocast:
                 out = fwd(x, **run.loss_kwargs)
             (out["loss"] / args.grad_accum).backward()
@@ -442,9 +417,8 @@ def train(run, args, env, data):
             sums.update(clip_gradients(run.clip_groups or {"": list(model.parameters())}, args.grad_clip))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        step += 1
-        steps_here += 1
-        acc, n = {k: acc.get(k, 0.0) + v for k, v in sums.items()}, n + 1
+        step, steps_here, n = step + 1, steps_here + 1, n + 1
+        acc = {k: acc.get(k, 0.0) + v for k, v in sums.items()}
         if step % args.log_interval == 0 or step == run.max_iters:
             m = all_reduce_mean({k: v / n for k, v in acc.items()}, env)
             dt = (time.time() - t0) / n
@@ -486,11 +460,13 @@ def dry_run(args, vocab_size):
 
 def run_stages(args, env):
     """Train what the flags ask for: a baseline, or Cola's stage 1 and/or stage 2. Returns the last Run."""
-    data = TokenData(args.data_dir, args.seq_len)
-    if args.dry_run:
+    if args.dry_run:  # the data's vocabulary if it is prepared, else GPT-2's
+        meta = os.path.join(args.data_dir, "meta.json")
+        vocab = json.load(open(meta))["vocab_size"] if os.path.exists(meta) else 50257
         if env["master"]:
-            print(json.dumps(dry_run(args, data.meta["vocab_size"])))
+            print(json.dumps(dry_run(args, vocab)))
         return None
+    data = TokenData(args.data_dir, args.seq_len)
     if env["master"]:
         os.makedirs(args.out_dir, exist_ok=True)
     if args.model != "cola":

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
+from diffusion import flow_path
 from baselines import LMConfig, TransformerLM, match_layers
 from decoder import ar_generate, llada_generate
 
@@ -204,7 +205,8 @@ def oracle(model, true):
 
 def test_sdedit_with_an_oracle_prior_recovers_the_true_block():
     """An exact prior lands on the true latents from any t0, so every 'after the DiT' accuracy equals the
-    accuracy of decoding the true latents; a sampler bug (wrong grid, wrong start) breaks the equality."""
+    accuracy of decoding the true latents. Mutation: decoding after a history other than the true one
+    (e.g. without the prefill) breaks the equality."""
     from test_generate import tiny_model
     model = tiny_model()
     x = torch.randint(0, 100, (6, 16))
@@ -215,6 +217,27 @@ def test_sdedit_with_an_oracle_prior_recovers_the_true_block():
     for t0 in (0.25, 0.5, 0.75, 1.0):
         assert res[f"after_dit_{t0}"] == pytest.approx(exact)
     assert res["noisy_0.75"] != pytest.approx(exact)  # decoding the noisy start is not the same
+
+
+def test_sdedit_starts_from_the_noised_truth_at_t0(monkeypatch):
+    """With a constant velocity c, the sampler run from t0 ends at start - t0 c, where start is the true block
+    noised to t0. Mutation: a grid that starts at t = 1 whatever t0 (it ends at start - c), or a start drawn
+    from pure noise."""
+    from test_generate import tiny_model
+    model = tiny_model()
+    c = 0.3
+    model.guided_velocity = lambda z, t_tok, hist_valid, guidance, cache, hint=None: torch.full_like(z, c)
+    decoded = []
+    real = ev.decode_after
+    monkeypatch.setattr(ev, "decode_after", lambda m, hist, z: (decoded.append(z.clone()), real(m, hist, z))[1])
+    x = torch.randint(0, 100, (3, 16))
+    _, true = ev.true_block(model, x, 2)
+    ev.eval_sdedit(model, x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(1), t0s=(0.5, 0.75))
+    g = torch.Generator().manual_seed(1)
+    for i, t0 in enumerate((0.5, 0.75)):
+        start = flow_path(true, torch.randn(true.shape, generator=g), torch.tensor(t0))
+        assert torch.allclose(decoded[2 * i], start - t0 * c, atol=1e-5)  # after the DiT
+        assert torch.allclose(decoded[2 * i + 1], start, atol=1e-6)  # the noisy start itself
 
 
 def test_latent_fit_of_an_oracle_prior_equals_the_posterior():

@@ -1,0 +1,24 @@
+"""
+The training recipe and the size presets train.py starts from (as nanoGPT's config/ files). Every flag
+left unset takes the preset's value, then the paper's recipe; each deviation from the paper's recipe
+is measured in the README ("What each deviation buys").
+"""
+
+# The paper's recipe (docs/method.md §5); a preset may override it where its scale calls for it.
+RECIPE = dict(beta=1e-3, beta2=0.95, embed_lr_mult=1.0, lr=1.5e-4, min_lr=1e-5, warmup_iters=5000,
+              grad_clip_scope="global", fm_batch_mult=1, decoder_noise=0.0, lam_x0_ce=0.0, lam_token_aux=0.0)
+
+# Size presets. 'cpu' is the laptop default; 'paper' is the paper's configuration (docs/method.md §3, §4, §10).
+PRESETS = {
+    "tiny": dict(vae=dict(width=64, n_enc_layers=1, n_dec_layers=1, n_heads=2, mlp_hidden=128),
+                 dit=dict(width=64, n_layers=2, n_heads=2),
+                 recipe=dict(lr=3e-3, min_lr=3e-4, warmup_iters=50)),
+    # a few hundred steps over ~0.3M tokens; each deviation from RECIPE is measured in the README
+    "cpu": dict(vae=dict(width=128, n_enc_layers=2, n_dec_layers=2, n_heads=4, mlp_hidden=384),
+                dit=dict(width=192, n_layers=4, n_heads=4),
+                recipe=dict(beta=1e-4, beta2=0.999, embed_lr_mult=10.0, lr=3e-3, min_lr=3e-4, warmup_iters=50,
+                            fm_batch_mult=4, grad_clip_scope="network")),
+    # the paper's vocabulary (100,278) comes from the data: prepare.py --tokenizer cl100k_base
+    "paper": dict(vae=dict(width=1536, n_enc_layers=4, n_dec_layers=4, n_heads=12, mlp_hidden=3200),
+                  dit=dict(width=2048, n_layers=24, n_heads=16, mlp_hidden=8192, rope_fraction=0.75)),
+}
