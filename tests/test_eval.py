@@ -240,6 +240,26 @@ def test_sdedit_starts_from_the_noised_truth_at_t0(monkeypatch):
         assert torch.allclose(decoded[2 * i + 1], start, atol=1e-6)  # the noisy start itself
 
 
+def test_prefix_prediction_pins_the_known_latents(monkeypatch):
+    """With a velocity that pulls every latent to zero, the known prefix is still decoded from the true
+    latents, and only the other positions are scored. Mutation: not pinning the prefix, or scoring the
+    whole block."""
+    from test_generate import tiny_model
+    model = tiny_model()
+    model.guided_velocity = lambda z, t_tok, hist_valid, guidance, cache, hint=None: z / t_tok.unsqueeze(-1).clamp(min=1e-6)
+    decoded = []
+    real = ev.decode_after
+    monkeypatch.setattr(ev, "decode_after", lambda m, hist, z: (decoded.append(z.clone()), real(m, hist, z))[1])
+    x = torch.randint(0, 100, (5, 16))
+    hist, true = ev.true_block(model, x, 2)
+    res = ev.eval_prefix_prediction(model, x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0),
+                                    known=(0, 3))
+    z = decoded[1]  # the known = 3 run: 3 true latents, then what the sampler made of the rest (zeros)
+    assert torch.allclose(z[:, :3], true[:, :3]) and z[:, 3:].abs().max() < 1e-5
+    expected = (real(model, hist, z).argmax(-1)[:, 3:] == x[:, 11:12]).float().mean()
+    assert res["known_3"] == pytest.approx(float(expected))
+
+
 def test_latent_fit_of_an_oracle_prior_equals_the_posterior():
     from test_generate import tiny_model
     model = tiny_model()
