@@ -75,7 +75,7 @@ def bench_generation(args, cfgs, device):
     print(f"device {device}, {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens per sample; "
           f"params: Cola {(n_params(cola.vae) + n_params(cola.dit)) / 1e6:.1f}M, AR {n_params(ar) / 1e6:.1f}M, "
           f"LLaDA {n_params(llada) / 1e6:.1f}M")
-    print(f"| model | batch | passes / token | tok/s |\n|---|---|---|---|")
+    print("| model | batch | passes / token | tok/s |\n|---|---|---|---|")
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = [torch.randint(0, 50000, (args.prompt_len,), generator=torch.Generator().manual_seed(i)).tolist()
                    for i in range(batch)]
@@ -134,7 +134,6 @@ def bench_training(args, cfgs, device):
         mfu = lambda f: f"{100 * f / peak:.1f}%" if peak else "-"
         print(f"| {stage} | {n_params(model) / 1e6:.1f}M | {dt * 1000:.1f} | {tokens / dt:,.0f} | {repo:.2f} | {mfu(repo)} | "
               f"{six_n:.2f} | {mfu(six_n)} |", flush=True)
-        del model, fwd, opt
 
 
 def main():

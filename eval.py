@@ -27,7 +27,6 @@ import random
 import re
 import sys
 import time
-from collections import Counter
 
 import numpy as np
 import torch
@@ -38,7 +37,8 @@ from checkpoint import CheckpointError
 from decoder import GenerationError, ar_generate, denoise_block, generate, llada_generate, load_model
 from diffusion import flow_path, history_blocks, t_bin_sums, time_grid
 from prepare import REPO_DIR, DataError, TokenData, batch_seed, get_tokenizer
-from scoring import TaskError, read_tasks, score, score_file
+from presets import sampler_settings
+from scoring import TaskError, TrainNgrams, ngram_metrics, read_tasks, score, score_file
 
 LN2 = math.log(2)
 
@@ -302,50 +302,6 @@ def eval_history_drift(model, prompts, n_tokens, steps, guidance, generator, tra
 # ----------------------------------------------------------------------------------------------------
 # generation: samples and tasks
 
-class TrainNgrams:
-    """Membership of token 2- and 3-grams in the training split (sorted int64 codes, searchsorted)."""
-
-    def __init__(self, train_tokens, vocab_size):
-        ids = np.asarray(train_tokens, dtype=np.int64)
-        self.V = vocab_size
-        self.codes = {2: np.unique(ids[:-1] * vocab_size + ids[1:]),
-                      3: np.unique((ids[:-2] * vocab_size + ids[1:-1]) * vocab_size + ids[2:])}
-
-    def seen_rate(self, samples, n):
-        grams = [s[i:i + n] for s in samples for i in range(len(s) - n + 1)]
-        if not grams:
-            return 0.0
-        g = np.asarray(grams, dtype=np.int64)
-        code = g[:, 0] * self.V + g[:, 1] if n == 2 else (g[:, 0] * self.V + g[:, 1]) * self.V + g[:, 2]
-        table = self.codes[n]
-        idx = np.clip(np.searchsorted(table, code), 0, len(table) - 1)
-        return float((table[idx] == code).mean())
-
-
-def ngram_metrics(samples, train_ngrams=None):
-    """distinct-1/2/3 over all samples, 4-gram repetition inside samples, unigram entropy (bits), and the
-    fraction of the samples' token 2- and 3-grams that occur in the training split."""
-    res = {}
-    for n in (1, 2, 3):
-        grams = [tuple(s[i:i + n]) for s in samples for i in range(len(s) - n + 1)]
-        res[f"distinct_{n}"] = len(set(grams)) / max(len(grams), 1)
-    rep, tot = 0, 0
-    for s in samples:
-        seen = set()
-        for i in range(len(s) - 3):
-            rep += tuple(s[i:i + 4]) in seen
-            tot += 1
-            seen.add(tuple(s[i:i + 4]))
-    res["repetition_4"] = rep / max(tot, 1)
-    counts = Counter(t for s in samples for t in s)
-    total = sum(counts.values())
-    res["unigram_entropy_bits"] = -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
-    if train_ngrams is not None:
-        res["seen_2gram_rate"] = train_ngrams.seen_rate(samples, 2)
-        res["seen_3gram_rate"] = train_ngrams.seen_rate(samples, 3)
-    return res
-
-
 def judge_perplexity(judge, prompts, samples):
     """Perplexity of each sample's tokens under the judge given its prompt, pooled over samples."""
     nll, n = 0.0, 0
@@ -534,18 +490,18 @@ def get_args(argv=None):
     p.add_argument("--sample_len", type=int, default=96, help="new tokens per sample")
     p.add_argument("--sample_prompt", default="\n", help="prompt of every sample ('held-out': the first 16 tokens of held-out windows)")
     p.add_argument("--judge", default=None, help="AR checkpoint that scores sample perplexity (name it in every comparison)")
-    p.add_argument("--steps", type=int, default=16, help="Euler steps per block (Cola, paper: 16) / LLaDA steps")
-    p.add_argument("--guidance", type=float, default=7.0, help="guidance scale (Cola, paper: 7)")
-    p.add_argument("--noise_scale", type=float, default=1.0, help="Cola: std of each block's starting noise (paper: 1)")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps per block (Cola) / LLaDA steps (default: preset; paper 16)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (Cola; default: preset; paper 7)")
+    p.add_argument("--noise_scale", type=float, default=None, help="Cola: std of each block's starting noise (default: preset; paper 1)")
     p.add_argument("--grid_power", type=float, default=1.0, help="Cola: > 1 makes the time grid denser near t = 0 (paper: 1)")
-    p.add_argument("--eta", type=float, default=0.0, help="Cola: share of fresh noise per step (paper: 0, the ODE)")
+    p.add_argument("--eta", type=float, default=None, help="Cola: share of fresh noise per step (default: preset; paper 0)")
     p.add_argument("--sweep_steps", default="", help="comma list of step counts to sweep (Cola)")
     p.add_argument("--sweep_guidance", default="", help="comma list of guidance scales to sweep (Cola)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     args = p.parse_args(argv)
     for name in ("batches", "batch_size", "fm_batches", "ll_steps", "iwae_k", "steps", "n_samples", "sample_len"):
-        if getattr(args, name) < 1:
+        if (getattr(args, name) or 1) < 1:
             p.error(f"--{name} must be >= 1")
     return args
 
@@ -575,6 +531,9 @@ def evaluate(args):
         if jck["kind"] != "ar":
             raise DataError(f"--judge {args.judge} holds a '{jck['kind']}' model; the judge must be an AR checkpoint")
     kind, targs = ckpt["kind"], ckpt["args"]
+    for k, v in sampler_settings(targs.get("preset", "paper")).items():  # unset flags: the preset's sampler
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     enc = get_tokenizer(ckpt["tokenizer"])
     eos = enc.eot_token
     data = TokenData(args.data_dir or targs["data_dir"], targs["seq_len"])

@@ -22,3 +22,12 @@ PRESETS = {
     "paper": dict(vae=dict(width=1536, n_enc_layers=4, n_dec_layers=4, n_heads=12, mlp_hidden=3200),
                   dit=dict(width=2048, n_layers=24, n_heads=16, mlp_hidden=8192, rope_fraction=0.75)),
 }
+
+
+# The sampler (docs/method.md §6): the paper's settings; a preset's "sampler" entry overrides them.
+SAMPLER = dict(steps=16, guidance=7.0, noise_scale=1.0, eta=0.0)
+
+
+def sampler_settings(preset):
+    """The sampler settings for checkpoints trained at this preset (sample.py and eval.py's defaults)."""
+    return {**SAMPLER, **PRESETS.get(preset, {}).get("sampler", {})}

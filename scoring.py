@@ -1,6 +1,11 @@
 """
-Task files and how a generated answer is scored, by the rules of the paper's benchmark evaluation
-(docs/method.md §9; the authors' release applies them in its scripts/acc_calc.py). Pure functions.
+How generations are scored: task answers by the rules of the paper's benchmark evaluation (docs/method.md
+§9; the authors' release applies them in its scripts/acc_calc.py), and free samples by judge-free n-gram
+metrics. Pure functions.
+
+Sample metrics: the fraction of a sample's token 2- and 3-grams that occur anywhere in the training split
+(word salad scores low, real text about 0.8 / 0.45 on the default corpus), distinct-n (repetition cannot
+game the first two without showing here), 4-gram repetition and unigram entropy.
 
 Every generation is first cut at the first newline that has a word character before it (a reply that
 starts with blank lines is not cut to nothing). Texts are then normalised: lower-cased, stripped,
@@ -25,8 +30,12 @@ lambada, mmlu, obqa, hellaswag, race, siqa, squad, story_cloze; any other file f
 """
 import difflib
 import json
+import math
 import os
 import re
+from collections import Counter
+
+import numpy as np
 
 PAPER_TASKS = ("lambada", "mmlu", "obqa", "hellaswag", "race", "siqa", "squad", "story_cloze")
 CHOICE_TASKS = ("mmlu", "obqa", "race", "siqa")
@@ -226,3 +235,50 @@ def score_file(path):
         raise TaskError(f"{path}: {len(missing)} of {len(tasks)} lines have no 'generate' field to score")
     hits = sum(score(t["generate"], t) for t in tasks)
     return {"task": name, "n": len(tasks), "accuracy": 100.0 * hits / len(tasks)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# sample metrics
+
+class TrainNgrams:
+    """Membership of token 2- and 3-grams in the training split (sorted int64 codes, searchsorted)."""
+
+    def __init__(self, train_tokens, vocab_size):
+        ids = np.asarray(train_tokens, dtype=np.int64)
+        self.V = vocab_size
+        self.codes = {2: np.unique(ids[:-1] * vocab_size + ids[1:]),
+                      3: np.unique((ids[:-2] * vocab_size + ids[1:-1]) * vocab_size + ids[2:])}
+
+    def seen_rate(self, samples, n):
+        grams = [s[i:i + n] for s in samples for i in range(len(s) - n + 1)]
+        if not grams:
+            return 0.0
+        g = np.asarray(grams, dtype=np.int64)
+        code = g[:, 0] * self.V + g[:, 1] if n == 2 else (g[:, 0] * self.V + g[:, 1]) * self.V + g[:, 2]
+        table = self.codes[n]
+        idx = np.clip(np.searchsorted(table, code), 0, len(table) - 1)
+        return float((table[idx] == code).mean())
+
+
+def ngram_metrics(samples, train_ngrams=None):
+    """distinct-1/2/3 over all samples, 4-gram repetition inside samples, unigram entropy (bits), and the
+    fraction of the samples' token 2- and 3-grams that occur in the training split."""
+    res = {}
+    for n in (1, 2, 3):
+        grams = [tuple(s[i:i + n]) for s in samples for i in range(len(s) - n + 1)]
+        res[f"distinct_{n}"] = len(set(grams)) / max(len(grams), 1)
+    rep, tot = 0, 0
+    for s in samples:
+        seen = set()
+        for i in range(len(s) - 3):
+            rep += tuple(s[i:i + 4]) in seen
+            tot += 1
+            seen.add(tuple(s[i:i + 4]))
+    res["repetition_4"] = rep / max(tot, 1)
+    counts = Counter(t for s in samples for t in s)
+    total = sum(counts.values())
+    res["unigram_entropy_bits"] = -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
+    if train_ngrams is not None:
+        res["seen_2gram_rate"] = train_ngrams.seen_rate(samples, 2)
+        res["seen_3gram_rate"] = train_ngrams.seen_rate(samples, 3)
+    return res

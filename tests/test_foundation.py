@@ -272,7 +272,7 @@ def test_folder_and_jsonl_corpora(tmp_path):
     (tmp_path / "folder" / "sub").mkdir(parents=True)
     for i, d in enumerate(docs):
         (tmp_path / "folder" / ("sub" if i % 2 else "") / f"{i}.txt").write_text(d, encoding="utf-8")
-    meta = prepare(str(tmp_path / "folder"), str(tmp_path / "a"), seq_len=16, split="tail")
+    prepare(str(tmp_path / "folder"), str(tmp_path / "a"), seq_len=16, split="tail")
     files = sorted(str(p) for p in (tmp_path / "folder").rglob("*.txt"))
     enc = get_tokenizer()
     expected = []

@@ -16,7 +16,7 @@ import train
 from checkpoint import load_checkpoint
 from diffusion import ColaDLM, flow_path
 from test_generate import tiny_model
-from test_train import TINY, data_dir  # noqa: F401 (fixture)
+from test_train import TINY
 
 
 # ---------------------------------------------------------------------------------------------------- FLOPs
@@ -100,7 +100,7 @@ def test_bits_per_token_closed_form_for_a_linear_field(a):
 
 # ---------------------------------------------------------------------------------------------------- DDP
 
-def test_ddp_accumulation_and_resume(tmp_path, data_dir, root):  # noqa: F811
+def test_ddp_accumulation_and_resume(tmp_path, data_dir, root):
     """Under torchrun (2 processes, gloo): (1) stage 1 with accumulation leaves identical parameters on both
     ranks; (2) one AR step of 2 processes x 2 micro-batches equals 1 process x the same 4 micro-batches;
     (3) a 2-process run stopped inside stage 2 and resumed ends bit-exactly where the uninterrupted run ends.
@@ -150,7 +150,7 @@ def test_training_layout_equals_the_cached_sampling_pass():
 # ---------------------------------------------------------------------------------------------------- clipping, reference encoder
 
 @pytest.fixture
-def joint_run(tmp_path, data_dir):  # noqa: F811
+def joint_run(tmp_path, data_dir):
     common = ["--data_dir", data_dir, "--out_dir", str(tmp_path), "--vae_iters", "1", "--main_iters", "3",
               "--eval_interval", "3"] + TINY
     train.main(common + ["--stage", "vae"])
@@ -196,7 +196,7 @@ def test_bf16_joint_step_and_cached_generation(joint_run):
     """Under bf16 autocast one joint step gives a finite loss, and cached generation equals the uncached
     reference within bf16 tolerance. Mutation: a float32-only cast in the cache path (e.g. the cache kept
     in one dtype, the block in another) breaks the equality or raises."""
-    from test_generate import Uncached, capture_latents  # noqa: F401
+    from test_generate import Uncached
     args, env, run = joint_run
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = run.model(train.TokenData(args.data_dir, args.seq_len).batch("train", 2, 0, "cpu"), **run.loss_kwargs)
@@ -221,7 +221,7 @@ def test_bf16_joint_step_and_cached_generation(joint_run):
 
 # ---------------------------------------------------------------------------------------------------- NaN
 
-def test_nan_loss_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, data_dir, root):  # noqa: F811
+def test_nan_loss_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, data_dir, root):
     """A NaN loss (an lr of 1e30 blows the weights up) ends the run with one line naming the step, and the
     last checkpoint is the last good one. Mutation: removing the check (the run goes on and saves NaN weights)."""
     out = tmp_path / "o"

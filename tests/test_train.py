@@ -1,5 +1,4 @@
 """Training loop: checkpoints, exact resume, DDP with gradient accumulation, flag and data errors."""
-import json
 import os
 import subprocess
 import sys
@@ -8,20 +7,9 @@ import pytest
 import torch
 
 import train
-from prepare import prepare
 
 TINY = ["--preset", "tiny", "--latent_dim", "8", "--block_size", "4", "--seq_len", "16", "--batch_size", "2",
         "--no-compile", "--dtype", "float32", "--log_interval", "1", "--eval_iters", "1", "--warmup_iters", "2"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    src = d / "text.txt"
-    src.write_text(open(os.path.join(os.path.dirname(__file__), "..", "data", "shakespeare_tiny.txt"),
-                        encoding="utf-8").read()[:20000], encoding="utf-8")
-    prepare(str(src), str(d / "prep"), seq_len=16)
-    return str(d / "prep")
 
 
 def params(path):
