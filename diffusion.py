@@ -252,17 +252,24 @@ class ColaDLM(nn.Module):
         noisy position's token through the decoder's output head (held fixed)."""
         vae = self.vae
         n_dec = decode_rows if 0 < decode_rows < tokens.shape[0] else tokens.shape[0]
-        out = vae.recon_terms(tokens[:n_dec], mask_prob, lam_mask, decoder_noise)
-        mu, logvar, z = out.pop("mu"), out.pop("logvar"), out.pop("z")  # (n_dec, L, d)
+        if lam_vae > 0:
+            out = vae.recon_terms(tokens[:n_dec], mask_prob, lam_mask, decoder_noise)
+            mu, logvar, z = out.pop("mu"), out.pop("logvar"), out.pop("z")  # (n_dec, L, d)
+        else:  # no VAE terms (a frozen VAE): the decoder does not run at all
+            zero = torch.zeros((), device=tokens.device)
+            out, n_dec = dict(ce=zero, acc=zero, mask_ce=zero, mask_acc=zero), 0
+            mu, logvar, z = (torch.zeros(0, *tokens.shape[1:2], vae.cfg.latent_dim, device=tokens.device),) * 3
         if n_dec < tokens.shape[0]:  # the other sequences: encoder only
             mu2, logvar2 = vae.encode(tokens[n_dec:])
             mu, logvar = torch.cat([mu, mu2]), torch.cat([logvar, logvar2])  # (B, L, d)
             z = torch.cat([z, vae.reparameterize(mu2, logvar2)])
         # beta * E_q log q(z|x) = -beta * entropy: keeps the posterior from shrinking to a point
         out["neg_entropy"] = (-0.5 * (logvar.float() + 1.0 + 1.8378770664093453)).sum(-1).mean()
-        with torch.no_grad():
-            mu_ref, logvar_ref = self.ref_enc(tokens)
-        out["ref_kl"] = gaussian_kl(mu.float(), logvar.float(), mu_ref.float(), logvar_ref.float()).mean()
+        out["ref_kl"] = torch.zeros((), device=tokens.device)
+        if lam_ref > 0:
+            with torch.no_grad():
+                mu_ref, logvar_ref = self.ref_enc(tokens)
+            out["ref_kl"] = gaussian_kl(mu.float(), logvar.float(), mu_ref.float(), logvar_ref.float()).mean()
         out["logsnr"] = vae_logsnr(mu.detach(), logvar.detach())
         # flow matching on normalised latents
         z0n = self.normalize(z.float())  # (B, L, d)
@@ -298,7 +305,8 @@ class ColaDLM(nn.Module):
             out["loss"] = out["loss"] + lam_token_aux * out["token_aux"]
         return out
 
-    def train_flops_per_token(self, seq_len, decode_frac=1.0, lam_mask=1.0, x0_ce=False, token_aux=False):
+    def train_flops_per_token(self, seq_len, decode_frac=1.0, lam_mask=1.0, x0_ce=False, token_aux=False,
+                              vae_frozen=False):
         """Stage-2 training FLOPs per token (layers.py's convention): the encoder on every sequence (and on
         the masked copy of the decoded ones), the decoder on the decoded fraction of the batch (both copies),
         the frozen reference encoder forward only, and the DiT on (2L - bs) latents per L. The auxiliary
@@ -307,8 +315,11 @@ class ColaDLM(nn.Module):
         c, d = self.vae.cfg, self.dit.cfg
         copies = 2 if lam_mask > 0 else 1
         enc, dec = self.vae.flops_per_token(seq_len)
-        f = enc * (1 + (copies - 1) * decode_frac) + copies * dec * decode_frac
-        f += 2 * matmul_params(self.ref_enc) / c.patch_size
+        if vae_frozen:  # the encoder forward only (a third of its training FLOPs), no decoder, no reference
+            f = enc / 3
+        else:
+            f = enc * (1 + (copies - 1) * decode_frac) + copies * dec * decode_frac
+            f += 2 * matmul_params(self.ref_enc) / c.patch_size
         L, bs = seq_len // c.patch_size, c.block_size
         n_dit = 2 * L - bs
         dit_pass = (2 * matmul_params(self.dit) + attention_flops(d.n_layers, d.width, n_dit)) * n_dit / L / c.patch_size

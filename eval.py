@@ -316,6 +316,25 @@ def judge_perplexity(judge, prompts, samples):
     return math.exp(nll / max(n, 1))
 
 
+def sample_quality(make_gen, prompts, sample_len, seed, repeats, train_ngrams, judge=None, first=None):
+    """n-gram metrics (scoring.ngram_metrics) and judge perplexity of `repeats` rounds of samples with
+    different noise, make_gen(seed) giving each round's generator: the mean, and '<metric>_se' its
+    standard error over the rounds. `first` reuses samples already made with seed `seed`."""
+    rounds = []
+    for r in range(repeats):
+        smp = first if (r == 0 and first is not None) else make_gen(seed + r)(prompts, sample_len)[0]
+        row = ngram_metrics(smp, train_ngrams)
+        if judge is not None:
+            row["judge_ppl"] = judge_perplexity(judge, prompts, smp)
+        rounds.append(row)
+    res = {}
+    for k in rounds[0]:
+        vals = np.array([r[k] for r in rounds], dtype=np.float64)
+        res[k] = float(vals.mean())
+        res[k + "_se"] = float(vals.std(ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else 0.0
+    return res
+
+
 def make_generator(kind, model, steps, guidance, eos_id, seed, **cola_options):
     """fn(prompts, max_new) -> (new-token lists, model passes summed over rows). Greedy, repetition
     penalty 1.1 on generated tokens (the paper's task settings); batched for every kind."""
@@ -486,7 +505,7 @@ def get_args(argv=None):
     p.add_argument("--tasks", nargs="*", default=[], help="JSONL task files to generate answers for and score")
     p.add_argument("--builtin_n", type=int, default=32, help="examples per built-in task (0: skip them)")
     p.add_argument("--task_max_new", type=int, default=32, help="new tokens per task answer (paper: <= 32)")
-    p.add_argument("--n_samples", type=int, default=8, help="samples for the sample metrics and speed")
+    p.add_argument("--n_samples", type=int, default=8, help="samples per round for the sample metrics and speed")
     p.add_argument("--sample_len", type=int, default=96, help="new tokens per sample")
     p.add_argument("--sample_prompt", default="\n", help="prompt of every sample ('held-out': the first 16 tokens of held-out windows)")
     p.add_argument("--judge", default=None, help="AR checkpoint that scores sample perplexity (name it in every comparison)")
@@ -497,10 +516,13 @@ def get_args(argv=None):
     p.add_argument("--eta", type=float, default=None, help="Cola: share of fresh noise per step (default: preset; paper 0)")
     p.add_argument("--sweep_steps", default="", help="comma list of step counts to sweep (Cola)")
     p.add_argument("--sweep_guidance", default="", help="comma list of guidance scales to sweep (Cola)")
+    p.add_argument("--sweep_noise", default="", help="comma list of starting-noise scales to sweep (Cola)")
+    p.add_argument("--sample_repeats", type=int, default=3, help="rounds of --n_samples samples (different noise)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     args = p.parse_args(argv)
-    for name in ("batches", "batch_size", "fm_batches", "ll_steps", "iwae_k", "steps", "n_samples", "sample_len"):
+    for name in ("batches", "batch_size", "fm_batches", "ll_steps", "iwae_k", "steps", "n_samples", "sample_len",
+                 "sample_repeats"):
         if (getattr(args, name) or 1) < 1:
             p.error(f"--{name} must be >= 1")
     return args
@@ -585,21 +607,17 @@ def evaluate(args):
     n_tok = sum(len(s) for s in samples)
     res["gen_tokens_per_s"] = n_tok / dt
     res["passes_per_token"] = passes / max(n_tok, 1)
-    res.update(ngram_metrics(samples, train_ngrams))
-    if judge is not None:
-        res["judge_ppl"] = judge_perplexity(judge, prompts, samples)
+    quality = lambda first=None, **over: sample_quality(
+        lambda seed: make_generator(kind, model, int(over.get("steps", args.steps)), over.get("guidance", args.guidance),
+                                    eos, seed, **{**cola_options, **{k: v for k, v in over.items()
+                                                                     if k in cola_options}}),
+        prompts, args.sample_len, args.seed, args.sample_repeats, train_ngrams, judge, first)
+    res.update(quality(first=samples))
     res["samples"] = [enc.decode(p) + " ||| " + enc.decode(s) for p, s in zip(prompts, samples)]
-    for key, values in (("steps", args.sweep_steps), ("guidance", args.sweep_guidance)):
+    for key, values in (("steps", args.sweep_steps), ("guidance", args.sweep_guidance),
+                        ("noise_scale", args.sweep_noise)):
         if values and kind == "cola":
-            sweep = []
-            for v in [float(s) for s in values.split(",")]:
-                gen_v = make_generator(kind, model, int(v) if key == "steps" else args.steps,
-                                       v if key == "guidance" else args.guidance, eos, args.seed, **cola_options)
-                smp, _ = gen_v(prompts, args.sample_len)
-                row = {key: v, **ngram_metrics(smp, train_ngrams)}
-                if judge is not None:
-                    row["judge_ppl"] = judge_perplexity(judge, prompts, smp)
-                sweep.append(row)
+            sweep = [{key: float(v), **quality(**{key: float(v)})} for v in values.split(",")]
             res[f"sweep_{key}"] = sweep
             metrics = [m for m in ("judge_ppl", "seen_2gram_rate", "seen_3gram_rate", "distinct_2") if m in sweep[0]]
             plot_sweep(sweep, key, metrics, os.path.join(run_dir, f"sweep_{key}.png"))

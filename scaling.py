@@ -1,12 +1,16 @@
 """
-The comparison study, the small-scale version of the paper's (docs/method.md §8-9, its RQ4): Cola DLM, AR
-and LLaDA at one size preset, trained on the same data with the same recipe to matched training FLOPs at
-several compute levels, each scored by eval.py against one fixed judge. Writes a markdown table and
-scaling plots (metric vs training FLOPs).
+The comparison studies, each scored by eval.py against one fixed judge:
+- compute levels, the small-scale version of the paper's (docs/method.md §8-9, its RQ4): Cola DLM, AR and
+  LLaDA at one size preset, trained on the same data with the same recipe to matched training FLOPs at
+  several levels; a markdown table and scaling plots (metric vs training FLOPs);
+- recipe ablations (--ablations FILE): one line per run, `name flags...` for train.py; `base` is the
+  default run, and a run without `--stage all` trains stage 2 from base's stage 1; a markdown table of the
+  generation diagnostics and the sample metrics at the paper's sampler and at starting noise 0.5.
 
     python scaling.py --tasks tasks/comedies.jsonl     # levels 0.25,0.5,1 at the cpu preset, one run at a time
     OMP_NUM_THREADS=1 python scaling.py --jobs 2       # two runs side by side on a 2-core machine
     python scaling.py --device cuda --jobs 12 --train_args=--no-compile   # one GPU, all runs at once
+    OMP_NUM_THREADS=1 python scaling.py --ablations ablations.txt --jobs 2 # the README's ablation table
 
 Level 1 is the default Cola run (--vae_iters + --main_iters steps of train.py); level x scales both
 stages' steps by x. Each baseline gets the number of steps that matches its Cola run's training FLOPs
@@ -20,6 +24,7 @@ e.g. the main command's out/ copied to out_scaling/cola_1 (the same run as level
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -51,6 +56,7 @@ def get_args(argv=None):
     p.add_argument("--train_args", default="", help="extra train.py flags for every run, e.g. --train_args='--no-compile' (note the =)")
     p.add_argument("--eval_args", default="", help="extra eval.py flags for every run, e.g. --eval_args='--builtin_n 64'")
     p.add_argument("--tasks", nargs="*", default=[], help="JSONL task files eval.py scores for every run")
+    p.add_argument("--ablations", default=None, help="a file of recipe ablations (name + train.py flags per line)")
     a = p.parse_args(argv)
     try:
         a.levels = sorted(float(x) for x in a.levels.split(","))
@@ -60,9 +66,11 @@ def get_args(argv=None):
         p.error("--levels must be positive")
     if a.jobs < 1:
         p.error("--jobs must be >= 1")
-    for f in a.tasks:
+    for f in a.tasks + ([a.ablations] if a.ablations else []):
         if not os.path.exists(f):
-            p.error(f"task file {f} not found")
+            p.error(f"file {f} not found")
+    if a.ablations and a.out_root == os.path.join(REPO_DIR, "out_scaling"):
+        a.out_root = os.path.join(REPO_DIR, "out_ablations")
     return a
 
 
@@ -97,6 +105,40 @@ def plan(a):
     return runs
 
 
+ABLATION_EVAL = ["--builtin_n", "0", "--batches", "1", "--fm_batches", "8", "--ll_steps", "2", "--iwae_k", "1",
+                 "--steps", "16", "--guidance", "7", "--noise_scale", "1", "--eta", "0", "--sweep_noise", "1,0.5",
+                 "--sample_repeats", "3"]  # the paper's sampler, and starting noise 0.5
+
+
+def plan_ablations(a):
+    """[(name, 'ablation', run_dir, train.py argv, None)] from the ablations file; base first."""
+    runs = []
+    for n, line in enumerate(open(a.ablations), 1):
+        words = line.split("#")[0].split()
+        if words:
+            runs.append((words[0], "ablation", os.path.join(a.out_root, words[0]), words[1:], None))
+    if not runs or runs[0][0] != "base":
+        raise RuntimeError(f"{a.ablations}: the first run must be named base (the shared stage 1)")
+    return runs
+
+
+def ablation_table(rows):
+    """One line per run: the diagnostics, then the sample metrics (mean over rounds) at noise 1 and 0.5."""
+    head = ("| run | flags | train FLOPs | FM with / without history | block accuracy from t0 = 0.5 / 0.75 / 1 "
+            "| next token, 15 known | seen 2-gram / 3-gram, distinct-2, judge ppl (noise 1) | the same, noise 0.5 |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sd, sweep = r.get("sdedit", {}), {s["noise_scale"]: s for s in r.get("sweep_noise_scale", [])}
+        cell = lambda s: (f"{s['seen_2gram_rate']:.2f} / {s['seen_3gram_rate']:.2f}, {s['distinct_2']:.2f}, "
+                          f"{s.get('judge_ppl', float('nan')):,.0f}") if s else "-"
+        lines.append(f"| {r['name']} | `{' '.join(r['flags']) or '(defaults)'}` | {r['train_flops']:.2e} | "
+                     f"{r['fm_cond']:.3f} / {r['fm_uncond']:.3f} | {sd.get('after_dit_0.5', 0):.3f} / "
+                     f"{sd.get('after_dit_0.75', 0):.3f} / {sd.get('after_dit_1.0', 0):.3f} | "
+                     f"{r.get('prefix_prediction', {}).get('known_15', 0):.3f} | {cell(sweep.get(1.0))} | "
+                     f"{cell(sweep.get(0.5))} |")
+    return "\n".join(lines)
+
+
 def run(cmd, log_path):
     with open(log_path, "w") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_DIR)
@@ -110,23 +152,31 @@ def train_one(a, r):
     if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
         return
     os.makedirs(run_dir, exist_ok=True)
+    if level == "ablation":
+        full = " ".join(flags).find("--stage all") >= 0
+        if model == "base" or full:
+            flags = flags if full else ["--stage", "all", *flags]
+        else:  # stage 2 from the base run's stage 1
+            shutil.copy(os.path.join(a.out_root, "base", "vae.pt"), os.path.join(run_dir, "vae.pt"))
+            flags = ["--stage", "joint", *flags]
     t0 = time.time()
     # the level's flags come last: they win over the same flags in --train_args
     run([sys.executable, "train.py", *a.train_args.split(), "--out_dir", run_dir, "--device", a.device, *flags],
         os.path.join(run_dir, "train.log"))
-    print(f"[scaling] trained {model} level {level:g} in {time.time() - t0:.0f} s", flush=True)
+    print(f"[scaling] trained {model} ({level}) in {time.time() - t0:.0f} s", flush=True)
 
 
 def eval_one(a, r, judge):
     model, level, run_dir, _, _ = r
     if os.path.exists(os.path.join(run_dir, "eval.json")):
         return
-    cmd = [sys.executable, "eval.py", "--out_dir", run_dir, "--device", a.device, "--judge", judge, *a.eval_args.split()]
+    cmd = [sys.executable, "eval.py", "--out_dir", run_dir, "--device", a.device, "--judge", judge,
+           *(ABLATION_EVAL if level == "ablation" else []), *a.eval_args.split()]
     if a.tasks:
         cmd += ["--tasks", *a.tasks]
     t0 = time.time()
     run(cmd, os.path.join(run_dir, "eval.log"))
-    print(f"[scaling] evaluated {model} level {level:g} in {time.time() - t0:.0f} s", flush=True)
+    print(f"[scaling] evaluated {model} ({level}) in {time.time() - t0:.0f} s", flush=True)
 
 
 def plot_scaling(rows, metric, path):
@@ -169,15 +219,17 @@ def table(rows):
 def main(argv=None):
     a = get_args(argv)
     try:
-        runs = plan(a)
+        runs = plan_ablations(a) if a.ablations else plan(a)
     except RuntimeError as e:
         sys.exit(f"error: {e}")
     os.makedirs(a.out_root, exist_ok=True)
     for m, level, run_dir, flags, flops in runs:
-        print(f"[scaling] {m:5s} level {level:g}: {' '.join(flags)} (planned {flops:.3e} training FLOPs)", flush=True)
+        print(f"[scaling] {m} ({level}): {' '.join(flags)}" + (f" (planned {flops:.3e} training FLOPs)" if flops else ""),
+              flush=True)
     try:
+        train_one(a, runs[0])  # the ablations' base run first: the others start from its stage 1
         with ThreadPoolExecutor(a.jobs) as ex:
-            list(ex.map(lambda r: train_one(a, r), runs))
+            list(ex.map(lambda r: train_one(a, r), runs[1:]))
         judge = a.judge
         if not os.path.exists(judge):
             print(f"[scaling] training the judge {judge} ({a.judge_iters} AR steps)", flush=True)
@@ -190,6 +242,13 @@ def main(argv=None):
             list(ex.map(lambda r: eval_one(a, r, judge), runs))
     except RuntimeError as e:
         sys.exit(f"error: {e}")
+    if a.ablations:
+        rows = [{**json.load(open(os.path.join(r[2], "eval.json"))), "name": r[0], "flags": r[3]} for r in runs]
+        md = ablation_table(rows) + f"\n\njudge: {judge}"
+        with open(os.path.join(a.out_root, "table.md"), "w") as f:
+            f.write(md + "\n")
+        print(md)
+        return
     rows = []
     for m, level, run_dir, _, _ in runs:
         res = json.load(open(os.path.join(run_dir, "eval.json")))

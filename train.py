@@ -267,6 +267,7 @@ def stage_joint(args, env, data):
     if env["master"]:
         print(f"[joint] VAE {n_params(model.vae) / 1e6:.2f}M + DiT {n_params(model.dit) / 1e6:.2f}M parameters; DiT "
               f"config {asdict(model.dit.cfg)}; latent scale {[round(v, 2) for v in model.latent_scale.tolist()]}")
+    frozen = args.vae_lr_ratio == 0 and args.lam_vae == 0 and args.lam_ref == 0  # no VAE work at all
     if args.vae_lr_ratio == 0:
         model.vae.requires_grad_(False)  # Joint x0: the VAE stays at stage 1
     # the VAE trains at exactly the DiT's lr times --vae_lr_ratio (the paper's "Joint x1"); stage 1's
@@ -290,7 +291,7 @@ def stage_joint(args, env, data):
                dict(kind="cola", vae_config=asdict(model.vae.cfg), dit_config=asdict(model.dit.cfg),
                     stage1_flops=stage1_flops),
                model.train_flops_per_token(args.seq_len, 1 / args.fm_batch_mult, args.lam_mask, args.lam_x0_ce > 0,
-                                           args.lam_token_aux > 0), stage1_flops,
+                                           args.lam_token_aux > 0, frozen), stage1_flops,
                micro_batch=args.batch_size * args.fm_batch_mult, clip_groups=clip_groups, resume_from=ckpt,
                validate=validate, report=report)
 
@@ -453,8 +454,9 @@ def dry_run(args, vocab_size):
         cola = ColaDLM(vcfg, dit_config(args, vcfg))
     return dict(model="cola", vae_config=asdict(vcfg), dit_config=asdict(cola.dit.cfg), params=n_params(cola.vae) +
                 n_params(cola.dit), vae_flops_per_step=cola.vae.train_flops_per_token(L, args.lam_mask) * tokens,
-                joint_flops_per_step=cola.train_flops_per_token(L, 1 / args.fm_batch_mult, args.lam_mask,
-                                                                args.lam_x0_ce > 0, args.lam_token_aux > 0)
+                joint_flops_per_step=cola.train_flops_per_token(
+                    L, 1 / args.fm_batch_mult, args.lam_mask, args.lam_x0_ce > 0, args.lam_token_aux > 0,
+                    args.vae_lr_ratio == 0 and args.lam_vae == 0 and args.lam_ref == 0)
                 * tokens * args.fm_batch_mult)
 
 

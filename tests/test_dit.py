@@ -291,3 +291,19 @@ def test_self_conditioning_training_pass():
     assert with_hint and len(with_hint) < len(hints)  # some batches with, some without
     assert all(not h.requires_grad for h in with_hint)
     assert model.dit.inp.weight.grad[:, 4:].abs().sum() > 0  # the hint's input weights learn
+
+
+def test_frozen_vae_runs_no_decoder():
+    """Without VAE terms (lam_vae = lam_ref = 0) stage 2 trains the prior alone: the decoder and the reference
+    encoder never run, and the FM term is what remains. Mutation: still computing the decoder terms."""
+    torch.manual_seed(0)
+    model = tiny_cola()
+    randomize_zero_init(model.dit)
+    model.vae.requires_grad_(False)
+    calls = []
+    model.vae.dec.register_forward_hook(lambda *a: calls.append("dec"))
+    model.ref_enc.register_forward_hook(lambda *a: calls.append("ref"))
+    out = model(torch.randint(0, 200, (2, 8)), lam_vae=0.0, lam_ref=0.0)
+    out["loss"].backward()
+    assert calls == [] and torch.allclose(out["loss"], out["fm"])
+    assert model.dit.inp.weight.grad is not None

@@ -140,14 +140,15 @@ def test_eval_json_keys(tmp_path, root):
     judge = str(tmp_path / "ar" / "ckpt.pt")
     small = ["--batches", "1", "--batch_size", "2", "--fm_batches", "2", "--ll_steps", "2", "--iwae_k", "2", "--builtin_n", "2",
              "--n_samples", "2", "--sample_len", "8", "--task_max_new", "4", "--steps", "2", "--tasks", task]
-    ev.main(["--out_dir", str(tmp_path / "cola"), "--judge", judge, "--sweep_steps", "1,2", "--diag_windows", "2"]
-            + small)
+    ev.main(["--out_dir", str(tmp_path / "cola"), "--judge", judge, "--sweep_steps", "1,2", "--diag_windows", "2",
+             "--sweep_noise", "1,0.5", "--sample_repeats", "2"] + small)
     saved = json.load(open(tmp_path / "cola" / "eval.json"))
     for k in ("recon_acc", "mask_acc", "logsnr", "recon_acc_vs_t", "fm", "fm_cond", "fm_uncond",
               "fm_cond_per_t_bin", "fm_history_gap", "fm_history_gap_stderr", "bits_per_token", "bits_per_token_elbo", "tasks", "task_accuracy",
               "distinct_2", "repetition_4", "unigram_entropy_bits", "judge_ppl", "gen_tokens_per_s",
               "passes_per_token", "train_flops", "sweep_steps", "seen_2gram_rate", "seen_3gram_rate",
-              "train_t_density_per_bin", "sdedit", "latent_fit", "history_drift"):
+              "train_t_density_per_bin", "sdedit", "latent_fit", "history_drift", "prefix_prediction",
+              "seen_2gram_rate_se", "sweep_noise_scale"):
         assert k in saved, k
     assert set(saved["tasks"]) == {"t", "lambada_style", "ending_choice"} and saved["judge"] == judge
     written = [json.loads(line) for line in open(tmp_path / "cola" / "generations" / "t.jsonl")]
