@@ -335,9 +335,11 @@ def sample_quality(make_gen, prompts, sample_len, seed, repeats, train_ngrams, j
     return res
 
 
-def make_generator(kind, model, steps, guidance, eos_id, seed, **cola_options):
-    """fn(prompts, max_new) -> (new-token lists, model passes summed over rows). Greedy, repetition
-    penalty 1.1 on generated tokens (the paper's task settings); batched for every kind."""
+def make_generator(kind, model, steps, guidance, eos_id, seed, temperature=0.0, **cola_options):
+    """fn(prompts, max_new) -> (new-token lists, model passes summed over rows). Greedy (temperature 0),
+    repetition penalty 1.1 on generated tokens (the paper's task settings); batched for every kind.
+    temperature > 0 samples AR's and LLaDA's tokens; Cola's samples are random through their noise, and its
+    decoder stays greedy."""
     g = torch.Generator(device=str(next(model.parameters()).device)).manual_seed(seed)
 
     def run(prompts, max_new):
@@ -346,10 +348,11 @@ def make_generator(kind, model, steps, guidance, eos_id, seed, **cola_options):
                                 pad_id=eos_id, generator=g, **cola_options)
             return outs, (st["dit"] + st["dit_commit"] + st["decoder"]) * len(prompts)
         if kind == "ar":
-            outs, st = ar_generate(model, prompts, max_new, repetition_penalty=1.1, eos_id=eos_id)
+            outs, st = ar_generate(model, prompts, max_new, temperature, repetition_penalty=1.1, eos_id=eos_id,
+                                   generator=g)
         else:
             outs, st = llada_generate(model, prompts, max_new, steps=max(steps, 8), block_length=min(16, max_new),
-                                      eos_id=eos_id)
+                                      temperature=temperature, eos_id=eos_id, generator=g)
         return outs, st["passes"] * len(prompts)
     return run
 
@@ -413,10 +416,10 @@ def _plt():
 
 
 def plot_diagnostics(res, path):
-    """Accuracy vs t0 (SDEdit), FM loss per t-bin with the training density of t, drift per block, and
-    accuracy with a known prefix."""
+    """Accuracy vs t0 (SDEdit), FM loss per t-bin with the training density of t, the decoder on generated
+    vs posterior latents, drift per block, and accuracy with a known prefix."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 4, figsize=(19, 3.6))
+    fig, axes = plt.subplots(1, 5, figsize=(23, 3.6))
     sd = res.get("sdedit", {})
     t0s = sorted(float(k.split("_")[-1]) for k in sd if k.startswith("after_dit_"))
     axes[0].plot(t0s, [sd[f"after_dit_{t}"] for t in t0s], marker="o", label="after the DiT")
@@ -435,17 +438,27 @@ def plot_diagnostics(res, path):
         ax2.set_ylabel("training share of t (bars)")
         axes[1].set_xlabel("t")
         axes[1].legend(fontsize=7)
+    fit = res.get("latent_fit", {})
+    if fit:
+        names = ["maxprob", "entropy", "dist_to_reencoded"]
+        for i, (src, color) in enumerate((("posterior", "tab:orange"), ("generated", "tab:blue"))):
+            axes[2].bar([j + 0.4 * i for j in range(3)], [fit[f"{n}_{src}"] for n in names], width=0.4,
+                        color=color, label=f"{src} latents")
+        axes[2].axhline(fit["dist_between_neighbours"], color="gray", ls="--", lw=1, label="distance between tokens")
+        axes[2].set_xticks([j + 0.2 for j in range(3)], ["max prob", "entropy", "|z - re-encoded|"])
+        axes[2].set_title("the decoder on the block's latents", fontsize=9)
+        axes[2].legend(fontsize=7)
     drift = res.get("history_drift", {})
     for name, r in drift.items():
-        axes[2].plot(range(len(r["drift_per_block"])), r["drift_per_block"], marker="o", label=name)
-    axes[2].set_xlabel("generated block")
-    axes[2].set_ylabel("|generated latent - re-encoded|")
-    axes[2].legend(fontsize=7)
+        axes[3].plot(range(len(r["drift_per_block"])), r["drift_per_block"], marker="o", label=name)
+    axes[3].set_xlabel("generated block")
+    axes[3].set_ylabel("|generated latent - re-encoded|")
+    axes[3].legend(fontsize=7)
     pp = res.get("prefix_prediction", {})
     ks = sorted(int(k.split("_")[1]) for k in pp)
-    axes[3].bar([str(k) for k in ks], [pp[f"known_{k}"] for k in ks], color="tab:blue")
-    axes[3].set_xlabel("known latents of the block (true history before it)")
-    axes[3].set_ylabel("token accuracy, the other positions")
+    axes[4].bar([str(k) for k in ks], [pp[f"known_{k}"] for k in ks], color="tab:blue")
+    axes[4].set_xlabel("known latents of the block (true history before it)")
+    axes[4].set_ylabel("token accuracy, the other positions")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -508,6 +521,8 @@ def get_args(argv=None):
     p.add_argument("--n_samples", type=int, default=8, help="samples per round for the sample metrics and speed")
     p.add_argument("--sample_len", type=int, default=96, help="new tokens per sample")
     p.add_argument("--sample_prompt", default="\n", help="prompt of every sample ('held-out': the first 16 tokens of held-out windows)")
+    p.add_argument("--sample_temperature", type=float, default=0.0,
+                   help="AR and LLaDA: token temperature of the samples (0: greedy, as the tasks; Cola's come from its noise)")
     p.add_argument("--judge", default=None, help="AR checkpoint that scores sample perplexity (name it in every comparison)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps per block (Cola) / LLaDA steps (default: preset; paper 16)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (Cola; default: preset; paper 7)")
@@ -601,15 +616,18 @@ def evaluate(args):
         prompts = [x[:16].tolist() for x in batches[0][:args.n_samples]]
     else:
         prompts = [enc.encode_ordinary(args.sample_prompt)] * args.n_samples
+    res["sample_temperature"] = args.sample_temperature if kind != "cola" else 0.0
+    sample_gen = make_generator(kind, model, args.steps, args.guidance, eos, args.seed, args.sample_temperature,
+                                **cola_options) if args.sample_temperature > 0 and kind != "cola" else gen
     t1 = time.time()
-    samples, passes = gen(prompts, args.sample_len)
+    samples, passes = sample_gen(prompts, args.sample_len)
     dt = time.time() - t1
     n_tok = sum(len(s) for s in samples)
     res["gen_tokens_per_s"] = n_tok / dt
     res["passes_per_token"] = passes / max(n_tok, 1)
     quality = lambda first=None, **over: sample_quality(
         lambda seed: make_generator(kind, model, int(over.get("steps", args.steps)), over.get("guidance", args.guidance),
-                                    eos, seed, **{**cola_options, **{k: v for k, v in over.items()
+                                    eos, seed, args.sample_temperature, **{**cola_options, **{k: v for k, v in over.items()
                                                                      if k in cola_options}}),
         prompts, args.sample_len, args.seed, args.sample_repeats, train_ngrams, judge, first)
     res.update(quality(first=samples))

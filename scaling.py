@@ -57,6 +57,8 @@ def get_args(argv=None):
     p.add_argument("--eval_args", default="", help="extra eval.py flags for every run, e.g. --eval_args='--builtin_n 64'")
     p.add_argument("--tasks", nargs="*", default=[], help="JSONL task files eval.py scores for every run")
     p.add_argument("--ablations", default=None, help="a file of recipe ablations (name + train.py flags per line)")
+    p.add_argument("--table_only", action="store_true",
+                   help="train and evaluate nothing: tabulate the runs that have an eval.json, list the others")
     a = p.parse_args(argv)
     try:
         a.levels = sorted(float(x) for x in a.levels.split(","))
@@ -85,11 +87,8 @@ def dry_run(flags):
 def plan(a):
     """[(model, level, run_dir, train.py argv, planned FLOPs)] with the baselines' steps matched to Cola's."""
     extra = a.train_args.split()
-    defaults = dict(zip(["vae_iters", "main_iters"], [450, 250]))
-    for flag in defaults:  # the level scales the steps train.py would take
-        if f"--{flag}" in extra:
-            defaults[flag] = int(extra[extra.index(f"--{flag}") + 1])
     cola = dry_run(extra)
+    defaults = {k: cola[k] for k in ("vae_iters", "main_iters")}  # the level scales the steps train.py would take
     lm = {m: dry_run(["--model", m, *extra]) for m in ("ar", "llada")}
     runs = []
     for level in a.levels:
@@ -111,7 +110,9 @@ ABLATION_EVAL = ["--builtin_n", "0", "--batches", "1", "--fm_batches", "8", "--l
 
 
 def plan_ablations(a):
-    """[(name, 'ablation', run_dir, train.py argv, None)] from the ablations file; base first."""
+    """[(name, 'ablation', run_dir, train.py argv, None)] from the ablations file; base first. Every other
+    run's argv is base's flags, then its own (argparse: the last one wins), so that a line is one change
+    against base whatever train.py's defaults are."""
     runs = []
     for n, line in enumerate(open(a.ablations), 1):
         words = line.split("#")[0].split()
@@ -119,7 +120,10 @@ def plan_ablations(a):
             runs.append((words[0], "ablation", os.path.join(a.out_root, words[0]), words[1:], None))
     if not runs or runs[0][0] != "base":
         raise RuntimeError(f"{a.ablations}: the first run must be named base (the shared stage 1)")
-    return runs
+    base = runs[0][3]
+    if "--stage" in base:
+        raise RuntimeError(f"{a.ablations}: base trains both stages; its line must not set --stage")
+    return runs[:1] + [(m, lv, d, base + flags, f) for m, lv, d, flags, f in runs[1:]]
 
 
 def ablation_table(rows):
@@ -127,16 +131,22 @@ def ablation_table(rows):
     head = ("| run | flags | train FLOPs | FM with / without history | block accuracy from t0 = 0.5 / 0.75 / 1 "
             "| next token, 15 known | seen 2-gram / 3-gram, distinct-2, judge ppl (noise 1) | the same, noise 0.5 |")
     lines = [head, "|---|---|---|---|---|---|---|---|"]
+    pm = lambda s, k, f: f"{s[k]:{f}} ± {s.get(k + '_se', 0.0):{f}}"
     for r in rows:
         sd, sweep = r.get("sdedit", {}), {s["noise_scale"]: s for s in r.get("sweep_noise_scale", [])}
-        cell = lambda s: (f"{s['seen_2gram_rate']:.2f} / {s['seen_3gram_rate']:.2f}, {s['distinct_2']:.2f}, "
-                          f"{s.get('judge_ppl', float('nan')):,.0f}") if s else "-"
+        cell = lambda s: (f"{pm(s, 'seen_2gram_rate', '.2f')} / {pm(s, 'seen_3gram_rate', '.2f')}, "
+                          f"{s['distinct_2']:.2f}, {pm(s, 'judge_ppl', ',.0f')}") if s else "-"
         lines.append(f"| {r['name']} | `{' '.join(r['flags']) or '(defaults)'}` | {r['train_flops']:.2e} | "
                      f"{r['fm_cond']:.3f} / {r['fm_uncond']:.3f} | {sd.get('after_dit_0.5', 0):.3f} / "
                      f"{sd.get('after_dit_0.75', 0):.3f} / {sd.get('after_dit_1.0', 0):.3f} | "
                      f"{r.get('prefix_prediction', {}).get('known_15', 0):.3f} | {cell(sweep.get(1.0))} | "
                      f"{cell(sweep.get(0.5))} |")
     return "\n".join(lines)
+
+
+def judges_line(rows):
+    """The judge checkpoint(s) the rows' eval.json name: every comparison names its judge."""
+    return "\n\njudge: " + ", ".join(sorted({str(r.get("judge")) for r in rows}))
 
 
 def run(cmd, log_path):
@@ -216,35 +226,50 @@ def table(rows):
     return "\n".join(lines)
 
 
+def train_and_evaluate(a, runs):
+    train_one(a, runs[0])  # the ablations' base run first: the others start from its stage 1
+    with ThreadPoolExecutor(a.jobs) as ex:
+        list(ex.map(lambda r: train_one(a, r), runs[1:]))
+    judge = a.judge
+    if not os.path.exists(judge):
+        print(f"[scaling] training the judge {judge} ({a.judge_iters} AR steps)", flush=True)
+        out = os.path.dirname(os.path.abspath(judge))
+        os.makedirs(out, exist_ok=True)
+        run([sys.executable, "train.py", *a.train_args.split(), "--model", "ar", "--out_dir", out,
+             "--main_iters", str(a.judge_iters), "--eval_interval", str(a.judge_iters), "--device", a.device],
+            os.path.join(out, "train.log"))
+    with ThreadPoolExecutor(a.jobs) as ex:
+        list(ex.map(lambda r: eval_one(a, r, judge), runs))
+
+
 def main(argv=None):
     a = get_args(argv)
     try:
         runs = plan_ablations(a) if a.ablations else plan(a)
     except RuntimeError as e:
         sys.exit(f"error: {e}")
+    if a.table_only:
+        done = [r for r in runs if os.path.exists(os.path.join(r[2], "eval.json"))]
+        missing = [r[0] if a.ablations else f"{r[0]}_{r[1]:g}" for r in runs if r not in done]
+        runs = done
+        if missing:
+            print(f"[scaling] not yet trained and evaluated: {', '.join(missing)}", flush=True)
+        if not runs:
+            sys.exit("error: no run has an eval.json yet")
     os.makedirs(a.out_root, exist_ok=True)
     for m, level, run_dir, flags, flops in runs:
         print(f"[scaling] {m} ({level}): {' '.join(flags)}" + (f" (planned {flops:.3e} training FLOPs)" if flops else ""),
               flush=True)
-    try:
-        train_one(a, runs[0])  # the ablations' base run first: the others start from its stage 1
-        with ThreadPoolExecutor(a.jobs) as ex:
-            list(ex.map(lambda r: train_one(a, r), runs[1:]))
-        judge = a.judge
-        if not os.path.exists(judge):
-            print(f"[scaling] training the judge {judge} ({a.judge_iters} AR steps)", flush=True)
-            out = os.path.dirname(os.path.abspath(judge))
-            os.makedirs(out, exist_ok=True)
-            run([sys.executable, "train.py", *a.train_args.split(), "--model", "ar", "--out_dir", out,
-                 "--main_iters", str(a.judge_iters), "--eval_interval", str(a.judge_iters), "--device", a.device],
-                os.path.join(out, "train.log"))
-        with ThreadPoolExecutor(a.jobs) as ex:
-            list(ex.map(lambda r: eval_one(a, r, judge), runs))
-    except RuntimeError as e:
-        sys.exit(f"error: {e}")
+    if not a.table_only:
+        try:
+            train_and_evaluate(a, runs)
+        except RuntimeError as e:
+            sys.exit(f"error: {e}")
     if a.ablations:
-        rows = [{**json.load(open(os.path.join(r[2], "eval.json"))), "name": r[0], "flags": r[3]} for r in runs]
-        md = ablation_table(rows) + f"\n\njudge: {judge}"
+        n_base = len(runs[0][3]) if runs[0][0] == "base" else 0
+        rows = [{**json.load(open(os.path.join(r[2], "eval.json"))), "name": r[0],
+                 "flags": r[3] if r[0] == "base" else r[3][n_base:]} for r in runs]  # each line's own change
+        md = ablation_table(rows) + judges_line(rows)
         with open(os.path.join(a.out_root, "table.md"), "w") as f:
             f.write(md + "\n")
         print(md)
@@ -255,7 +280,7 @@ def main(argv=None):
         user = [v for k, v in res.get("tasks", {}).items() if k not in ("lambada_style", "ending_choice")]
         rows.append({**res, "level": level, **res.get("tasks", {}),
                      "user_tasks": sum(user) / len(user) if user else None})
-    md = table(rows) + f"\n\njudge: {judge}"
+    md = table(rows) + judges_line(rows)
     with open(os.path.join(a.out_root, "table.md"), "w") as f:
         f.write(md + "\n")
     json.dump(rows, open(os.path.join(a.out_root, "results.json"), "w"), indent=1, default=str)

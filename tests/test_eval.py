@@ -115,6 +115,16 @@ def test_llada_loss_and_sampling():
     assert len(toks) == 8 and st["passes"] == 4 and m.cfg.mask_id not in toks
 
 
+def test_sample_temperature_samples_ar_and_llada_tokens():
+    """eval.py's sample generators: temperature 0 is greedy (the same for any seed), temperature 1 draws
+    tokens from the model (rounds with different seeds differ)."""
+    for kind in ("ar", "llada"):
+        m = tiny_lm(kind)
+        run = lambda seed, temp: ev.make_generator(kind, m, 4, 1.0, -1, seed, temp)([[1, 2]] * 2, 8)[0]
+        assert run(0, 0.0) == run(1, 0.0)
+        assert run(0, 1.0) != run(1, 1.0) and run(0, 1.0) == run(0, 1.0)
+
+
 def test_match_layers():
     cfg = LMConfig(vocab_size=50, width=32, n_layers=1, n_heads=2, mlp_hidden=64)
     base = sum(p.numel() for p in TransformerLM(LMConfig(**{**cfg.__dict__, "n_layers": 0})).parameters())
@@ -183,7 +193,8 @@ def test_scaling_plan_matches_training_flops(tmp_path, root):
     runs = scaling.plan(a)
     assert [(m, lv) for m, lv, *_ in runs] == [(m, lv) for lv in (0.5, 1.0) for m in ("cola", "ar", "llada")]
     cola = {lv: (flags, flops) for m, lv, _, flags, flops in runs if m == "cola"}
-    assert cola[0.5][0] == ["--vae_iters", "225", "--main_iters", "125"]
+    default = train.get_args(["--data_dir", str(tmp_path / "d")])  # level 1 is train.py's default run
+    assert cola[0.5][0] == ["--vae_iters", str(round(default.vae_iters / 2)), "--main_iters", str(round(default.main_iters / 2))]
     assert abs(cola[1.0][1] / cola[0.5][1] - 2) < 0.01
     for m, lv, _, flags, flops in runs:
         if m == "cola":
@@ -194,6 +205,26 @@ def test_scaling_plan_matches_training_flops(tmp_path, root):
             per_step = TransformerLM(cfg).train_flops_per_token(args.seq_len) * args.batch_size * args.seq_len
         steps = int(flags[flags.index("--main_iters") + 1])
         assert abs(steps * per_step - cola[lv][1]) <= per_step / 2 + 1
+
+
+def test_ablation_table_only_tabulates_finished_runs(tmp_path, capsys):
+    """--table_only trains nothing: it tabulates the runs with an eval.json, names the missing ones, and the
+    table names the judge the runs were scored against."""
+    import scaling
+    abl = write(tmp_path, ["base", "fast --lr 1e-3", "never --t_uniform"], "abl.txt")
+    sample = {"seen_2gram_rate": 0.5, "seen_2gram_rate_se": 0.01, "seen_3gram_rate": 0.1, "seen_3gram_rate_se": 0.02,
+              "distinct_2": 0.7, "judge_ppl": 1234.0, "judge_ppl_se": 5.0}
+    for name in ("base", "fast"):
+        os.makedirs(tmp_path / "runs" / name)
+        json.dump({"train_flops": 1e13, "fm_cond": 1.0, "fm_uncond": 1.1, "judge": "J.pt",
+                   "sdedit": {"after_dit_1.0": 0.05}, "sweep_noise_scale": [{"noise_scale": 0.5, **sample}]},
+                  open(tmp_path / "runs" / name / "eval.json", "w"))
+    scaling.main(["--ablations", abl, "--table_only", "--out_root", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert "not yet trained and evaluated: never" in out and "judge: J.pt" in out
+    rows = [line for line in out.splitlines() if line.startswith("| base") or line.startswith("| fast")]
+    assert len(rows) == 2 and "0.50 ± 0.01 / 0.10 ± 0.02, 0.70, 1,234 ± 5" in rows[1]
+    assert not os.path.exists(tmp_path / "runs" / "never")  # nothing trained
 
 
 # ---------------------------------------------------------------------------------------------------- generation diagnostics
