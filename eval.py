@@ -547,9 +547,13 @@ def main(argv=None):
     args = get_args(argv)
     try:
         if args.score:
-            for path in args.score:
-                print(json.dumps(score_file(path)))
-            return None
+            scores = [score_file(path) for path in args.score]
+            for sc in scores:
+                print(json.dumps({**sc, "accuracy": round(sc["accuracy"], 2)}))
+            if len(scores) > 1:  # the paper's average: the mean of the per-task accuracies
+                mean = sum(sc["accuracy"] for sc in scores) / len(scores)
+                print(json.dumps({"task": "average", "n_tasks": len(scores), "accuracy": round(mean, 2)}))
+            return scores
         return evaluate(args)
     except (DataError, CheckpointError, TaskError, GenerationError) as e:
         sys.exit(f"error: {e}")

@@ -120,6 +120,12 @@ def test_score_file_prints_accuracy(tmp_path, root):
     assert score_file(p) == {"task": "squad", "n": 2, "accuracy": 50.0}
     r = subprocess.run([sys.executable, os.path.join(root, "eval.py"), "--score", p], capture_output=True, text=True)
     assert r.returncode == 0 and json.loads(r.stdout.strip()) == {"task": "squad", "n": 2, "accuracy": 50.0}
+    # several files: one line each, then the paper's average (the mean of the task accuracies, not of items)
+    p2 = write(tmp_path, "obqa.jsonl", [{"id": i, "prompt": "p", "ground_truth": "B", "choices": ["x", "y"],
+                                         "generate": g} for i, g in enumerate(["B", "A", "A", "A"])])
+    r = subprocess.run([sys.executable, os.path.join(root, "eval.py"), "--score", p, p2], capture_output=True, text=True)
+    lines = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    assert [x["accuracy"] for x in lines] == [50.0, 25.0, 37.5] and lines[-1]["task"] == "average"
     missing = write(tmp_path, "lambada.jsonl", [{"prompt": "p", "ground_truth": "x"}])
     with pytest.raises(TaskError, match="no 'generate' field"):
         score_file(missing)
