@@ -2,9 +2,11 @@
 The comparison studies, each scored by eval.py against one fixed judge:
 - compute levels, the small-scale version of the paper's (docs/method.md §8-9, its RQ4): Cola DLM, AR and
   LLaDA at one size preset, trained on the same data with the same recipe to matched training FLOPs at
-  several levels; a markdown table and scaling plots (metric vs training FLOPs);
+  several levels; a markdown table and scaling plots (metric vs training FLOPs); the baselines' sample
+  metrics use samples drawn at temperature 1 (greedy AR and LLaDA loop), the tasks stay greedy;
 - recipe ablations (--ablations FILE): one line per run, `name flags...` for train.py; `base` is the
-  default run, and a run without `--stage all` trains stage 2 from base's stage 1; a markdown table of the
+  default run, and a run without `--stage all` trains stage 2 from base's stage 1 (or from the stage 1 of
+  the run a `from=RUN` word names, e.g. another seed's); a markdown table of the
   generation diagnostics and the sample metrics at the paper's sampler and at starting noise 0.5.
 
     python scaling.py --tasks tasks/comedies.jsonl     # levels 0.25,0.5,1 at the cpu preset, one run at a time
@@ -113,11 +115,13 @@ def plan_ablations(a):
     """[(name, 'ablation', run_dir, train.py argv, None)] from the ablations file; base first. Every other
     run's argv is base's flags, then its own (argparse: the last one wins), so that a line is one change
     against base whatever train.py's defaults are."""
-    runs = []
+    runs, a.stage1_from = [], {}
     for n, line in enumerate(open(a.ablations), 1):
         words = line.split("#")[0].split()
-        if words:
-            runs.append((words[0], "ablation", os.path.join(a.out_root, words[0]), words[1:], None))
+        if words:  # from=RUN: stage 2 starts from that run's stage 1 instead of base's (e.g. another seed's)
+            a.stage1_from.update({words[0]: w[5:] for w in words[1:] if w.startswith("from=")})
+            flags = [w for w in words[1:] if not w.startswith("from=")]
+            runs.append((words[0], "ablation", os.path.join(a.out_root, words[0]), flags, None))
     if not runs or runs[0][0] != "base":
         raise RuntimeError(f"{a.ablations}: the first run must be named base (the shared stage 1)")
     base = runs[0][3]
@@ -167,7 +171,8 @@ def train_one(a, r):
         if model == "base" or full:
             flags = flags if full else ["--stage", "all", *flags]
         else:  # stage 2 from the base run's stage 1
-            shutil.copy(os.path.join(a.out_root, "base", "vae.pt"), os.path.join(run_dir, "vae.pt"))
+            stage1 = getattr(a, "stage1_from", {}).get(model, "base")
+            shutil.copy(os.path.join(a.out_root, stage1, "vae.pt"), os.path.join(run_dir, "vae.pt"))
             flags = ["--stage", "joint", *flags]
     t0 = time.time()
     # the level's flags come last: they win over the same flags in --train_args
@@ -181,7 +186,9 @@ def eval_one(a, r, judge):
     if os.path.exists(os.path.join(run_dir, "eval.json")):
         return
     cmd = [sys.executable, "eval.py", "--out_dir", run_dir, "--device", a.device, "--judge", judge,
-           *(ABLATION_EVAL if level == "ablation" else []), *a.eval_args.split()]
+           *(ABLATION_EVAL if level == "ablation" else []),
+           *(["--sample_temperature", "1"] if model in ("ar", "llada") else []),  # samples drawn, not greedy
+           *a.eval_args.split()]
     if a.tasks:
         cmd += ["--tasks", *a.tasks]
     t0 = time.time()

@@ -227,6 +227,27 @@ def test_ablation_table_only_tabulates_finished_runs(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "runs" / "never")  # nothing trained
 
 
+def test_ablation_lines_start_from_base_and_name_their_stage1(tmp_path, monkeypatch):
+    """Each ablation line is base's flags plus its own (so a change of train.py's defaults cannot move the
+    table), `from=RUN` names the stage 1 a stage-2 run starts from, and base may not set --stage."""
+    import scaling
+    abl = write(tmp_path, ["base --vae_iters 450 --main_iters 250", "fast --lr 1e-3", "seed2 from=other --seed 2"],
+                "abl.txt")
+    a = scaling.get_args(["--ablations", abl, "--out_root", str(tmp_path / "runs")])
+    runs = {r[0]: r for r in scaling.plan_ablations(a)}
+    assert runs["fast"][3] == ["--vae_iters", "450", "--main_iters", "250", "--lr", "1e-3"]
+    assert runs["seed2"][3][-2:] == ["--seed", "2"] and a.stage1_from == {"seed2": "other"}
+    copied, called = [], []
+    monkeypatch.setattr(scaling.shutil, "copy", lambda src, dst: copied.append(src))
+    monkeypatch.setattr(scaling, "run", lambda cmd, log: called.append(cmd))
+    scaling.train_one(a, runs["seed2"])
+    assert copied == [os.path.join(str(tmp_path / "runs"), "other", "vae.pt")]
+    assert called[0][called[0].index("--stage") + 1] == "joint"
+    bad = write(tmp_path, ["base --stage all"], "bad.txt")
+    with pytest.raises(RuntimeError, match="must not set --stage"):
+        scaling.plan_ablations(scaling.get_args(["--ablations", bad]))
+
+
 # ---------------------------------------------------------------------------------------------------- generation diagnostics
 
 def oracle(model, true):
