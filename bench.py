@@ -47,6 +47,11 @@ def preset_configs(preset, vocab_size, extra=()):
     return out
 
 
+def autocast(dtype, device):
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == "bfloat16" \
+        else contextlib.nullcontext()
+
+
 def timed(fn, device, repeats):
     """Best wall time of `repeats` calls (after one warm-up call) and the last result."""
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
@@ -69,8 +74,7 @@ def bench_generation(args, cfgs, device):
     for m in (ar, llada):
         m.cfg.max_seq_len = max(m.cfg.max_seq_len, need)
     cola, ar, llada = (m.to(device).eval() for m in (cola, ar, llada))
-    amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if args.dtype == "bfloat16" \
-        else contextlib.nullcontext()
+    amp = autocast(args.dtype, device)
     g = torch.Generator(device=device).manual_seed(0)
     print(f"device {device}, {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens per sample; "
           f"params: Cola {(n_params(cola.vae) + n_params(cola.dit)) / 1e6:.1f}M, AR {n_params(ar) / 1e6:.1f}M, "
@@ -96,8 +100,7 @@ def bench_training(args, cfgs, device):
     """One optimizer step of each stage, the baselines too, at --batch_size x --seq_len tokens."""
     vcfg, dcfg = VAEConfig(**cfgs["cola"]["vae_config"]), DiTConfig(**cfgs["cola"]["dit_config"])
     B, L = args.batch_size, args.seq_len
-    amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if args.dtype == "bfloat16" \
-        else contextlib.nullcontext()
+    amp = autocast(args.dtype, device)
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.startswith("cuda")
                                      and k in torch.cuda.get_device_name()), 0.0)
     print(f"device {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}), {args.dtype}, "

@@ -258,11 +258,11 @@ class ColaDLM(nn.Module):
         else:  # no VAE terms (a frozen VAE): the decoder does not run at all
             zero = torch.zeros((), device=tokens.device)
             out, n_dec = dict(ce=zero, acc=zero, mask_ce=zero, mask_acc=zero), 0
-            mu, logvar, z = (torch.zeros(0, *tokens.shape[1:2], vae.cfg.latent_dim, device=tokens.device),) * 3
         if n_dec < tokens.shape[0]:  # the other sequences: encoder only
             mu2, logvar2 = vae.encode(tokens[n_dec:])
-            mu, logvar = torch.cat([mu, mu2]), torch.cat([logvar, logvar2])  # (B, L, d)
-            z = torch.cat([z, vae.reparameterize(mu2, logvar2)])
+            z2 = vae.reparameterize(mu2, logvar2)
+            mu, logvar, z = ((torch.cat([mu, mu2]), torch.cat([logvar, logvar2]), torch.cat([z, z2])) if n_dec
+                             else (mu2, logvar2, z2))  # (B, L, d)
         # beta * E_q log q(z|x) = -beta * entropy: keeps the posterior from shrinking to a point
         out["neg_entropy"] = (-0.5 * (logvar.float() + 1.0 + 1.8378770664093453)).sum(-1).mean()
         out["ref_kl"] = torch.zeros((), device=tokens.device)

@@ -167,7 +167,7 @@ def train_one(a, r):
         return
     os.makedirs(run_dir, exist_ok=True)
     if level == "ablation":
-        full = " ".join(flags).find("--stage all") >= 0
+        full = "--stage all" in " ".join(flags)
         if model == "base" or full:
             flags = flags if full else ["--stage", "all", *flags]
         else:  # stage 2 from the base run's stage 1

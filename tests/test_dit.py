@@ -307,3 +307,13 @@ def test_frozen_vae_runs_no_decoder():
     out["loss"].backward()
     assert calls == [] and torch.allclose(out["loss"], out["fm"])
     assert model.dit.inp.weight.grad is not None
+
+
+def test_frozen_vae_with_patches():
+    """The frozen-VAE path with 2 tokens per latent: the latents are L / 2 long (a placeholder of L rows
+    once broke the concatenation)."""
+    vcfg = VAEConfig(vocab_size=200, latent_dim=4, width=32, n_enc_layers=1, n_dec_layers=1, n_heads=2,
+                     mlp_hidden=64, block_size=2, patch_size=2, max_seq_len=64)
+    model = ColaDLM(vcfg, DiTConfig(**TINY_DIT))
+    out = model(torch.randint(0, 200, (2, 8)), lam_vae=0.0, lam_ref=0.0)
+    assert torch.isfinite(out["loss"]) and torch.allclose(out["loss"], out["fm"])
