@@ -83,7 +83,7 @@ def bench_generation(args, cfgs, device):
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = [torch.randint(0, 50000, (args.prompt_len,), generator=torch.Generator().manual_seed(i)).tolist()
                    for i in range(batch)]
-        runs = [(f"Cola, {s} steps", lambda s=s: generate(cola, prompts, args.new_tokens, s, args.guidance, eos_id=-1,
+        runs = [(f"Cola, {s} steps", lambda s=s: generate(cola, prompts, args.new_tokens, s, args.guidance, stop_ids=(),
                                                             generator=g)) for s in (8, 16)]
         runs += [("AR (KV cache)", lambda: ar_generate(ar, prompts, args.new_tokens, eos_id=-1)),
                  ("LLaDA, 16 steps / 16 tokens", lambda: llada_generate(llada, prompts, args.new_tokens,

@@ -17,13 +17,15 @@ Prompts of different lengths run together: each row is left-padded by whole bloc
 block boundaries together; padded keys are masked out, and RoPE only sees relative positions.
 """
 import math
+import os
 
 import torch
 
 from baselines import TransformerLM
-from checkpoint import load_checkpoint
+from checkpoint import CheckpointError, load_checkpoint
 from diffusion import ColaDLM, euler_step, time_grid
 from layers import KVCache, block_causal_mask, with_key_padding
+from prepare import get_tokenizer, template_ids
 
 MODEL_KINDS = ("cola", "ar", "llada")
 
@@ -33,10 +35,40 @@ class GenerationError(ValueError):
 
 
 def load_model(path, device="cpu", kinds=MODEL_KINDS):
-    """A trained model from its checkpoint alone -> (model in eval mode on device, checkpoint dict)."""
+    """A model from this repo's checkpoint file, or from the authors' released snapshot directory
+    (ColaDLM.from_pretrained) -> (model in eval mode on device, what the scripts read about it: the checkpoint
+    dict, or for a snapshot the same fields (kind, step, args.preset, tokenizer) and its special tokens)."""
+    if os.path.isdir(path):
+        if "cola" not in kinds:
+            raise CheckpointError(f"{path} is a released Cola DLM snapshot, expected {' or '.join(kinds)}")
+        model, tokenizer = ColaDLM.from_pretrained(path)
+        enc = get_tokenizer(tokenizer)
+        specials = {name: enc.encode_single_token(name) for name in ("<|pad|>", "<|endoftext|>", "<|im_end|>")
+                    if name in enc.special_tokens_set}
+        if "<|pad|>" not in specials or "<|endoftext|>" not in specials:
+            raise CheckpointError(f"{tokenizer} has no <|pad|> or <|endoftext|> special token")
+        # the release pads prompts with <|pad|> and stops at <|endoftext|> or <|im_end|> (OLMo 2: 100277, 100257, 100265)
+        info = dict(kind="cola", step=0, args=dict(preset="release"), tokenizer=tokenizer, train_flops=0.0,
+                    pad_id=specials["<|pad|>"], stop_ids=[specials[n] for n in ("<|endoftext|>", "<|im_end|>") if n in specials],
+                    prompt_template=template_ids(tokenizer))
+        return model.to(device), info
     ckpt = load_checkpoint(path, kinds)
     model = ColaDLM.from_checkpoint(ckpt) if ckpt["kind"] == "cola" else TransformerLM.from_checkpoint(ckpt)
     return model.to(device).eval(), ckpt
+
+
+def special_ids(info, enc):
+    """(stop ids, pad id) of a loaded model: the release's for a snapshot, <|endoftext|> for this repo's."""
+    return tuple(info.get("stop_ids", [enc.eot_token])), info.get("pad_id", enc.eot_token)
+
+
+def encode_prompt(info, enc, text):
+    """Token ids of a prompt: a snapshot's tokenizer reads special tokens in the text and wraps it in its
+    post-processor's template, as the release's Tokenizer.encode does; this repo's models get plain BPE."""
+    if "prompt_template" not in info:
+        return enc.encode_ordinary(text)
+    prefix, suffix = info["prompt_template"]
+    return prefix + enc.encode(text, allowed_special="all") + suffix
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -189,26 +221,29 @@ def draw_noise(shape, device, generator):
     return torch.randn(shape, device=device, generator=generator)
 
 
-def prompt_layout(prompts, tokens_per_block, patch, pad_id, device):
-    """Left-pad each prompt by whole blocks so that every row reaches block boundaries together.
-    Returns the padded tokens (B, Tp), latent validity (B, Np), the number of full prompt blocks (common
-    to all rows after padding), and per row the tokens of its partial last block."""
-    n_full = [len(p) // tokens_per_block for p in prompts]
-    rem = [len(p) % tokens_per_block for p in prompts]
+def prompt_layout(prompts, block_size, patch, pad_id, device):
+    """Lay a batch of prompts out in blocks. A prompt's partial last block is filled on the right with pad_id,
+    which the encoder reads (the release pads the same way, so those pads shape the block's latents); rows are
+    then left-padded by whole blocks, hidden from every pass, so that all rows reach block boundaries together.
+    Returns tokens (B, Tp), the latents every pass may attend to (B, Np), the number of full prompt blocks
+    (common to all rows after padding), and per row the tokens of its partial last block."""
+    tpb = block_size * patch
+    n_full = [len(p) // tpb for p in prompts]
+    rem = [len(p) % tpb for p in prompts]
     n_blocks = max(n_full) + (1 if any(rem) else 0)
     B = len(prompts)
-    tokens = torch.full((B, n_blocks * tokens_per_block), pad_id, dtype=torch.long)
-    valid_tok = torch.zeros(B, n_blocks * tokens_per_block, dtype=torch.bool)
+    tokens = torch.full((B, n_blocks * tpb), pad_id, dtype=torch.long)
+    valid = torch.zeros(B, n_blocks * block_size, dtype=torch.bool)
     for b, p in enumerate(prompts):
-        start = (max(n_full) - n_full[b]) * tokens_per_block
+        start = (max(n_full) - n_full[b]) * tpb
         tokens[b, start:start + len(p)] = torch.tensor(p, dtype=torch.long)
-        full_end = start + n_full[b] * tokens_per_block + (rem[b] // patch) * patch  # whole latents only
-        valid_tok[b, start:full_end] = True
-    valid_lat = valid_tok.reshape(B, -1, patch).all(-1)  # (B, Np)
-    return tokens.to(device), valid_lat.to(device), max(n_full), rem
+        n_lat = (n_full[b] + (rem[b] > 0)) * block_size  # the partial block whole, its pads included
+        valid[b, start // patch:start // patch + n_lat] = True
+    return tokens.to(device), valid.to(device), max(n_full), rem
 
 
-def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin_z=None, eta=0.0, generator=None):
+def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin_z=None, eta=0.0, generator=None,
+                  round_bf16=False):
     """Guided Euler steps for the next block along `grid` (from t = grid[0] down to grid[-1]), given the
     committed history in the DiT cache. Latents marked in `pin` (B, bs) are held at pin_z at t = 0.
     z (B, bs, d) normalised, at time grid[0]. An Euler step is z' = (1 - t') z0_hat + t' eps_hat, with
@@ -222,7 +257,7 @@ def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin
     for i in range(len(grid) - 1):
         z = torch.where(pin.unsqueeze(-1), pin_z, z)
         t_tok = torch.where(pin, torch.zeros_like(z[..., 0]), grid[i].expand(B, block_size))  # (B, bs)
-        v = model.guided_velocity(z, t_tok, hist_valid, guidance, dit_cache, hint).float()
+        v = model.guided_velocity(z, t_tok, hist_valid, guidance, dit_cache, hint, round_bf16=round_bf16).float()
         if model.dit.cfg.self_cond:
             hint = z - t_tok.unsqueeze(-1) * v
         if eta > 0:
@@ -235,51 +270,88 @@ def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin
     return torch.where(pin.unsqueeze(-1), pin_z, z)
 
 
+def n_blocks_to_generate(budget, max_new_tokens, rem, block_size, patch):
+    """'blocks' (the release): ceil(max_new_tokens / tokens per block) blocks, the first one's prompt share
+    included, and a single block when the prompt's partial block alone needs more latents than that budget;
+    'tokens': enough blocks for max_new_tokens new tokens in every row."""
+    tpb = block_size * patch
+    if budget == "tokens":
+        return max(math.ceil((r + max_new_tokens) / tpb) for r in rem)
+    if any(r and max_new_tokens < block_size - math.ceil(r / patch) for r in rem):
+        return 1
+    return max(1, math.ceil(max_new_tokens / tpb))
+
+
+def keep_new_tokens(rows, outputs, stopped, budget, stop_ids, max_new_tokens):
+    """Append each row's new tokens of a block to its output -> the tokens kept per row. 'blocks' keeps them
+    all (the release's output, stop tokens and what follows included); 'tokens' cuts a row before its first
+    stop token (the row stops there) and at max_new_tokens."""
+    kept = []
+    for b, row in enumerate(rows):
+        fresh = []
+        for tok in row:
+            if budget == "tokens" and (stopped[b] or len(outputs[b]) + len(fresh) >= max_new_tokens):
+                break
+            if budget == "tokens" and tok in stop_ids:
+                stopped[b] = True
+                break
+            fresh.append(tok)
+        outputs[b].extend(fresh)
+        kept.append(fresh)
+    return kept
+
+
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens=64, steps=16, guidance=3.0, temperature=0.0, top_k=0, top_p=1.0,
-             repetition_penalty=1.1, eos_id=50256, pad_id=50256, generator=None, on_block=None, grid_power=1.0,
-             reencode_history=False, on_drift=None, noise_scale=1.0, eta=0.0):
-    """Continue token-id `prompts` (a list of lists, any lengths, may be empty) block by block.
+def generate(model, prompts, max_new_tokens=32, steps=16, guidance=7.0, temperature=0.0, top_k=0, top_p=1.0,
+             repetition_penalty=1.1, stop_ids=(50256,), pad_id=50256, generator=None, on_block=None,
+             budget="blocks", round_bf16=False, noise_scale=1.0, eta=0.0, grid_power=1.0, reencode_history=False,
+             on_drift=None):
+    """Continue token-id `prompts` (a list of lists, any lengths, may be empty) block by block, as the
+    authors' inference does (docs/release.md).
 
     1. The prompt is encoded with the posterior mean; its full blocks prefill the DiT's and the decoder's
        KV caches. 2. Each new block starts from noise and takes `steps` guided Euler steps from t = 1 to 0;
-       the known latents of a partial last prompt block stay pinned clean ("clean-condition repaint").
-    3. One decoder pass turns the block into tokens; the block is committed to both caches at t = 0.
+       the known latents of a partial last prompt block stay pinned clean ("clean-condition repaint"), and a
+       row with no history yet is not guided. 3. One decoder pass turns the block into tokens (the repetition
+       penalty covers every token decoded before, the first block's prompt positions too); the block is
+       committed to both caches at t = 0. The prompt's own tokens are left out of the output.
+    budget: 'blocks' (the release's) or 'tokens' (n_blocks_to_generate, keep_new_tokens). round_bf16 rounds
+    the DiT's inputs to bfloat16 as the release does (so that an fp32 run matches it).
     Returns (list of new-token lists, stats). stats counts model passes: 'dit' (batched guided passes),
     'dit_commit', 'decoder' and 'blocks'. on_block(k, new_tokens) is called after each block.
-    Options that are not the paper's: grid_power > 1 makes the time grid denser near t = 0; noise_scale < 1
-    starts each block from N(0, noise_scale^2 I), a lower-temperature sample; eta > 0 (denoise_block) samples
-    stochastically;
-    reencode_history decodes every finished block, re-encodes its tokens, and lets the re-encoded latents
-    (not the generated ones) be the history of later blocks; on_drift(distance) is called after each block
-    with the mean distance between its generated latents and the re-encoding of its tokens.
+    Options that are not the paper's: noise_scale < 1 starts each block from N(0, noise_scale^2 I), a
+    lower-temperature sample; eta > 0 (denoise_block) samples stochastically; grid_power > 1 makes the time
+    grid denser near t = 0; reencode_history decodes every finished block, re-encodes its tokens, and lets
+    the re-encoded latents (not the generated ones) be the history of later blocks; on_drift(distance) is
+    called after each block with the mean distance between its generated latents and the re-encoding of
+    its tokens.
     """
-    cfg = model.vae.cfg
-    block_size, patch, d = cfg.block_size, cfg.patch_size, cfg.latent_dim
+    vcfg = model.vae.cfg
+    block_size, patch, d = model.block_size, vcfg.patch_size, vcfg.latent_dim
     tokens_per_block = block_size * patch
     device = model.latent_shift.device
     B = len(prompts)
     if B == 0:
         raise GenerationError("no prompts given")
     longest = max(len(p) for p in prompts)
-    if longest > cfg.max_seq_len:
-        raise GenerationError(f"prompt of {longest} tokens is longer than the model's context of {cfg.max_seq_len} tokens")
-    tokens, valid, n_prompt_blocks, rem = prompt_layout(prompts, tokens_per_block, patch, pad_id, device)
-    n_gen = max(math.ceil((r + max_new_tokens) / tokens_per_block) for r in rem)
-    if (n_prompt_blocks + n_gen) * tokens_per_block > cfg.max_seq_len:
+    if longest > vcfg.max_seq_len:
+        raise GenerationError(f"prompt of {longest} tokens is longer than the model's context of {vcfg.max_seq_len} tokens")
+    tokens, valid, n_prompt_blocks, rem = prompt_layout(prompts, block_size, patch, pad_id, device)
+    n_gen = n_blocks_to_generate(budget, max_new_tokens, rem, block_size, patch)
+    if (n_prompt_blocks + n_gen) * tokens_per_block > vcfg.max_seq_len:
         raise GenerationError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
-                              f"context of {cfg.max_seq_len} tokens; ask for fewer new tokens")
+                              f"context of {vcfg.max_seq_len} tokens; ask for fewer new tokens")
     Tc = n_prompt_blocks * block_size  # latents of the full prompt blocks
     prompt_zn = torch.zeros(B, 0, d, device=device)
-    if tokens.shape[1] > 0:  # the prompt's posterior means, block-causal, padded keys masked out
-        blk = torch.arange(valid.shape[1], device=device) // block_size
+    if tokens.shape[1] > 0:  # the prompt's posterior means, block-causal, left padding hidden
+        blk = torch.arange(valid.shape[1], device=device) // vcfg.block_size
         prompt_mu, _ = model.vae.encode(tokens, with_key_padding(block_causal_mask(blk, blk), valid, valid))
         prompt_zn = model.normalize(prompt_mu.float())  # (B, Np, d)
     caches = model.new_caches()
     hist_valid = valid[:, :Tc]  # (B, Tc): real latents among the committed ones
     stats = dict(dit=0, dit_commit=0, decoder=0, blocks=0)
     if Tc > 0:
-        model.prefill(prompt_zn[:, :Tc], hist_valid, caches)
+        model.prefill(prompt_zn[:, :Tc], hist_valid, caches, round_bf16=round_bf16)
         stats["dit_commit"] += 1
         stats["decoder"] += 1
     # repaint: the latents of a partial last prompt block are known and stay pinned (first block only)
@@ -287,54 +359,50 @@ def generate(model, prompts, max_new_tokens=64, steps=16, guidance=3.0, temperat
     pin_z = torch.zeros(B, block_size, d, device=device)
     if prompt_zn.shape[1] > Tc:
         for b in range(B):
-            pin[b, :rem[b] // patch] = True
+            pin[b, :math.ceil(rem[b] / patch)] = True
         pin_z = prompt_zn[:, Tc:Tc + block_size]
+    # a row whose history is empty has equal conditional and unconditional passes: no guidance there (release)
+    first_guidance = guidance
+    if guidance != 1.0 and not bool(hist_valid.any(1).all()):
+        first_guidance = torch.where(hist_valid.any(1), torch.tensor(float(guidance)), torch.tensor(1.0)).to(device)
 
-    seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)  # generated tokens (the penalty's)
-    outputs, done = [[] for _ in range(B)], [max_new_tokens <= 0] * B
+    seen = torch.zeros(B, vcfg.vocab_size, dtype=torch.bool, device=device)  # every token decoded so far
+    outputs, stopped = [[] for _ in range(B)], [False] * B
     grid = time_grid(steps, device, power=grid_power)
     own = torch.ones(B, block_size, dtype=torch.bool, device=device)
     for k in range(n_gen):
         z = noise_scale * draw_noise((B, block_size, d), device, generator)  # (B, bs, d), normalised
-        z = denoise_block(model, z, grid, hist_valid, guidance, caches[0], pin, pin_z, eta, generator)
+        z = denoise_block(model, z, grid, hist_valid, first_guidance if k == 0 else guidance, caches[0], pin, pin_z,
+                          eta, generator, round_bf16)
         stats["dit"] += steps
-        logits = model.decode_and_commit(z, hist_valid, caches)  # (B, tpb, V)
+        logits = model.decode_and_commit(z, hist_valid, caches, round_bf16=round_bf16)  # (B, tpb, V)
         hist_valid = torch.cat([hist_valid, own], 1)
         stats["decoder"] += 1
         stats["dit_commit"] += 1
         stats["blocks"] += 1
         new = choose_tokens(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)  # (B, tpb)
-        if k == 0 and any(rem):  # the prompt's own tokens of this block are kept as given
-            for b in range(B):
-                new[b, :rem[b]] = torch.tensor(prompts[b][len(prompts[b]) - rem[b]:], device=device)
+        seen.scatter_(1, new, True)
         if reencode_history or on_drift is not None:
-            tokens = torch.cat([tokens[:, :(Tc + k * block_size) * patch], new], 1)  # the whole text so far
-            blk = torch.arange(hist_valid.shape[1], device=device) // block_size
+            text = new.clone()
+            if k == 0 and any(rem):  # the prompt's own tokens of this block, as given
+                for b in range(B):
+                    text[b, :rem[b]] = torch.tensor(prompts[b][len(prompts[b]) - rem[b]:], device=device)
+            tokens = torch.cat([tokens[:, :(Tc + k * block_size) * patch], text], 1)  # the whole text so far
+            blk = torch.arange(hist_valid.shape[1], device=device) // vcfg.block_size
             zr = model.normalize(model.vae.encode(tokens, with_key_padding(block_causal_mask(blk, blk), hist_valid,
                                                                            hist_valid))[0].float())  # (B, N, d)
             if on_drift is not None:
                 on_drift(float((zr[:, -block_size:] - z).norm(dim=-1).mean()))
             if reencode_history:  # rebuild both caches from the re-encoded text
                 caches = model.new_caches()
-                model.prefill(zr, hist_valid, caches)
-        block_new = []
-        for b in range(B):
-            start = rem[b] if k == 0 else 0
-            fresh = []
-            for tok in new[b, start:].tolist():
-                if done[b]:
-                    break
-                if tok == eos_id:
-                    done[b] = True
-                    break
-                fresh.append(tok)
-                done[b] = len(outputs[b]) + len(fresh) >= max_new_tokens
-            outputs[b].extend(fresh)
-            block_new.append(fresh)
-            seen[b, new[b, start:]] = True
+                model.prefill(zr, hist_valid, caches, round_bf16=round_bf16)
+        rows = [new[b, rem[b] if k == 0 else 0:].tolist() for b in range(B)]
+        block_new = keep_new_tokens(rows, outputs, stopped, budget, set(stop_ids), max_new_tokens)
+        if budget == "blocks":  # the release: a row is done once its block holds a stop token, prompt positions too
+            stopped = [s or any(t in stop_ids for t in row) for s, row in zip(stopped, new.tolist())]
         pin = torch.zeros_like(pin)
         if on_block is not None:
             on_block(k, block_new)
-        if all(done):
+        if all(stopped) or (budget == "tokens" and all(len(o) >= max_new_tokens for o in outputs)):
             break
     return outputs, stats

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import release
 from dit import DiT, DiTConfig
 from layers import KVCache, attention_flops, block_causal_mask, cola_mask, matmul_params, with_key_padding
 from vae import TextVAE, VAEConfig, gaussian_kl, vae_logsnr
@@ -49,10 +50,14 @@ def euler_step(z, v, dt):
 
 
 def cfg_combine(v_cond, v_uncond, scale):
-    """Classifier-free guidance on the whole velocity prediction: v_u + s (v_c - v_u); s = 1 is off."""
-    if scale == 1.0:
-        return v_cond  # exactly, not up to rounding
-    return v_uncond + scale * (v_cond - v_uncond)
+    """Classifier-free guidance on the whole velocity prediction: v_u + s (v_c - v_u); s = 1 is off.
+    scale: a number, or one per row (B,) (the release turns guidance off for a row with no history)."""
+    if not torch.is_tensor(scale):
+        if scale == 1.0:
+            return v_cond  # exactly, not up to rounding
+        return v_uncond + scale * (v_cond - v_uncond)
+    scale = scale.to(v_cond.dtype).view(-1, *([1] * (v_cond.dim() - 1)))  # (B, 1, 1)
+    return torch.where(scale == 1.0, v_cond, v_uncond + scale * (v_cond - v_uncond))
 
 
 def time_grid(steps, device="cpu", t_max=1.0, power=1.0):
@@ -95,6 +100,15 @@ def cached_block_masks(hist_valid, block_size):
     cond = torch.cat([hist_valid, own], 1)[:, None, None, :].expand(B, 1, block_size, -1)
     uncond = torch.cat([torch.zeros_like(hist_valid), own], 1)[:, None, None, :].expand(B, 1, block_size, -1)
     return cond, uncond
+
+
+def cached_causal_mask(key_valid, n_new, block_size):
+    """(B, 1, n_new, Tk) mask of the last n_new positions over all Tk = Tc + n_new keys, block-causal with
+    `block_size` (the decoder's own, which may be finer than the DiT's) and hiding invalid keys."""
+    Tk = key_valid.shape[1]
+    pos = torch.arange(Tk, device=key_valid.device)
+    rule = block_causal_mask(pos[Tk - n_new:] // block_size, pos // block_size)  # (n_new, Tk)
+    return (rule & key_valid.unsqueeze(1)).unsqueeze(1)
 
 
 def partial_known_prefix(B, L, block_size, prob, device="cpu", generator=None):
@@ -167,13 +181,16 @@ def t_bin_line(metrics):
 class ColaDLM(nn.Module):
     """Text VAE + block-causal DiT prior + frozen reference encoder + latent normalisation."""
 
-    def __init__(self, vae_cfg: VAEConfig, dit_cfg: DiTConfig):
+    def __init__(self, vae_cfg: VAEConfig, dit_cfg: DiTConfig, decoder_reads_normalized=False, reference=True):
         super().__init__()
-        assert vae_cfg.latent_dim == dit_cfg.latent_dim and vae_cfg.block_size == dit_cfg.block_size
+        assert vae_cfg.latent_dim == dit_cfg.latent_dim, "the VAE and the DiT must share latent_dim"
+        assert dit_cfg.block_size % vae_cfg.block_size == 0, "the DiT's block_size must be a multiple of the VAE's"
+        self.decoder_reads_normalized = decoder_reads_normalized  # True for the release (decoder_input)
         self.vae = TextVAE(vae_cfg)
         self.dit = DiT(dit_cfg)
-        self.ref_enc = copy.deepcopy(self.vae.enc)  # frozen stage-1 encoder q_phi_ref (set by init_from_vae)
-        self.ref_enc.requires_grad_(False)
+        self.ref_enc = None  # frozen stage-1 encoder q_phi_ref (set by init_from_vae); training only
+        if reference:
+            self.ref_enc = copy.deepcopy(self.vae.enc).requires_grad_(False)
         self.register_buffer("latent_shift", torch.zeros(vae_cfg.latent_dim))
         self.register_buffer("latent_scale", torch.ones(vae_cfg.latent_dim))
 
@@ -183,6 +200,23 @@ class ColaDLM(nn.Module):
         model = cls(VAEConfig(**ckpt["vae_config"]), DiTConfig(**ckpt["dit_config"]))
         model.load_state_dict(ckpt["model"])
         return model
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """The authors' released model from its snapshot directory, as nanoGPT's GPT.from_pretrained
+        (release.py, docs/release.md). Returns (model in eval mode, path of its tokenizer.json)."""
+        vae_dir, dit_dir, tokenizer = release.snapshot_folders(path)
+        vae_cfg, shift, scale = release.vae_config(vae_dir)
+        if not release.latent_norm_ok(shift, scale):
+            raise release.SnapshotError(f"{vae_dir}/config.json: shifting_factor {shift} / scaling_factor {scale} "
+                                        "do not give a usable normalisation")
+        model = cls(vae_cfg, release.dit_config(dit_dir, vae_cfg), decoder_reads_normalized=True, reference=False)
+        release.load_weights(model, vae_dir, "vae.")
+        release.load_weights(model, dit_dir, "dit.")
+        release.check_rope_buffer(dit_dir, model.dit.cfg)
+        model.latent_shift.fill_(shift)  # the release normalises with two scalars: (z - shift) * scale
+        model.latent_scale.fill_(scale)
+        return model.eval(), tokenizer
 
     @property
     def block_size(self):
@@ -207,7 +241,8 @@ class ColaDLM(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        self.ref_enc.eval()  # the reference never has dropout on
+        if self.ref_enc is not None:
+            self.ref_enc.eval()  # the reference never has dropout on
         return self
 
     def normalize(self, z):
@@ -291,7 +326,7 @@ class ColaDLM(nn.Module):
         if lam_x0_ce > 0:
             z0_hat = zt[:n_dec] - t_tok[:n_dec].unsqueeze(-1) * v_pred[:n_dec].float()  # (n_dec, L, d) normalised
             frozen = {k: p.detach() for k, p in vae.dec.named_parameters()}
-            logits = torch.func.functional_call(vae.dec, frozen, (self.denormalize(z0_hat),))  # (n_dec, T, V)
+            logits = torch.func.functional_call(vae.dec, frozen, (self.decoder_input(z0_hat),))  # (n_dec, T, V)
             ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:n_dec].flatten(), reduction="none")
             keep = (~known[:n_dec]).repeat_interleave(vae.cfg.patch_size, 1).flatten().float()
             out["x0_ce"] = (ce * keep).sum() / keep.sum().clamp(min=1)
@@ -334,7 +369,12 @@ class ColaDLM(nn.Module):
         """(DiT cache, decoder cache), both empty."""
         return KVCache(self.dit.cfg.n_layers), KVCache(self.vae.cfg.n_dec_layers)
 
-    def prefill(self, zn, key_valid, caches):
+    def decoder_input(self, zn):
+        """What the decoder reads for normalised latents zn: the raw latents it was trained on, or zn itself
+        for a model whose sampler hands the decoder normalised latents (the release's inference does)."""
+        return zn if self.decoder_reads_normalized else self.denormalize(zn)
+
+    def prefill(self, zn, key_valid, caches, round_bf16=False):
         """Commit clean prompt blocks to both caches: the DiT at t = 0 and the decoder.
         zn (B, Tc, d) normalised latents, Tc a whole number of blocks; key_valid (B, Tc) real latents."""
         dit_cache, dec_cache = caches
@@ -342,38 +382,44 @@ class ColaDLM(nn.Module):
         pos = torch.arange(Tc, device=zn.device)
         blk = pos // self.block_size
         mask = with_key_padding(block_causal_mask(blk, blk), key_valid, key_valid)  # (B, 1, Tc, Tc)
-        self.dit(zn, torch.zeros(B, Tc, device=zn.device), pos, mask, dit_cache, commit=True)
-        self.vae.decode(self.denormalize(zn), pos, mask, dec_cache)
+        self.dit(zn, torch.zeros(B, Tc, device=zn.device), pos, mask, dit_cache, commit=True, round_bf16=round_bf16)
+        vblk = pos // self.vae.cfg.block_size
+        self.vae.decode(self.decoder_input(zn), pos, with_key_padding(block_causal_mask(vblk, vblk), key_valid,
+                                                                      key_valid), dec_cache)
 
-    def guided_velocity(self, z, t_tok, hist_valid, guidance, dit_cache, hint=None):
+    def guided_velocity(self, z, t_tok, hist_valid, guidance, dit_cache, hint=None, round_bf16=False):
         """v_u + s (v_c - v_u) for the next noisy block after the cached history, DiT's forward_with_cfg
         pattern: the conditional rows (history + block, at the block's positions) and the unconditional
         rows (the block alone at positions 0..bs-1) go through the DiT as one batch.
         z (B, bs, d) normalised noisy latents; t_tok (B, bs); hist_valid (B, Tc) real cached latents;
-        hint (B, bs, d): the previous step's estimate of z0 (self-conditioning only)."""
+        guidance: a number or one per row (B,); hint (B, bs, d): the previous step's estimate of z0
+        (self-conditioning only); round_bf16: the DiT's inputs rounded as the release's sampler does."""
         B, bs, _ = z.shape
         Tc = hist_valid.shape[1]
         pos = torch.arange(Tc, Tc + bs, device=z.device)  # (bs,)
         cond_mask, uncond_mask = cached_block_masks(hist_valid, bs)
-        if guidance == 1.0:  # the conditional pass alone
-            return self.dit(z, t_tok, pos, cond_mask, dit_cache, commit=False, hint=hint)
+        if not torch.is_tensor(guidance) and guidance == 1.0:  # the conditional pass alone
+            return self.dit(z, t_tok, pos, cond_mask, dit_cache, commit=False, hint=hint, round_bf16=round_bf16)
         local = torch.arange(bs, device=z.device)
         both_pos = torch.cat([pos.expand(B, bs), local.expand(B, bs)])  # (2B, bs)
         v = self.dit(torch.cat([z, z]), torch.cat([t_tok, t_tok]), both_pos, torch.cat([cond_mask, uncond_mask]),
-                     dit_cache, commit=False, hint=None if hint is None else torch.cat([hint, hint]))  # (2B, bs, d)
+                     dit_cache, commit=False, hint=None if hint is None else torch.cat([hint, hint]),
+                     round_bf16=round_bf16)  # (2B, bs, d)
         v_cond, v_uncond = v.chunk(2)
         return cfg_combine(v_cond, v_uncond, guidance)
 
-    def decode_and_commit(self, z, hist_valid, caches):
+    def decode_and_commit(self, z, hist_valid, caches, round_bf16=False):
         """Decoder logits (B, bs * patch, V) of the finished block z (B, bs, d, normalised), which then joins
         both caches: the decoder keeps its keys, the DiT commits the block at t = 0."""
         dit_cache, dec_cache = caches
         B, bs, _ = z.shape
         Tc = hist_valid.shape[1]
         pos = torch.arange(Tc, Tc + bs, device=z.device)
+        key_valid = torch.cat([hist_valid, torch.ones(B, bs, dtype=torch.bool, device=z.device)], 1)  # (B, Tc + bs)
+        dec_mask = cached_causal_mask(key_valid, bs, self.vae.cfg.block_size)
+        logits = self.vae.decode(self.decoder_input(z), pos, dec_mask, dec_cache)
         cond_mask, _ = cached_block_masks(hist_valid, bs)
-        logits = self.vae.decode(self.denormalize(z), pos, cond_mask, dec_cache)
-        self.dit(z, torch.zeros(B, bs, device=z.device), pos, cond_mask, dit_cache, commit=True)
+        self.dit(z, torch.zeros(B, bs, device=z.device), pos, cond_mask, dit_cache, commit=True, round_bf16=round_bf16)
         return logits
 
     @torch.no_grad()

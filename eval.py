@@ -292,7 +292,7 @@ def eval_history_drift(model, prompts, n_tokens, steps, guidance, generator, tra
     res = {}
     for name, flag in (("generated", False), ("reencoded", True)):
         drift = []
-        outs, _ = generate(model, prompts, n_tokens, steps, guidance, generator=generator, eos_id=-1,
+        outs, _ = generate(model, prompts, n_tokens, steps, guidance, generator=generator, stop_ids=(),
                            reencode_history=flag, on_drift=drift.append)
         res[f"{name}_history"] = ngram_metrics(outs, train_ngrams)
         res[f"{name}_history"]["drift_per_block"] = drift
@@ -344,7 +344,7 @@ def make_generator(kind, model, steps, guidance, eos_id, seed, temperature=0.0, 
 
     def run(prompts, max_new):
         if kind == "cola":
-            outs, st = generate(model, prompts, max_new, steps, guidance, repetition_penalty=1.1, eos_id=eos_id,
+            outs, st = generate(model, prompts, max_new, steps, guidance, repetition_penalty=1.1, stop_ids=(eos_id,),
                                 pad_id=eos_id, generator=g, **cola_options)
             return outs, (st["dit"] + st["dit_commit"] + st["decoder"]) * len(prompts)
         if kind == "ar":
@@ -529,6 +529,10 @@ def get_args(argv=None):
     p.add_argument("--noise_scale", type=float, default=None, help="Cola: std of each block's starting noise (default: preset; paper 1)")
     p.add_argument("--grid_power", type=float, default=1.0, help="Cola: > 1 makes the time grid denser near t = 0 (paper: 1)")
     p.add_argument("--eta", type=float, default=None, help="Cola: share of fresh noise per step (default: preset; paper 0)")
+    p.add_argument("--budget", default=None, choices=["blocks", "tokens"],
+                   help="Cola: 'blocks' (the release) or exactly the tokens asked for (default: preset)")
+    p.add_argument("--round_bf16", default=None, action=argparse.BooleanOptionalAction,
+                   help="Cola: round the DiT's inputs to bfloat16 as the release does (default: preset)")
     p.add_argument("--sweep_steps", default="", help="comma list of step counts to sweep (Cola)")
     p.add_argument("--sweep_guidance", default="", help="comma list of guidance scales to sweep (Cola)")
     p.add_argument("--sweep_noise", default="", help="comma list of starting-noise scales to sweep (Cola)")
@@ -605,7 +609,8 @@ def evaluate(args):
         print(f"[eval] generation diagnostics: {time.time() - t0:.1f} s", flush=True)
 
     # generation: tasks, samples, speed
-    cola_options = dict(noise_scale=args.noise_scale, grid_power=args.grid_power, eta=args.eta) if kind == "cola" else {}
+    cola_options = dict(noise_scale=args.noise_scale, grid_power=args.grid_power, eta=args.eta, budget=args.budget,
+                        round_bf16=args.round_bf16) if kind == "cola" else {}
     gen = make_generator(kind, model, args.steps, args.guidance, eos, args.seed, **cola_options)
     val_text = enc.decode(data.tokens("val", limit=200_000).tolist())
     if args.builtin_n:

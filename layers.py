@@ -4,7 +4,9 @@ Shared transformer pieces for the VAE, the DiT and the baselines (docs/method.md
 - mask builders: block-causal (bidirectional inside a block, causal across blocks) and the Cola rule
   for mixed clean/noisy sequences; True = may attend, fed to SDPA as a bool mask with is_causal=False
   (a mask together with is_causal=True silently gives plain causal attention on CPU);
-- RoPE with optional partial rotation; attention with per-head QK LayerNorm; SwiGLU MLP;
+- RoPE on all or part of each head's channels, pairing them half-split (the VAE, the baselines) or
+  interleaved (the DiT), as the authors' release does; attention with QK LayerNorm per head (the DiT,
+  the baselines) or over the whole width (the VAE); SwiGLU MLP;
 - a KV cache for block-wise decoding: a block's keys are appended only when it is committed.
 """
 import math
@@ -51,12 +53,15 @@ def with_key_padding(mask, key_valid, query_valid=None):
 # rotary position embedding
 
 class Rotary(nn.Module):
-    """RoPE on the first `rot_dim` channels of each head (the paper's DiT rotates 96 of 128)."""
+    """RoPE on the first `rot_dim` channels of each head (the paper's DiT rotates 96 of 128).
 
-    def __init__(self, head_dim, theta=10000.0, fraction=1.0):
+    Channel pairs (i, i + rot_dim/2) ("half-split", the VAE's) or (2i, 2i + 1) ("interleaved", the DiT's
+    in the release); pair i turns by pos * theta^(-2i/rot_dim)."""
+
+    def __init__(self, head_dim, theta=10000.0, fraction=1.0, interleaved=False):
         super().__init__()
         rot_dim = int(head_dim * fraction) // 2 * 2
-        self.rot_dim = rot_dim
+        self.rot_dim, self.interleaved = rot_dim, interleaved
         inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / max(rot_dim, 1)))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -68,10 +73,14 @@ class Rotary(nn.Module):
         if ang.dim() == 3:
             ang = ang.unsqueeze(1)  # (B, 1, T, r/2)
         cos, sin = ang.cos(), ang.sin()
-        xr, xp = x[..., :self.rot_dim], x[..., self.rot_dim:]
-        x1, x2 = xr.float().chunk(2, dim=-1)
-        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-        return torch.cat([rotated, xp], dim=-1)
+        xr, xp = x[..., :self.rot_dim].float(), x[..., self.rot_dim:]
+        if self.interleaved:
+            x1, x2 = xr[..., 0::2], xr[..., 1::2]  # (..., r/2) each
+            rotated = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+        else:
+            x1, x2 = xr.chunk(2, dim=-1)
+            rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return torch.cat([rotated.to(x.dtype), xp], dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -112,23 +121,32 @@ class KVCache:
 # modules
 
 class Attention(nn.Module):
-    """Multi-head attention through SDPA with an explicit bool mask, QK LayerNorm and RoPE."""
+    """Multi-head attention through SDPA with an explicit bool mask, QK LayerNorm and RoPE.
 
-    def __init__(self, width, n_heads, rope_theta=10000.0, rope_fraction=1.0, qk_norm=True, dropout=0.0):
+    qk_norm: 'head' normalises q and k per head (the DiT, the baselines), 'width' over all heads at once
+    before the split (the release's VAE), None not at all."""
+
+    def __init__(self, width, n_heads, rope_theta=10000.0, rope_fraction=1.0, qk_norm="head", eps=1e-5,
+                 out_bias=False, interleaved=False, dropout=0.0):
         super().__init__()
         assert width % n_heads == 0, "width must be divisible by n_heads"
-        self.n_heads, self.head_dim = n_heads, width // n_heads
+        self.n_heads, self.head_dim, self.qk_norm = n_heads, width // n_heads, qk_norm
         self.qkv = nn.Linear(width, 3 * width, bias=False)
-        self.proj = nn.Linear(width, width, bias=False)
-        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.rope = Rotary(self.head_dim, rope_theta, rope_fraction)
+        self.proj = nn.Linear(width, width, bias=out_bias)
+        norm_dim = {"head": self.head_dim, "width": width}.get(qk_norm)
+        self.q_norm = nn.LayerNorm(norm_dim, eps=eps) if norm_dim else nn.Identity()
+        self.k_norm = nn.LayerNorm(norm_dim, eps=eps) if norm_dim else nn.Identity()
+        self.rope = Rotary(self.head_dim, rope_theta, rope_fraction, interleaved)
         self.dropout = dropout
 
     def forward(self, x, pos, mask, cache=None, commit=False):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.qkv(x).split(C, dim=-1)  # 3 x (B, T, C)
+        if self.qk_norm == "width":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (a.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for a in (q, k, v))  # (B, H, T, hd)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, pos), self.rope(k, pos)
         if cache is not None:
             k, v = cache.extend(k, v, commit)  # (B, H, Tc+T, hd)
@@ -138,24 +156,26 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, width, hidden, dropout=0.0):
+    """proj -> [value | gate] -> silu(gate) * value -> out (the release's VAE order)."""
+
+    def __init__(self, width, hidden, dropout=0.0, bias=False):
         super().__init__()
-        self.gate_up = nn.Linear(width, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, width, bias=False)
+        self.proj = nn.Linear(width, 2 * hidden, bias=bias)
+        self.out = nn.Linear(hidden, width, bias=bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.drop(self.down(F.silu(gate) * up))
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return self.drop(self.out(F.silu(gate) * value))
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block (LayerNorm, attention, SwiGLU) used by the VAE and the baselines."""
+    """Pre-LN transformer block (LayerNorm, attention, SwiGLU) of the baselines (the VAE's is vae.VAEBlock)."""
 
     def __init__(self, width, n_heads, mlp_hidden, rope_theta, dropout=0.0):
         super().__init__()
         self.ln1 = nn.LayerNorm(width)
-        self.attn = Attention(width, n_heads, rope_theta, 1.0, qk_norm=True, dropout=dropout)
+        self.attn = Attention(width, n_heads, rope_theta, 1.0, qk_norm="head", dropout=dropout)
         self.ln2 = nn.LayerNorm(width)
         self.mlp = SwiGLU(width, mlp_hidden, dropout)
         self.drop = nn.Dropout(dropout)
@@ -186,8 +206,8 @@ def n_params(module):
 # query and layer in the forward pass, at the full key length (SDPA with a bool mask computes every key)
 
 def matmul_params(module):
-    """Weights of every nn.Linear in module (the output heads are Linears; embeddings are not)."""
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+    """Weights of every nn.Linear and nn.Conv1d in module (the output heads are Linears; embeddings are not)."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv1d)))
 
 
 def attention_flops(n_layers, width, n_keys):
@@ -198,5 +218,5 @@ def attention_flops(n_layers, width, n_keys):
 def scale_residual_init(module, n_layers):
     """Scale output projections by 1/sqrt(2*n_layers) as GPT-2 does, so deep residual streams start tame."""
     for name, p in module.named_parameters():
-        if name.endswith("attn.proj.weight") or name.endswith("mlp.down.weight"):
+        if name.endswith("attn.proj.weight") or name.endswith("mlp.out.weight"):
             nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layers))

@@ -19,16 +19,19 @@ PRESETS = {
                 recipe=dict(beta=1e-4, beta2=0.999, embed_lr_mult=10.0, lr=3e-3, min_lr=3e-4, warmup_iters=50,
                             fm_batch_mult=4, grad_clip_scope="network"),
                 # each block starts from N(0, 0.5^2 I): a lower-temperature draw from a weak prior (README:
-                # seen 3-gram rate x3, judge perplexity / 6 at this budget)
-                sampler=dict(noise_scale=0.5)),
-    # the paper's vocabulary (100,278) comes from the data: prepare.py --tokenizer cl100k_base
-    "paper": dict(vae=dict(width=1536, n_enc_layers=4, n_dec_layers=4, n_heads=12, mlp_hidden=3200),
+                # seen 3-gram rate x3, judge perplexity / 6 at this budget); samples of exactly the length asked
+                # for, cut at <|endoftext|>; the DiT's inputs in fp32
+                sampler=dict(noise_scale=0.5, budget="tokens", round_bf16=False)),
+    # the released model's sizes (docs/release.md); its vocabulary (100,278) comes from the data
+    "paper": dict(vae=dict(width=1536, n_enc_layers=4, n_dec_layers=4, n_heads=12, mlp_hidden=3072),
                   dit=dict(width=2048, n_layers=24, n_heads=16, mlp_hidden=8192, rope_fraction=0.75)),
 }
 
 
-# The sampler (docs/method.md §6): the paper's settings; a preset's "sampler" entry overrides them.
-SAMPLER = dict(steps=16, guidance=7.0, noise_scale=1.0, eta=0.0)
+# The sampler (docs/method.md §6, docs/release.md): the release's settings, which released snapshots use;
+# a preset's "sampler" entry overrides them. budget 'blocks': ceil(max_new_tokens / 16) blocks and every token
+# of them (decoder.n_blocks_to_generate); round_bf16: the DiT's inputs rounded to bfloat16.
+SAMPLER = dict(steps=16, guidance=7.0, noise_scale=1.0, eta=0.0, budget="blocks", round_bf16=True)
 
 
 def sampler_settings(preset):

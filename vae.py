@@ -1,10 +1,16 @@
 """
 The Text VAE of Cola DLM (docs/method.md §3): tokens <-> one continuous latent of dimension d per `patch_size`
-tokens, through block-causal transformers (so a prompt can be encoded and decoded block by block).
+tokens, through block-causal transformers (so a prompt can be encoded and decoded block by block). The
+architecture is the authors' released one (docs/release.md), at every size:
 
-    encoder q_phi(z|x): embed -> [patch] -> blocks -> LN -> Linear -> (mu, logvar); mu -> LN without
-                        parameters, logvar clamped (or fixed at a given logSNR)
-    decoder p_theta(x|z): Linear d -> width -> blocks -> LN -> [unpatch] -> Linear -> vocab
+    encoder q_phi(z|x): embed -> patch (Conv1d, stride p) -> post-norm blocks -> Linear -> (mu, logvar);
+                        mu -> LayerNorm without parameters, logvar clamped (or fixed at a given logSNR)
+    decoder p_theta(x|z): Linear d -> width -> post-norm blocks -> Linear width -> p * width (unpatch)
+                          -> LayerNorm -> Linear -> vocab
+
+A post-norm block reads its raw residual stream and normalises the stream itself after attention, and
+the MLP's output before adding it: x <- LN_a(x) + Attn(x); x <- x + LN_m(SwiGLU(x)). Linear layers have
+biases (but q, k, v); QK LayerNorm runs over the whole width; RoPE is half-split on every channel.
 
 Stage-1 loss: CE(decoder(z), x) + beta * KL(q || N(0, I)) + lambda_mask * CE(decoder(z~), x), where z~
 encodes the text with 15% of its tokens replaced by [MASK] and the original tokens are predicted at
@@ -16,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import Block, attention_flops, block_causal_mask, init_weights, matmul_params, scale_residual_init
+from layers import Attention, SwiGLU, attention_flops, block_causal_mask, init_weights, matmul_params
 
 
 @dataclass
@@ -27,11 +33,12 @@ class VAEConfig:
     n_enc_layers: int = 2           # encoder blocks (paper: 4)
     n_dec_layers: int = 2           # decoder blocks (paper: 4)
     n_heads: int = 4                # attention heads (paper: 12 of 128)
-    mlp_hidden: int = 512           # SwiGLU hidden size (paper preset: 3200, chosen to give its ~502M)
-    block_size: int = 16            # latents per attention block, shared with the DiT (paper: 16)
+    mlp_hidden: int = 384           # SwiGLU hidden size (release: 3072, its ffn_dim 6144 halved)
+    block_size: int = 16            # latents per attention block (paper: 16; the DiT's is a multiple of it)
     patch_size: int = 1             # tokens per latent (paper tried 2)
     max_seq_len: int = 1024         # longest token sequence the model is meant for
     rope_theta: float = 500000.0    # RoPE base (paper: 500,000)
+    norm_eps: float = 1e-6          # eps of every LayerNorm (release: 1e-6)
     dropout: float = 0.0            # dropout in attention/MLP outputs (paper: none)
     logvar_min: float = -30.0       # clamp of the posterior log-variance (paper: [-30, 20])
     logvar_max: float = 20.0
@@ -61,24 +68,38 @@ def vae_logsnr(mu, logvar):
     return torch.log(mu.float().pow(2).mean() / logvar.float().exp().mean())
 
 
+class VAEBlock(nn.Module):
+    """The release's post-norm block: x <- LN_a(x) + Attn(x); x <- x + LN_m(SwiGLU(x))."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        w = cfg.width
+        self.attn = Attention(w, cfg.n_heads, cfg.rope_theta, 1.0, qk_norm="width", eps=cfg.norm_eps,
+                              out_bias=True, dropout=cfg.dropout)
+        self.ln_attn = nn.LayerNorm(w, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(w, cfg.mlp_hidden, bias=True)
+        self.ln_mlp = nn.LayerNorm(w, eps=cfg.norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, pos, mask, cache=None, commit=False):
+        x = self.ln_attn(x) + self.drop(self.attn(x, pos, mask, cache, commit))
+        return x + self.drop(self.ln_mlp(self.mlp(x)))
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.cfg = cfg
         w, p = cfg.width, cfg.patch_size
         self.embed = nn.Embedding(cfg.vocab_size + 1, w)  # + [MASK]
-        self.patch = nn.Linear(p * w, w) if p > 1 else nn.Identity()
-        self.blocks = nn.ModuleList(Block(w, cfg.n_heads, cfg.mlp_hidden, cfg.rope_theta, cfg.dropout)
-                                    for _ in range(cfg.n_enc_layers))
-        self.ln_f = nn.LayerNorm(w)
+        self.patch = nn.Conv1d(w, w, kernel_size=p, stride=p)  # p tokens -> one latent (present at p = 1 too)
+        self.blocks = nn.ModuleList(VAEBlock(cfg) for _ in range(cfg.n_enc_layers))
         self.to_latent = nn.Linear(w, 2 * cfg.latent_dim)
 
     def forward(self, tokens, mask=None):
         """tokens (B, T) -> mu, logvar (B, N, d) with N = T / patch_size."""
         cfg = self.cfg
-        B, T = tokens.shape
-        x = self.embed(tokens)  # (B, T, w)
-        x = self.patch(x.reshape(B, T // cfg.patch_size, -1))  # (B, N, w)
+        x = self.patch(self.embed(tokens).transpose(1, 2)).transpose(1, 2)  # (B, N, w)
         N = x.shape[1]
         pos = torch.arange(N, device=tokens.device)
         if mask is None:
@@ -86,8 +107,8 @@ class Encoder(nn.Module):
             mask = block_causal_mask(blk, blk)
         for block in self.blocks:
             x = block(x, pos, mask)
-        mu, logvar = self.to_latent(self.ln_f(x)).chunk(2, dim=-1)  # (B, N, d) each
-        mu = F.layer_norm(mu, (cfg.latent_dim,))  # no learnable parameters: E[mu^2] = 1 per latent
+        mu, logvar = self.to_latent(x).chunk(2, dim=-1)  # (B, N, d) each
+        mu = F.layer_norm(mu, (cfg.latent_dim,), eps=cfg.norm_eps)  # no parameters: E[mu^2] = 1 per latent
         if cfg.fixed_logsnr > 0:
             logvar = torch.full_like(logvar, -cfg.fixed_logsnr)
         else:
@@ -101,11 +122,10 @@ class Decoder(nn.Module):
         self.cfg = cfg
         w, p = cfg.width, cfg.patch_size
         self.from_latent = nn.Linear(cfg.latent_dim, w)
-        self.blocks = nn.ModuleList(Block(w, cfg.n_heads, cfg.mlp_hidden, cfg.rope_theta, cfg.dropout)
-                                    for _ in range(cfg.n_dec_layers))
-        self.ln_f = nn.LayerNorm(w)
-        self.unpatch = nn.Linear(w, p * w) if p > 1 else nn.Identity()
-        self.head = nn.Linear(w, cfg.vocab_size, bias=False)  # untied from the encoder embedding
+        self.blocks = nn.ModuleList(VAEBlock(cfg) for _ in range(cfg.n_dec_layers))
+        self.unpatch = nn.Linear(w, p * w)  # one latent -> p token positions (present at p = 1 too)
+        self.ln_f = nn.LayerNorm(w, eps=cfg.norm_eps)
+        self.head = nn.Linear(w, cfg.vocab_size)  # untied from the encoder embedding
 
     def forward(self, z, pos=None, mask=None, cache=None):
         """z (B, N, d) -> logits (B, N * patch_size, V). With a cache, z is the next block(s) and is committed."""
@@ -119,8 +139,9 @@ class Decoder(nn.Module):
         x = self.from_latent(z)  # (B, N, w)
         for i, block in enumerate(self.blocks):
             x = block(x, pos, mask, None if cache is None else cache.layers[i], commit=True)
-        x = self.unpatch(self.ln_f(x)).reshape(B, N * cfg.patch_size, cfg.width)  # (B, T, w)
-        return self.head(x)  # (B, T, V)
+        # unpatch: channel c of token j of a latent is output c * p + j (the release's layout)
+        x = self.unpatch(x).view(B, N, cfg.width, cfg.patch_size).transpose(2, 3).reshape(B, N * cfg.patch_size, -1)
+        return self.head(self.ln_f(x))  # (B, T, V)
 
 
 class TextVAE(nn.Module):
@@ -129,8 +150,7 @@ class TextVAE(nn.Module):
         self.cfg = cfg
         self.enc = Encoder(cfg)
         self.dec = Decoder(cfg)
-        init_weights(self)
-        scale_residual_init(self, cfg.n_enc_layers + cfg.n_dec_layers)
+        init_weights(self)  # N(0, 0.02) as the release; the blocks' output LayerNorms keep the stream tame
 
     def encode(self, tokens, mask=None):
         return self.enc(tokens, mask)

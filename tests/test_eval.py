@@ -252,8 +252,18 @@ def test_ablation_lines_start_from_base_and_name_their_stage1(tmp_path, monkeypa
 
 def oracle(model, true):
     """Make the model's guided velocity the exact one towards the latents `true` (B, bs, d): v = (z - true) / t."""
-    model.guided_velocity = lambda z, t_tok, hist_valid, guidance, cache, hint=None: (z - true) / t_tok.unsqueeze(-1).clamp(min=1e-6)
+    model.guided_velocity = lambda z, t_tok, hist_valid, guidance, cache, hint=None, **kw: (z - true) / t_tok.unsqueeze(-1).clamp(min=1e-6)
     return model
+
+
+def fit_vae(model, x, steps=80):
+    """A few stage-1 steps on x alone: a VAE that reconstructs x (a random one decodes next to nothing right)."""
+    opt = torch.optim.Adam(model.vae.parameters(), lr=1e-2)
+    for _ in range(steps):
+        model.vae(x, beta=1e-4, lam_mask=0.0)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
 
 
 def test_sdedit_with_an_oracle_prior_recovers_the_true_block():
@@ -263,9 +273,11 @@ def test_sdedit_with_an_oracle_prior_recovers_the_true_block():
     from test_generate import tiny_model
     model = tiny_model()
     x = torch.randint(0, 100, (6, 16))
+    fit_vae(model, x)  # so that decoding the true latents gets the tokens right, and the noisy start does not
     hist, true = ev.true_block(model, x, 2)
     target = x[:, 8:12]
     exact = float((ev.decode_after(model, hist, true).argmax(-1) == target).float().mean())
+    assert exact > 0.5
     res = ev.eval_sdedit(oracle(model, true), x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0))
     for t0 in (0.25, 0.5, 0.75, 1.0):
         assert res[f"after_dit_{t0}"] == pytest.approx(exact)
@@ -279,7 +291,7 @@ def test_sdedit_starts_from_the_noised_truth_at_t0(monkeypatch):
     from test_generate import tiny_model
     model = tiny_model()
     c = 0.3
-    model.guided_velocity = lambda z, t_tok, hist_valid, guidance, cache, hint=None: torch.full_like(z, c)
+    model.guided_velocity = lambda z, t_tok, hist_valid, guidance, cache, hint=None, **kw: torch.full_like(z, c)
     decoded = []
     real = ev.decode_after
     monkeypatch.setattr(ev, "decode_after", lambda m, hist, z: (decoded.append(z.clone()), real(m, hist, z))[1])
@@ -299,7 +311,7 @@ def test_prefix_prediction_pins_the_known_latents(monkeypatch):
     whole block."""
     from test_generate import tiny_model
     model = tiny_model()
-    model.guided_velocity = lambda z, t_tok, hist_valid, guidance, cache, hint=None: z / t_tok.unsqueeze(-1).clamp(min=1e-6)
+    model.guided_velocity = lambda z, t_tok, hist_valid, guidance, cache, hint=None, **kw: z / t_tok.unsqueeze(-1).clamp(min=1e-6)
     decoded = []
     real = ev.decode_after
     monkeypatch.setattr(ev, "decode_after", lambda m, hist, z: (decoded.append(z.clone()), real(m, hist, z))[1])
@@ -332,18 +344,18 @@ def test_reencoded_history_is_what_the_caches_hold():
     seen = {}
     real = model.guided_velocity
 
-    def spy(z, t_tok, hist_valid, guidance, cache, hint=None):
+    def spy(z, t_tok, hist_valid, guidance, cache, hint=None, **kw):
         seen.setdefault(hist_valid.shape[1], [l.k.clone() for l in cache.layers])
         return real(z, t_tok, hist_valid, guidance, cache, hint)
     model.guided_velocity = spy
     drift = []
-    out, _ = run(model, [[5, 6, 7, 8]], max_new_tokens=8, eos_id=-1, reencode_history=True, on_drift=drift.append)
+    out, _ = run(model, [[5, 6, 7, 8]], max_new_tokens=8, stop_ids=(), reencode_history=True, on_drift=drift.append)
     text = torch.tensor([[5, 6, 7, 8] + out[0][:4]])
     fresh = model.new_caches()
     model.prefill(ev.reencode(model, text), torch.ones(1, 8, dtype=torch.bool), fresh)
     assert all(torch.allclose(a, b.k, atol=1e-5) for a, b in zip(seen[8], fresh[0].layers))
     drift_plain = []
-    run(model, [[5, 6, 7, 8]], max_new_tokens=8, eos_id=-1, on_drift=drift_plain.append)
+    run(model, [[5, 6, 7, 8]], max_new_tokens=8, stop_ids=(), on_drift=drift_plain.append)
     assert drift[0] == pytest.approx(drift_plain[0]) and len(drift) == 2
 
 

@@ -25,6 +25,11 @@ def tiny_model(seed=0, patch=1, self_cond=False):
                      mlp_hidden=64, block_size=4, patch_size=patch, max_seq_len=64)
     model = ColaDLM(vcfg, DiTConfig(latent_dim=4, width=32, n_layers=2, n_heads=2, block_size=4, self_cond=self_cond))
     randomize_zero_init(model.dit)
+    with torch.no_grad():  # weights of a trained scale (1/sqrt(fan-in)), so that every token depends on its latent
+        for p in model.vae.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, p[0].numel() ** -0.5)
+        model.ref_enc.load_state_dict(model.vae.enc.state_dict())
     with torch.no_grad():
         model.latent_shift.copy_(torch.randn(4) * 0.1)
         model.latent_scale.copy_(1 + torch.rand(4))
@@ -47,13 +52,13 @@ class Uncached:
         self.hist = None
         return None, None
 
-    def prefill(self, zn, key_valid, caches):
+    def prefill(self, zn, key_valid, caches, round_bf16=False):
         self.hist = zn
 
     def _history(self, z):
         return self.hist if self.hist is not None else z[:, :0]
 
-    def guided_velocity(self, z, t_tok, hist_valid, guidance, cache, hint=None):
+    def guided_velocity(self, z, t_tok, hist_valid, guidance, cache, hint=None, round_bf16=False):
         m = self.model
         hist = self._history(z)
         B, Tc, bs = z.shape[0], hist.shape[1], z.shape[1]
@@ -63,23 +68,24 @@ class Uncached:
                                 torch.cat([hist_valid, torch.ones(B, bs, dtype=torch.bool)], 1))
         full_hint = None if hint is None else torch.cat([torch.zeros_like(hist), hint], 1)
         v_cond = m.dit(torch.cat([hist, z], 1), torch.cat([torch.zeros(B, Tc), t_tok], 1), pos, mask, hint=full_hint)[:, Tc:]
-        return v_cond if guidance == 1.0 else cfg_combine(v_cond, m.velocity_uncond(z, t_tok, hint), guidance)
+        return cfg_combine(v_cond, m.velocity_uncond(z, t_tok, hint), guidance)
 
-    def decode_and_commit(self, z, hist_valid, caches):
+    def decode_and_commit(self, z, hist_valid, caches, round_bf16=False):
         m = self.model
         self.hist = torch.cat([self._history(z), z], 1)
-        B, T, bs = z.shape[0], self.hist.shape[1], z.shape[1]
+        B, T, bs, vbs = z.shape[0], self.hist.shape[1], z.shape[1], m.vae.cfg.block_size
         pos = torch.arange(T)
-        mask = with_key_padding(block_causal_mask(pos // bs, pos // bs),
+        mask = with_key_padding(block_causal_mask(pos // vbs, pos // vbs),
                                 torch.cat([hist_valid, torch.ones(B, bs, dtype=torch.bool)], 1))
-        return m.vae.decode(m.denormalize(self.hist), pos, mask)[:, -bs * m.vae.cfg.patch_size:]
+        return m.vae.decode(m.decoder_input(self.hist), pos, mask)[:, -bs * m.vae.cfg.patch_size:]
 
 
 def run(model, prompts, seed=0, **kw):
     kw.setdefault("max_new_tokens", 12)
     kw.setdefault("steps", 4)
     kw.setdefault("guidance", 3.0)
-    kw.setdefault("eos_id", EOS)
+    kw.setdefault("stop_ids", (EOS,))
+    kw.setdefault("budget", "tokens")
     kw.setdefault("pad_id", EOS)
     return generate(model, prompts, generator=torch.Generator().manual_seed(seed), **kw)
 
@@ -156,17 +162,10 @@ def test_repaint_pins_known_latents(monkeypatch):
         return real(z, *a, **k)
     monkeypatch.setattr(model.vae, "decode", spy)
     run(model, [prompt], max_new_tokens=2)
-    mu, _ = model.vae.encode(torch.tensor([prompt[:4] + prompt[4:] + [EOS, EOS]]),
-                             _partial_mask(4, valid=6))
+    # the partial block is padded with the pad token, which the encoder reads, as the release does
+    mu, _ = model.vae.encode(torch.tensor([prompt + [EOS, EOS]]))
     # seen[0] = prefill (block 0), seen[1] = the generated block 1 whose first 2 latents are the prompt's
     assert torch.allclose(seen[1][0, :2], mu[0, 4:6], atol=1e-5)
-
-
-def _partial_mask(bs, valid, total=8):
-    from layers import block_causal_mask, with_key_padding
-    pos = torch.arange(total)
-    v = (pos < valid).unsqueeze(0)
-    return with_key_padding(block_causal_mask(pos // bs, pos // bs), v, v)
 
 
 def test_batch_rows_match_single_runs(monkeypatch):
@@ -175,22 +174,22 @@ def test_batch_rows_match_single_runs(monkeypatch):
     model = tiny_model()
     monkeypatch.setattr(decoder, "draw_noise", lambda shape, device, g: torch.linspace(-1, 1, shape[1] * shape[2])
                         .reshape(1, shape[1], shape[2]).expand(shape).clone())
-    together, _ = run(model, PROMPTS, eos_id=-1)
-    alone = [run(model, [p], eos_id=-1)[0][0] for p in PROMPTS]
+    together, _ = run(model, PROMPTS, stop_ids=())
+    alone = [run(model, [p], stop_ids=())[0][0] for p in PROMPTS]
     assert together == alone
     assert len(set(map(tuple, together))) == 3  # and the rows do differ
 
 
 def test_empty_prompt_and_max_new_tokens():
     model = tiny_model()
-    out, stats = run(model, [[]], max_new_tokens=7, eos_id=-1)
+    out, stats = run(model, [[]], max_new_tokens=7, stop_ids=())
     assert len(out[0]) == 7
     assert stats["blocks"] == 2 and stats["dit"] == 2 * 4
 
 
 def test_patch_size_two_generates():
     model = tiny_model(patch=2)
-    out, stats = run(model, [[3, 4, 5], [7]], max_new_tokens=9, eos_id=-1)
+    out, stats = run(model, [[3, 4, 5], [7]], max_new_tokens=9, stop_ids=())
     assert [len(o) for o in out] == [9, 9]
 
 
@@ -211,6 +210,20 @@ def test_stops_at_eos():
         model.vae.dec.head.bias[EOS] = 10.0  # every position predicts EOS
     out, stats = run(model, [[1, 2]], max_new_tokens=40)
     assert out == [[]] and stats["blocks"] == 1
+    # the release's budget keeps every token of the block, and stops once every row holds a stop token
+    out, stats = run(model, [[1, 2]], max_new_tokens=40, budget="blocks")
+    assert out == [[EOS, EOS]] and stats["blocks"] == 1
+
+
+def test_release_block_budget():
+    """budget='blocks' (the release): ceil(max_new_tokens / 4) blocks whose first includes the prompt's share,
+    one block when the partial prompt block alone needs more latents than max_new_tokens, every token kept.
+    Mutation: counting the budget in new tokens (as 'tokens' does) changes the lengths."""
+    model = tiny_model()
+    for prompt, max_new, length in (([], 7, 8), ([5, 6, 7, 8, 9, 10], 4, 2), ([5, 6, 7, 8, 9, 10], 8, 6),
+                                    ([5, 6, 7, 8, 9], 2, 3), ([5, 6, 7, 8, 9], 3, 3)):
+        out, _ = run(model, [prompt], max_new_tokens=max_new, stop_ids=(), budget="blocks")
+        assert len(out[0]) == length, (prompt, max_new)
 
 
 def test_choose_tokens():
@@ -257,29 +270,35 @@ def test_eos_mid_block_rows_stop_at_different_blocks(monkeypatch):
     out, stats = run(model, [[], []], max_new_tokens=40)
     assert out == [[1, 2], [5, 6, 7, 8, 10]]
     assert stats["blocks"] == 2
+    calls.clear()  # the release's budget: every row keeps its tokens until all rows have stopped
+    out, stats = run(model, [[], []], max_new_tokens=40, budget="blocks")
+    assert out == [[1, 2, EOS, 4, 9, 9, 9, 9], [5, 6, 7, 8, 10, EOS, 11, 12]]
+    assert stats["blocks"] == 2
 
 
 def test_guided_euler_step_with_a_stubbed_dit(monkeypatch):
     """With a DiT whose conditional rows return c and unconditional rows u (constants), every Euler step
-    is exactly z - dt * (u + s (c - u)). Mutation: guidance applied to part of the prediction, or the
-    halves swapped."""
+    is exactly z - dt * (u + s (c - u)); a row with no history yet is not guided (z - dt * c), as in the
+    release. Mutation: guidance applied to part of the prediction, the halves swapped, or guidance on a row
+    without history."""
     model = tiny_model()
     c, u, s, steps = 0.7, -0.2, 3.0, 4
 
-    def stub(z, t, pos, mask, cache=None, commit=False, hint=None):
+    def stub(z, t, pos, mask, cache=None, commit=False, hint=None, round_bf16=False):
         if commit:
             return torch.zeros_like(z)
         B = z.shape[0] // 2
         return torch.cat([torch.full_like(z[:B], c), torch.full_like(z[B:], u)])
     monkeypatch.setattr(model.dit, "forward", stub)
-    start = torch.randn(1, 4, 4)
+    start = torch.randn(2, 4, 4)
     monkeypatch.setattr(decoder, "draw_noise", lambda shape, device, g: start.clone())
     seen = []
     real = model.decode_and_commit
-    monkeypatch.setattr(model, "decode_and_commit", lambda z, *a: (seen.append(z.clone()), real(z, *a))[1])
-    run(model, [[]], max_new_tokens=4, steps=steps, guidance=s, eos_id=-1)
-    expected = start - 1.0 * (u + s * (c - u))  # dt sums to 1 over the uniform grid
-    assert torch.allclose(seen[0], expected, atol=1e-6)
+    monkeypatch.setattr(model, "decode_and_commit", lambda z, *a, **k: (seen.append(z.clone()), real(z, *a, **k))[1])
+    run(model, [[1, 2, 3, 4], []], max_new_tokens=4, steps=steps, guidance=s, stop_ids=())
+    # dt sums to 1 over the uniform grid
+    assert torch.allclose(seen[0][0], start[0] - 1.0 * (u + s * (c - u)), atol=1e-6)
+    assert torch.allclose(seen[0][1], start[1] - 1.0 * c, atol=1e-6)
 
 
 def test_patch_size_two_cached_equals_uncached(monkeypatch):
@@ -287,10 +306,10 @@ def test_patch_size_two_cached_equals_uncached(monkeypatch):
     model = tiny_model(patch=2)
     logits = capture_latents(monkeypatch)
     prompts = [[3, 4, 5, 6, 7, 8, 9, 10, 11], [7]]
-    out_c, _ = run(model, prompts, max_new_tokens=20, eos_id=-1)
+    out_c, _ = run(model, prompts, max_new_tokens=20, stop_ids=())
     cached = list(logits)
     logits.clear()
-    out_u, _ = run(Uncached(model), prompts, max_new_tokens=20, eos_id=-1)
+    out_u, _ = run(Uncached(model), prompts, max_new_tokens=20, stop_ids=())
     assert out_c == out_u
     assert max(float((a - b).abs().max()) for a, b in zip(cached, logits)) < 1e-4
 
@@ -302,13 +321,13 @@ def test_self_conditioning_reads_the_previous_estimate(monkeypatch):
     hints, vs = [], []
     real = model.guided_velocity
 
-    def spy(z, t_tok, hist_valid, guidance, cache, hint=None):
+    def spy(z, t_tok, hist_valid, guidance, cache, hint=None, **kw):
         hints.append(None if hint is None else hint.clone())
         v = real(z, t_tok, hist_valid, guidance, cache, hint)
         vs.append((z.clone(), t_tok.clone(), v.clone()))
         return v
     monkeypatch.setattr(model, "guided_velocity", spy)
-    run(model, [[]], max_new_tokens=4, steps=3, eos_id=-1)
+    run(model, [[]], max_new_tokens=4, steps=3, stop_ids=())
     assert hints[0] is None
     for i in (1, 2):
         z, t, v = vs[i - 1]

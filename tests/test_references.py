@@ -118,7 +118,7 @@ def test_ddp_accumulation_and_resume(tmp_path, data_dir, root):
     two, one = (load_checkpoint(str(tmp_path / d / "ckpt.pt"))["model"] for d in ("ar", "ar1"))
     for k in one:  # Adam's first step is lr * g / |g|: rounding can flip the sign of a near-zero gradient only
         off = (two[k] - one[k]).abs() > 1e-6
-        assert float(off.float().mean()) < 1e-4, k
+        assert float(off.float().mean()) < 1e-3, k
     # (3) bit-exact resume
     full, part = (load_checkpoint(str(tmp_path / d / "ckpt.pt")) for d in ("full", "part"))
     assert full["step"] == part["step"] == 4
@@ -210,7 +210,7 @@ def test_bf16_joint_step_and_cached_generation(joint_run):
         decoder.choose_tokens = lambda lg, *a, **k: (seen.append(lg.float()), real(lg, *a, **k))[1]
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                decoder.generate(m, [[5, 6, 7, 8, 9], [1, 2]], 8, steps=3, guidance=3.0, eos_id=-1, pad_id=119,
+                decoder.generate(m, [[5, 6, 7, 8, 9], [1, 2]], 8, steps=3, guidance=3.0, stop_ids=(), pad_id=119,
                                  generator=torch.Generator().manual_seed(0))
         finally:
             decoder.choose_tokens = real

@@ -1,0 +1,165 @@
+"""
+What every script shares: its argument parser, whose errors are one line; one check per kind of flag value,
+run before any work; the device and autocast it runs under; and files written so that a crash or a second
+writer never leaves a torn one behind.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+
+import torch
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with every error as one line on stderr ('error: ...') and exit status 2, no usage dump."""
+
+    def error(self, message):
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
+
+
+def fail(message):
+    """End a script with one line on stderr."""
+    sys.exit(f"error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# one check per kind of value: argparse `type=` functions whose message names what is wrong
+
+def int_at_least(low):
+    def check(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    check.__name__ = f"integer >= {low}"
+    return check
+
+
+def float_in(low=-math.inf, high=math.inf, low_open=False, high_open=False):
+    """A finite float in [low, high] (either end open if asked)."""
+    def check(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        below = value <= low if low_open else value < low
+        above = value >= high if high_open else value > high
+        if not math.isfinite(value) or below or above:
+            span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {text}")
+        return value
+    check.__name__ = "number"
+    return check
+
+
+positive_int, nonneg_int = int_at_least(1), int_at_least(0)
+positive_float = float_in(0.0, low_open=True)
+nonneg_float = float_in(0.0)
+unit_float = float_in(0.0, 1.0)
+
+
+def int_list(text):
+    """'8,16,32' -> [8, 16, 32], each >= 1."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must list integers >= 1")
+    return values
+
+
+def float_list(text):
+    """'1,3,7' -> [1.0, 3.0, 7.0], each finite and > 0."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of numbers") from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} must list finite numbers > 0")
+    return values
+
+
+def readable_file(text):
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text} is not a file")
+    if not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text} is not readable")
+    return text
+
+
+def check_writable_dir(path, flag):
+    """Make `path` (a folder) if needed and check that files can be written there; one-line error if not."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"{flag} {path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test.{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"{flag} {path} is not writable ({e.strerror})")
+    return path
+
+
+def check_writable_file(path, flag):
+    """The folder of an output file must be writable; checked before the work that produces it."""
+    check_writable_dir(os.path.dirname(os.path.abspath(path)), flag)
+    if os.path.isdir(path):
+        fail(f"{flag} {path} is a folder, not a file")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# device and precision
+
+def pick_device(name):
+    """'auto' -> cuda when present, else cpu; a device that does not exist here is a one-line error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            fail(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            fail(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        fail(f"--device {name}: only cpu and cuda are supported")
+    return name
+
+
+def autocast(device, dtype):
+    """bf16 autocast on the device's type for dtype 'bfloat16', else nothing."""
+    if dtype != "bfloat16":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------
+# files
+
+def write_atomic(path, write, mode="w"):
+    """write(f) into a temporary file unique to this process, then rename it to path: readers see the old
+    file or the new one, never a torn one, and two writers never share a temporary file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj, indent=2):
+    write_atomic(path, lambda f: json.dump(obj, f, indent=indent))

@@ -1,0 +1,209 @@
+"""
+The authors' released snapshot read into this repo's models (docs/release.md): what ColaDLM.from_pretrained
+uses. The snapshot is the Hugging Face download of ByteDance-Seed/Cola-DLM:
+
+    DIR/cola_vae/config.json  + model.safetensors (or shards listed in model.safetensors.index.json)
+    DIR/cola_dit/config.json  + model.safetensors
+    DIR/tokenizer.json        (or DIR/../tokenizer.json, the release's own hf_models/ layout)
+
+Configs map onto VAEConfig / DiTConfig; a value this code does not implement is refused, naming its key.
+Weights map by name, one released tensor per parameter of ours with the same shape (RELEASE_NAMES), read
+with the safetensors library; a missing, unknown or misshapen tensor is refused, naming its key.
+"""
+import json
+import math
+import os
+import re
+
+import torch
+
+from checkpoint import CheckpointError
+from dit import DiTConfig
+from vae import VAEConfig
+
+
+class SnapshotError(CheckpointError):
+    """A released snapshot this code cannot load; the message is one line meant for the user."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# configs
+
+# release key -> the only value this code implements (the release's own defaults)
+VAE_FIXED = dict(model_type="cola_text_vae", shared_heads_kv=1, encoder_last_ln=True, layer_norm_type="layer_norm",
+                 layer_norm_affine=True, post_norm=True, qk_bias=False, qk_norm=True, qk_norm_affine=True,
+                 clip_qkv=None, bias=True, act="swiglu", causal=False, block_causal=True, use_variation=True,
+                 use_emb=True)
+DIT_FIXED = dict(model_type="cola_dit", qk_bias=False, patch_size=1)
+
+
+def read_config(folder, required, fixed):
+    """config.json of one module, checked: every key in `required` present, every key in `fixed` equal
+    to its value when present. Keys neither names are the library's bookkeeping and are ignored."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise SnapshotError(f"{path} is missing") from None
+    except (OSError, ValueError) as e:
+        raise SnapshotError(f"{path} is not readable JSON ({type(e).__name__})") from None
+    if not isinstance(cfg, dict):
+        raise SnapshotError(f"{path} is not a JSON object")
+    for key in required:
+        if key not in cfg:
+            raise SnapshotError(f"{path}: key {key!r} is missing")
+        if not isinstance(cfg[key], (int, float)) or isinstance(cfg[key], bool) or cfg[key] <= 0:
+            raise SnapshotError(f"{path}: {key} = {cfg[key]!r} must be a positive number")
+    for key, want in fixed.items():
+        if key in cfg and cfg[key] != want:
+            raise SnapshotError(f"{path}: {key} = {cfg[key]!r} is not supported (this code implements {want!r})")
+    return cfg
+
+
+def vae_config(folder):
+    """VAEConfig and the latent normalisation (shift, scale) of the release's cola_vae/config.json."""
+    c = read_config(folder, ("vocab_size", "encoder_num_blocks", "decoder_num_blocks", "dim", "ffn_dim", "latent_dim",
+                             "patch_size", "num_heads", "block_size", "rope_theta", "layer_norm_eps"), VAE_FIXED)
+    where = os.path.join(folder, "config.json")
+    if c["dim"] % c["num_heads"] or c["ffn_dim"] % 2:
+        raise SnapshotError(f"{where}: dim must be a multiple of num_heads and ffn_dim even")
+    cfg = VAEConfig(vocab_size=c["vocab_size"], latent_dim=c["latent_dim"], width=c["dim"],
+                    n_enc_layers=c["encoder_num_blocks"], n_dec_layers=c["decoder_num_blocks"], n_heads=c["num_heads"],
+                    mlp_hidden=c["ffn_dim"] // 2, block_size=c["block_size"], patch_size=c["patch_size"],
+                    max_seq_len=1 << 16, rope_theta=float(c["rope_theta"]), norm_eps=float(c["layer_norm_eps"]))
+    return cfg, float(c.get("shifting_factor", 0.0)), float(c.get("scaling_factor", 1.0))
+
+
+def dit_config(folder, vae_cfg):
+    """DiTConfig of the release's cola_dit/config.json, on the VAE's latents."""
+    c = read_config(folder, ("txt_in_channels", "txt_out_channels", "txt_dim", "emb_dim", "heads", "head_dim",
+                             "expand_ratio", "num_layers", "norm_eps", "rope_dim", "block_size"), DIT_FIXED)
+    where = os.path.join(folder, "config.json")
+    checks = [("txt_in_channels", c["txt_in_channels"] == vae_cfg.latent_dim, "the VAE's latent_dim"),
+              ("txt_out_channels", c["txt_out_channels"] == vae_cfg.latent_dim, "the VAE's latent_dim"),
+              ("emb_dim", c["emb_dim"] == c["txt_dim"], "txt_dim"),
+              ("head_dim", c["heads"] * c["head_dim"] == c["txt_dim"], "txt_dim / heads"),
+              ("rope_dim", c["rope_dim"] % 2 == 0 and c["rope_dim"] <= c["head_dim"], "even and <= head_dim"),
+              ("block_size", c["block_size"] % vae_cfg.block_size == 0, "a multiple of the VAE's block_size")]
+    for key, ok, want in checks:
+        if not ok:
+            raise SnapshotError(f"{where}: {key} = {c[key]!r} must be {want}")
+    return DiTConfig(latent_dim=vae_cfg.latent_dim, width=c["txt_dim"], n_layers=c["num_layers"], n_heads=c["heads"],
+                     mlp_hidden=c["expand_ratio"] * c["txt_dim"], block_size=c["block_size"],
+                     rope_fraction=c["rope_dim"] / c["head_dim"], norm_eps=float(c["norm_eps"]), adaln_zero=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# weights
+
+# (ours, the release's): regexes over parameter names, {i} a block index; every parameter of ours has one
+VAE_BLOCK = [(r"attn\.qkv", "qkv_proj"), (r"attn\.q_norm", "q_norm"), (r"attn\.k_norm", "k_norm"),
+             (r"attn\.proj", "attn_out_proj"), (r"ln_attn", "norm_attn"), (r"mlp\.proj", "ffn_proj"),
+             (r"mlp\.out", "ffn_out"), (r"ln_mlp", "norm_ffn")]
+RELEASE_NAMES = (
+    [(r"vae\.enc\.embed", "encoder.wte"), (r"vae\.enc\.patch", "encoder.patch_embedder"),
+     (r"vae\.enc\.to_latent", "encoder.final_layer"), (r"vae\.dec\.from_latent", "decoder.in_layer"),
+     (r"vae\.dec\.unpatch", "decoder.unpatch_layer"), (r"vae\.dec\.ln_f", "decoder.final_norm"),
+     (r"vae\.dec\.head", "decoder.final_layer")]
+    + [(rf"vae\.{ours_part}\.blocks\.(\d+)\.{a}", rf"{theirs_part}.blocks.\1.{b}")
+       for ours_part, theirs_part in (("enc", "encoder"), ("dec", "decoder")) for a, b in VAE_BLOCK]
+    + [(r"dit\.inp", "txt_in.proj"), (r"dit\.t_embed\.mlp\.0", "emb_in.proj_in"), (r"dit\.t_embed\.mlp\.2", "emb_in.proj_hid"),
+       (r"dit\.t_embed\.mlp\.4", "emb_in.proj_out"), (r"dit\.final\.ln", "txt_out_norm"),
+       (r"dit\.final\.ada", "txt_out_ada.out_in.1"), (r"dit\.final\.out", "txt_out.proj")]
+    + [(rf"dit\.blocks\.(\d+)\.{a}", rf"blocks.\1.{b}") for a, b in (
+        (r"attn\.qkv", "msa.proj_qkv"), (r"attn\.proj", "msa.proj_out"), (r"attn\.q_norm", "msa.norm_q"),
+        (r"attn\.k_norm", "msa.norm_k"), (r"mlp\.0", "mlp.proj_in"), (r"mlp\.2", "mlp.proj_out"),
+        (r"ada_attn", "ada.msa_in.1"), (r"gate_attn", "ada.msa_out.1"), (r"ada_mlp", "ada.mlp_in.1"),
+        (r"gate_mlp", "ada.mlp_out.1"))])
+ROPE_BUFFER = re.compile(r"blocks\.\d+\.msa\.rope\.rope\.freqs")  # the release's RoPE frequencies, recomputed here
+
+
+def release_name(name):
+    """The released tensor name of one of our parameters ('vae.enc.embed.weight' -> 'encoder.wte.weight')."""
+    for ours, theirs in RELEASE_NAMES:
+        m = re.fullmatch(ours + r"\.(weight|bias)", name)
+        if m:
+            return m.expand(theirs + r".\g<%d>" % (m.re.groups))
+    raise KeyError(name)
+
+
+def safetensors_files(folder):
+    """{tensor name: file} of a module's safetensors weights, one file or the shards of an index."""
+    from safetensors import safe_open
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise SnapshotError(f"{index} is not a readable shard index ({type(e).__name__})") from None
+        return {k: os.path.join(folder, v) for k, v in weight_map.items()}
+    path = os.path.join(folder, "model.safetensors")
+    if not os.path.exists(path):
+        raise SnapshotError(f"{path} is missing (nor is there a model.safetensors.index.json)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: path for k in f.keys()}
+    except Exception as e:
+        raise SnapshotError(f"{path} is not a readable safetensors file ({type(e).__name__})") from None
+
+
+def load_weights(model, folder, prefix):
+    """Copy a module's released tensors into model's parameters named `prefix`..., checking names and shapes."""
+    from safetensors import safe_open
+    files = safetensors_files(folder)
+    params = {k: p for k, p in model.named_parameters() if k.startswith(prefix)}
+    wanted = {release_name(k): k for k in params}
+    for name in files:
+        if name not in wanted and not (prefix == "dit." and ROPE_BUFFER.fullmatch(name)):
+            raise SnapshotError(f"{folder}: unknown tensor {name!r} in the snapshot")
+    for theirs, ours in wanted.items():
+        if theirs not in files:
+            raise SnapshotError(f"{folder}: tensor {theirs!r} is missing from the snapshot")
+        try:
+            with safe_open(files[theirs], framework="pt") as f:
+                t = f.get_tensor(theirs)
+        except Exception as e:
+            raise SnapshotError(f"{files[theirs]}: cannot read tensor {theirs!r} ({type(e).__name__})") from None
+        if tuple(t.shape) != tuple(params[ours].shape):
+            raise SnapshotError(f"{folder}: tensor {theirs!r} has shape {tuple(t.shape)}, the config makes it "
+                                f"{tuple(params[ours].shape)}")
+        with torch.no_grad():
+            params[ours].copy_(t.to(params[ours].dtype))
+        if not torch.isfinite(params[ours]).all():
+            raise SnapshotError(f"{folder}: tensor {theirs!r} holds NaN or Inf")
+
+
+def snapshot_folders(path):
+    """(cola_vae folder, cola_dit folder, tokenizer.json) of a snapshot directory."""
+    if not os.path.isdir(path):
+        raise SnapshotError(f"{path} is not a directory (a released snapshot holds cola_vae/ and cola_dit/)")
+    folders = [os.path.join(path, "cola_vae"), os.path.join(path, "cola_dit")]
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise SnapshotError(f"{folder} is missing: {path} is not a released Cola DLM snapshot")
+    tokenizer = [p for p in (os.path.join(path, "tokenizer.json"), os.path.join(path, os.pardir, "tokenizer.json"))
+                 if os.path.exists(p)]
+    if not tokenizer:
+        raise SnapshotError(f"{os.path.join(path, 'tokenizer.json')} is missing")
+    return folders[0], folders[1], os.path.normpath(tokenizer[0])
+
+
+def check_rope_buffer(folder, cfg):
+    """The release stores its DiT's RoPE frequencies; they must be the ones this code computes."""
+    from safetensors import safe_open
+    files = safetensors_files(folder)
+    rot = round(cfg.rope_fraction * cfg.width / cfg.n_heads)
+    want = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2).float() / rot))
+    for name, path in files.items():
+        if ROPE_BUFFER.fullmatch(name):
+            with safe_open(path, framework="pt") as f:
+                got = f.get_tensor(name).float()
+            if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=0):
+                raise SnapshotError(f"{folder}: {name!r} holds RoPE frequencies other than theta "
+                                    f"{cfg.rope_theta:g} over {rot} channels")
+
+
+def latent_norm_ok(shift, scale):
+    return math.isfinite(shift) and math.isfinite(scale) and scale != 0
