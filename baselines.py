@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoint import build, load_weights
 from layers import Block, attention_flops, block_causal_mask, init_weights, matmul_params, n_params, scale_residual_init
 
 
@@ -49,8 +50,8 @@ class TransformerLM(nn.Module):
     @classmethod
     def from_checkpoint(cls, ckpt):
         """The model of a baseline checkpoint dict (checkpoint.load_checkpoint)."""
-        model = cls(LMConfig(**ckpt["lm_config"]))
-        model.load_state_dict(ckpt["model"])
+        model = cls(build(LMConfig, ckpt["lm_config"], ckpt))
+        load_weights(model, ckpt["model"], ckpt)
         return model
 
     def train_flops_per_token(self, seq_len):

@@ -1,6 +1,6 @@
 """
 Speed figures, printed as tables; asserts nothing. Weights are random (speed does not depend on them),
-the sizes are a preset's, as `train.py --dry_run` reports them.
+the sizes are a preset's (presets.py builds the configs, as train.py does).
 
     python bench.py                                    # generation: Cola (8, 16 steps), AR, LLaDA at batch 1 and 32
     python bench.py --batches 1,8 --new_tokens 128 --preset cpu
@@ -13,43 +13,27 @@ tokens/s, and model FLOP utilisation by two conventions: the repo's (layers.py: 
 position each network runs on, plus attention) and 6 N (N: all parameters but embeddings).
 """
 import argparse
-import contextlib
-import json
-import os
-import subprocess
-import sys
 import time
 
 import torch
 
 from baselines import LMConfig, TransformerLM
+from cli import Parser, autocast, int_list, nonneg_float, pick_device, positive_float, positive_int
 from decoder import ar_generate, generate, llada_generate
 from diffusion import ColaDLM
 from dit import DiTConfig
 from layers import n_params
-from prepare import REPO_DIR
+from presets import PRESETS, dry_run
+from presets import get_args as train_args
 from vae import VAEConfig
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 
 
 def preset_configs(preset, vocab_size, extra=()):
-    """The model configs train.py builds for a preset (its --dry_run), for Cola, AR and LLaDA."""
-    base = [sys.executable, os.path.join(REPO_DIR, "train.py"), "--dry_run", "--preset", preset, *extra]
-    out = {}
-    for model in ("cola", "ar", "llada"):
-        r = subprocess.run(base + ["--model", model], capture_output=True, text=True, cwd=REPO_DIR)
-        if r.returncode:
-            sys.exit(f"error: train.py --dry_run failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-        out[model] = json.loads(r.stdout.strip().splitlines()[-1])
-    for cfg in [out["cola"]["vae_config"], out["ar"]["lm_config"], out["llada"]["lm_config"]]:
-        cfg["vocab_size"] = vocab_size
-    return out
-
-
-def autocast(dtype, device):
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == "bfloat16" \
-        else contextlib.nullcontext()
+    """The model configs train.py builds for a preset, for Cola, AR and LLaDA (presets.dry_run)."""
+    return {model: dry_run(train_args(["--preset", preset, "--model", model, *extra]), vocab_size)
+            for model in ("cola", "ar", "llada")}
 
 
 def timed(fn, device, repeats):
@@ -74,13 +58,13 @@ def bench_generation(args, cfgs, device):
     for m in (ar, llada):
         m.cfg.max_seq_len = max(m.cfg.max_seq_len, need)
     cola, ar, llada = (m.to(device).eval() for m in (cola, ar, llada))
-    amp = autocast(args.dtype, device)
+    amp = autocast(device, args.dtype)
     g = torch.Generator(device=device).manual_seed(0)
     print(f"device {device}, {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens per sample; "
           f"params: Cola {(n_params(cola.vae) + n_params(cola.dit)) / 1e6:.1f}M, AR {n_params(ar) / 1e6:.1f}M, "
           f"LLaDA {n_params(llada) / 1e6:.1f}M")
     print("| model | batch | passes / token | tok/s |\n|---|---|---|---|")
-    for batch in [int(b) for b in args.batches.split(",")]:
+    for batch in args.batches:
         prompts = [torch.randint(0, 50000, (args.prompt_len,), generator=torch.Generator().manual_seed(i)).tolist()
                    for i in range(batch)]
         runs = [(f"Cola, {s} steps", lambda s=s: generate(cola, prompts, args.new_tokens, s, args.guidance, stop_ids=(),
@@ -100,7 +84,7 @@ def bench_training(args, cfgs, device):
     """One optimizer step of each stage, the baselines too, at --batch_size x --seq_len tokens."""
     vcfg, dcfg = VAEConfig(**cfgs["cola"]["vae_config"]), DiTConfig(**cfgs["cola"]["dit_config"])
     B, L = args.batch_size, args.seq_len
-    amp = autocast(args.dtype, device)
+    amp = autocast(device, args.dtype)
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.startswith("cuda")
                                      and k in torch.cuda.get_device_name()), 0.0)
     print(f"device {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}), {args.dtype}, "
@@ -139,24 +123,24 @@ def bench_training(args, cfgs, device):
               f"{six_n:.2f} | {mfu(six_n)} |", flush=True)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", action="store_true", help="time training steps instead of generation")
-    p.add_argument("--preset", default="cpu", help="train.py size preset")
-    p.add_argument("--vocab_size", type=int, default=50257, help="vocabulary (the paper's: 100278)")
-    p.add_argument("--batches", default="1,32", help="generation: comma list of batch sizes")
-    p.add_argument("--guidance", type=float, default=7.0, help="generation: Cola's guidance (1 skips the unconditional half)")
-    p.add_argument("--prompt_len", type=int, default=16, help="generation: prompt tokens")
-    p.add_argument("--new_tokens", type=int, default=64, help="generation: tokens per sample")
-    p.add_argument("--batch_size", type=int, default=8, help="training: sequences per step")
-    p.add_argument("--seq_len", type=int, default=512, help="training: tokens per sequence")
+    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="train.py size preset")
+    p.add_argument("--vocab_size", type=positive_int, default=50257, help="vocabulary (the paper's: 100278)")
+    p.add_argument("--batches", type=int_list, default=[1, 32], help="generation: comma list of batch sizes")
+    p.add_argument("--guidance", type=positive_float, default=7.0, help="generation: Cola's guidance (1 skips the unconditional half)")
+    p.add_argument("--prompt_len", type=positive_int, default=16, help="generation: prompt tokens")
+    p.add_argument("--new_tokens", type=positive_int, default=64, help="generation: tokens per sample")
+    p.add_argument("--batch_size", type=positive_int, default=8, help="training: sequences per step")
+    p.add_argument("--seq_len", type=positive_int, default=512, help="training: tokens per sequence")
     p.add_argument("--compile", action="store_true", help="training: torch.compile the models")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="autocast dtype")
-    p.add_argument("--peak_tflops", type=float, default=0.0, help="the device's peak for MFU (default: known GPUs)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (best is reported)")
+    p.add_argument("--peak_tflops", type=nonneg_float, default=0.0, help="the device's peak for MFU (default: known GPUs)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed repetitions (best is reported)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    args = p.parse_args()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
     cfgs = preset_configs(args.preset, args.vocab_size, ["--seq_len", str(args.seq_len)] if args.train else [])
     (bench_training if args.train else bench_generation)(args, cfgs, device)
 

@@ -8,8 +8,9 @@ anything that needs pickled Python objects is refused with a one-line error.
 """
 import os
 
-import numpy as np
 import torch
+
+from cli import write_atomic
 
 
 class CheckpointError(ValueError):
@@ -17,16 +18,10 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path, obj):
-    """Write to a temporary file, then rename: a crash never leaves a truncated checkpoint behind, and an
-    error while writing leaves the previous checkpoint as it was."""
+    """Write to a temporary file of this process, then rename: a crash never leaves a truncated checkpoint
+    behind, an error while writing leaves the previous checkpoint as it was, and two writers never mix."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, lambda f: torch.save(obj, f), mode="wb")
 
 
 def load_checkpoint(path, kinds=None):
@@ -44,18 +39,37 @@ def load_checkpoint(path, kinds=None):
         raise CheckpointError(f"{path} is not a checkpoint of this project")
     if kinds is not None and ckpt["kind"] not in kinds:
         raise CheckpointError(f"{path} holds a '{ckpt['kind']}' model, expected {' or '.join(kinds)}")
+    ckpt["path"] = path  # for messages; not saved
     return ckpt
 
 
+def build(cls, cfg_fields, ckpt):
+    """cls(**fields) of a config stored in a checkpoint; fields this code does not know are one line."""
+    try:
+        return cls(**cfg_fields)
+    except TypeError as e:
+        raise CheckpointError(f"{ckpt.get('path', 'the checkpoint')}: its {cls.__name__} does not fit this code ({e})") from None
+
+
+def load_weights(model, state, ckpt):
+    """model.load_state_dict(state), refusing in one line weights that do not fit the config or are not finite."""
+    path = ckpt.get("path", "the checkpoint")
+    for name, t in state.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or Inf")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise CheckpointError(f"{path}: its weights do not fit its config ({lines[1] if len(lines) > 1 else lines[0]})") from None
+
+
 # ----------------------------------------------------------------------------------------------------
-# random state as tensors (numpy's Mersenne Twister state is a tuple holding an array)
+# random state (training draws from torch's generators only)
 
 def rng_state():
-    """This process's random streams: torch CPU, numpy, and CUDA when present."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    s = {"torch": torch.get_rng_state(),
-         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                   "gauss": float(gauss)}}
+    """This process's random streams: torch CPU, and CUDA when present."""
+    s = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
@@ -63,7 +77,5 @@ def rng_state():
 
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
-    n = s["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])

@@ -145,6 +145,14 @@ def autocast(device, dtype):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 # ----------------------------------------------------------------------------------------------------
 # files
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import release
+from checkpoint import CheckpointError, build, load_weights
 from dit import DiT, DiTConfig
 from layers import KVCache, attention_flops, block_causal_mask, cola_mask, matmul_params, with_key_padding
 from vae import TextVAE, VAEConfig, gaussian_kl, vae_logsnr
@@ -196,9 +197,13 @@ class ColaDLM(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt):
-        """The model of a stage-2 checkpoint dict (checkpoint.load_checkpoint)."""
-        model = cls(VAEConfig(**ckpt["vae_config"]), DiTConfig(**ckpt["dit_config"]))
-        model.load_state_dict(ckpt["model"])
+        """The model of a stage-2 checkpoint dict (checkpoint.load_checkpoint); a config or weights that do
+        not fit this code are a one-line CheckpointError."""
+        vae_cfg, dit_cfg = build(VAEConfig, ckpt["vae_config"], ckpt), build(DiTConfig, ckpt["dit_config"], ckpt)
+        if vae_cfg.latent_dim != dit_cfg.latent_dim or dit_cfg.block_size % vae_cfg.block_size:
+            raise CheckpointError(f"{ckpt.get('path')}: its VAE and DiT configs do not fit together")
+        model = cls(vae_cfg, dit_cfg)
+        load_weights(model, ckpt["model"], ckpt)
         return model
 
     @classmethod

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cli import Parser, check_writable_dir, write_json
+
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))  # default paths of every script start here
 DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "data", "shakespeare")
 DEFAULT_CORPUS = os.path.join(REPO_DIR, "data", "shakespeare_tiny.txt")
@@ -83,7 +85,7 @@ def get_tokenizer(name="gpt2"):
             raise DataError(f"tokenizer cl100k_base cannot be loaded here ({type(e).__name__}); "
                             "it needs tiktoken's download or a TIKTOKEN_CACHE_DIR holding it") from None
     else:
-        raise DataError(f"unknown tokenizer {name!r} (choose gpt2 or cl100k_base)")
+        raise DataError(f"unknown tokenizer {name!r} (choose gpt2, cl100k_base or a tokenizer.json path)")
     _ENCODERS[name] = enc
     return enc
 
@@ -91,6 +93,14 @@ def get_tokenizer(name="gpt2"):
 def eot_id(enc):
     """The <|endoftext|> id: EOS and pad (docs/method.md §2)."""
     return enc.eot_token
+
+
+def same_tokenizer(a, b):
+    """Whether two tokenizer names (gpt2, cl100k_base, or a tokenizer.json path) are the same tokenizer."""
+    if a == b:
+        return True
+    files = [x for x in (a, b) if x.endswith(".json") and os.path.isfile(x)]
+    return len(files) == 2 and sha256_of(a) == sha256_of(b)
 
 
 def byte_alphabet():
@@ -397,36 +407,60 @@ def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64,
     meta = dict(tokenizer=tokenizer, vocab_size=enc.n_vocab, eot_id=eot_id(enc), dtype=np.dtype(dtype).name, split=split,
                 train_tokens=int(n_train), val_tokens=int(n_val), chunk=chunk, shards={s: w.shards for s, w in writers.items()},
                 source=os.path.abspath(input_path), source_sha256=hasher.hexdigest())
-    with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
+    write_json(os.path.join(out_dir, "meta.json"), meta)
     return meta
 
 
 def load_meta(data_dir):
+    """meta.json of a prepared directory, checked for the fields TokenData reads."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
         raise DataError(f"{path} not found: run `python prepare.py` (or --input FILE --out_dir {data_dir}) first")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        np.dtype(meta["dtype"])
+        assert isinstance(meta["vocab_size"], int) and isinstance(meta["tokenizer"], str)
+        for split in ("train", "val"):
+            assert isinstance(meta[f"{split}_tokens"], int)
+            assert all(isinstance(s["file"], str) and isinstance(s["tokens"], int) for s in meta["shards"][split])
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        raise DataError(f"{path} is not a valid meta.json ({type(e).__name__}); prepare the data again") from None
+    return meta
+
+
+def open_shard(data_dir, shard, dtype, vocab_size):
+    """A shard as a memmap, checked against meta.json: its size, and every id below the vocabulary."""
+    path = os.path.join(data_dir, shard["file"])
+    if not os.path.exists(path):
+        raise DataError(f"{path} not found: run prepare.py")
+    size, want = os.path.getsize(path), shard["tokens"] * dtype.itemsize
+    if size != want:
+        raise DataError(f"{path} holds {size} bytes, meta.json says {shard['tokens']} tokens ({want} bytes): "
+                        "truncated or changed; prepare the data again")
+    if size == 0:
+        raise DataError(f"{path} is empty; prepare the data again")
+    arr = np.memmap(path, dtype=dtype, mode="r")
+    top = max(int(arr[i:i + (1 << 24)].max()) for i in range(0, len(arr), 1 << 24))
+    if top >= vocab_size:
+        raise DataError(f"{path} holds token id {top}, outside the vocabulary of {vocab_size}")
+    return arr
 
 
 class TokenData:
     """Random windows of seq_len tokens from the memmapped shards of a prepared directory. Memory stays
-    bounded: shards are memmaps, and a window never crosses a shard boundary."""
+    bounded: shards are memmaps, and a window never crosses a shard boundary. Opening checks every shard
+    against meta.json (sizes, token counts, ids below the vocabulary)."""
 
     def __init__(self, data_dir, seq_len):
         self.meta = load_meta(data_dir)
         dtype = np.dtype(self.meta["dtype"])
         self.seq_len, self.shards, self.starts = seq_len, {}, {}
         for split in ("train", "val"):
-            files = [s["file"] for s in self.meta["shards"][split]] if "shards" in self.meta else [f"{split}.bin"]
-            arrs = []
-            for name in files:
-                path = os.path.join(data_dir, name)
-                if not os.path.exists(path):
-                    raise DataError(f"{path} not found: run prepare.py")
-                arrs.append(np.memmap(path, dtype=dtype, mode="r"))
+            shards = self.meta["shards"][split]
+            if sum(s["tokens"] for s in shards) != self.meta[f"{split}_tokens"]:
+                raise DataError(f"{data_dir}/meta.json: the {split} shards do not add up to {split}_tokens")
+            arrs = [open_shard(data_dir, s, dtype, self.meta["vocab_size"]) for s in shards]
             counts = [max(0, len(a) - seq_len + 1) for a in arrs]  # window starts per shard
             if sum(counts) == 0:
                 raise DataError(f"the {split} split of {data_dir} has no shard of {seq_len} tokens; "
@@ -461,11 +495,12 @@ def batch_seed(base, index, step):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", default=DEFAULT_CORPUS,
                    help="a UTF-8 text file, a folder of .txt files, or JSONL with a 'text' field (default: Shakespeare)")
     p.add_argument("--out_dir", default=DEFAULT_DATA_DIR, help="where the shards and meta.json go")
-    p.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "cl100k_base"], help="tiktoken encoding")
+    p.add_argument("--tokenizer", default="gpt2",
+                   help="gpt2 (vendored), cl100k_base, or a released model's tokenizer.json")
     p.add_argument("--val_fraction", type=float, default=0.1, help="fraction of tokens held out")
     p.add_argument("--split", default="chunks", choices=["chunks", "tail"],
                    help="chunks: every k-th 2048-token chunk is validation; tail: the end of the file (nanoGPT)")
@@ -474,8 +509,11 @@ def main(argv=None):
     p.add_argument("--block_bytes", type=int, default=8 << 20, help="input read (and held) at a time, in bytes")
     p.add_argument("--shard_tokens", type=int, default=1 << 28, help="tokens per shard file")
     a = p.parse_args(argv)
-    if min(a.workers, a.block_bytes, a.shard_tokens) < 1:
-        p.error("--workers, --block_bytes and --shard_tokens must be >= 1")
+    if min(a.workers, a.block_bytes, a.min_seq_len) < 1:
+        p.error("--workers, --block_bytes and --min_seq_len must be >= 1")
+    if a.shard_tokens < max(a.min_seq_len, 1024):
+        p.error(f"--shard_tokens must be >= {max(a.min_seq_len, 1024)} (a training window never crosses a shard)")
+    check_writable_dir(a.out_dir, "--out_dir")
     try:
         meta = prepare(a.input, a.out_dir, a.tokenizer, a.val_fraction, a.min_seq_len, a.split, a.workers,
                        a.block_bytes, a.shard_tokens)

@@ -16,7 +16,7 @@ The comparison studies, each scored by eval.py against one fixed judge:
 
 Level 1 is the default Cola run (--vae_iters + --main_iters steps of train.py); level x scales both
 stages' steps by x. Each baseline gets the number of steps that matches its Cola run's training FLOPs
-(`train.py --dry_run` reports FLOPs per step by layers.py's convention, on the meta device, before anything
+(presets.dry_run reports FLOPs per step by layers.py's convention, on the meta device, before anything
 trains). The judge of every run's sample perplexity is --judge (default: an AR model trained once per
 corpus by `python train.py --model ar --out_dir out_judge --main_iters 3000`, trained here first if it is
 missing). Finished runs are kept: running
@@ -32,7 +32,10 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import presets
+from cli import Parser, positive_int, pyplot
 from prepare import REPO_DIR
+from presets import get_args as train_args
 
 MODELS = ("cola", "ar", "llada")
 COLUMNS = [  # (header, eval.json key, format)
@@ -47,14 +50,14 @@ COLUMNS = [  # (header, eval.json key, format)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--levels", default="0.25,0.5,1", help="comma list of compute levels (1 = the default Cola run)")
     p.add_argument("--out_root", default=os.path.join(REPO_DIR, "out_scaling"), help="one run directory per model and level")
     p.add_argument("--judge", default=os.path.join(REPO_DIR, "out_judge", "ckpt.pt"),
                    help="AR checkpoint that judges every run's samples (trained with --judge_iters steps if missing)")
-    p.add_argument("--judge_iters", type=int, default=3000, help="steps of the judge, when it has to be trained")
+    p.add_argument("--judge_iters", type=positive_int, default=3000, help="steps of the judge, when it has to be trained")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (passed to train.py and eval.py)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time (1 on a CPU; several fit one GPU)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="runs at a time (1 on a CPU; several fit one GPU)")
     p.add_argument("--train_args", default="", help="extra train.py flags for every run, e.g. --train_args='--no-compile' (note the =)")
     p.add_argument("--eval_args", default="", help="extra eval.py flags for every run, e.g. --eval_args='--builtin_n 64'")
     p.add_argument("--tasks", nargs="*", default=[], help="JSONL task files eval.py scores for every run")
@@ -79,11 +82,11 @@ def get_args(argv=None):
 
 
 def dry_run(flags):
-    """train.py's configs, parameters and FLOPs per step for these flags (built on the meta device)."""
-    out = subprocess.run([sys.executable, "train.py", "--dry_run", *flags], capture_output=True, text=True, cwd=REPO_DIR)
-    if out.returncode:
-        raise RuntimeError(f"train.py --dry_run {' '.join(flags)} failed: {out.stderr.strip().splitlines()[-1:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """train.py's configs, parameters and FLOPs per step for these flags (presets.dry_run, on the meta
+    device), at the vocabulary of the data they name."""
+    args = train_args(flags)
+    meta = os.path.join(args.data_dir, "meta.json")
+    return presets.dry_run(args, json.load(open(meta))["vocab_size"] if os.path.exists(meta) else 50257)
 
 
 def plan(a):
@@ -175,8 +178,10 @@ def train_one(a, r):
             shutil.copy(os.path.join(a.out_root, stage1, "vae.pt"), os.path.join(run_dir, "vae.pt"))
             flags = ["--stage", "joint", *flags]
     t0 = time.time()
-    # the level's flags come last: they win over the same flags in --train_args
-    run([sys.executable, "train.py", *a.train_args.split(), "--out_dir", run_dir, "--device", a.device, *flags],
+    # the level's flags come last: they win over the same flags in --train_args; a run left unfinished
+    # (no ckpt.pt) starts again from scratch
+    run([sys.executable, "train.py", *a.train_args.split(), "--out_dir", run_dir, "--device", a.device, "--overwrite",
+         *flags],
         os.path.join(run_dir, "train.log"))
     print(f"[scaling] trained {model} ({level}) in {time.time() - t0:.0f} s", flush=True)
 
@@ -198,9 +203,7 @@ def eval_one(a, r, judge):
 
 def plot_scaling(rows, metric, path):
     """metric vs training FLOPs, one series per model kind."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for kind in sorted({r["kind"] for r in rows}):
         pts = sorted((r["train_flops"], r[metric]) for r in rows if r["kind"] == kind and r.get(metric) is not None)
@@ -242,7 +245,7 @@ def train_and_evaluate(a, runs):
         print(f"[scaling] training the judge {judge} ({a.judge_iters} AR steps)", flush=True)
         out = os.path.dirname(os.path.abspath(judge))
         os.makedirs(out, exist_ok=True)
-        run([sys.executable, "train.py", *a.train_args.split(), "--model", "ar", "--out_dir", out,
+        run([sys.executable, "train.py", *a.train_args.split(), "--model", "ar", "--out_dir", out, "--overwrite",
              "--main_iters", str(a.judge_iters), "--eval_interval", str(a.judge_iters), "--device", a.device],
             os.path.join(out, "train.log"))
     with ThreadPoolExecutor(a.jobs) as ex:

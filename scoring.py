@@ -205,23 +205,28 @@ def parse_task(obj, name, where):
 
 def read_tasks(path):
     """Parse and check a JSONL task file -> (task name, [task]); a bad line raises TaskError with its number."""
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise TaskError(f"task file {path} not found")
     name = os.path.splitext(os.path.basename(path))[0]
     tasks = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            task = parse_task(obj, name, f"{path}:{n}")
-            task["id"] = len(tasks) if task["id"] is None else task["id"]
-            if "generate" in obj:
-                task["generate"] = str(obj["generate"])
-            tasks.append(task)
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except UnicodeDecodeError as e:
+        raise TaskError(f"task file {path} is not UTF-8 text (bad byte at offset {e.start})") from None
+    except OSError as e:
+        raise TaskError(f"task file {path} cannot be read ({e.strerror})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        task = parse_task(obj, name, f"{path}:{n}")
+        task["id"] = len(tasks) if task["id"] is None else task["id"]
+        if "generate" in obj:
+            task["generate"] = str(obj["generate"])
+        tasks.append(task)
     if not tasks:
         raise TaskError(f"task file {path} holds no task")
     return name, tasks

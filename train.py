@@ -11,7 +11,6 @@ The file reads top to bottom: arguments and presets, set-up, stage 1, stage 2, t
 one training loop they share. Checkpoints are self-describing (model configs, args, step, optimizer,
 every rank's random state) and written atomically; --resume continues a run where it stopped.
 """
-import argparse
 import contextlib
 import gc
 import json
@@ -25,140 +24,21 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from baselines import LMConfig, TransformerLM, matched_lm_config
-from checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from baselines import LMConfig, TransformerLM
+from checkpoint import CheckpointError, build, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
+from cli import check_writable_dir, fail, pick_device, write_atomic
 from diffusion import ColaDLM, history_metrics, t_bin_line
-from dit import DiTConfig
 from layers import n_params
-from prepare import DEFAULT_DATA_DIR, REPO_DIR, DataError, TokenData, batch_seed
-from presets import PRESETS, RECIPE
+from prepare import DataError, TokenData, batch_seed
+from presets import dit_config, dry_run, get_args, lm_config, vae_config
 from vae import TextVAE, VAEConfig
-
-# ----------------------------------------------------------------------------------------------------
-# arguments (the presets they start from are in presets.py)
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = p.add_argument
-    # what to train
-    add("--model", default="cola", choices=["cola", "ar", "llada"], help="Cola DLM or a baseline")
-    add("--stage", default="all", choices=["vae", "joint", "all"], help="Cola training stage")
-    add("--preset", default="cpu", choices=list(PRESETS), help="model size preset")
-    add("--data_dir", default=DEFAULT_DATA_DIR, help="prepared data (prepare.py)")
-    add("--out_dir", default=os.path.join(REPO_DIR, "out"), help="checkpoints and logs go here")
-    add("--resume", action="store_true", help="continue from the stage's checkpoint in --out_dir")
-    add("--dry_run", action="store_true", help="print configs, parameters, FLOPs per step; exit")
-    # the models (override the preset)
-    add("--latent_dim", type=int, default=16, help="d: channels per latent")
-    add("--block_size", type=int, default=16, help="latents per block (VAE and DiT attention)")
-    add("--patch_size", type=int, default=1, help="tokens per latent")
-    add("--vae_width", type=int, default=None, help="VAE width (default: preset)")
-    add("--vae_layers", type=int, default=None, help="encoder and decoder blocks each (default: preset)")
-    add("--dit_width", type=int, default=None, help="DiT width (default: preset)")
-    add("--dit_layers", type=int, default=None, help="DiT blocks (default: preset)")
-    add("--rope_fraction", type=float, default=None, help="share of DiT head channels RoPE rotates")
-    add("--lm_width", type=int, default=None, help="baseline width (default: the preset's VAE width)")
-    add("--lm_layers", type=int, default=0, help="baseline blocks (0: as many as match Cola's parameters)")
-    add("--dropout", type=float, default=0.0, help="dropout in every transformer block")
-    add("--fixed_logsnr", type=float, default=0.0, help=">0: fixed posterior variance at this logSNR")
-    # the losses
-    add("--beta", type=float, default=None, help="KL / entropy weight (paper 1e-3)")
-    add("--mask_prob", type=float, default=0.15, help="fraction of tokens replaced by [MASK] in the BERT branch")
-    add("--lam_mask", type=float, default=1.0, help="weight of the BERT-style masked branch (0: off)")
-    add("--vae_lr_ratio", type=float, default=1.0, help="VAE lr / DiT lr in stage 2 (0 freezes the VAE)")
-    add("--lam_vae", type=float, default=1.0, help="weight of the VAE terms in stage 2")
-    add("--lam_fm", type=float, default=1.0, help="weight of the flow-matching loss")
-    add("--lam_ref", type=float, default=1.0, help="weight of KL(q || q_ref) to the frozen stage-1 encoder")
-    add("--t_loc", type=float, default=1.0, help="logit-normal location of t (paper: 1.0 at d=16)")
-    add("--t_scale", type=float, default=1.0, help="logit-normal scale of t")
-    add("--t_uniform", action="store_true", help="sample t uniformly instead of logit-normal")
-    add("--partial_prob", type=float, default=0.05, help="per-block probability of a known clean prefix")
-    add("--detach_zt", action="store_true", help="no FM gradient into the encoder (fallback if unstable)")
-    add("--stats_batches", type=int, default=16, help="batches that estimate the latent shift/scale")
-    # deviations from the paper's recipe (docs/method.md; README "What each deviation buys"): default preset
-    add("--fm_batch_mult", type=int, default=None, help="stage 2: the prior sees this x --batch_size (paper 1)")
-    add("--grad_clip_scope", choices=["global", "network"], help="stage 2: clip VAE+DiT together (paper) or apart")
-    add("--decoder_noise", type=float, default=None, help="decoder reads latents noised to t<this (paper 0)")
-    add("--lam_x0_ce", type=float, default=None, help="stage 2: decoder CE on the DiT's z0 estimate (paper 0)")
-    add("--lam_token_aux", type=float, default=None, help="stage 2: DiT hidden states predict tokens (paper 0)")
-    add("--embed_lr_mult", type=float, default=None, help="lr multiplier of embeddings and output heads (paper 1)")
-    add("--dit_init", default="adaln_zero", choices=["adaln_zero", "xavier"], help="DiT init (release: xavier)")
-    add("--self_cond", action="store_true", help="stage 2: the DiT also reads its own estimate of z0 (paper: off)")
-    # optimisation
-    add("--seq_len", type=int, default=64, help="tokens per training sequence")
-    add("--batch_size", type=int, default=16, help="sequences per micro-batch per process")
-    add("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    # the main command's budget (9.85e13 FLOPs at the cpu preset), split 150 + 367: a short stage 1 leaves
-    # the prior more steps, which bought the most of any change at this budget (README, ablation s1short)
-    add("--vae_iters", type=int, default=150, help="optimizer steps of stage 1")
-    add("--main_iters", type=int, default=367, help="optimizer steps of stage 2 (or of a baseline)")
-    add("--lr", type=float, default=None, help="peak learning rate (default: preset; paper 1.5e-4)")
-    add("--min_lr", type=float, default=None, help="final learning rate of the cosine (default: preset)")
-    add("--warmup_iters", type=int, default=None, help="linear warm-up steps (default: preset)")
-    add("--beta2", type=float, default=None, help="AdamW beta2 (default: preset; paper 0.95)")
-    add("--weight_decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
-    add("--grad_clip", type=float, default=1.0, help="grad-norm clip (0: off)")
-    # running
-    add("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    add("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="autocast dtype")
-    add("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile (cold: ~30 s)")
-    add("--seed", type=int, default=1337, help="random seed")
-    add("--log_interval", type=int, default=25, help="steps between log lines")
-    add("--eval_interval", type=int, default=150, help="steps between validations and checkpoints")
-    add("--eval_iters", type=int, default=8, help="validation batches per evaluation")
-    add("--stop_after", type=int, default=0, help="checkpoint and exit after this many steps (0: off)")
-    args = p.parse_args(argv)
-    for k, v in {**RECIPE, **PRESETS[args.preset].get("recipe", {})}.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    errs = [f"--{n} must be >= 1" for n in ("batch_size", "grad_accum", "latent_dim", "block_size", "patch_size",
-                                            "seq_len", "fm_batch_mult") if getattr(args, n) < 1]
-    if args.seq_len % (args.block_size * args.patch_size):
-        errs.append(f"--seq_len {args.seq_len} must be a multiple of block_size*patch_size = "
-                    f"{args.block_size * args.patch_size}")
-    if not 0 <= args.mask_prob <= 1:
-        errs.append("--mask_prob must be in [0, 1]")
-    if errs:
-        p.error("; ".join(errs))
-    return args
-
-
-def vae_config(args, vocab_size):
-    """The preset's VAE with the flags' overrides."""
-    over = dict(width=args.vae_width, n_enc_layers=args.vae_layers, n_dec_layers=args.vae_layers)
-    return VAEConfig(**{**PRESETS[args.preset]["vae"], **{k: v for k, v in over.items() if v},
-                        "vocab_size": vocab_size, "latent_dim": args.latent_dim, "block_size": args.block_size,
-                        "patch_size": args.patch_size, "dropout": args.dropout, "fixed_logsnr": args.fixed_logsnr,
-                        "max_seq_len": max(args.seq_len, 1024)})
-
-
-def dit_config(args, vae_cfg):
-    """The preset's DiT with the flags' overrides, on the VAE's latents and blocks."""
-    over = dict(width=args.dit_width, n_layers=args.dit_layers, rope_fraction=args.rope_fraction,
-                adaln_zero=args.dit_init == "adaln_zero",
-                token_head_dim=vae_cfg.width * vae_cfg.patch_size if args.lam_token_aux > 0 else 0,
-                self_cond=args.self_cond)
-    return DiTConfig(**{**PRESETS[args.preset]["dit"], **{k: v for k, v in over.items() if v is not None},
-                        "latent_dim": vae_cfg.latent_dim, "block_size": vae_cfg.block_size, "dropout": args.dropout})
-
-
-def lm_config(args, vocab_size):
-    """A baseline at the preset's VAE width, its depth matched to the Cola model's parameter count."""
-    vcfg = vae_config(args, vocab_size)
-    with torch.device("meta"):
-        cola = ColaDLM(vcfg, dit_config(args, vcfg))
-    target = n_params(cola.vae) + n_params(cola.dit)
-    width = args.lm_width or vcfg.width
-    return matched_lm_config(args.model, target, vocab_size, width, vcfg.n_heads, vcfg.mlp_hidden * width // vcfg.width,
-                             vcfg.max_seq_len, args.dropout, args.lm_layers), target
-
 
 # ----------------------------------------------------------------------------------------------------
 # set-up: processes, optimizer, schedule
 
 def setup_distributed(device):
     """Returns (rank, world, device). Works with or without torchrun."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = pick_device(device)
     if int(os.environ.get("RANK", -1)) == -1:
         return 0, 1, device
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -227,11 +107,11 @@ class Run:
 def stage_vae(args, env, data):
     path = os.path.join(args.out_dir, "vae.pt")
     ckpt = load_checkpoint(path, ("vae",)) if args.resume and os.path.exists(path) else None
-    cfg = VAEConfig(**ckpt["vae_config"]) if ckpt else vae_config(args, data.meta["vocab_size"])
+    cfg = build(VAEConfig, ckpt["vae_config"], ckpt) if ckpt else vae_config(args, data.meta["vocab_size"])
     torch.manual_seed(args.seed)  # the same init on every rank
     model = TextVAE(cfg)
     if ckpt:
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"], ckpt)
     if env["master"]:
         print(f"[vae] {n_params(model) / 1e6:.2f}M parameters, config {asdict(cfg)}", flush=True)
     loss_kwargs = {k: getattr(args, k) for k in ("beta", "mask_prob", "lam_mask", "decoder_noise")}
@@ -260,7 +140,7 @@ def stage_joint(args, env, data):
         stage1_flops = ckpt["stage1_flops"]
     else:
         vae_ckpt = load_checkpoint(os.path.join(args.out_dir, "vae.pt"), ("vae",))
-        vae_cfg = VAEConfig(**vae_ckpt["vae_config"])
+        vae_cfg = build(VAEConfig, vae_ckpt["vae_config"], vae_ckpt)
         torch.manual_seed(args.seed)  # the same DiT init on every rank
         model = ColaDLM(vae_cfg, dit_config(args, vae_cfg)).to(env["device"])
         model.init_from_stage1(vae_ckpt["model"], [data.batch("train", args.batch_size, batch_seed(args.seed + 2, i, 0),
@@ -304,11 +184,11 @@ def stage_joint(args, env, data):
 def stage_lm(args, env, data):
     path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(path, (args.model,)) if args.resume and os.path.exists(path) else None
-    cfg, target = (LMConfig(**ckpt["lm_config"]), None) if ckpt else lm_config(args, data.meta["vocab_size"])
+    cfg, target = (build(LMConfig, ckpt["lm_config"], ckpt), None) if ckpt else lm_config(args, data.meta["vocab_size"])
     torch.manual_seed(args.seed)
     model = TransformerLM(cfg)
     if ckpt:
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"], ckpt)
     elif env["master"]:
         print(f"[{args.model}] {n_params(model) / 1e6:.2f}M parameters ({cfg.n_layers} layers x {cfg.width}) "
               f"matched to Cola's {target / 1e6:.2f}M (VAE + DiT)", flush=True)
@@ -326,6 +206,17 @@ def stage_lm(args, env, data):
 
 class TrainingError(RuntimeError):
     """The run cannot go on (a NaN loss, say); the message is one line meant for the user."""
+
+
+def kept(path):
+    return f"{path} keeps the last good checkpoint" if os.path.exists(path) else f"no checkpoint was written to {path}"
+
+
+def trim_log(path, step):
+    """Drop the log lines after `step`: a run killed between its log line and its checkpoint repeats those steps."""
+    if os.path.exists(path):
+        lines = [ln for ln in open(path) if ln.strip() and json.loads(ln)["step"] <= step]
+        write_atomic(path, lambda f: f.writelines(lines))
 
 
 def clip_gradients(groups, max_norm):
@@ -355,6 +246,7 @@ def train(run, args, env, data):
         if master:
             print(f"[{run.name}] resumed at step {step}" + ("" if len(states) == world else
                   f"; warning: saved by {len(states)} processes, so the random streams are reseeded"), flush=True)
+            trim_log(os.path.join(args.out_dir, f"log_{run.name}.jsonl"), step)
     else:
         torch.manual_seed(args.seed + rank * 1000)  # different noise on every rank
     fwd = torch.compile(model) if args.compile else model
@@ -367,6 +259,9 @@ def train(run, args, env, data):
     flops = lambda: run.flops_before + step * tokens_per_step * run.flops_per_token
 
     def save():
+        if not all(torch.isfinite(p).all() for p in model.parameters()):  # the same on every rank (DDP)
+            raise TrainingError(f"[{run.name}] the weights hold NaN or Inf at step {step}; not saved, "
+                                f"{kept(run.ckpt_path)} (try a lower --lr)")
         states = [rng_state()] * world
         if world > 1:  # every rank's random state, so that a resume continues every stream
             dist.all_gather_object(states, rng_state())
@@ -415,7 +310,7 @@ def train(run, args, env, data):
         # a NaN or Inf loss stops every rank before the step: the weights and the last checkpoint stay good
         if not math.isfinite(all_reduce_mean({"loss": sums["loss"]}, env)["loss"]):
             raise TrainingError(f"[{run.name}] loss is {float(sums['loss'])} at step {step}; stopped, "
-                                f"{run.ckpt_path} holds the last good checkpoint (try a lower --lr)")
+                                f"{kept(run.ckpt_path)} (try a lower --lr)")
         if args.grad_clip > 0:
             sums.update(clip_gradients(run.clip_groups or {"": list(model.parameters())}, args.grad_clip))
         opt.step()
@@ -431,6 +326,9 @@ def train(run, args, env, data):
             t0, acc, n = time.time(), {}, 0
         if step % args.eval_interval == 0 or step == run.max_iters:
             val = validate()
+            if not math.isfinite(val["loss"]):
+                raise TrainingError(f"[{run.name}] validation loss is {val['loss']} at step {step}; not saved, "
+                                    f"{kept(run.ckpt_path)} (try a lower --lr)")
             if master:
                 line = {k: v for k, v in val.items() if not k.startswith("bin_")}
                 print(f"[{run.name}] val step {step} " + " ".join(f"{k} {v:.4g}" for k, v in line.items()) +
@@ -444,23 +342,78 @@ def train(run, args, env, data):
     return True
 
 
-def dry_run(args, vocab_size):
-    """Configs, parameters and FLOPs per optimizer step of this invocation, built on the meta device."""
-    tokens, L = args.batch_size * args.seq_len * args.grad_accum, args.seq_len
-    with torch.device("meta"):
-        if args.model != "cola":
-            lm = TransformerLM(lm_config(args, vocab_size)[0])
-            return dict(model=args.model, lm_config=asdict(lm.cfg), params=n_params(lm),
-                        flops_per_step=lm.train_flops_per_token(L) * tokens)
-        vcfg = vae_config(args, vocab_size)
-        cola = ColaDLM(vcfg, dit_config(args, vcfg))
-    return dict(model="cola", vae_iters=args.vae_iters, main_iters=args.main_iters,
-                vae_config=asdict(vcfg), dit_config=asdict(cola.dit.cfg), params=n_params(cola.vae) +
-                n_params(cola.dit), vae_flops_per_step=cola.vae.train_flops_per_token(L, args.lam_mask) * tokens,
-                joint_flops_per_step=cola.train_flops_per_token(
-                    L, 1 / args.fm_batch_mult, args.lam_mask, args.lam_x0_ce > 0, args.lam_token_aux > 0,
-                    args.vae_lr_ratio == 0 and args.lam_vae == 0 and args.lam_ref == 0)
-                * tokens * args.fm_batch_mult)
+# ----------------------------------------------------------------------------------------------------
+# what a run may write, checked before it trains
+
+RESUME_FIXED = ("model", "preset", "latent_dim", "block_size", "patch_size", "vae_width", "vae_layers", "dit_width",
+                "dit_layers", "rope_fraction", "lm_width", "lm_layers", "fixed_logsnr", "dit_init", "self_cond",
+                "lam_token_aux", "vae_lr_ratio", "seq_len")  # flags a resumed run cannot change (the
+# model, the data windows, and which parameters the optimizer holds)
+
+
+def stage_files(args):
+    """[(checkpoint file, kind)] this invocation writes, in order."""
+    if args.model != "cola":
+        return [("ckpt.pt", args.model)]
+    return ([("vae.pt", "vae")] if args.stage in ("vae", "all") else []) + ([("ckpt.pt", "cola")] if args.stage != "vae" else [])
+
+
+def preflight(args):
+    """Before any work: the folder is writable, and what it holds fits the flags. Without --resume or
+    --overwrite an existing checkpoint is never replaced; --resume needs something to resume, of the kind
+    asked for, trained with the same model flags (those given again must agree)."""
+    check_writable_dir(args.out_dir, "--out_dir")
+    files = [(os.path.join(args.out_dir, f), kind) for f, kind in stage_files(args)]
+    found = [(path, kind) for path, kind in files if os.path.exists(path)]
+    for path, kind in found:
+        ckpt = load_checkpoint(path, (kind,))
+        if args.overwrite:
+            continue
+        if not args.resume:
+            fail(f"{path} holds a {kind} checkpoint (step {ckpt['step']}); add --resume to continue it or "
+                 "--overwrite to replace it")
+        show = lambda v: f"{v:g}" if isinstance(v, float) else v
+        for flag in RESUME_FIXED:
+            if flag in args.given and getattr(args, flag) != ckpt["args"].get(flag):
+                fail(f"--{flag} {show(getattr(args, flag))} contradicts {path}, trained with "
+                     f"{show(ckpt['args'].get(flag))}; drop the flag to resume")
+    if args.resume and not found:
+        fail(f"--resume: {args.out_dir} holds no {' or '.join(os.path.basename(p) for p, _ in files)} to resume")
+    needs_vae = args.model == "cola" and args.stage == "joint" and not found
+    if needs_vae and not os.path.exists(os.path.join(args.out_dir, "vae.pt")):
+        fail(f"--stage joint starts from {os.path.join(args.out_dir, 'vae.pt')}, which does not exist: "
+             "train stage 1 first (--stage vae)")
+    for stale in os.listdir(args.out_dir):  # temporary files of killed runs (the lock is ours)
+        if stale.endswith(".tmp") and stale.split(".")[0] in ("vae", "ckpt"):
+            os.remove(os.path.join(args.out_dir, stale))
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir):
+    """One training run per folder: a lock file holding our pid. A live run's lock is a one-line refusal;
+    a dead run's is taken over."""
+    path = os.path.join(out_dir, "train.lock")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(open(path).read().strip() or 0)
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError, OSError):
+                os.remove(path)  # stale: its run is gone
+                continue
+            fail(f"{out_dir} is being written by another training run (pid {pid}); use another --out_dir")
+    else:
+        fail(f"cannot take the lock {path}")
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
 
 
 def run_stages(args, env):
@@ -488,12 +441,29 @@ def run_stages(args, env):
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = setup_distributed(args.device)
-    try:
-        run_stages(args, dict(rank=rank, world=world, device=device, master=rank == 0))
-    except (DataError, CheckpointError, TrainingError) as e:
-        sys.exit(f"error: {e}")
-    finally:
-        cleanup_distributed()
+    env = dict(rank=rank, world=world, device=device, master=rank == 0)
+    with contextlib.ExitStack() as held:
+        try:
+            if not args.dry_run:  # the master checks the folder and holds it; every rank learns the verdict
+                verdict = [None]
+                if env["master"]:
+                    try:
+                        check_writable_dir(args.out_dir, "--out_dir")
+                        held.enter_context(out_dir_lock(args.out_dir))
+                        preflight(args)
+                    except SystemExit as e:
+                        verdict = [str(e.code)]
+                    except CheckpointError as e:
+                        verdict = [f"error: {e}"]
+                if world > 1:
+                    dist.broadcast_object_list(verdict, src=0)
+                if verdict[0]:
+                    sys.exit(verdict[0])
+            run_stages(args, env)
+        except (DataError, CheckpointError, TrainingError) as e:
+            sys.exit(f"error: {e}")
+        finally:
+            cleanup_distributed()
 
 
 if __name__ == "__main__":

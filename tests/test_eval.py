@@ -9,7 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import diagnostics as dg
 import eval as ev
+import measures as ms
+import scoring as sc
 from diffusion import flow_path
 from baselines import LMConfig, TransformerLM, match_layers
 from decoder import ar_generate, llada_generate
@@ -23,7 +26,7 @@ def write(tmp_path, lines, name="t.jsonl"):
 
 def test_builtin_tasks():
     text = "\n".join(f"Line number {i} speaks of kings and crowns and horses" for i in range(200))
-    t = ev.builtin_tasks(text, n=10)
+    t = ms.builtin_tasks(text, n=10)
     assert len(t["lambada_style"]) == 10 and len(t["ending_choice"]) == 10
     for x in t["lambada_style"]:
         assert x["rule"] == "first_word" and x["ground_truth"].isalpha()
@@ -32,7 +35,7 @@ def test_builtin_tasks():
 
 
 def test_ngram_metrics():
-    s = ev.ngram_metrics([[1, 2, 3, 4, 1, 2, 3, 4], [5, 5]])
+    s = sc.ngram_metrics([[1, 2, 3, 4, 1, 2, 3, 4], [5, 5]])
     assert s["distinct_1"] == pytest.approx(5 / 10)
     assert s["repetition_4"] == pytest.approx(1 / 5)  # (1,2,3,4) repeats once among 5 4-grams
     assert s["unigram_entropy_bits"] == pytest.approx(-(4 * 0.2 * math.log2(0.2) + 0.2 * math.log2(0.2)))
@@ -40,12 +43,12 @@ def test_ngram_metrics():
 
 def test_seen_ngram_rates_against_a_known_training_text():
     train = [7, 1, 2, 3, 9, 1, 2, 8]
-    ng = ev.TrainNgrams(train, vocab_size=10)
+    ng = sc.TrainNgrams(train, vocab_size=10)
     # bigrams of the sample: (1,2) seen, (2,3) seen, (3,1) unseen, (1,2) seen -> 3/4
     # trigrams: (1,2,3) seen, (2,3,1) unseen, (3,1,2) unseen -> 1/3
-    m = ev.ngram_metrics([[1, 2, 3, 1, 2]], ng)
+    m = sc.ngram_metrics([[1, 2, 3, 1, 2]], ng)
     assert m["seen_2gram_rate"] == pytest.approx(3 / 4) and m["seen_3gram_rate"] == pytest.approx(1 / 3)
-    assert ev.ngram_metrics([train], ng)["seen_3gram_rate"] == 1.0  # the training text itself
+    assert sc.ngram_metrics([train], ng)["seen_3gram_rate"] == 1.0  # the training text itself
 
 
 # ---------------------------------------------------------------------------------------------------- likelihood
@@ -55,13 +58,13 @@ def test_hutchinson_matches_exact_divergence_of_linear_field():
     A = torch.randn(6, 6)
     fn = lambda z: z @ A.T  # v = A z, div = tr(A)
     z = torch.randn(1, 6)
-    ests = torch.stack([ev.hutchinson_divergence(fn, z, torch.randn(1, 6))[1][0] for _ in range(4000)])
+    ests = torch.stack([ms.hutchinson_divergence(fn, z, torch.randn(1, 6))[1][0] for _ in range(4000)])
     # unbiased: the mean is within 4 standard errors of tr(A)
     assert abs(float(ests.mean()) - float(torch.trace(A))) < 4 * float(ests.std()) / math.sqrt(4000)
     # a Rademacher probe on a diagonal field is exact
     D = torch.diag(torch.randn(6))
     probe = torch.randint(0, 2, (1, 6)).float() * 2 - 1
-    assert torch.allclose(ev.hutchinson_divergence(lambda z: z @ D, z, probe)[1], torch.trace(D).reshape(1))
+    assert torch.allclose(ms.hutchinson_divergence(lambda z: z @ D, z, probe)[1], torch.trace(D).reshape(1))
 
 
 def test_cnf_log_prior_of_zero_field_is_standard_normal():
@@ -71,7 +74,7 @@ def test_cnf_log_prior_of_zero_field_is_standard_normal():
     model = tiny_model()
     model.dit = DiT(model.dit.cfg)  # zero-initialised output: v = 0
     zn = torch.randn(2, 8, 4)
-    lp = ev.cola_log_prior(model, zn, steps=4)
+    lp = ms.cola_log_prior(model, zn, steps=4)
     expected = (-0.5 * (zn.pow(2) + math.log(2 * math.pi))).flatten(1).sum(1)
     assert torch.allclose(lp, expected, atol=1e-5)
 
@@ -92,7 +95,7 @@ def test_ar_nll_equals_mean_ce():
         for i in range(10):
             logits = m.logits(inp[b:b + 1, :i + 1])[0, -1]
             manual += float(F.cross_entropy(logits[None], x[b, i:i + 1]).detach())
-    assert ev.ar_bits_per_token(m, x, bos) == pytest.approx(manual / 30 / math.log(2), rel=1e-5)
+    assert ms.ar_bits_per_token(m, x, bos) == pytest.approx(manual / 30 / math.log(2), rel=1e-5)
 
 
 def test_ar_cache_equals_recompute():
@@ -120,7 +123,7 @@ def test_sample_temperature_samples_ar_and_llada_tokens():
     tokens from the model (rounds with different seeds differ)."""
     for kind in ("ar", "llada"):
         m = tiny_lm(kind)
-        run = lambda seed, temp: ev.make_generator(kind, m, 4, 1.0, -1, seed, temp)([[1, 2]] * 2, 8)[0]
+        run = lambda seed, temp: ms.make_generator(kind, m, 4, 1.0, (-1,), 0, seed, temp)([[1, 2]] * 2, 8)[0]
         assert run(0, 0.0) == run(1, 0.0)
         assert run(0, 1.0) != run(1, 1.0) and run(0, 1.0) == run(0, 1.0)
 
@@ -164,7 +167,7 @@ def test_eval_json_keys(tmp_path, root):
     written = [json.loads(line) for line in open(tmp_path / "cola" / "generations" / "t.jsonl")]
     assert [set(w) for w in written] == [{"id", "prompt", "generate", "ground_truth", "choices"}] * 2
     # re-scoring the written generations gives the accuracy eval.py reported
-    assert ev.score_file(str(tmp_path / "cola" / "generations" / "t.jsonl"))["accuracy"] == saved["tasks"]["t"]
+    assert sc.score_file(str(tmp_path / "cola" / "generations" / "t.jsonl"))["accuracy"] == saved["tasks"]["t"]
     assert saved["bits_per_token"] <= saved["bits_per_token_elbo"] + 1e-6  # IWAE is the tighter bound
     for png in ("training_curves.png", "sweep_steps.png", "diagnostics.png"):
         assert (tmp_path / "cola" / png).exists(), png
@@ -274,11 +277,11 @@ def test_sdedit_with_an_oracle_prior_recovers_the_true_block():
     model = tiny_model()
     x = torch.randint(0, 100, (6, 16))
     fit_vae(model, x)  # so that decoding the true latents gets the tokens right, and the noisy start does not
-    hist, true = ev.true_block(model, x, 2)
+    hist, true = dg.true_block(model, x, 2)
     target = x[:, 8:12]
-    exact = float((ev.decode_after(model, hist, true).argmax(-1) == target).float().mean())
+    exact = float((dg.decode_after(model, hist, true).argmax(-1) == target).float().mean())
     assert exact > 0.5
-    res = ev.eval_sdedit(oracle(model, true), x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0))
+    res = dg.eval_sdedit(oracle(model, true), x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0))
     for t0 in (0.25, 0.5, 0.75, 1.0):
         assert res[f"after_dit_{t0}"] == pytest.approx(exact)
     assert res["noisy_0.75"] != pytest.approx(exact)  # decoding the noisy start is not the same
@@ -293,11 +296,11 @@ def test_sdedit_starts_from_the_noised_truth_at_t0(monkeypatch):
     c = 0.3
     model.guided_velocity = lambda z, t_tok, hist_valid, guidance, cache, hint=None, **kw: torch.full_like(z, c)
     decoded = []
-    real = ev.decode_after
-    monkeypatch.setattr(ev, "decode_after", lambda m, hist, z: (decoded.append(z.clone()), real(m, hist, z))[1])
+    real = dg.decode_after
+    monkeypatch.setattr(dg, "decode_after", lambda m, hist, z: (decoded.append(z.clone()), real(m, hist, z))[1])
     x = torch.randint(0, 100, (3, 16))
-    _, true = ev.true_block(model, x, 2)
-    ev.eval_sdedit(model, x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(1), t0s=(0.5, 0.75))
+    _, true = dg.true_block(model, x, 2)
+    dg.eval_sdedit(model, x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(1), t0s=(0.5, 0.75))
     g = torch.Generator().manual_seed(1)
     for i, t0 in enumerate((0.5, 0.75)):
         start = flow_path(true, torch.randn(true.shape, generator=g), torch.tensor(t0))
@@ -313,11 +316,11 @@ def test_prefix_prediction_pins_the_known_latents(monkeypatch):
     model = tiny_model()
     model.guided_velocity = lambda z, t_tok, hist_valid, guidance, cache, hint=None, **kw: z / t_tok.unsqueeze(-1).clamp(min=1e-6)
     decoded = []
-    real = ev.decode_after
-    monkeypatch.setattr(ev, "decode_after", lambda m, hist, z: (decoded.append(z.clone()), real(m, hist, z))[1])
+    real = dg.decode_after
+    monkeypatch.setattr(dg, "decode_after", lambda m, hist, z: (decoded.append(z.clone()), real(m, hist, z))[1])
     x = torch.randint(0, 100, (5, 16))
-    hist, true = ev.true_block(model, x, 2)
-    res = ev.eval_prefix_prediction(model, x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0),
+    hist, true = dg.true_block(model, x, 2)
+    res = dg.eval_prefix_prediction(model, x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0),
                                     known=(0, 3))
     z = decoded[1]  # the known = 3 run: 3 true latents, then what the sampler made of the rest (zeros)
     assert torch.allclose(z[:, :3], true[:, :3]) and z[:, 3:].abs().max() < 1e-5
@@ -329,8 +332,8 @@ def test_latent_fit_of_an_oracle_prior_equals_the_posterior():
     from test_generate import tiny_model
     model = tiny_model()
     x = torch.randint(0, 100, (6, 16))
-    _, true = ev.true_block(model, x, 2)
-    res = ev.eval_latent_fit(oracle(model, true), x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0))
+    _, true = dg.true_block(model, x, 2)
+    res = dg.eval_latent_fit(oracle(model, true), x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0))
     for k in ("maxprob", "entropy", "dist_to_reencoded"):
         assert res[f"{k}_generated"] == pytest.approx(res[f"{k}_posterior"], abs=1e-4), k
     assert res["dist_between_neighbours"] > 0
@@ -352,7 +355,7 @@ def test_reencoded_history_is_what_the_caches_hold():
     out, _ = run(model, [[5, 6, 7, 8]], max_new_tokens=8, stop_ids=(), reencode_history=True, on_drift=drift.append)
     text = torch.tensor([[5, 6, 7, 8] + out[0][:4]])
     fresh = model.new_caches()
-    model.prefill(ev.reencode(model, text), torch.ones(1, 8, dtype=torch.bool), fresh)
+    model.prefill(dg.reencode(model, text), torch.ones(1, 8, dtype=torch.bool), fresh)
     assert all(torch.allclose(a, b.k, atol=1e-5) for a, b in zip(seen[8], fresh[0].layers))
     drift_plain = []
     run(model, [[5, 6, 7, 8]], max_new_tokens=8, stop_ids=(), on_drift=drift_plain.append)
@@ -361,9 +364,9 @@ def test_reencoded_history_is_what_the_caches_hold():
 
 def test_training_t_density_matches_the_sampler():
     from diffusion import sample_t
-    dens = ev.training_t_density(10, 1.0, 1.0, False)
+    dens = ms.training_t_density(10, 1.0, 1.0, False)
     assert sum(dens) == pytest.approx(1.0)
     t = sample_t(200_000, 1.0, 1.0, generator=torch.Generator().manual_seed(0))
     hist = torch.histc(t, bins=10, min=0, max=1) / len(t)
     assert torch.allclose(hist, torch.tensor(dens), atol=0.005)
-    assert ev.training_t_density(4, 0, 1, True) == [0.25] * 4
+    assert ms.training_t_density(4, 0, 1, True) == [0.25] * 4

@@ -11,7 +11,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import diagnostics as dg
 import eval as ev
+import measures as ms
+import scoring as sc
 import train
 from checkpoint import load_checkpoint
 from diffusion import ColaDLM, flow_path
@@ -81,7 +84,7 @@ def test_bits_per_token_closed_form_for_a_linear_field(a):
     model.velocity_2l = lambda z0n, zt, t_tok: a * zt
     x = torch.randint(0, 100, (2, 8))
     steps, T = 4, x.shape[1]
-    elbo, iwae = ev.cola_bits_per_token(model, x, k=1, steps=steps, generator=torch.Generator().manual_seed(5))
+    elbo, iwae = ms.cola_bits_per_token(model, x, k=1, steps=steps, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)  # the same draws, in the same order: posterior noise, then the probe
     with torch.no_grad():
         mu, logvar = model.vae.encode(x)

@@ -59,29 +59,12 @@ def test_resume_differs_without_rng_restore(tmp_path, data_dir, monkeypatch):
     assert any(not torch.equal(pa[k], pb[k]) for k in pa)
 
 
-@pytest.mark.parametrize("flags,match", [
-    (["--seq_len", "20"], "multiple of block_size"),
-    (["--batch_size", "0"], "--batch_size must be >= 1"),
-])
-def test_bad_flags(flags, match, root, capsys):
-    with pytest.raises(SystemExit):
-        train.get_args(flags)
-    assert match in capsys.readouterr().err
-
-
 def test_missing_data_is_one_line(tmp_path, root):
     r = subprocess.run([sys.executable, os.path.join(root, "train.py"), "--data_dir", str(tmp_path / "nope"),
                         "--out_dir", str(tmp_path / "o"), "--no-compile"], capture_output=True, text=True)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope' / 'meta.json'} not found: run "
                                              f"`python prepare.py` (or --input FILE --out_dir {tmp_path / 'nope'}) first"]
-
-
-def test_joint_without_stage1_is_one_line(tmp_path, data_dir, root):
-    r = subprocess.run([sys.executable, os.path.join(root, "train.py"), "--stage", "joint", "--data_dir", data_dir,
-                        "--out_dir", str(tmp_path / "o")] + TINY, capture_output=True, text=True)
-    assert r.returncode != 0
-    assert r.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path / 'o' / 'vae.pt'} not found"]
 
 
 def test_lr_schedule():
@@ -102,8 +85,7 @@ def test_paper_preset_parameter_counts():
     n_vae = sum(p.numel() for p in model.vae.parameters())
     n_dit = sum(p.numel() for p in model.dit.parameters())
     print(f"paper preset: VAE {n_vae:,} DiT {n_dit:,}")
-    assert abs(n_vae - 502e6) / 502e6 < 0.01
-    assert abs(n_dit - 1.83e9) / 1.83e9 < 0.01
+    assert (n_vae, n_dit) == (501_871_574, 1_829_875_728)  # the released model's counts (its classes, counted)
 
 
 def test_sample_cli_runs_every_kind(tmp_path, data_dir, capsys):
@@ -160,7 +142,7 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     checkpoint.save_checkpoint(path, {"kind": "vae", "step": 1})
 
     def broken_save(obj, f):
-        open(f, "wb").write(b"half a checkpoint")
+        f.write(b"half a checkpoint")
         raise OSError("disk full")
     monkeypatch.setattr(checkpoint.torch, "save", broken_save)
     with pytest.raises(OSError):
