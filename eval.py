@@ -40,7 +40,7 @@ from measures import (builtin_tasks, eval_history_gap, eval_likelihood, eval_vae
                       sample_quality)
 from prepare import REPO_DIR, DataError, TokenData, batch_seed, get_tokenizer, same_tokenizer
 from presets import sampler_settings
-from scoring import TaskError, TrainNgrams, read_tasks, score_file
+from scoring import TaskError, TrainNgrams, ngram_metrics, read_tasks, score_file
 
 
 def plot_training_curves(run_dir, path):
@@ -96,6 +96,8 @@ def get_args(argv=None):
     add("--ll_steps", type=positive_int, default=16, help="midpoint steps of the CNF likelihood solve")
     add("--iwae_k", type=positive_int, default=2, help="posterior samples per sequence for Cola's bounds")
     add("--diag_windows", type=nonneg_int, default=64, help="held-out windows for the generation diagnostics (Cola; 0: skip)")
+    add("--prefix_windows", type=positive_int, default=512,
+        help="held-out windows for the prior's next-token accuracy (Cola, eval_prefix_prediction)")
     add("--tasks", nargs="*", type=readable_file, default=[], help="JSONL task files to generate answers for and score")
     add("--builtin_n", type=nonneg_int, default=32, help="examples per built-in task (0: skip them)")
     add("--task_max_new", type=positive_int, default=32, help="new tokens per task answer (paper: <= 32)")
@@ -203,7 +205,9 @@ def evaluate(args):
         j = min(2, x.shape[1] // model.vae.cfg.tokens_per_block - 1)  # the block to generate: one with history
         res["sdedit"] = eval_sdedit(model, x, j, args.steps, args.guidance, g)
         res["latent_fit"] = eval_latent_fit(model, x, j, args.steps, args.guidance, g)
-        res["prefix_prediction"] = eval_prefix_prediction(model, x, j, args.steps, args.guidance, g)
+        xp = data.batch("val", args.prefix_windows, batch_seed(args.seed + 95, 0, 0), device)
+        res["prefix_prediction"] = eval_prefix_prediction(model, xp, j, args.steps, args.guidance, g)
+        res["prefix_windows"] = args.prefix_windows
         res["history_drift"] = eval_history_drift(model, [x[i, :16].tolist() for i in range(args.n_samples)],
                                                   args.sample_len, args.steps, args.guidance, g, train_ngrams)
         plot_diagnostics(res, os.path.join(run_dir, "diagnostics.png"))
@@ -249,7 +253,10 @@ def generation(args, env, stop_ids, pad_id, batches, train_ngrams):
     n_tok = sum(len(s) for s in samples)
     res["gen_tokens_per_s"] = n_tok / (time.time() - t1)
     res["passes_per_token"] = passes / max(n_tok, 1)
-    if train_ngrams is not None:
+    if train_ngrams is not None:  # held-out text's own rates, windows of the samples' length, beside them
+        windows = TokenData(data.data_dir, args.sample_len)
+        held = windows.batch("val", args.n_samples * args.sample_repeats, batch_seed(args.seed + 94, 0, 0), "cpu").tolist()
+        res.update({f"heldout_{k}": v for k, v in ngram_metrics(held, train_ngrams).items()})
         quality = lambda first=None, **over: sample_quality(
             lambda seed: make(seed, temperature, **over), prompts, args.sample_len, args.seed, args.sample_repeats,
             train_ngrams, env["judge"], first)

@@ -159,13 +159,17 @@ def llada_bits_per_token(model, x, k=8, generator=None):
 
 
 def eval_likelihood(model, kind, batches, eos_id, generator, iwae_k=2, steps=16):
+    """Bits per token on held-out batches; for the baselines also their validation accuracy (AR: the next
+    token; LLaDA: masked tokens at a uniform masking rate)."""
     if kind == "cola":
         bounds = [cola_bits_per_token(model, x, iwae_k, steps, generator) for x in batches]
         return {"bits_per_token": float(np.mean([b[1] for b in bounds])),
                 "bits_per_token_elbo": float(np.mean([b[0] for b in bounds]))}
+    acc = float(np.mean([float(model(x)["acc"]) for x in batches]))
     if kind == "ar":
-        return {"bits_per_token": float(np.mean([ar_bits_per_token(model, x, eos_id) for x in batches]))}
-    return {"bits_per_token": float(np.mean([llada_bits_per_token(model, x, generator=generator) for x in batches]))}
+        return {"bits_per_token": float(np.mean([ar_bits_per_token(model, x, eos_id) for x in batches])), "val_acc": acc}
+    return {"bits_per_token": float(np.mean([llada_bits_per_token(model, x, generator=generator) for x in batches])),
+            "val_acc": acc}
 
 
 

@@ -453,7 +453,7 @@ class TokenData:
     against meta.json (sizes, token counts, ids below the vocabulary)."""
 
     def __init__(self, data_dir, seq_len):
-        self.meta = load_meta(data_dir)
+        self.meta, self.data_dir = load_meta(data_dir), data_dir
         dtype = np.dtype(self.meta["dtype"])
         self.seq_len, self.shards, self.starts = seq_len, {}, {}
         for split in ("train", "val"):

@@ -40,13 +40,14 @@ from presets import get_args as train_args
 MODELS = ("cola", "ar", "llada")
 COLUMNS = [  # (header, eval.json key, format)
     ("params", "params", "{:.2f}M"), ("train FLOPs", "train_flops", "{:.2e}"),
-    ("bits/token", "bits_per_token", "{:.2f}"), ("LAMBADA-style", "lambada_style", "{:.1f}"),
-    ("ending choice", "ending_choice", "{:.1f}"), ("task files", "user_tasks", "{:.1f}"),
-    ("seen 2-gram", "seen_2gram_rate", "{:.2f}"), ("seen 3-gram", "seen_3gram_rate", "{:.2f}"),
-    ("distinct-2", "distinct_2", "{:.2f}"), ("4-gram rep.", "repetition_4", "{:.2f}"),
-    ("judge ppl", "judge_ppl", "{:.1f}"), ("tok/s", "gen_tokens_per_s", "{:.1f}"),
+    ("bits/token", "bits_per_token", "{:.2f}"), ("next-token acc.", "next_token_acc", "{:.3f}"),
+    ("LAMBADA-style", "lambada_style", "{:.1f}"), ("ending choice", "ending_choice", "{:.1f}"),
+    ("task files", "user_tasks", "{:.1f}"), ("seen 2-gram", "seen_2gram_rate", "{:.2f}"),
+    ("seen 3-gram", "seen_3gram_rate", "{:.2f}"), ("distinct-2", "distinct_2", "{:.2f}"),
+    ("judge ppl", "judge_ppl", "{:,.0f}"), ("tok/s", "gen_tokens_per_s", "{:.1f}"),
     ("passes/token", "passes_per_token", "{:.3f}"),
-]
+]  # next-token accuracy: Cola's prior with 15 of a block's 16 latents known (eval_prefix_prediction), AR's
+# validation accuracy, LLaDA's on masked tokens
 
 
 def get_args(argv=None):
@@ -56,6 +57,7 @@ def get_args(argv=None):
     p.add_argument("--judge", default=os.path.join(REPO_DIR, "out_judge", "ckpt.pt"),
                    help="AR checkpoint that judges every run's samples (trained with --judge_iters steps if missing)")
     p.add_argument("--judge_iters", type=positive_int, default=3000, help="steps of the judge, when it has to be trained")
+    p.add_argument("--judge_args", default="", help="extra train.py flags of the judge, e.g. --judge_args='--dropout 0.1'")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (passed to train.py and eval.py)")
     p.add_argument("--jobs", type=positive_int, default=1, help="runs at a time (1 on a CPU; several fit one GPU)")
     p.add_argument("--train_args", default="", help="extra train.py flags for every run, e.g. --train_args='--no-compile' (note the =)")
@@ -149,6 +151,20 @@ def ablation_table(rows):
                      f"{r.get('prefix_prediction', {}).get('known_15', 0):.3f} | {cell(sweep.get(1.0))} | "
                      f"{cell(sweep.get(0.5))} |")
     return "\n".join(lines)
+
+
+def heldout_line(rows):
+    """Held-out text's own seen n-gram rates and distinct-2, windows of the samples' length (eval.json)."""
+    r = next((r for r in rows if "heldout_seen_2gram_rate" in r), None)
+    return "" if r is None else (f"\nheld-out text: seen 2-gram {r['heldout_seen_2gram_rate']:.2f}, seen 3-gram "
+                                 f"{r['heldout_seen_3gram_rate']:.2f}, distinct-2 {r['heldout_distinct_2']:.2f}")
+
+
+def samples_section(rows):
+    """The first sample of every run, as eval.json holds it (prompt ||| continuation)."""
+    name = {"cola": "Cola DLM", "ar": "AR", "llada": "LLaDA"}
+    return "\n\n" + "\n\n".join(f"{name[r['kind']]}, level {r['level']:g}:\n```\n{r['samples'][0]}\n```"
+                                  for r in rows if r.get("samples"))
 
 
 def judges_line(rows):
@@ -246,7 +262,8 @@ def train_and_evaluate(a, runs):
         out = os.path.dirname(os.path.abspath(judge))
         os.makedirs(out, exist_ok=True)
         run([sys.executable, "train.py", *a.train_args.split(), "--model", "ar", "--out_dir", out, "--overwrite",
-             "--main_iters", str(a.judge_iters), "--eval_interval", str(a.judge_iters), "--device", a.device],
+             "--main_iters", str(a.judge_iters), "--eval_interval", str(a.judge_iters), "--device", a.device,
+             *a.judge_args.split()],
             os.path.join(out, "train.log"))
     with ThreadPoolExecutor(a.jobs) as ex:
         list(ex.map(lambda r: eval_one(a, r, judge), runs))
@@ -288,9 +305,10 @@ def main(argv=None):
     for m, level, run_dir, _, _ in runs:
         res = json.load(open(os.path.join(run_dir, "eval.json")))
         user = [v for k, v in res.get("tasks", {}).items() if k not in ("lambada_style", "ending_choice")]
-        rows.append({**res, "level": level, **res.get("tasks", {}),
+        acc = res.get("prefix_prediction", {}).get("known_15") if m == "cola" else res.get("val_acc")
+        rows.append({**res, "level": level, **res.get("tasks", {}), "next_token_acc": acc,
                      "user_tasks": sum(user) / len(user) if user else None})
-    md = table(rows) + judges_line(rows)
+    md = table(rows) + judges_line(rows) + heldout_line(rows) + samples_section(rows)
     with open(os.path.join(a.out_root, "table.md"), "w") as f:
         f.write(md + "\n")
     json.dump(rows, open(os.path.join(a.out_root, "results.json"), "w"), indent=1, default=str)
