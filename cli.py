@@ -171,3 +171,31 @@ def write_atomic(path, write, mode="w"):
 
 def write_json(path, obj, indent=2):
     write_atomic(path, lambda f: json.dump(obj, f, indent=indent))
+
+
+@contextlib.contextmanager
+def folder_lock(out_dir):
+    """One writer per folder (a training run): a lock file holding our pid. A live writer's lock is a
+    one-line refusal; a dead one's is taken over."""
+    path = os.path.join(out_dir, "train.lock")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(open(path).read().strip() or 0)
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError, OSError):
+                os.remove(path)  # stale: its run is gone
+                continue
+            fail(f"{out_dir} is being written by another training run (pid {pid}); use another --out_dir")
+    else:
+        fail(f"cannot take the lock {path}")
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        if os.path.exists(path):
+            os.remove(path)

@@ -25,7 +25,7 @@ from baselines import TransformerLM
 from checkpoint import CheckpointError, load_checkpoint
 from diffusion import ColaDLM, euler_step, time_grid
 from layers import KVCache, block_causal_mask, with_key_padding
-from prepare import get_tokenizer, template_ids
+from tokenizer import get_tokenizer, template_ids
 
 MODEL_KINDS = ("cola", "ar", "llada")
 
@@ -242,13 +242,10 @@ def prompt_layout(prompts, block_size, patch, pad_id, device):
     return tokens.to(device), valid.to(device), max(n_full), rem
 
 
-def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin_z=None, eta=0.0, generator=None,
-                  round_bf16=False):
+def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin_z=None, round_bf16=False):
     """Guided Euler steps for the next block along `grid` (from t = grid[0] down to grid[-1]), given the
     committed history in the DiT cache. Latents marked in `pin` (B, bs) are held at pin_z at t = 0.
-    z (B, bs, d) normalised, at time grid[0]. An Euler step is z' = (1 - t') z0_hat + t' eps_hat, with
-    z0_hat = z - t v and eps_hat = z + (1 - t) v; eta > 0 (not the paper's) replaces that share of eps_hat
-    by fresh noise, sqrt(1 - eta^2) eps_hat + eta eps, a stochastic sampler that can correct the prior's errors."""
+    z (B, bs, d) normalised, at time grid[0]."""
     B, block_size, _ = z.shape
     if pin is None:
         pin = torch.zeros(B, block_size, dtype=torch.bool, device=z.device)
@@ -260,13 +257,7 @@ def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin
         v = model.guided_velocity(z, t_tok, hist_valid, guidance, dit_cache, hint, round_bf16=round_bf16).float()
         if model.dit.cfg.self_cond:
             hint = z - t_tok.unsqueeze(-1) * v
-        if eta > 0:
-            t, t_next = t_tok.unsqueeze(-1), grid[i + 1]
-            z0_hat, eps_hat = z - t * v, z + (1 - t) * v
-            fresh = torch.randn(z.shape, device=z.device, generator=generator)
-            z = (1 - t_next) * z0_hat + t_next * ((1 - eta ** 2) ** 0.5 * eps_hat + eta * fresh)
-        else:
-            z = euler_step(z, v, grid[i] - grid[i + 1])
+        z = euler_step(z, v, grid[i] - grid[i + 1])
     return torch.where(pin.unsqueeze(-1), pin_z, z)
 
 
@@ -304,7 +295,7 @@ def keep_new_tokens(rows, outputs, stopped, budget, stop_ids, max_new_tokens):
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=32, steps=16, guidance=7.0, temperature=0.0, top_k=0, top_p=1.0,
              repetition_penalty=1.1, stop_ids=(50256,), pad_id=50256, generator=None, on_block=None,
-             budget="blocks", round_bf16=False, noise_scale=1.0, eta=0.0, grid_power=1.0, reencode_history=False,
+             budget="blocks", round_bf16=False, noise_scale=1.0, reencode_history=False,
              on_drift=None):
     """Continue token-id `prompts` (a list of lists, any lengths, may be empty) block by block, as the
     authors' inference does (docs/release.md).
@@ -320,8 +311,7 @@ def generate(model, prompts, max_new_tokens=32, steps=16, guidance=7.0, temperat
     Returns (list of new-token lists, stats). stats counts model passes: 'dit' (batched guided passes),
     'dit_commit', 'decoder' and 'blocks'. on_block(k, new_tokens) is called after each block.
     Options that are not the paper's: noise_scale < 1 starts each block from N(0, noise_scale^2 I), a
-    lower-temperature sample; eta > 0 (denoise_block) samples stochastically; grid_power > 1 makes the time
-    grid denser near t = 0; reencode_history decodes every finished block, re-encodes its tokens, and lets
+    lower-temperature sample; reencode_history decodes every finished block, re-encodes its tokens, and lets
     the re-encoded latents (not the generated ones) be the history of later blocks; on_drift(distance) is
     called after each block with the mean distance between its generated latents and the re-encoding of
     its tokens.
@@ -368,12 +358,12 @@ def generate(model, prompts, max_new_tokens=32, steps=16, guidance=7.0, temperat
 
     seen = torch.zeros(B, vcfg.vocab_size, dtype=torch.bool, device=device)  # every token decoded so far
     outputs, stopped = [[] for _ in range(B)], [False] * B
-    grid = time_grid(steps, device, power=grid_power)
+    grid = time_grid(steps, device)
     own = torch.ones(B, block_size, dtype=torch.bool, device=device)
     for k in range(n_gen):
         z = noise_scale * draw_noise((B, block_size, d), device, generator)  # (B, bs, d), normalised
         z = denoise_block(model, z, grid, hist_valid, first_guidance if k == 0 else guidance, caches[0], pin, pin_z,
-                          eta, generator, round_bf16)
+                          round_bf16)
         stats["dit"] += steps
         logits = model.decode_and_commit(z, hist_valid, caches, round_bf16=round_bf16)  # (B, tpb, V)
         hist_valid = torch.cat([hist_valid, own], 1)

@@ -61,10 +61,9 @@ def cfg_combine(v_cond, v_uncond, scale):
     return torch.where(scale == 1.0, v_cond, v_uncond + scale * (v_cond - v_uncond))
 
 
-def time_grid(steps, device="cpu", t_max=1.0, power=1.0):
-    """Grid from t = t_max down to 0 with `steps` intervals: uniform (power 1, the paper's, 16 steps), or
-    denser near t = 0 for power > 1 (t_i = t_max * (1 - i / steps) ** power)."""
-    return t_max * torch.linspace(1.0, 0.0, steps + 1, device=device) ** power
+def time_grid(steps, device="cpu", t_max=1.0):
+    """Uniform grid from t = t_max down to 0 with `steps` intervals (the paper's: 16 from t = 1)."""
+    return t_max * torch.linspace(1.0, 0.0, steps + 1, device=device)
 
 
 def two_l_mask(L, block_size, device="cpu"):
@@ -256,18 +255,14 @@ class ColaDLM(nn.Module):
     def denormalize(self, zn):
         return zn / self.latent_scale + self.latent_shift
 
-    def velocity_2l(self, z0n, zt, t_tok, with_tokens=False, hint=None):
+    def velocity_2l(self, z0n, zt, t_tok, hint=None):
         """DiT velocity on the noisy half of the 2L sequence. z0n, zt (B, L, d); t_tok (B, L).
-        with_tokens: also the token projection of the noisy half (see DiTConfig.token_head_dim);
         hint (B, L, d): the self-conditioning estimate of z0 on the noisy half (DiTConfig.self_cond)."""
         L = zt.shape[1]
         seq, t, pos, mask = two_l_layout(z0n, zt, t_tok, self.block_size)
         if hint is not None:
             hint = torch.cat([torch.zeros_like(seq[:, :L - self.block_size]), hint], 1)
-        out = self.dit(seq, t, pos, mask, with_tokens=with_tokens, hint=hint)
-        if with_tokens:
-            return out[0][:, L - self.block_size:], out[1][:, L - self.block_size:]
-        return out[:, L - self.block_size:]  # (B, L, d)
+        return self.dit(seq, t, pos, mask, hint=hint)[:, L - self.block_size:]  # (B, L, d)
 
     def velocity_uncond(self, zt, t_tok, hint=None):
         """Each noisy block alone at positions 0..bs-1 (the unconditional pass of CFG)."""
@@ -280,20 +275,16 @@ class ColaDLM(nn.Module):
         return v.reshape(B, L, d)
 
     def forward(self, tokens, beta=1e-3, mask_prob=0.15, lam_mask=1.0, lam_vae=1.0, lam_fm=1.0, lam_ref=1.0,
-                t_loc=1.0, t_scale=1.0, t_uniform=False, partial_prob=0.05, detach_zt=False, decode_rows=0,
-                decoder_noise=0.0, lam_x0_ce=0.0, lam_token_aux=0.0):
+                t_loc=1.0, t_scale=1.0, t_uniform=False, partial_prob=0.05, detach_zt=False, decode_rows=0):
         """Stage-2 loss (docs/method.md §5). tokens (B, T) -> dict with 'loss' and its parts.
-        Not the paper's, all off by default: decode_rows > 0 runs the decoder terms, whose vocabulary head is
+        Not the paper's, off by default: decode_rows > 0 runs the decoder terms, whose vocabulary head is
         the costly part at small width, on the first decode_rows sequences only (every sequence feeds the
         encoder, the entropy, the reference KL and the FM term; both estimates stay unbiased, the prior just
-        sees a larger batch); decoder_noise (vae.recon_terms); lam_x0_ce weighs a token-level loss on the
-        DiT's estimate of z0, decoded by the decoder held fixed (its gradient reaches the DiT only);
-        lam_token_aux weighs an auxiliary loss on the DiT's middle hidden states: they must predict each
-        noisy position's token through the decoder's output head (held fixed)."""
+        sees a larger batch)."""
         vae = self.vae
         n_dec = decode_rows if 0 < decode_rows < tokens.shape[0] else tokens.shape[0]
         if lam_vae > 0:
-            out = vae.recon_terms(tokens[:n_dec], mask_prob, lam_mask, decoder_noise)
+            out = vae.recon_terms(tokens[:n_dec], mask_prob, lam_mask)
             mu, logvar, z = out.pop("mu"), out.pop("logvar"), out.pop("z")  # (n_dec, L, d)
         else:  # no VAE terms (a frozen VAE): the decoder does not run at all
             zero = torch.zeros((), device=tokens.device)
@@ -323,35 +314,16 @@ class ColaDLM(nn.Module):
         if self.dit.cfg.self_cond and float(torch.rand(())) < 0.5:  # half the batches read their own estimate
             with torch.no_grad():
                 hint = zt - t_tok.unsqueeze(-1) * self.velocity_2l(z0n, zt, t_tok).float()
-        v_pred, tok_h = self.velocity_2l(z0n, zt, t_tok, with_tokens=True, hint=hint) if lam_token_aux > 0 else \
-            (self.velocity_2l(z0n, zt, t_tok, hint=hint), None)
+        v_pred = self.velocity_2l(z0n, zt, t_tok, hint=hint)
         out["fm"] = fm_loss(v_pred, velocity_target(z0n.detach(), eps), ~known)
         out["loss"] = (lam_vae * (out["ce"] + beta * out["neg_entropy"] + lam_mask * out["mask_ce"])
                        + lam_fm * out["fm"] + lam_ref * out["ref_kl"])
-        if lam_x0_ce > 0:
-            z0_hat = zt[:n_dec] - t_tok[:n_dec].unsqueeze(-1) * v_pred[:n_dec].float()  # (n_dec, L, d) normalised
-            frozen = {k: p.detach() for k, p in vae.dec.named_parameters()}
-            logits = torch.func.functional_call(vae.dec, frozen, (self.decoder_input(z0_hat),))  # (n_dec, T, V)
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:n_dec].flatten(), reduction="none")
-            keep = (~known[:n_dec]).repeat_interleave(vae.cfg.patch_size, 1).flatten().float()
-            out["x0_ce"] = (ce * keep).sum() / keep.sum().clamp(min=1)
-            out["loss"] = out["loss"] + lam_x0_ce * out["x0_ce"]
-        if lam_token_aux > 0:
-            h = tok_h[:n_dec].reshape(n_dec, L * vae.cfg.patch_size, -1)  # (n_dec, T, vae width)
-            logits = h @ vae.dec.head.weight.detach().T  # (n_dec, T, V)
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:n_dec].flatten(), reduction="none")
-            keep = (~known[:n_dec]).repeat_interleave(vae.cfg.patch_size, 1).flatten().float()
-            out["token_aux"] = (ce * keep).sum() / keep.sum().clamp(min=1)
-            out["loss"] = out["loss"] + lam_token_aux * out["token_aux"]
         return out
 
-    def train_flops_per_token(self, seq_len, decode_frac=1.0, lam_mask=1.0, x0_ce=False, token_aux=False,
-                              vae_frozen=False):
+    def train_flops_per_token(self, seq_len, decode_frac=1.0, lam_mask=1.0, vae_frozen=False):
         """Stage-2 training FLOPs per token (layers.py's convention): the encoder on every sequence (and on
         the masked copy of the decoded ones), the decoder on the decoded fraction of the batch (both copies),
-        the frozen reference encoder forward only, and the DiT on (2L - bs) latents per L. The auxiliary
-        token losses run a decoder (x0_ce) or its head (token_aux) with fixed weights on the decoded rows:
-        4 per weight (forward, and backward to the input only)."""
+        the frozen reference encoder forward only, and the DiT on (2L - bs) latents per L."""
         c, d = self.vae.cfg, self.dit.cfg
         copies = 2 if lam_mask > 0 else 1
         enc, dec = self.vae.flops_per_token(seq_len)
@@ -360,12 +332,10 @@ class ColaDLM(nn.Module):
         else:
             f = enc * (1 + (copies - 1) * decode_frac) + copies * dec * decode_frac
             f += 2 * matmul_params(self.ref_enc) / c.patch_size
-        L, bs = seq_len // c.patch_size, c.block_size
+        L, bs = seq_len // c.patch_size, self.block_size
         n_dit = 2 * L - bs
         dit_pass = (2 * matmul_params(self.dit) + attention_flops(d.n_layers, d.width, n_dit)) * n_dit / L / c.patch_size
-        f += dit_pass * (3 + 0.5 * d.self_cond)  # forward + backward, and half the time a self-conditioning forward
-        f += decode_frac * (4 / 6 * dec * x0_ce + 4 * matmul_params(self.vae.dec.head) * token_aux)
-        return f
+        return f + dit_pass * (3 + 0.5 * d.self_cond)  # forward + backward, half the time a self-conditioning forward
 
     # ------------------------------------------------------------------------------------------------
     # generation with KV caches (docs/method.md §6): decoder.generate() is the block loop over these
@@ -431,7 +401,7 @@ class ColaDLM(nn.Module):
     def fm_eval(self, tokens, t_loc=1.0, t_scale=1.0, t_uniform=False, generator=None):
         """FM loss with the clean history (cond) and without it (uncond, each block alone) on the same
         noise, with the posterior mean as z0. Returns t (B,) and the losses per block, cond and uncond
-        (B, n_blocks). Block 0 has no history, so its two losses are equal: compare blocks 1.. (history_gap)."""
+        (B, n_blocks). Block 0 has no history, so its two losses are equal: compare blocks 1.. (history_blocks, history_metrics)."""
         mu, _ = self.vae.encode(tokens)
         z0n = self.normalize(mu.float())  # (B, L, d)
         B, L, _ = z0n.shape

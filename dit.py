@@ -38,8 +38,6 @@ class DiTConfig:
     dropout: float = 0.0            # attention/MLP dropout (paper: none)
     adaln_zero: bool = True         # zero-init modulation and output (DiT's adaLN-Zero); False: Xavier everywhere,
                                     # as the authors' release initialises it (its zero-init is never called)
-    token_head_dim: int = 0         # > 0 (not the paper's): a training-only projection of the middle block's
-                                    # hidden states to the VAE decoder's head, for an auxiliary token loss
     self_cond: bool = False         # (not the paper's) the DiT also reads an estimate of z0 (self-conditioning)
 
     @property
@@ -113,8 +111,6 @@ class DiT(nn.Module):
         self.t_embed = TimestepEmbedder(cfg.width, cfg.freq_dim)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_layers))
         self.final = FinalLayer(cfg.width, cfg.latent_dim, cfg.norm_eps)
-        if cfg.token_head_dim:
-            self.token_proj = nn.Linear(cfg.width, cfg.token_head_dim)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -141,11 +137,10 @@ class DiT(nn.Module):
     def new_cache(self):
         return KVCache(self.cfg.n_layers)
 
-    def forward(self, z, t, pos, mask, cache=None, commit=False, with_tokens=False, hint=None, round_bf16=False):
+    def forward(self, z, t, pos, mask, cache=None, commit=False, hint=None, round_bf16=False):
         """z (B, T, d) latents; t (B, T) per-latent time in [0, 1]; pos (T,) or (B, T) RoPE positions;
         mask (T, Tk) or (B, 1, T, Tk) bool, True = may attend (Tk includes cached keys).
         With a cache, the new keys are stored only if `commit` (clean blocks at t = 0).
-        with_tokens: also return token_proj of the middle block's output (B, T, token_head_dim).
         hint (B, T, d): with self_cond, an estimate of z0 (None: zeros); a clean latent (t = 0) is its own.
         round_bf16: round z and the network's time 1000 t to bfloat16 first, as the release's sampler does."""
         steps = 1000.0 * t.float()  # (B, T): the time the network sees
@@ -156,10 +151,6 @@ class DiT(nn.Module):
             z = torch.cat([z, torch.where(t.unsqueeze(-1) == 0, z, hint)], -1)  # (B, T, 2d)
         x = self.inp(z)  # (B, T, w)
         c = F.silu(self.t_embed(steps))  # (B, T, w): what every adaLN Linear reads
-        mid = None
         for i, blk in enumerate(self.blocks):
             x = blk(x, c, pos, mask, None if cache is None else cache.layers[i], commit)
-            if with_tokens and i == (len(self.blocks) - 1) // 2:
-                mid = self.token_proj(x)
-        v = self.final(x, c)  # (B, T, d)
-        return (v, mid) if with_tokens else v
+        return self.final(x, c)  # (B, T, d)

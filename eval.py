@@ -38,8 +38,9 @@ from diagnostics import (eval_history_drift, eval_latent_fit, eval_prefix_predic
                          plot_diagnostics)
 from measures import (builtin_tasks, eval_history_gap, eval_likelihood, eval_vae, make_generator, run_tasks,
                       sample_quality)
-from prepare import REPO_DIR, DataError, TokenData, batch_seed, get_tokenizer, same_tokenizer
-from presets import sampler_settings
+from prepare import REPO_DIR, DataError, TokenData, batch_seed
+from tokenizer import get_tokenizer, same_tokenizer
+from presets import fill_sampler
 from scoring import TaskError, TrainNgrams, ngram_metrics, read_tasks, score_file
 
 
@@ -82,46 +83,49 @@ def plot_sweep(sweep, key, metrics, path):
 
 def get_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = p.add_argument
-    add("--out_dir", default=os.path.join(REPO_DIR, "out"), help="run directory holding ckpt.pt")
-    add("--ckpt", default=None, help="checkpoint path (overrides --out_dir)")
-    add("--init_from", default=None, metavar="DIR", help="the authors' released snapshot instead of a checkpoint")
-    add("--score", nargs="+", type=readable_file, default=None, metavar="FILE",
-        help="score the 'generate' fields of task files by the paper's rules and exit (no model)")
-    add("--data_dir", default=None, help="prepared data (default: the one the run trained on)")
-    add("--results", default=None, help="JSON output path (default: <run dir>/eval.json)")
-    add("--batches", type=positive_int, default=4, help="held-out batches for losses and likelihood")
-    add("--batch_size", type=positive_int, default=8, help="sequences per held-out batch")
-    add("--fm_batches", type=positive_int, default=32, help="held-out batches for the FM history comparison (Cola)")
-    add("--ll_steps", type=positive_int, default=16, help="midpoint steps of the CNF likelihood solve")
-    add("--iwae_k", type=positive_int, default=2, help="posterior samples per sequence for Cola's bounds")
-    add("--diag_windows", type=nonneg_int, default=64, help="held-out windows for the generation diagnostics (Cola; 0: skip)")
-    add("--prefix_windows", type=positive_int, default=512,
-        help="held-out windows for the prior's next-token accuracy (Cola, eval_prefix_prediction)")
-    add("--tasks", nargs="*", type=readable_file, default=[], help="JSONL task files to generate answers for and score")
-    add("--builtin_n", type=nonneg_int, default=32, help="examples per built-in task (0: skip them)")
-    add("--task_max_new", type=positive_int, default=32, help="new tokens per task answer (paper: <= 32)")
-    add("--n_samples", type=positive_int, default=8, help="samples per round for the sample metrics and speed")
-    add("--sample_len", type=positive_int, default=96, help="new tokens per sample")
-    add("--sample_prompt", default="\n", help="prompt of every sample ('held-out': the first 16 tokens of held-out windows)")
-    add("--sample_temperature", type=nonneg_float, default=0.0,
-        help="AR and LLaDA: token temperature of the samples (0: greedy, as the tasks; Cola's come from its noise)")
-    add("--judge", default=None, type=readable_file, help="AR checkpoint that scores sample perplexity (name it in every comparison)")
-    add("--steps", type=positive_int, default=None, help="Euler steps per block (Cola) / LLaDA steps (default: preset; paper 16)")
-    add("--guidance", type=positive_float, default=None, help="guidance scale (Cola; default: preset; paper 7)")
-    add("--noise_scale", type=positive_float, default=None, help="Cola: std of each block's starting noise (default: preset; paper 1)")
-    add("--grid_power", type=float_in(1.0), default=1.0, help="Cola: > 1 makes the time grid denser near t = 0 (paper: 1)")
-    add("--eta", type=float_in(0.0, 1.0, high_open=True), default=None, help="Cola: share of fresh noise per step (default: preset; paper 0)")
-    add("--budget", default=None, choices=["blocks", "tokens"],
-        help="Cola: 'blocks' (the release) or exactly the tokens asked for (default: preset)")
-    add("--round_bf16", default=None, action=argparse.BooleanOptionalAction,
-        help="Cola: round the DiT's inputs to bfloat16 as the release does (default: preset)")
-    add("--sweep_steps", type=int_list, default=None, help="comma list of step counts to sweep (Cola)")
-    add("--sweep_guidance", type=float_list, default=None, help="comma list of guidance scales to sweep (Cola)")
-    add("--sweep_noise", type=float_list, default=None, help="comma list of starting-noise scales to sweep (Cola)")
-    add("--sample_repeats", type=positive_int, default=3, help="rounds of --n_samples samples (different noise)")
-    add("--device", default="auto", help="auto, cpu, cuda")
-    add("--seed", type=nonneg_int, default=0, help="random seed")
+    p.add_argument("--out_dir", default=os.path.join(REPO_DIR, "out"), help="run directory holding ckpt.pt")
+    p.add_argument("--ckpt", default=None, help="checkpoint path (overrides --out_dir)")
+    p.add_argument("--init_from", default=None, metavar="DIR", help="the authors' released snapshot instead of a checkpoint")
+    p.add_argument("--score", nargs="+", type=readable_file, default=None, metavar="FILE",
+                   help="score the 'generate' fields of task files by the paper's rules and exit (no model)")
+    p.add_argument("--data_dir", default=None, help="prepared data (default: the one the run trained on)")
+    p.add_argument("--results", default=None, help="JSON output path (default: <run dir>/eval.json)")
+    # held-out measures
+    p.add_argument("--batches", type=positive_int, default=4, help="held-out batches for losses and likelihood")
+    p.add_argument("--batch_size", type=positive_int, default=8, help="sequences per held-out batch")
+    p.add_argument("--fm_batches", type=positive_int, default=32, help="held-out batches for the FM history comparison (Cola)")
+    # Cola's likelihood bound
+    p.add_argument("--ll_steps", type=positive_int, default=16, help="midpoint steps of the CNF likelihood solve")
+    p.add_argument("--iwae_k", type=positive_int, default=2, help="posterior samples per sequence for Cola's bounds")
+    # generation diagnostics
+    p.add_argument("--diag_windows", type=nonneg_int, default=64, help="held-out windows for the generation diagnostics (Cola; 0: skip)")
+    p.add_argument("--prefix_windows", type=positive_int, default=512,
+                   help="held-out windows for the prior's next-token accuracy (Cola, eval_prefix_prediction)")
+    # tasks and samples
+    p.add_argument("--tasks", nargs="*", type=readable_file, default=[], help="JSONL task files to generate answers for and score")
+    p.add_argument("--builtin_n", type=nonneg_int, default=32, help="examples per built-in task (0: skip them)")
+    p.add_argument("--task_max_new", type=positive_int, default=32, help="new tokens per task answer (paper: <= 32)")
+    p.add_argument("--n_samples", type=positive_int, default=8, help="samples per round for the sample metrics and speed")
+    p.add_argument("--sample_len", type=positive_int, default=96, help="new tokens per sample")
+    p.add_argument("--sample_prompt", default="\n", help="prompt of every sample ('held-out': the first 16 tokens of held-out windows)")
+    p.add_argument("--sample_temperature", type=nonneg_float, default=0.0,
+                   help="AR and LLaDA: token temperature of the samples (0: greedy, as the tasks; Cola's come from its noise)")
+    p.add_argument("--judge", default=None, type=readable_file, help="AR checkpoint that scores sample perplexity (name it in every comparison)")
+    # the sampler (default: the checkpoint preset's, presets.py)
+    p.add_argument("--steps", type=positive_int, default=None, help="Euler steps per block (Cola) / LLaDA steps (default: preset; paper 16)")
+    p.add_argument("--guidance", type=positive_float, default=None, help="guidance scale (Cola; default: preset; paper 7)")
+    p.add_argument("--noise_scale", type=positive_float, default=None, help="Cola: std of each block's starting noise (default: preset; paper 1)")
+    p.add_argument("--budget", default=None, choices=["blocks", "tokens"],
+                   help="Cola: 'blocks' (the release) or exactly the tokens asked for (default: preset)")
+    p.add_argument("--round_bf16", default=None, action=argparse.BooleanOptionalAction,
+                   help="Cola: round the DiT's inputs to bfloat16 as the release does (default: preset)")
+    # sampler sweeps (Cola)
+    p.add_argument("--sweep_steps", type=int_list, default=None, help="comma list of step counts to sweep (Cola)")
+    p.add_argument("--sweep_guidance", type=float_list, default=None, help="comma list of guidance scales to sweep (Cola)")
+    p.add_argument("--sweep_noise", type=float_list, default=None, help="comma list of starting-noise scales to sweep (Cola)")
+    p.add_argument("--sample_repeats", type=positive_int, default=3, help="rounds of --n_samples samples (different noise)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed")
     return p.parse_args(argv)
 
 
@@ -169,9 +173,7 @@ def setup(args):
             if n + args.task_max_new > context:
                 raise TaskError(f"task {name} item {t['id']}: prompt of {n} tokens + --task_max_new {args.task_max_new} "
                                 f"exceed the model's context of {context} tokens")
-    for k, v in sampler_settings(info["args"].get("preset", "paper")).items():  # unset flags: the preset's sampler
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    fill_sampler(args, info["args"].get("preset", "paper"))
     return dict(device=device, path=path, run_dir=run_dir, out_path=out_path, tasks=tasks, model=model, info=info,
                 enc=enc, judge=judge, data=data)
 
@@ -189,7 +191,7 @@ def evaluate(args):
            "judge": args.judge, "guidance": args.guidance, "steps": args.steps}
     train_ngrams, batches = None, []
     if data is not None:
-        train_ngrams = TrainNgrams(data.tokens("train", limit=50_000_000), data.meta["vocab_size"])
+        train_ngrams = TrainNgrams.of(data)
         batches = [data.batch("val", args.batch_size, batch_seed(args.seed + 99, i, 0), device)
                    for i in range(args.batches)]
         res.update(seq_len=data.seq_len, heldout_tokens=args.batches * args.batch_size * data.seq_len)
@@ -227,7 +229,7 @@ def evaluate(args):
 def generation(args, env, stop_ids, pad_id, batches, train_ngrams):
     """Tasks, samples and speed, and the sampler sweeps (Cola)."""
     model, info, enc, data, kind = env["model"], env["info"], env["enc"], env["data"], env["info"]["kind"]
-    cola_options = dict(noise_scale=args.noise_scale, grid_power=args.grid_power, eta=args.eta, budget=args.budget,
+    cola_options = dict(noise_scale=args.noise_scale, budget=args.budget,
                         round_bf16=args.round_bf16) if kind == "cola" else {}
     make = lambda seed, temperature=0.0, **over: make_generator(
         kind, model, int(over.pop("steps", args.steps)), over.pop("guidance", args.guidance), stop_ids, pad_id, seed,

@@ -25,7 +25,8 @@ def block_causal_mask(q_block, k_block):
 
 
 def cola_mask(q_block, q_noisy, k_block, k_noisy):
-    """The mixed clean/noisy rule of docs/method.md §4 (the "2L" layout, and the cached sampling pass).
+    """The mixed clean/noisy rule of docs/method.md §4: the "2L" training layout (diffusion.two_l_mask; the
+    cached sampling pass builds its own masks, diffusion.cached_block_masks, and tests check the two agree).
 
     clean query in block i -> clean keys in blocks <= i; noisy query in block j -> clean keys in
     blocks < j and noisy keys of block j only; clean queries never see noisy keys.

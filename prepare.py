@@ -13,13 +13,13 @@ separated by <|endoftext|>.
 
 Tokens are stored as uint16 when the vocabulary fits, else uint32, as nanoGPT does. The GPT-2 BPE
 (docs/method.md §2) loads offline from the vendored data/gpt2.tiktoken after a hash check; cl100k_base
-(the paper's tokenizer family) is used only where tiktoken can load it (it needs its own download/cache).
+(the paper's tokenizer family) is used only where tiktoken can load it (it needs its own download/cache);
+a released model's tokenizer.json works too (tokenizer.py).
 
 TokenData reads the prepared shards for training and evaluation: random windows from memmaps, each
 batch a pure function of (seed, index, step), so a run's data position is just its step.
 """
 import argparse
-import base64
 import hashlib
 import json
 import multiprocessing
@@ -32,152 +32,11 @@ import torch
 from tqdm import tqdm
 
 from cli import Parser, check_writable_dir, write_json
+from tokenizer import EOT, DataError, eot_id, get_tokenizer, sha256_of
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))  # default paths of every script start here
 DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "data", "shakespeare")
 DEFAULT_CORPUS = os.path.join(REPO_DIR, "data", "shakespeare_tiny.txt")
-GPT2_BPE_FILE = os.path.join(REPO_DIR, "data", "gpt2.tiktoken")
-GPT2_BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-EOT = "<|endoftext|>"
-
-
-class DataError(ValueError):
-    """Bad input data; the message is one line meant for the user."""
-
-
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-_ENCODERS = {}
-
-
-def get_tokenizer(name="gpt2"):
-    """A tiktoken Encoding. 'gpt2' is built from the vendored BPE file, so it never touches the network; a path
-    ending in .json is read as a tokenizer.json (tokenizer_from_json)."""
-    import tiktoken
-    if name in _ENCODERS:
-        return _ENCODERS[name]
-    if name.endswith(".json"):  # a released model's tokenizer.json
-        enc = tokenizer_from_json(name)
-    elif name == "gpt2":
-        if not os.path.exists(GPT2_BPE_FILE):
-            raise DataError(f"tokenizer file {GPT2_BPE_FILE} is missing")
-        if sha256_of(GPT2_BPE_FILE) != GPT2_BPE_SHA256:
-            raise DataError(f"tokenizer file {GPT2_BPE_FILE} has the wrong sha256 (corrupted?)")
-        from tiktoken_ext.openai_public import r50k_pat_str
-        ranks = {}
-        with open(GPT2_BPE_FILE, "rb") as f:
-            for line in f:
-                if line.strip():
-                    token, rank = line.split()
-                    ranks[base64.b64decode(token)] = int(rank)
-        enc = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                                special_tokens={EOT: 50256}, explicit_n_vocab=50257)
-    elif name == "cl100k_base":
-        try:
-            enc = tiktoken.get_encoding("cl100k_base")
-        except Exception as e:  # no network and no cache: say so in one line
-            raise DataError(f"tokenizer cl100k_base cannot be loaded here ({type(e).__name__}); "
-                            "it needs tiktoken's download or a TIKTOKEN_CACHE_DIR holding it") from None
-    else:
-        raise DataError(f"unknown tokenizer {name!r} (choose gpt2, cl100k_base or a tokenizer.json path)")
-    _ENCODERS[name] = enc
-    return enc
-
-
-def eot_id(enc):
-    """The <|endoftext|> id: EOS and pad (docs/method.md §2)."""
-    return enc.eot_token
-
-
-def same_tokenizer(a, b):
-    """Whether two tokenizer names (gpt2, cl100k_base, or a tokenizer.json path) are the same tokenizer."""
-    if a == b:
-        return True
-    files = [x for x in (a, b) if x.endswith(".json") and os.path.isfile(x)]
-    return len(files) == 2 and sha256_of(a) == sha256_of(b)
-
-
-def byte_alphabet():
-    """The byte-level BPE alphabet (GPT-2's): each byte as one printable character, as tokenizer.json files
-    spell their vocabulary. Printable Latin-1 bytes stand for themselves, the rest for chr(256 + n)."""
-    own = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
-    chars, n = {}, 0
-    for b in range(256):
-        if b in own:
-            chars[b] = chr(b)
-        else:
-            chars[b], n = chr(256 + n), n + 1
-    return chars
-
-
-def _split_pattern(pre):
-    """The pre-tokenizer's regex from a tokenizer.json 'pre_tokenizer' (a Split, or a Sequence holding one)."""
-    for p in [pre] + list((pre or {}).get("pretokenizers") or []):
-        if p and p.get("type") == "Split" and "Regex" in (p.get("pattern") or {}):
-            return p["pattern"]["Regex"]
-        if p and p.get("type") == "ByteLevel" and p.get("use_regex"):
-            from tiktoken_ext.openai_public import r50k_pat_str
-            return r50k_pat_str
-    return None
-
-
-def template_ids(path):
-    """(prefix ids, suffix ids) the tokenizer.json's post-processor wraps around an encoded text (its
-    TemplateProcessing 'single' template; none without one), as Tokenizer.encode(text) adds them."""
-    with open(path, encoding="utf-8") as f:
-        post = json.load(f).get("post_processor") or {}
-    for p in [post] + list(post.get("processors") or []):
-        if p.get("type") == "TemplateProcessing":
-            ids = {name: tok["ids"] for name, tok in (p.get("special_tokens") or {}).items()}
-            parts = [("A", None) if "Sequence" in item else ("S", ids[item["SpecialToken"]["id"]])
-                     for item in p.get("single", [])]
-            cut = [k for k, _ in parts].index("A") if ("A", None) in parts else len(parts)
-            return ([i for _, v in parts[:cut] for i in v], [i for _, v in parts[cut + 1:] for i in v])
-    return [], []
-
-
-def tokenizer_from_json(path):
-    """A byte-level BPE tokenizer.json (the Hugging Face format; the release ships one) as a tiktoken
-    Encoding, offline and without the tokenizers library: each vocabulary entry becomes a mergeable rank
-    equal to its id, added tokens become special tokens. That is the same tokenizer when the merges' results
-    have increasing ids (tokenizers converted from tiktoken, such as OLMo 2's), which is checked."""
-    import tiktoken
-    try:
-        with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
-        model, specials = spec["model"], {t["content"]: int(t["id"]) for t in spec.get("added_tokens", [])}
-        vocab, merges = model["vocab"], model.get("merges", [])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path} is not a readable tokenizer.json ({type(e).__name__}: {e})") from None
-    if model.get("type") != "BPE":
-        raise DataError(f"{path}: model type {model.get('type')!r} is not a byte-level BPE")
-    pattern = _split_pattern(spec.get("pre_tokenizer"))
-    if pattern is None:
-        raise DataError(f"{path}: pre_tokenizer has no Split regex to read")
-    to_byte = {c: b for b, c in byte_alphabet().items()}
-    special_ids = set(specials.values())
-    try:
-        ranks = {bytes(to_byte[c] for c in tok): int(i) for tok, i in vocab.items() if int(i) not in special_ids}
-    except KeyError as e:
-        raise DataError(f"{path}: vocabulary entry with {e} is not in the byte-level alphabet") from None
-    if len(set(ranks.values())) != len(ranks) or any(bytes([b]) not in ranks for b in range(256)):
-        raise DataError(f"{path}: the vocabulary must hold every single byte once")
-    merged = [vocab.get("".join(m.split(" ") if isinstance(m, str) else m)) for m in merges]
-    if None in merged or any(a >= b for a, b in zip(merged, merged[1:])):
-        raise DataError(f"{path}: the merges are not in the order of their tokens' ids, so tiktoken cannot "
-                        "reproduce this BPE")
-    try:
-        return tiktoken.Encoding(name=os.path.basename(path), pat_str=pattern, mergeable_ranks=ranks,
-                                 special_tokens=specials)
-    except Exception as e:  # a pattern the regex engine rejects, say
-        raise DataError(f"{path}: tiktoken cannot build this tokenizer ({type(e).__name__}: {e})") from None
-
 
 def split_tokens(ids, val_fraction, split="chunks", chunk=2048, min_chunk=64):
     """Train/val split. 'chunks': every k-th chunk of `chunk` tokens is held out, so validation text comes

@@ -20,7 +20,7 @@ from vae import VAEConfig
 
 # The paper's recipe (docs/method.md §5); a preset may override it where its scale calls for it.
 RECIPE = dict(beta=1e-3, beta2=0.95, embed_lr_mult=1.0, lr=1.5e-4, min_lr=1e-5, warmup_iters=5000,
-              grad_clip_scope="global", fm_batch_mult=1, decoder_noise=0.0, lam_x0_ce=0.0, lam_token_aux=0.0)
+              grad_clip_scope="global", fm_batch_mult=1)
 
 # Size presets. 'cpu' is the laptop default; 'paper' is the paper's configuration (docs/method.md §3, §4, §10).
 PRESETS = {
@@ -45,12 +45,19 @@ PRESETS = {
 # The sampler (docs/method.md §6, docs/release.md): the release's settings, which released snapshots use;
 # a preset's "sampler" entry overrides them. budget 'blocks': ceil(max_new_tokens / 16) blocks and every token
 # of them (decoder.n_blocks_to_generate); round_bf16: the DiT's inputs rounded to bfloat16.
-SAMPLER = dict(steps=16, guidance=7.0, noise_scale=1.0, eta=0.0, budget="blocks", round_bf16=True)
+SAMPLER = dict(steps=16, guidance=7.0, noise_scale=1.0, budget="blocks", round_bf16=True)
 
 
 def sampler_settings(preset):
     """The sampler settings for checkpoints trained at this preset (sample.py and eval.py's defaults)."""
     return {**SAMPLER, **PRESETS.get(preset, {}).get("sampler", {})}
+
+
+def fill_sampler(args, preset):
+    """Give every sampler flag left unset (None) the preset's value; a released snapshot's preset is 'release'."""
+    for k, v in sampler_settings(preset).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -99,9 +106,6 @@ def get_args(argv=None):
     # deviations from the paper's recipe (docs/results.md): the cpu preset turns some on
     add("--fm_batch_mult", type=positive_int, default=None, help="stage 2: the prior sees this x --batch_size (paper 1)")
     add("--grad_clip_scope", choices=["global", "network"], help="stage 2: clip VAE+DiT together (paper) or apart")
-    add("--decoder_noise", type=unit_float, default=None, help="decoder reads latents noised to t<this (paper 0)")
-    add("--lam_x0_ce", type=nonneg_float, default=None, help="stage 2: decoder CE on the DiT's z0 estimate (paper 0)")
-    add("--lam_token_aux", type=nonneg_float, default=None, help="stage 2: DiT hidden states predict tokens (paper 0)")
     add("--embed_lr_mult", type=positive_float, default=None, help="lr multiplier of embeddings and output heads (paper 1)")
     add("--dit_init", default="adaln_zero", choices=["adaln_zero", "xavier"], help="DiT init (release: xavier)")
     add("--self_cond", action="store_true", help="stage 2: the DiT also reads its own estimate of z0 (paper: off)")
@@ -171,9 +175,7 @@ def vae_config(args, vocab_size):
 def dit_config(args, vae_cfg):
     """The preset's DiT with the flags' overrides, on the VAE's latents and blocks."""
     over = dict(width=args.dit_width, n_layers=args.dit_layers, rope_fraction=args.rope_fraction,
-                adaln_zero=args.dit_init == "adaln_zero",
-                token_head_dim=vae_cfg.width * vae_cfg.patch_size if args.lam_token_aux > 0 else 0,
-                self_cond=args.self_cond)
+                adaln_zero=args.dit_init == "adaln_zero", self_cond=args.self_cond)
     return DiTConfig(**{**PRESETS[args.preset]["dit"], **{k: v for k, v in over.items() if v is not None},
                         "latent_dim": vae_cfg.latent_dim, "block_size": vae_cfg.block_size, "dropout": args.dropout})
 
@@ -200,8 +202,7 @@ def dry_run(args, vocab_size):
         vcfg = vae_config(args, vocab_size)
         cola = ColaDLM(vcfg, dit_config(args, vcfg))
     frozen = args.vae_lr_ratio == 0 and args.lam_vae == 0 and args.lam_ref == 0
-    joint = cola.train_flops_per_token(L, 1 / args.fm_batch_mult, args.lam_mask, args.lam_x0_ce > 0,
-                                       args.lam_token_aux > 0, frozen)
+    joint = cola.train_flops_per_token(L, 1 / args.fm_batch_mult, args.lam_mask, frozen)
     return dict(model="cola", vae_iters=args.vae_iters, main_iters=args.main_iters, vae_config=asdict(vcfg),
                 dit_config=asdict(cola.dit.cfg), params=n_params(cola.vae) + n_params(cola.dit),
                 vae_flops_per_step=cola.vae.train_flops_per_token(L, args.lam_mask) * tokens,

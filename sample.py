@@ -24,8 +24,9 @@ from checkpoint import CheckpointError
 from cli import Parser, autocast, float_in, int_at_least, nonneg_float, nonneg_int, pick_device, positive_float, \
     positive_int
 from decoder import GenerationError, ar_generate, encode_prompt, generate, llada_generate, load_model, special_ids
-from prepare import REPO_DIR, DataError, TokenData, get_tokenizer
-from presets import sampler_settings
+from prepare import REPO_DIR, DataError, TokenData
+from tokenizer import get_tokenizer
+from presets import fill_sampler
 from scoring import TrainNgrams, ngram_metrics
 
 
@@ -43,8 +44,6 @@ def get_args(argv=None):
     p.add_argument("--guidance", type=positive_float, default=None, help="Cola: guidance scale, 1 = off (default: preset; paper 7)")
     p.add_argument("--noise_scale", type=positive_float, default=None,
                    help="Cola: std of each block's starting noise (default: preset; paper 1)")
-    p.add_argument("--eta", type=float_in(0.0, 1.0, high_open=True), default=None,
-                   help="Cola: share of fresh noise per step, in [0, 1) (default: preset; paper 0)")
     p.add_argument("--budget", default=None, choices=["blocks", "tokens"],
                    help="Cola: 'blocks' (the release: ceil(max_new_tokens / 16) blocks, every token kept) or exactly "
                         "--max_new_tokens tokens, cut at <|endoftext|> (default: the checkpoint preset's sampler)")
@@ -99,10 +98,8 @@ def main(argv=None):
     amp = autocast(device, args.dtype)
     g = torch.Generator(device=device).manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    for k, v in sampler_settings(info["args"].get("preset", "paper")).items():  # unset flags: the preset's sampler
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    how = {"cola": f"steps {args.steps}, guidance {args.guidance}, noise scale {args.noise_scale}, eta {args.eta}, "
+    fill_sampler(args, info["args"].get("preset", "paper"))
+    how = {"cola": f"steps {args.steps}, guidance {args.guidance}, noise scale {args.noise_scale}, "
                    f"budget {args.budget}, DiT inputs {'bf16' if args.round_bf16 else 'fp32'}",
            "ar": "KV cache",
            "llada": f"steps {args.steps}, block length {args.block_length or args.max_new_tokens}"}[kind]
@@ -122,7 +119,7 @@ def main(argv=None):
                     out, _ = generate(model, [prompt_ids], args.max_new_tokens, args.steps, args.guidance,
                                       args.temperature, args.top_k, args.top_p, args.repetition_penalty,
                                       stop_ids=stop_ids, pad_id=pad_id, generator=g, on_block=show,
-                                      noise_scale=args.noise_scale, eta=args.eta, budget=args.budget,
+                                      noise_scale=args.noise_scale, budget=args.budget,
                                       round_bf16=args.round_bf16)
                 elif kind == "ar":
                     out, _ = ar_generate(model, [prompt_ids], args.max_new_tokens, args.temperature, args.top_k,
@@ -143,8 +140,7 @@ def main(argv=None):
     if "data_dir" not in info["args"]:
         return
     try:  # judge-free quality of the samples against the training split (scoring.py), if the data is here
-        data = TokenData(info["args"]["data_dir"], 1)
-        m = ngram_metrics(samples, TrainNgrams(data.tokens("train", limit=50_000_000), data.meta["vocab_size"]))
+        m = ngram_metrics(samples, TrainNgrams.of(TokenData(info["args"]["data_dir"], 1)))
         print(f"# seen 2-gram rate {m['seen_2gram_rate']:.3f}, seen 3-gram rate {m['seen_3gram_rate']:.3f}, "
               f"distinct-2 {m['distinct_2']:.3f} (token n-grams of the samples found in the training split)")
     except DataError:

@@ -112,7 +112,7 @@ def plan(a):
 
 
 ABLATION_EVAL = ["--builtin_n", "0", "--batches", "1", "--fm_batches", "8", "--ll_steps", "2", "--iwae_k", "1",
-                 "--steps", "16", "--guidance", "7", "--noise_scale", "1", "--eta", "0", "--sweep_noise", "1,0.5",
+                 "--steps", "16", "--guidance", "7", "--noise_scale", "1", "--sweep_noise", "1,0.5",
                  "--sample_repeats", "3"]  # the paper's sampler, and starting noise 0.5
 
 

@@ -248,6 +248,11 @@ def score_file(path):
 class TrainNgrams:
     """Membership of token 2- and 3-grams in the training split (sorted int64 codes, searchsorted)."""
 
+    @classmethod
+    def of(cls, data, limit=50_000_000):
+        """The n-grams of a prepared dataset's training split (its first `limit` tokens)."""
+        return cls(data.tokens("train", limit=limit), data.meta["vocab_size"])
+
     def __init__(self, train_tokens, vocab_size):
         ids = np.asarray(train_tokens, dtype=np.int64)
         self.V = vocab_size

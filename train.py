@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from baselines import LMConfig, TransformerLM
 from checkpoint import CheckpointError, build, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
-from cli import check_writable_dir, fail, pick_device, write_atomic
+from cli import autocast, check_writable_dir, fail, folder_lock, pick_device, write_atomic
 from diffusion import ColaDLM, history_metrics, t_bin_line
 from layers import n_params
 from prepare import DataError, TokenData, batch_seed
@@ -114,7 +114,7 @@ def stage_vae(args, env, data):
         load_weights(model, ckpt["model"], ckpt)
     if env["master"]:
         print(f"[vae] {n_params(model) / 1e6:.2f}M parameters, config {asdict(cfg)}", flush=True)
-    loss_kwargs = {k: getattr(args, k) for k in ("beta", "mask_prob", "lam_mask", "decoder_noise")}
+    loss_kwargs = {k: getattr(args, k) for k in ("beta", "mask_prob", "lam_mask")}
 
     def validate(x):
         out = model(x, **loss_kwargs)
@@ -130,7 +130,7 @@ def stage_vae(args, env, data):
 # stage 2: the VAE and the block-causal DiT prior, jointly (docs/method.md §4, §5)
 
 JOINT_LOSS_ARGS = ("beta", "mask_prob", "lam_mask", "lam_vae", "lam_fm", "lam_ref", "t_loc", "t_scale", "t_uniform",
-                   "partial_prob", "detach_zt", "decoder_noise", "lam_x0_ce", "lam_token_aux")  # ColaDLM.forward's
+                   "partial_prob", "detach_zt")  # ColaDLM.forward's
 
 def stage_joint(args, env, data):
     path = os.path.join(args.out_dir, "ckpt.pt")
@@ -172,8 +172,7 @@ def stage_joint(args, env, data):
     return Run("joint", model, groups, loss_kwargs, args.main_iters, path,
                dict(kind="cola", vae_config=asdict(model.vae.cfg), dit_config=asdict(model.dit.cfg),
                     stage1_flops=stage1_flops),
-               model.train_flops_per_token(args.seq_len, 1 / args.fm_batch_mult, args.lam_mask, args.lam_x0_ce > 0,
-                                           args.lam_token_aux > 0, frozen), stage1_flops,
+               model.train_flops_per_token(args.seq_len, 1 / args.fm_batch_mult, args.lam_mask, frozen), stage1_flops,
                micro_batch=args.batch_size * args.fm_batch_mult, clip_groups=clip_groups, resume_from=ckpt,
                validate=validate, report=report)
 
@@ -252,8 +251,7 @@ def train(run, args, env, data):
     fwd = torch.compile(model) if args.compile else model
     if world > 1:
         fwd = DDP(fwd, device_ids=[torch.device(device).index] if str(device).startswith("cuda") else None)
-    autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
-                else contextlib.nullcontext())
+    amp = autocast(device, args.dtype)
     micro_batch = run.micro_batch or args.batch_size
     tokens_per_step = micro_batch * args.seq_len * args.grad_accum * world
     flops = lambda: run.flops_before + step * tokens_per_step * run.flops_per_token
@@ -278,7 +276,7 @@ def train(run, args, env, data):
         evaluations, and the training random stream is left as it was."""
         model.eval()
         sums, rng_devices = {}, [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
-        with torch.random.fork_rng(devices=rng_devices), torch.no_grad(), autocast:
+        with torch.random.fork_rng(devices=rng_devices), torch.no_grad(), amp:
             torch.manual_seed(args.seed + 7)
             for i in range(args.eval_iters):
                 x = data.batch("val", args.batch_size, batch_seed(args.seed + 1, rank * args.eval_iters + i, 0), device)
@@ -301,7 +299,7 @@ def train(run, args, env, data):
         for micro in range(args.grad_accum):
             x = data.batch("train", micro_batch, batch_seed(args.seed, rank * args.grad_accum + micro, step), device)
             last = micro == args.grad_accum - 1  # gradients are all-reduced on the last micro-batch only
-            with (fwd.no_sync() if world > 1 and not last else contextlib.nullcontext()), autocast:
+            with (fwd.no_sync() if world > 1 and not last else contextlib.nullcontext()), amp:
                 out = fwd(x, **run.loss_kwargs)
             (out["loss"] / args.grad_accum).backward()
             for k, v in out.items():
@@ -347,7 +345,7 @@ def train(run, args, env, data):
 
 RESUME_FIXED = ("model", "preset", "latent_dim", "block_size", "patch_size", "vae_width", "vae_layers", "dit_width",
                 "dit_layers", "rope_fraction", "lm_width", "lm_layers", "fixed_logsnr", "dit_init", "self_cond",
-                "lam_token_aux", "vae_lr_ratio", "seq_len")  # flags a resumed run cannot change (the
+                "vae_lr_ratio", "seq_len")  # flags a resumed run cannot change (the
 # model, the data windows, and which parameters the optimizer holds)
 
 
@@ -388,34 +386,6 @@ def preflight(args):
             os.remove(os.path.join(args.out_dir, stale))
 
 
-@contextlib.contextmanager
-def out_dir_lock(out_dir):
-    """One training run per folder: a lock file holding our pid. A live run's lock is a one-line refusal;
-    a dead run's is taken over."""
-    path = os.path.join(out_dir, "train.lock")
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            try:
-                pid = int(open(path).read().strip() or 0)
-                os.kill(pid, 0)
-            except (ValueError, ProcessLookupError, OSError):
-                os.remove(path)  # stale: its run is gone
-                continue
-            fail(f"{out_dir} is being written by another training run (pid {pid}); use another --out_dir")
-    else:
-        fail(f"cannot take the lock {path}")
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    try:
-        yield
-    finally:
-        if os.path.exists(path):
-            os.remove(path)
-
-
 def run_stages(args, env):
     """Train what the flags ask for: a baseline, or Cola's stage 1 and/or stage 2. Returns the last Run."""
     if args.dry_run:  # the data's vocabulary if it is prepared, else GPT-2's
@@ -449,7 +419,7 @@ def main(argv=None):
                 if env["master"]:
                     try:
                         check_writable_dir(args.out_dir, "--out_dir")
-                        held.enter_context(out_dir_lock(args.out_dir))
+                        held.enter_context(folder_lock(args.out_dir))
                         preflight(args)
                     except SystemExit as e:
                         verdict = [str(e.code)]

@@ -167,22 +167,15 @@ class TextVAE(nn.Module):
         hide = torch.rand(tokens.shape, device=tokens.device) < mask_prob
         return torch.where(hide, torch.full_like(tokens, self.cfg.mask_id), tokens)
 
-    def recon_terms(self, tokens, mask_prob, lam_mask, decoder_noise=0.0):
+    def recon_terms(self, tokens, mask_prob, lam_mask):
         """The terms both stages share: CE of the sampled latent, the masked branch, and the posterior.
         The clean and the masked copies go through the encoder and decoder as one batch (one big head
-        matmul is cheaper than two on CPU). decoder_noise > 0 (not the paper's) moves the clean copy's
-        latents along a flow path, z <- (1 - s) z + s eps with s ~ U(0, decoder_noise) per sequence, so
-        that the decoder learns to read latents a little off the posterior, as generated ones are."""
+        matmul is cheaper than two on CPU)."""
         B = tokens.shape[0]
         both = torch.cat([tokens, self.mask_tokens(tokens, mask_prob)]) if lam_mask > 0 else tokens  # (2B, T)
         mu, logvar = self.encode(both)  # (2B, N, d)
         z = self.reparameterize(mu, logvar)
-        z_dec = z
-        if decoder_noise > 0:
-            s = torch.zeros(z.shape[0], 1, 1, device=z.device)
-            s[:B] = decoder_noise * torch.rand(B, 1, 1, device=z.device)
-            z_dec = (1 - s) * z + s * torch.randn_like(z)
-        logits = self.decode(z_dec)  # (2B, T, V)
+        logits = self.decode(z)  # (2B, T, V)
         target = tokens.repeat(2, 1) if lam_mask > 0 else tokens
         ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none").view(-1, B, tokens.shape[1])
         hit = (logits.argmax(-1) == target).float().view(-1, B, tokens.shape[1])
@@ -193,9 +186,9 @@ class TextVAE(nn.Module):
             out["mask_ce"] = out["mask_acc"] = torch.zeros((), device=tokens.device)
         return out
 
-    def forward(self, tokens, beta=1e-3, mask_prob=0.15, lam_mask=1.0, decoder_noise=0.0):
+    def forward(self, tokens, beta=1e-3, mask_prob=0.15, lam_mask=1.0):
         """Stage-1 loss (docs/method.md §3). tokens (B, T) -> dict with 'loss' and metrics."""
-        out = self.recon_terms(tokens, mask_prob, lam_mask, decoder_noise)
+        out = self.recon_terms(tokens, mask_prob, lam_mask)
         mu, logvar = out.pop("mu"), out.pop("logvar")
         out.pop("z")
         out["kl"] = gaussian_kl_std_normal(mu.float(), logvar.float()).mean()  # per latent, summed over d

@@ -87,67 +87,68 @@ def materials(tmp, runs, data_dir):
     return m
 
 
-CASES = [  # (script, argv, a fragment of the one-line error); {name} is a placeholder of materials()
-    ("train", ["--out_dir", "{a_file}"], "is a file, not a folder"),
-    ("train", ["--out_dir", "{unwritable}"], "is not writable"),
-    ("train", ["--device", "cuda"], "CUDA is not available"),
-    ("train", ["--block_size", "0"], "argument --block_size: must be >= 1, got 0"),
-    ("train", ["--eval_interval", "0"], "argument --eval_interval: must be >= 1"),
-    ("train", ["--log_interval", "0"], "argument --log_interval: must be >= 1"),
-    ("train", ["--eval_iters", "0"], "argument --eval_iters: must be >= 1"),
-    ("train", ["--lr", "nan"], "argument --lr: must be a finite number"),
-    ("train", ["--lr", "-1"], "argument --lr: must be a finite number in (0, inf]"),
-    ("train", ["--lr", "inf"], "argument --lr: must be a finite number"),
-    ("train", ["--beta2", "1.5"], "argument --beta2: must be a finite number in [0, 1)"),
-    ("train", ["--dropout", "2"], "argument --dropout"),
-    ("train", ["--dit_width", "0"], "argument --dit_width: must be >= 1"),
-    ("train", ["--vae_width", "0"], "argument --vae_width: must be >= 1"),
-    ("train", ["--main_iters", "0"], "argument --main_iters: must be >= 1"),
-    ("train", ["--seq_len", "18"], "must be a multiple of block_size"),
-    ("train", ["--resume", "--overwrite"], "contradict each other"),
-    ("train", ["--out_dir", "{cola}", "--resume", "--dit_width", "64"], "--dit_width 64 contradicts"),
-    ("train", ["--out_dir", "{cola}", "--resume", "--preset", "cpu"], "--preset cpu contradicts"),
-    ("train", ["--out_dir", "{cola}", "--resume", "--latent_dim", "4"], "--latent_dim 4 contradicts"),
-    ("train", ["--out_dir", "{cola}", "--resume", "--stage", "joint", "--vae_lr_ratio", "0"], "--vae_lr_ratio 0 contradicts"),
-    ("train", ["--out_dir", "{empty_dir}", "--resume"], "holds no vae.pt or ckpt.pt to resume"),
-    ("train", ["--out_dir", "{cola}"], "add --resume to continue it or --overwrite to replace it"),
-    ("train", ["--out_dir", "{cola}", "--model", "ar"], "holds a 'cola' model, expected ar"),
-    ("train", ["--out_dir", "{ar}", "--resume"], "holds a 'ar' model, expected cola"),
-    ("train", ["--out_dir", "{fresh}", "--stage", "joint"], "train stage 1 first"),
-    ("train", ["--out_dir", "{fresh}", "--data_dir", "{data_odd}"], "meta.json says"),
-    ("train", ["--out_dir", "{fresh}", "--data_dir", "{data_empty}"], "holds 0 bytes"),
-    ("train", ["--out_dir", "{fresh}", "--data_dir", "{data_half}"], "truncated or changed"),
-    ("train", ["--out_dir", "{fresh}", "--data_dir", "{data_meta}"], "is not a valid meta.json"),
-    ("train", ["--out_dir", "{fresh}", "--data_dir", "{data_oov}"], "outside the vocabulary of 50257"),
-    ("sample", ["--ckpt", "{cola}/ckpt.pt", "--steps", "0"], "argument --steps: must be >= 1"),
-    ("sample", ["--ckpt", "{cola}/ckpt.pt", "--guidance", "nan"], "argument --guidance: must be a finite number"),
-    ("sample", ["--ckpt", "{cola}/ckpt.pt", "--repetition_penalty", "nan"], "argument --repetition_penalty"),
-    ("sample", ["--ckpt", "{cola}/ckpt.pt", "--temperature", "nan"], "argument --temperature"),
-    ("sample", ["--ckpt", "{cola}/ckpt.pt", "--eta", "2"], "argument --eta: must be a finite number in [0, 1)"),
-    ("sample", ["--ckpt", "{cola}/ckpt.pt", "--top_p", "0"], "argument --top_p"),
-    ("sample", ["--ckpt", "{cola}/ckpt.pt", "--device", "cuda"], "CUDA is not available"),
-    ("sample", ["--ckpt", "{cola}/ckpt.pt", "--prompt", "FILE:{nonutf8}"], "is not UTF-8 text"),
-    ("sample", ["--ckpt", "{nan_ckpt}"], "tensor dit.inp.weight holds NaN or Inf"),
-    ("sample", ["--ckpt", "{misfit_ckpt}"], "its weights do not fit its config"),
-    ("sample", ["--init_from", "{empty_dir}"], "cola_vae is missing"),
-    ("eval", ["--ckpt", "{cola}/ckpt.pt", "--batches", "0"], "argument --batches: must be >= 1"),
-    ("eval", ["--ckpt", "{cola}/ckpt.pt", "--steps", "0"], "argument --steps: must be >= 1"),
-    ("eval", ["--ckpt", "{cola}/ckpt.pt", "--sample_repeats", "0"], "argument --sample_repeats"),
-    ("eval", ["--ckpt", "{cola}/ckpt.pt", "--diag_windows", "-3"], "argument --diag_windows: must be >= 0"),
-    ("eval", ["--ckpt", "{cola}/ckpt.pt", "--sweep_steps", "a,b"], "is not a comma list of integers"),
-    ("eval", ["--ckpt", "{cola}/ckpt.pt", "--results", "{unwritable}/eval.json"], "--results"),
-    ("eval", ["--ckpt", "{cola}/ckpt.pt", "--tasks", "{nonutf8}"], "is not UTF-8 text"),
-    ("eval", ["--score", "{nonutf8}"], "is not UTF-8 text"),
-    ("eval", ["--score", "{empty_dir}"], "is not a file"),
-    ("eval", ["--ckpt", "{cola}/ckpt.pt", "--tasks", "{long_task}"], "exceed the model's context of 1024 tokens"),
-    ("eval", ["--ckpt", "{cola}/ckpt.pt", "--judge", "{other_judge}"], "uses tokenizer cl100k_base"),
-    ("eval", ["--ckpt", "{nan_ckpt}"], "holds NaN or Inf"),
-    ("bench", ["--batches", "0"], "argument --batches"),
-    ("bench", ["--new_tokens", "0"], "argument --new_tokens: must be >= 1"),
-    ("prepare", ["--shard_tokens", "1", "--out_dir", "{fresh}"], "--shard_tokens must be >= 1024"),
-    ("prepare", ["--out_dir", "{a_file}"], "is a file, not a folder"),
-    ("prepare", ["--input", "{nonutf8}", "--out_dir", "{fresh}"], "is not UTF-8 text"),
-]
+# script | argv ({name}: a placeholder of materials()) | a fragment of the one-line error
+CASES = [tuple(part.strip() for part in row.split("|")) for row in """
+train   | --out_dir {a_file}                                             | is a file, not a folder
+train   | --out_dir {unwritable}                                         | is not writable
+train   | --device cuda                                                  | CUDA is not available
+train   | --block_size 0                                                 | argument --block_size: must be >= 1, got 0
+train   | --eval_interval 0                                              | argument --eval_interval: must be >= 1
+train   | --log_interval 0                                               | argument --log_interval: must be >= 1
+train   | --eval_iters 0                                                 | argument --eval_iters: must be >= 1
+train   | --lr nan                                                       | argument --lr: must be a finite number
+train   | --lr -1                                                        | argument --lr: must be a finite number in (0, inf]
+train   | --lr inf                                                       | argument --lr: must be a finite number
+train   | --beta2 1.5                                                    | argument --beta2: must be a finite number in [0, 1)
+train   | --dropout 2                                                    | argument --dropout
+train   | --dit_width 0                                                  | argument --dit_width: must be >= 1
+train   | --vae_width 0                                                  | argument --vae_width: must be >= 1
+train   | --main_iters 0                                                 | argument --main_iters: must be >= 1
+train   | --seq_len 18                                                   | must be a multiple of block_size
+train   | --resume --overwrite                                           | contradict each other
+train   | --out_dir {cola} --resume --dit_width 64                       | --dit_width 64 contradicts
+train   | --out_dir {cola} --resume --preset cpu                         | --preset cpu contradicts
+train   | --out_dir {cola} --resume --latent_dim 4                       | --latent_dim 4 contradicts
+train   | --out_dir {cola} --resume --stage joint --vae_lr_ratio 0       | --vae_lr_ratio 0 contradicts
+train   | --out_dir {empty_dir} --resume                                 | holds no vae.pt or ckpt.pt to resume
+train   | --out_dir {cola}                                               | add --resume to continue it or --overwrite to replace it
+train   | --out_dir {cola} --model ar                                    | holds a 'cola' model, expected ar
+train   | --out_dir {ar} --resume                                        | holds a 'ar' model, expected cola
+train   | --out_dir {fresh} --stage joint                                | train stage 1 first
+train   | --out_dir {fresh} --data_dir {data_odd}                        | meta.json says
+train   | --out_dir {fresh} --data_dir {data_empty}                      | holds 0 bytes
+train   | --out_dir {fresh} --data_dir {data_half}                       | truncated or changed
+train   | --out_dir {fresh} --data_dir {data_meta}                       | is not a valid meta.json
+train   | --out_dir {fresh} --data_dir {data_oov}                        | outside the vocabulary of 50257
+sample  | --ckpt {cola}/ckpt.pt --steps 0                                | argument --steps: must be >= 1
+sample  | --ckpt {cola}/ckpt.pt --guidance nan                           | argument --guidance: must be a finite number
+sample  | --ckpt {cola}/ckpt.pt --repetition_penalty nan                 | argument --repetition_penalty
+sample  | --ckpt {cola}/ckpt.pt --temperature nan                        | argument --temperature
+sample  | --ckpt {cola}/ckpt.pt --noise_scale -1                         | argument --noise_scale: must be a finite number
+sample  | --ckpt {cola}/ckpt.pt --top_p 0                                | argument --top_p
+sample  | --ckpt {cola}/ckpt.pt --device cuda                            | CUDA is not available
+sample  | --ckpt {cola}/ckpt.pt --prompt FILE:{nonutf8}                  | is not UTF-8 text
+sample  | --ckpt {nan_ckpt}                                              | tensor dit.inp.weight holds NaN or Inf
+sample  | --ckpt {misfit_ckpt}                                           | its weights do not fit its config
+sample  | --init_from {empty_dir}                                        | cola_vae is missing
+eval    | --ckpt {cola}/ckpt.pt --batches 0                              | argument --batches: must be >= 1
+eval    | --ckpt {cola}/ckpt.pt --steps 0                                | argument --steps: must be >= 1
+eval    | --ckpt {cola}/ckpt.pt --sample_repeats 0                       | argument --sample_repeats
+eval    | --ckpt {cola}/ckpt.pt --diag_windows -3                        | argument --diag_windows: must be >= 0
+eval    | --ckpt {cola}/ckpt.pt --sweep_steps a,b                        | is not a comma list of integers
+eval    | --ckpt {cola}/ckpt.pt --results {unwritable}/eval.json         | --results
+eval    | --ckpt {cola}/ckpt.pt --tasks {nonutf8}                        | is not UTF-8 text
+eval    | --score {nonutf8}                                              | is not UTF-8 text
+eval    | --score {empty_dir}                                            | is not a file
+eval    | --ckpt {cola}/ckpt.pt --tasks {long_task}                      | exceed the model's context of 1024 tokens
+eval    | --ckpt {cola}/ckpt.pt --judge {other_judge}                    | uses tokenizer cl100k_base
+eval    | --ckpt {nan_ckpt}                                              | holds NaN or Inf
+bench   | --batches 0                                                    | argument --batches
+bench   | --new_tokens 0                                                 | argument --new_tokens: must be >= 1
+prepare | --shard_tokens 1 --out_dir {fresh}                             | --shard_tokens must be >= 1024
+prepare | --out_dir {a_file}                                             | is a file, not a folder
+prepare | --input {nonutf8} --out_dir {fresh}                            | is not UTF-8 text
+""".strip().splitlines()]
 
 
 def tree_hashes(paths):
@@ -161,10 +162,10 @@ def tree_hashes(paths):
     return out
 
 
-@pytest.mark.parametrize("script,argv,message", CASES, ids=[f"{c[0]}:{' '.join(c[1])}" for c in CASES])
+@pytest.mark.parametrize("script,argv,message", CASES, ids=[f"{c[0]}:{c[1]}" for c in CASES])
 def test_bad_input_is_one_line(script, argv, message, tmp_path, runs, mats, data_dir, capsys):
     m = {**mats, "fresh": str(tmp_path / "fresh")}
-    argv = [a.format(**m) for a in argv]
+    argv = [a.format(**m) for a in argv.split()]
     if script == "train":
         argv = (["--data_dir", data_dir] if "--data_dir" not in argv else []) + \
                (["--out_dir", m["fresh"]] if "--out_dir" not in argv else []) + TINY + argv  # the row's flags win

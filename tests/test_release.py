@@ -15,7 +15,7 @@ from checkpoint import CheckpointError
 from decoder import encode_prompt, generate, load_model, special_ids
 from diffusion import ColaDLM
 from dit import DiTConfig
-from prepare import DataError, byte_alphabet, get_tokenizer, tokenizer_from_json
+from tokenizer import DataError, byte_alphabet, get_tokenizer, tokenizer_from_json
 from vae import VAEConfig
 
 CL100K = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
@@ -256,7 +256,7 @@ def test_tokenizer_json_as_tiktoken(tmp_path):
     text = "Ünïcode\n\n  and\ttabs 123456 — the end"
     assert enc.decode(enc.encode_ordinary(text)) == text
     assert enc.encode_single_token("<|pad|>") == n - 2 and vocab["a"] == ord("a")
-    from prepare import template_ids
+    from tokenizer import template_ids
     assert template_ids(path) == ([n - 3], [])
 
 
