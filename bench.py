@@ -5,6 +5,8 @@ the sizes are a preset's (presets.py builds the configs, as train.py does).
     python bench.py                                    # generation: Cola (8, 16 steps), AR, LLaDA at batch 1 and 32
     python bench.py --batches 1,8 --new_tokens 128 --preset cpu
     python bench.py --train --preset paper --device cuda --compile --dtype bfloat16   # training: tok/s and MFU
+    python bench.py --preset paper --vocab_size 100278 --models cola --batches 1 --new_tokens 16 --cola_steps 16 \
+        --repeats 1 --dtype float32   # the released model's size on this machine: tok/s and peak memory
 
 Generation: tokens/s and model passes per generated token, every model batched the same way (Cola's
 guided DiT passes, its commit and decoder passes; AR's one pass per token with a KV cache; LLaDA's
@@ -13,6 +15,7 @@ tokens/s, and model FLOP utilisation by two conventions: the repo's (layers.py: 
 position each network runs on, plus attention) and 6 N (N: all parameters but embeddings).
 """
 import argparse
+import resource
 import time
 
 import torch
@@ -36,6 +39,10 @@ def preset_configs(preset, vocab_size, extra=()):
             for model in ("cola", "ar", "llada")}
 
 
+def parser_fail(text):
+    raise argparse.ArgumentTypeError(f"{text!r} names none of cola, ar, llada")
+
+
 def timed(fn, device, repeats):
     """Best wall time of `repeats` calls (after one warm-up call) and the last result."""
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
@@ -50,34 +57,48 @@ def timed(fn, device, repeats):
     return best, res
 
 
-def bench_generation(args, cfgs, device):
-    cola = ColaDLM(VAEConfig(**cfgs["cola"]["vae_config"]), DiTConfig(**cfgs["cola"]["dit_config"]))
-    ar, llada = (TransformerLM(LMConfig(**cfgs[m]["lm_config"])) for m in ("ar", "llada"))
+def generation_models(args, cfgs, device):
+    """{name: model} of --models, random weights, their weights in --weights' dtype."""
     need = args.prompt_len + args.new_tokens + 64
-    cola.vae.cfg.max_seq_len = max(cola.vae.cfg.max_seq_len, need)
-    for m in (ar, llada):
-        m.cfg.max_seq_len = max(m.cfg.max_seq_len, need)
-    cola, ar, llada = (m.to(device).eval() for m in (cola, ar, llada))
+    models = {}
+    for name in args.models:
+        if name == "cola":
+            m = ColaDLM(VAEConfig(**{**cfgs["cola"]["vae_config"], "max_seq_len": need + 1024}),
+                        DiTConfig(**cfgs["cola"]["dit_config"]), reference=False)
+        else:
+            m = TransformerLM(LMConfig(**{**cfgs[name]["lm_config"], "max_seq_len": need + 1024}))
+        models[name] = m.to(device, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.weights]).eval()
+    return models
+
+
+def bench_generation(args, cfgs, device):
+    models = generation_models(args, cfgs, device)
     amp = autocast(device, args.dtype)
     g = torch.Generator(device=device).manual_seed(0)
-    print(f"device {device}, {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens per sample; "
-          f"params: Cola {(n_params(cola.vae) + n_params(cola.dit)) / 1e6:.1f}M, AR {n_params(ar) / 1e6:.1f}M, "
-          f"LLaDA {n_params(llada) / 1e6:.1f}M")
+    print(f"device {device}, weights {args.weights}, autocast {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} "
+          f"new tokens per sample; params: " + ", ".join(f"{k} {n_params(m) / 1e6:.1f}M" for k, m in models.items()))
     print("| model | batch | passes / token | tok/s |\n|---|---|---|---|")
     for batch in args.batches:
         prompts = [torch.randint(0, 50000, (args.prompt_len,), generator=torch.Generator().manual_seed(i)).tolist()
                    for i in range(batch)]
-        runs = [(f"Cola, {s} steps", lambda s=s: generate(cola, prompts, args.new_tokens, s, args.guidance, stop_ids=(),
-                                                            generator=g)) for s in (8, 16)]
-        runs += [("AR (KV cache)", lambda: ar_generate(ar, prompts, args.new_tokens, eos_id=-1)),
-                 ("LLaDA, 16 steps / 16 tokens", lambda: llada_generate(llada, prompts, args.new_tokens,
-                                                                       steps=args.new_tokens, block_length=16, eos_id=-1))]
+        runs = []
+        if "cola" in models:
+            runs += [(f"Cola, {s} steps", lambda s=s: generate(models["cola"], prompts, args.new_tokens, s, args.guidance,
+                                                                stop_ids=(), generator=g)) for s in args.cola_steps]
+        if "ar" in models:
+            runs += [("AR (KV cache)", lambda: ar_generate(models["ar"], prompts, args.new_tokens, eos_id=-1))]
+        if "llada" in models:
+            runs += [("LLaDA, 16 steps / 16 tokens", lambda: llada_generate(
+                models["llada"], prompts, args.new_tokens, steps=args.new_tokens, block_length=16, eos_id=-1))]
         for name, fn in runs:
             with torch.no_grad(), amp:
                 dt, (outs, st) = timed(fn, device, args.repeats)
             n = sum(len(o) for o in outs)
             passes = st["passes"] if "passes" in st else st["dit"] + st["dit_commit"] + st["decoder"]
             print(f"| {name} | {batch} | {passes / (n / batch):.3f} | {n / dt:,.1f} |", flush=True)
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    print(f"peak memory ({'GPU' if device.startswith('cuda') else 'process RSS'}): {peak / 2 ** 30:.2f} GiB")
 
 
 def bench_training(args, cfgs, device):
@@ -129,6 +150,10 @@ def main(argv=None):
     p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="train.py size preset")
     p.add_argument("--vocab_size", type=positive_int, default=50257, help="vocabulary (the paper's: 100278)")
     p.add_argument("--batches", type=int_list, default=[1, 32], help="generation: comma list of batch sizes")
+    p.add_argument("--models", type=lambda s: [m for m in s.split(",") if m in ("cola", "ar", "llada")] or
+                   parser_fail(s), default=["cola", "ar", "llada"], help="generation: comma list of cola, ar, llada")
+    p.add_argument("--cola_steps", type=int_list, default=[8, 16], help="generation: Cola's Euler steps per block")
+    p.add_argument("--weights", default="fp32", choices=["fp32", "bf16"], help="generation: the weights' dtype")
     p.add_argument("--guidance", type=positive_float, default=7.0, help="generation: Cola's guidance (1 skips the unconditional half)")
     p.add_argument("--prompt_len", type=positive_int, default=16, help="generation: prompt tokens")
     p.add_argument("--new_tokens", type=positive_int, default=64, help="generation: tokens per sample")

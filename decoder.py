@@ -221,6 +221,14 @@ def draw_noise(shape, device, generator):
     return torch.randn(shape, device=device, generator=generator)
 
 
+def row_noise(shape, device, row_seeds, k):
+    """Block k's starting noise with one seed per row, row_seeds[b] + k * 10^7: a row gets the same noise
+    whatever batch it runs in (the release's COLA_INFER_PER_SAMPLE_NOISE_SEED scheme). shape (B, bs, d)."""
+    return torch.stack([torch.randn(shape[1:], device=device,
+                                    generator=torch.Generator(device=device).manual_seed(s + k * 10_000_000))
+                        for s in row_seeds])
+
+
 def prompt_layout(prompts, block_size, patch, pad_id, device):
     """Lay a batch of prompts out in blocks. A prompt's partial last block is filled on the right with pad_id,
     which the encoder reads (the release pads the same way, so those pads shape the block's latents); rows are
@@ -295,7 +303,7 @@ def keep_new_tokens(rows, outputs, stopped, budget, stop_ids, max_new_tokens):
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=32, steps=16, guidance=7.0, temperature=0.0, top_k=0, top_p=1.0,
              repetition_penalty=1.1, stop_ids=(50256,), pad_id=50256, generator=None, on_block=None,
-             budget="blocks", round_bf16=False, noise_scale=1.0, reencode_history=False,
+             budget="blocks", round_bf16=False, noise_scale=1.0, row_seeds=None, reencode_history=False,
              on_drift=None):
     """Continue token-id `prompts` (a list of lists, any lengths, may be empty) block by block, as the
     authors' inference does (docs/release.md).
@@ -307,7 +315,8 @@ def generate(model, prompts, max_new_tokens=32, steps=16, guidance=7.0, temperat
        penalty covers every token decoded before, the first block's prompt positions too); the block is
        committed to both caches at t = 0. The prompt's own tokens are left out of the output.
     budget: 'blocks' (the release's) or 'tokens' (n_blocks_to_generate, keep_new_tokens). round_bf16 rounds
-    the DiT's inputs to bfloat16 as the release does (so that an fp32 run matches it).
+    the DiT's inputs to bfloat16 as the release does (so that an fp32 run matches it); row_seeds (one int per
+    row) draws each row's noise from its own seed (row_noise), else all rows draw from `generator`.
     Returns (list of new-token lists, stats). stats counts model passes: 'dit' (batched guided passes),
     'dit_commit', 'decoder' and 'blocks'. on_block(k, new_tokens) is called after each block.
     Options that are not the paper's: noise_scale < 1 starts each block from N(0, noise_scale^2 I), a
@@ -361,7 +370,9 @@ def generate(model, prompts, max_new_tokens=32, steps=16, guidance=7.0, temperat
     grid = time_grid(steps, device)
     own = torch.ones(B, block_size, dtype=torch.bool, device=device)
     for k in range(n_gen):
-        z = noise_scale * draw_noise((B, block_size, d), device, generator)  # (B, bs, d), normalised
+        shape = (B, block_size, d)
+        z = noise_scale * (draw_noise(shape, device, generator) if row_seeds is None else
+                           row_noise(shape, device, row_seeds, k))  # (B, bs, d), normalised
         z = denoise_block(model, z, grid, hist_valid, first_guidance if k == 0 else guidance, caches[0], pin, pin_z,
                           round_bf16)
         stats["dit"] += steps

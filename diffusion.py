@@ -12,7 +12,6 @@ import copy
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import release
 from checkpoint import CheckpointError, build, load_weights

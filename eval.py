@@ -31,7 +31,7 @@ import time
 import torch
 
 from checkpoint import CheckpointError
-from cli import Parser, check_writable_file, float_in, float_list, int_list, nonneg_float, nonneg_int, pick_device, \
+from cli import Parser, check_writable_file, float_list, int_list, nonneg_float, nonneg_int, pick_device, \
     positive_float, positive_int, pyplot, readable_file, write_json
 from decoder import GenerationError, encode_prompt, load_model, special_ids
 from diagnostics import (eval_history_drift, eval_latent_fit, eval_prefix_prediction, eval_sdedit,
@@ -105,6 +105,9 @@ def get_args(argv=None):
     p.add_argument("--tasks", nargs="*", type=readable_file, default=[], help="JSONL task files to generate answers for and score")
     p.add_argument("--builtin_n", type=nonneg_int, default=32, help="examples per built-in task (0: skip them)")
     p.add_argument("--task_max_new", type=positive_int, default=32, help="new tokens per task answer (paper: <= 32)")
+    p.add_argument("--task_batch", type=positive_int, default=32, help="task items generated together (release: 20)")
+    p.add_argument("--item_noise_seed", type=nonneg_int, default=None,
+                   help="Cola: each task item's noise from seed N + id * 1000 (the release's benchmark script: 66)")
     p.add_argument("--n_samples", type=positive_int, default=8, help="samples per round for the sample metrics and speed")
     p.add_argument("--sample_len", type=positive_int, default=96, help="new tokens per sample")
     p.add_argument("--sample_prompt", default="\n", help="prompt of every sample ('held-out': the first 16 tokens of held-out windows)")
@@ -239,8 +242,9 @@ def generation(args, env, stop_ids, pad_id, batches, train_ngrams):
         tasks.update(builtin_tasks(enc.decode(data.tokens("val", limit=200_000).tolist()), args.builtin_n, args.seed))
     os.makedirs(os.path.join(env["run_dir"], "generations"), exist_ok=True)
     prompt_ids = lambda text: encode_prompt(info, enc, text)
-    res["tasks"] = {name: run_tasks(gen, enc, prompt_ids, name, ts, args.task_max_new, 32,
-                                    os.path.join(env["run_dir"], "generations", f"{name}.jsonl"))
+    res["tasks"] = {name: run_tasks(gen, enc, prompt_ids, name, ts, args.task_max_new, args.task_batch,
+                                    os.path.join(env["run_dir"], "generations", f"{name}.jsonl"),
+                                    args.item_noise_seed if kind == "cola" else None)
                     for name, ts in tasks.items()}
     if res["tasks"]:
         res["task_accuracy"] = sum(res["tasks"].values()) / len(res["tasks"])

@@ -54,10 +54,11 @@ def with_key_padding(mask, key_valid, query_valid=None):
 # rotary position embedding
 
 class Rotary(nn.Module):
-    """RoPE on the first `rot_dim` channels of each head (the paper's DiT rotates 96 of 128).
-
-    Channel pairs (i, i + rot_dim/2) ("half-split", the VAE's) or (2i, 2i + 1) ("interleaved", the DiT's
-    in the release); pair i turns by pos * theta^(-2i/rot_dim)."""
+    """RoPE on the first `rot_dim` channels of each head (the paper's DiT rotates 96 of 128); pair i turns by
+    pos * theta^(-2i/rot_dim). Pairs are (i, i + rot_dim/2) ("half-split", the VAE's) or (2i, 2i + 1)
+    ("interleaved", the DiT's in the release). Interleaved pairs are rotated as half-split ones after moving
+    channel 2i to i and 2i + 1 to i + rot_dim/2: q and k are moved alike, so q.k is what the release computes,
+    and the contiguous half-split form is several times faster under torch.compile."""
 
     def __init__(self, head_dim, theta=10000.0, fraction=1.0, interleaved=False):
         super().__init__()
@@ -65,23 +66,23 @@ class Rotary(nn.Module):
         self.rot_dim, self.interleaved = rot_dim, interleaved
         inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / max(rot_dim, 1)))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        order = torch.cat([torch.arange(0, rot_dim, 2), torch.arange(1, rot_dim, 2), torch.arange(rot_dim, head_dim)])
+        self.register_buffer("order", order, persistent=False)  # interleaved pairs -> half-split places
 
     def forward(self, x, pos):
-        """x (B, H, T, hd); pos (T,) or (B, T) integer positions."""
+        """x (B, H, T, hd); pos (T,) or (B, T) integer positions. Interleaved: the output's channels are in
+        self.order (apply to q and k alike)."""
         if self.rot_dim == 0:
             return x
+        if self.interleaved:
+            x = x[..., self.order]
         ang = pos.to(torch.float32).unsqueeze(-1) * self.inv_freq  # (T, r/2) or (B, T, r/2)
         if ang.dim() == 3:
             ang = ang.unsqueeze(1)  # (B, 1, T, r/2)
         cos, sin = ang.cos(), ang.sin()
-        xr, xp = x[..., :self.rot_dim].float(), x[..., self.rot_dim:]
-        if self.interleaved:
-            x1, x2 = xr[..., 0::2], xr[..., 1::2]  # (..., r/2) each
-            rotated = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
-        else:
-            x1, x2 = xr.chunk(2, dim=-1)
-            rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        return torch.cat([rotated.to(x.dtype), xp], dim=-1)
+        x1, x2 = x[..., :self.rot_dim].float().chunk(2, dim=-1)
+        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        return torch.cat([rotated, x[..., self.rot_dim:]], dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import json
 import math
 import random
 import re
+import zlib
 
 import numpy as np
 import torch
@@ -215,10 +216,10 @@ def make_generator(kind, model, steps, guidance, stop_ids, pad_id, seed, tempera
     and LLaDA's tokens; Cola's samples are random through their noise, and its decoder stays greedy."""
     g = torch.Generator(device=str(next(model.parameters()).device)).manual_seed(seed)
 
-    def run(prompts, max_new):
+    def run(prompts, max_new, row_seeds=None):
         if kind == "cola":
             outs, st = generate(model, prompts, max_new, steps, guidance, repetition_penalty=1.1, stop_ids=stop_ids,
-                                pad_id=pad_id, generator=g, **cola_options)
+                                pad_id=pad_id, generator=g, row_seeds=row_seeds, **cola_options)
             return outs, (st["dit"] + st["dit_commit"] + st["decoder"]) * len(prompts)
         if kind == "ar":
             outs, st = ar_generate(model, prompts, max_new, temperature, repetition_penalty=1.1, eos_id=stop_ids[0],
@@ -260,14 +261,25 @@ def builtin_tasks(text, n=64, seed=0, context_words=40):
     return {"lambada_style": cloze, "ending_choice": ending}
 
 
-def run_tasks(gen, enc, prompt_ids, name, tasks, max_new, batch, out_path=None):
+def item_seed(base, item_id):
+    """The release's per-item noise seed: base + id * 1000, a non-integer id through its crc32."""
+    try:
+        sid = int(item_id)
+    except (TypeError, ValueError):
+        sid = zlib.crc32(str(item_id).encode("utf-8")) & 0xFFFFFFFF
+    return base + sid * 1000
+
+
+def run_tasks(gen, enc, prompt_ids, name, tasks, max_new, batch, out_path=None, noise_seed=None):
     """Accuracy (percent) of greedy answers; with out_path, the generations are written there in the paper's
     task schema (id, prompt, generate, ground_truth, choices), so that they can be re-scored.
-    prompt_ids(text) -> the prompt's token ids."""
+    prompt_ids(text) -> the prompt's token ids; noise_seed (Cola): every item's noise from its own seed
+    (item_seed), as the release's benchmark script runs."""
     rows = []
     for i in tqdm(range(0, len(tasks), batch), desc=f"task {name}", leave=False, disable=None):
         chunk = tasks[i:i + batch]
-        outs, _ = gen([prompt_ids(t["prompt"]) for t in chunk], max_new)
+        seeds = None if noise_seed is None else [item_seed(noise_seed, t["id"]) for t in chunk]
+        outs, _ = gen([prompt_ids(t["prompt"]) for t in chunk], max_new, **({} if seeds is None else {"row_seeds": seeds}))
         rows += [(t, enc.decode(o)) for t, o in zip(chunk, outs)]
     if out_path:
         write_atomic(out_path, lambda f: f.writelines(

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from cli import Parser, check_writable_dir, write_json
-from tokenizer import EOT, DataError, eot_id, get_tokenizer, sha256_of
+from tokenizer import DataError, eot_id, get_tokenizer
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))  # default paths of every script start here
 DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "data", "shakespeare")

@@ -2,8 +2,6 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -137,22 +135,19 @@ def test_match_layers():
 
 # ---------------------------------------------------------------------------------------------------- eval.py end to end
 
-def test_eval_json_keys(tmp_path, root):
+def test_eval_json_keys(tmp_path, data_dir):
     """Train a tiny Cola and AR for a few steps, run eval.py on both with a user task file."""
     from test_train import TINY
     import train
-    from prepare import prepare
-    src = tmp_path / "text.txt"
-    src.write_text(open(os.path.join(root, "data", "shakespeare_tiny.txt"), encoding="utf-8").read()[:30000])
-    prepare(str(src), str(tmp_path / "d"), seq_len=16)
-    common = ["--data_dir", str(tmp_path / "d"), "--vae_iters", "2", "--main_iters", "2", "--eval_interval", "2"] + TINY
+    common = ["--data_dir", data_dir, "--vae_iters", "2", "--main_iters", "2", "--eval_interval", "2"] + TINY
     train.main(common + ["--out_dir", str(tmp_path / "cola")])
     train.main(common + ["--out_dir", str(tmp_path / "ar"), "--model", "ar", "--lm_layers", "1"])
     task = write(tmp_path, ['{"prompt": "ROMEO:", "answer": "love", "scoring": "first_word"}',
                             '{"prompt": "Pick:", "answer": "yes", "options": ["yes", "no"]}'])
     judge = str(tmp_path / "ar" / "ckpt.pt")
     small = ["--batches", "1", "--batch_size", "2", "--fm_batches", "2", "--ll_steps", "2", "--iwae_k", "2", "--builtin_n", "2",
-             "--n_samples", "2", "--sample_len", "8", "--task_max_new", "4", "--steps", "2", "--tasks", task]
+             "--n_samples", "2", "--sample_len", "8", "--task_max_new", "4", "--steps", "2", "--tasks", task,
+             "--prefix_windows", "4"]
     ev.main(["--out_dir", str(tmp_path / "cola"), "--judge", judge, "--sweep_steps", "1,2", "--diag_windows", "2",
              "--sweep_noise", "1,0.5", "--sample_repeats", "2"] + small)
     saved = json.load(open(tmp_path / "cola" / "eval.json"))
@@ -175,12 +170,10 @@ def test_eval_json_keys(tmp_path, root):
     assert res_ar["kind"] == "ar" and res_ar["bits_per_token"] > 0
 
 
-def test_eval_bad_task_file_is_one_line(tmp_path, root):
+def test_eval_bad_task_file_is_one_line(tmp_path, capsys):
+    from conftest import one_line_error
     p = write(tmp_path, ['{"prompt": "p", "answer": "a"}', "{broken"])
-    r = subprocess.run([sys.executable, os.path.join(root, "eval.py"), "--ckpt", str(tmp_path / "x.pt"),
-                        "--tasks", p], capture_output=True, text=True)
-    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
-    assert f"{p}:2: not valid JSON" in r.stderr
+    assert f"{p}:2: not valid JSON" in one_line_error(ev.main, ["--ckpt", str(tmp_path / "x.pt"), "--tasks", p], capsys)
 
 
 def test_scaling_plan_matches_training_flops(tmp_path, root):

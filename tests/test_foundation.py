@@ -77,12 +77,11 @@ def test_prepare_val_too_small(tmp_path):
             prepare(str(src), str(tmp_path / "out"), seq_len=16, val_fraction=0.1, split=split)
 
 
-def test_prepare_cli_error_is_one_line(tmp_path, root):
-    import os, subprocess, sys
-    r = subprocess.run([sys.executable, os.path.join(root, "prepare.py"), "--input", str(tmp_path / "missing.txt"), "--out_dir",
-                        str(tmp_path / "o")], capture_output=True, text=True)
-    assert r.returncode != 0
-    assert r.stderr.strip().splitlines() == [f"error: input file {tmp_path / 'missing.txt'} does not exist"]
+def test_prepare_cli_error_is_one_line(tmp_path, capsys):
+    import prepare as prep
+    from conftest import one_line_error
+    assert one_line_error(prep.main, ["--input", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path / "o")],
+                          capsys) == f"error: input file {tmp_path / 'missing.txt'} does not exist"
 
 
 # ---------------------------------------------------------------------------------------------------- masks

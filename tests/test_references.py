@@ -11,10 +11,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import diagnostics as dg
-import eval as ev
 import measures as ms
-import scoring as sc
 import train
 from checkpoint import load_checkpoint
 from diffusion import ColaDLM, flow_path

@@ -3,8 +3,6 @@ released layout that loads and generates, one-line refusals of bad snapshots, an
 (Equality with the authors' own code is checked outside the suite, docs/release.md.)"""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,11 +13,10 @@ from checkpoint import CheckpointError
 from decoder import encode_prompt, generate, load_model, special_ids
 from diffusion import ColaDLM
 from dit import DiTConfig
+from conftest import MERGES, SPECIALS, one_line_error, write_tokenizer_json
 from tokenizer import DataError, byte_alphabet, get_tokenizer, tokenizer_from_json
 from vae import VAEConfig
 
-CL100K = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-          r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
 # ---------------------------------------------------------------------------------------------------- the paper preset
@@ -74,34 +71,6 @@ def test_paper_preset_maps_one_to_one_onto_the_release():
 
 
 # ---------------------------------------------------------------------------------------------------- a tiny snapshot
-
-MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "a"), ("n", "d"), ("Ġa", "nd")]
-SPECIALS = ["<|endoftext|>", "<|pad|>", "<|im_end|>"]
-
-
-def write_tokenizer_json(path, template=False):
-    """A byte-level BPE in the Hugging Face format, laid out as OLMo 2's: ids 0..255 the bytes, then merges,
-    then the special tokens; a cl100k-style Split regex before a ByteLevel step."""
-    chars = byte_alphabet()
-    vocab = {chars[b]: b for b in range(256)}
-    for a, b in MERGES:
-        vocab[a + b] = len(vocab)
-    added = [{"id": len(vocab) + i, "content": t, "special": True} for i, t in enumerate(SPECIALS)]
-    spec = {"version": "1.0", "added_tokens": added,
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": CL100K}, "behavior": "Isolated", "invert": False},
-                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
-            "post_processor": None, "decoder": {"type": "ByteLevel"},
-            "model": {"type": "BPE", "vocab": vocab, "merges": [f"{a} {b}" for a, b in MERGES]}}
-    if template:
-        eot = added[0]["id"]
-        spec["post_processor"] = {"type": "TemplateProcessing", "single": [
-            {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [eot], "tokens": ["<|endoftext|>"]}}}
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(spec, f)
-    return len(vocab) + len(added)
-
 
 def tiny_release_model(V, vae_block=4, dit_block=8, seed=0):
     torch.manual_seed(seed)
@@ -179,12 +148,11 @@ def test_tiny_snapshot_loads_and_generates(snapshot):
     assert torch.allclose(model.vae.decode(model.decoder_input(z)), ref.vae.decode(z), atol=1e-5)
 
 
-def test_sample_cli_runs_a_snapshot(snapshot, root):
+def test_sample_cli_runs_a_snapshot(snapshot, capsys):
+    import sample
     path, _ = snapshot
-    r = subprocess.run([sys.executable, os.path.join(root, "sample.py"), "--init_from", path, "--prompt", "the band",
-                        "--num_samples", "1", "--max_new_tokens", "8", "--steps", "2"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "budget blocks, DiT inputs bf16" in r.stdout  # the release's sampler by default
+    sample.main(["--init_from", path, "--prompt", "the band", "--num_samples", "1", "--max_new_tokens", "8", "--steps", "2"])
+    assert "budget blocks, DiT inputs bf16" in capsys.readouterr().out  # the release's sampler by default
 
 
 def test_load_model_gives_the_release_special_tokens(snapshot):
@@ -230,15 +198,14 @@ def break_snapshot(path, how):
     ("bad eps", "layer_norm_eps = 'x' must be a positive number"),
     ("no vocab", "vocab_size = None must be a positive number"),
 ])
-def test_bad_snapshot_one_line(snapshot, root, how, message):
+def test_bad_snapshot_one_line(snapshot, capsys, how, message):
+    import sample
     path, _ = snapshot
     break_snapshot(path, how)
     with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ColaDLM.from_pretrained(path)
     if how in ("missing file", "wrong shape"):  # and the scripts say it in one line
-        r = subprocess.run([sys.executable, os.path.join(root, "sample.py"), "--init_from", path],
-                           capture_output=True, text=True)
-        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr
+        assert message in one_line_error(sample.main, ["--init_from", path], capsys)
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer.json

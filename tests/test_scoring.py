@@ -1,8 +1,5 @@
 """scoring.py: the paper's benchmark rules on hand-made items, one rule at a time, and the task-file formats."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -114,17 +111,18 @@ def test_own_format_falls_back_to_the_line_scoring(tmp_path):
     assert [t["rule"] for t in tasks] == ["first_word", "choice", "exact"]
 
 
-def test_score_file_prints_accuracy(tmp_path, root):
+def test_score_file_prints_accuracy(tmp_path, capsys):
+    import eval as ev
     p = write(tmp_path, "squad.jsonl", [{"id": 0, "prompt": "p", "ground_truth": "Denver", "generate": " Denver\n"},
                                        {"id": 1, "prompt": "p", "ground_truth": "Denver", "generate": " Boston"}])
     assert score_file(p) == {"task": "squad", "n": 2, "accuracy": 50.0}
-    r = subprocess.run([sys.executable, os.path.join(root, "eval.py"), "--score", p], capture_output=True, text=True)
-    assert r.returncode == 0 and json.loads(r.stdout.strip()) == {"task": "squad", "n": 2, "accuracy": 50.0}
+    ev.main(["--score", p])
+    assert json.loads(capsys.readouterr().out.strip()) == {"task": "squad", "n": 2, "accuracy": 50.0}
     # several files: one line each, then the paper's average (the mean of the task accuracies, not of items)
     p2 = write(tmp_path, "obqa.jsonl", [{"id": i, "prompt": "p", "ground_truth": "B", "choices": ["x", "y"],
                                          "generate": g} for i, g in enumerate(["B", "A", "A", "A"])])
-    r = subprocess.run([sys.executable, os.path.join(root, "eval.py"), "--score", p, p2], capture_output=True, text=True)
-    lines = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    ev.main(["--score", p, p2])
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [x["accuracy"] for x in lines] == [50.0, 25.0, 37.5] and lines[-1]["task"] == "average"
     missing = write(tmp_path, "lambada.jsonl", [{"prompt": "p", "ground_truth": "x"}])
     with pytest.raises(TaskError, match="no 'generate' field"):

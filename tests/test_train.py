@@ -1,12 +1,11 @@
 """Training loop: checkpoints, exact resume, DDP with gradient accumulation, flag and data errors."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import train
+from conftest import one_line_error
 
 TINY = ["--preset", "tiny", "--latent_dim", "8", "--block_size", "4", "--seq_len", "16", "--batch_size", "2",
         "--no-compile", "--dtype", "float32", "--log_interval", "1", "--eval_iters", "1", "--warmup_iters", "2"]
@@ -21,7 +20,7 @@ def test_checkpoint_atomic_and_self_describing(tmp_path, data_dir):
     train.main(["--stage", "vae", "--data_dir", data_dir, "--out_dir", out, "--vae_iters", "2",
                 "--eval_interval", "2"] + TINY)
     ck = torch.load(os.path.join(out, "vae.pt"), weights_only=False)
-    assert ck["kind"] == "vae" and ck["step"] == 2 and ck["tokenizer"] == "gpt2"
+    assert ck["kind"] == "vae" and ck["step"] == 2 and ck["tokenizer"].endswith("tokenizer.json")
     assert {"vae_config", "args", "optimizer", "rng", "data_position", "model"} <= set(ck)
     assert not any(f.endswith(".tmp") for f in os.listdir(out))
 
@@ -59,12 +58,11 @@ def test_resume_differs_without_rng_restore(tmp_path, data_dir, monkeypatch):
     assert any(not torch.equal(pa[k], pb[k]) for k in pa)
 
 
-def test_missing_data_is_one_line(tmp_path, root):
-    r = subprocess.run([sys.executable, os.path.join(root, "train.py"), "--data_dir", str(tmp_path / "nope"),
-                        "--out_dir", str(tmp_path / "o"), "--no-compile"], capture_output=True, text=True)
-    assert r.returncode != 0
-    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope' / 'meta.json'} not found: run "
-                                             f"`python prepare.py` (or --input FILE --out_dir {tmp_path / 'nope'}) first"]
+def test_missing_data_is_one_line(tmp_path, capsys):
+    line = one_line_error(train.main, ["--data_dir", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "o"),
+                                       "--no-compile"], capsys)
+    assert line == (f"error: {tmp_path / 'nope' / 'meta.json'} not found: run `python prepare.py` (or --input FILE "
+                    f"--out_dir {tmp_path / 'nope'}) first")
 
 
 def test_lr_schedule():
@@ -115,16 +113,16 @@ class Payload:
     """A class a checkpoint must not be able to make us import and run."""
 
 
-def test_checkpoint_with_a_pickled_object_is_refused(tmp_path, root):
+def test_checkpoint_with_a_pickled_object_is_refused(tmp_path, capsys):
+    import sample
     from checkpoint import CheckpointError, load_checkpoint
     path = tmp_path / "evil.pt"
     torch.save({"kind": "cola", "model": {}, "extra": Payload()}, path)
     with pytest.raises(CheckpointError, match="pickled Python objects"):
         load_checkpoint(str(path))
-    r = subprocess.run([sys.executable, os.path.join(root, "sample.py"), "--ckpt", str(path)], capture_output=True, text=True)
-    assert r.returncode != 0
-    assert r.stderr.strip().splitlines() == [f"error: {path} holds pickled Python objects; refusing to load it "
-                                             "(a checkpoint may hold only tensors and plain containers)"]
+    assert one_line_error(sample.main, ["--ckpt", str(path)], capsys) == (
+        f"error: {path} holds pickled Python objects; refusing to load it (a checkpoint may hold only tensors and "
+        "plain containers)")
 
 
 def test_training_checkpoints_load_safely(tmp_path, data_dir):
