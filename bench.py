@@ -60,14 +60,16 @@ def timed(fn, device, repeats):
 def generation_models(args, cfgs, device):
     """{name: model} of --models, random weights, their weights in --weights' dtype."""
     need = args.prompt_len + args.new_tokens + 64
-    models = {}
+    dtype, models = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.weights], {}
+    torch.set_default_dtype(dtype)  # built in that dtype: no fp32 copy ever exists
     for name in args.models:
         if name == "cola":
             m = ColaDLM(VAEConfig(**{**cfgs["cola"]["vae_config"], "max_seq_len": need + 1024}),
                         DiTConfig(**cfgs["cola"]["dit_config"]), reference=False)
         else:
             m = TransformerLM(LMConfig(**{**cfgs[name]["lm_config"], "max_seq_len": need + 1024}))
-        models[name] = m.to(device, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.weights]).eval()
+        models[name] = m.to(device).eval()
+    torch.set_default_dtype(torch.float32)
     return models
 
 

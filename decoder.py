@@ -34,14 +34,15 @@ class GenerationError(ValueError):
     """A request generate() cannot serve; the message is one line meant for the user."""
 
 
-def load_model(path, device="cpu", kinds=MODEL_KINDS):
+def load_model(path, device="cpu", kinds=MODEL_KINDS, dtype=torch.float32):
     """A model from this repo's checkpoint file, or from the authors' released snapshot directory
     (ColaDLM.from_pretrained) -> (model in eval mode on device, what the scripts read about it: the checkpoint
-    dict, or for a snapshot the same fields (kind, step, args.preset, tokenizer) and its special tokens)."""
+    dict, or for a snapshot the same fields (kind, step, args.preset, tokenizer) and its special tokens).
+    dtype: the weights' dtype (a snapshot's; this repo's checkpoints load as they were trained, in fp32)."""
     if os.path.isdir(path):
         if "cola" not in kinds:
             raise CheckpointError(f"{path} is a released Cola DLM snapshot, expected {' or '.join(kinds)}")
-        model, tokenizer = ColaDLM.from_pretrained(path)
+        model, tokenizer = ColaDLM.from_pretrained(path, dtype)
         enc = get_tokenizer(tokenizer)
         specials = {name: enc.encode_single_token(name) for name in ("<|pad|>", "<|endoftext|>", "<|im_end|>")
                     if name in enc.special_tokens_set}

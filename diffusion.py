@@ -205,15 +205,21 @@ class ColaDLM(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, path):
+    def from_pretrained(cls, path, dtype=torch.float32):
         """The authors' released model from its snapshot directory, as nanoGPT's GPT.from_pretrained
-        (release.py, docs/release.md). Returns (model in eval mode, path of its tokenizer.json)."""
+        (release.py, docs/release.md), its weights in `dtype` (bfloat16 halves the memory: run it under
+        autocast). Returns (model in eval mode, path of its tokenizer.json)."""
         vae_dir, dit_dir, tokenizer = release.snapshot_folders(path)
         vae_cfg, shift, scale = release.vae_config(vae_dir)
         if not release.latent_norm_ok(shift, scale):
             raise release.SnapshotError(f"{vae_dir}/config.json: shifting_factor {shift} / scaling_factor {scale} "
                                         "do not give a usable normalisation")
-        model = cls(vae_cfg, release.dit_config(dit_dir, vae_cfg), decoder_reads_normalized=True, reference=False)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # built in that dtype: no fp32 copy of a 2B model is ever made
+        try:
+            model = cls(vae_cfg, release.dit_config(dit_dir, vae_cfg), decoder_reads_normalized=True, reference=False)
+        finally:
+            torch.set_default_dtype(default)
         release.load_weights(model, vae_dir, "vae.")
         release.load_weights(model, dit_dir, "dit.")
         release.check_rope_buffer(dit_dir, model.dit.cfg)

@@ -57,7 +57,8 @@ def get_args(argv=None):
     p.add_argument("--repetition_penalty", type=positive_float, default=1.1, help="Cola, AR: CTRL-style penalty (1 = off)")
     p.add_argument("--seed", type=int_at_least(0), default=1337, help="random seed")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="autocast dtype; bfloat16 also keeps a released snapshot's weights in bf16 (half the memory)")
     p.add_argument("--compile", action="store_true", help="Cola: torch.compile the DiT and the decoder")
     return p.parse_args(argv)
 
@@ -85,7 +86,7 @@ def main(argv=None):
                 os.path.exists(os.path.join(args.out_dir, "vae.pt")):
             raise DataError(f"{path} not found; {args.out_dir}/vae.pt is a stage-1 VAE, which cannot generate: "
                             "run `python train.py --stage joint` first")
-        model, info = load_model(path, device)
+        model, info = load_model(path, device, dtype=getattr(torch, args.dtype))
         enc = get_tokenizer(info["tokenizer"])
         prompt_ids = encode_prompt(info, enc, text)
     except (DataError, CheckpointError) as e:

@@ -153,6 +153,10 @@ def test_sample_cli_runs_a_snapshot(snapshot, capsys):
     path, _ = snapshot
     sample.main(["--init_from", path, "--prompt", "the band", "--num_samples", "1", "--max_new_tokens", "8", "--steps", "2"])
     assert "budget blocks, DiT inputs bf16" in capsys.readouterr().out  # the release's sampler by default
+    sample.main(["--init_from", path, "--prompt", "the band", "--num_samples", "1", "--max_new_tokens", "8", "--steps", "2",
+                 "--dtype", "bfloat16"])  # bf16 weights under autocast
+    import re
+    assert int(re.search(r"# (\d+) tokens in", capsys.readouterr().out).group(1)) > 0
 
 
 def test_load_model_gives_the_release_special_tokens(snapshot):
