@@ -97,6 +97,7 @@ train   | --eval_iters 0                                                 | argum
 train   | --lr nan                                                       | argument --lr: must be a finite number
 train   | --lr -1                                                        | argument --lr: must be a finite number in (0, inf]
 train   | --lr inf                                                       | argument --lr: must be a finite number
+train   | --out_dir {cola} --resume --lr inf                             | argument --lr: must be a finite number
 train   | --beta2 1.5                                                    | argument --beta2: must be a finite number in [0, 1)
 train   | --dropout 2                                                    | argument --dropout
 train   | --dit_width 0                                                  | argument --dit_width: must be >= 1
@@ -141,6 +142,7 @@ eval    | --score {empty_dir}                                            | is no
 eval    | --ckpt {cola}/ckpt.pt --tasks {long_task}                      | exceed the model's context of 1024 tokens
 eval    | --ckpt {cola}/ckpt.pt --judge {other_judge}                    | uses tokenizer cl100k_base
 eval    | --ckpt {nan_ckpt}                                              | holds NaN or Inf
+eval    | --ckpt {cola}/ckpt.pt --device cuda                            | CUDA is not available
 bench   | --batches 0                                                    | argument --batches
 bench   | --new_tokens 0                                                 | argument --new_tokens: must be >= 1
 prepare | --shard_tokens 1 --out_dir {fresh}                             | --shard_tokens must be >= 1024
@@ -234,12 +236,15 @@ def test_two_runs_never_share_a_folder(tmp_path, data_dir, root, capsys):
 
 def test_resume_keeps_each_logged_step_once(tmp_path, data_dir):
     """A run killed after its log line but before its checkpoint logs those steps again on resume: the log is
-    trimmed to the checkpoint's step first. Mutation: appending without the trim repeats step 2."""
+    trimmed to the checkpoint's step first, and temporary files of killed saves are cleared. Mutation:
+    appending without the trim repeats step 4."""
     out = str(tmp_path / "o")
     common = ["--data_dir", data_dir, "--out_dir", out, "--stage", "vae", "--vae_iters", "4", "--eval_interval", "2"] + TINY
     train.main(common + ["--stop_after", "2"])
     with open(os.path.join(out, "log_vae.jsonl"), "a") as f:  # the line of a step whose checkpoint never came
         f.write(json.dumps({"step": 4, "loss": 1.0}) + "\n")
+    open(os.path.join(out, "vae.pt.999999.tmp"), "wb").write(b"a save killed halfway")
     train.main(common + ["--resume"])
     steps = [json.loads(line)["step"] for line in open(os.path.join(out, "log_vae.jsonl"))]
     assert steps == [2, 4]
+    assert not any(f.endswith(".tmp") for f in os.listdir(out))  # a killed save's temporary file is cleared
