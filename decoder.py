@@ -270,6 +270,16 @@ def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin
     return torch.where(pin.unsqueeze(-1), pin_z, z)
 
 
+def encode_normalised(model, tokens, valid):
+    """Normalised posterior means (B, N, d) of token rows (B, N * patch), block-causal with the VAE's blocks,
+    latents marked invalid (left padding) hidden."""
+    if tokens.shape[1] == 0:
+        return torch.zeros(tokens.shape[0], 0, model.vae.cfg.latent_dim, device=tokens.device)
+    blk = torch.arange(valid.shape[1], device=tokens.device) // model.vae.cfg.block_size
+    mu, _ = model.vae.encode(tokens, with_key_padding(block_causal_mask(blk, blk), valid, valid))
+    return model.normalize(mu.float())
+
+
 def n_blocks_to_generate(budget, max_new_tokens, rem, block_size, patch):
     """'blocks' (the release): ceil(max_new_tokens / tokens per block) blocks, the first one's prompt share
     included, and a single block when the prompt's partial block alone needs more latents than that budget;
@@ -342,11 +352,7 @@ def generate(model, prompts, max_new_tokens=32, steps=16, guidance=7.0, temperat
         raise GenerationError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
                               f"context of {vcfg.max_seq_len} tokens; ask for fewer new tokens")
     Tc = n_prompt_blocks * block_size  # latents of the full prompt blocks
-    prompt_zn = torch.zeros(B, 0, d, device=device)
-    if tokens.shape[1] > 0:  # the prompt's posterior means, block-causal, left padding hidden
-        blk = torch.arange(valid.shape[1], device=device) // vcfg.block_size
-        prompt_mu, _ = model.vae.encode(tokens, with_key_padding(block_causal_mask(blk, blk), valid, valid))
-        prompt_zn = model.normalize(prompt_mu.float())  # (B, Np, d)
+    prompt_zn = encode_normalised(model, tokens, valid)  # (B, Np, d)
     caches = model.new_caches()
     hist_valid = valid[:, :Tc]  # (B, Tc): real latents among the committed ones
     stats = dict(dit=0, dit_commit=0, decoder=0, blocks=0)
@@ -390,9 +396,7 @@ def generate(model, prompts, max_new_tokens=32, steps=16, guidance=7.0, temperat
                 for b in range(B):
                     text[b, :rem[b]] = torch.tensor(prompts[b][len(prompts[b]) - rem[b]:], device=device)
             tokens = torch.cat([tokens[:, :(Tc + k * block_size) * patch], text], 1)  # the whole text so far
-            blk = torch.arange(hist_valid.shape[1], device=device) // vcfg.block_size
-            zr = model.normalize(model.vae.encode(tokens, with_key_padding(block_causal_mask(blk, blk), hist_valid,
-                                                                           hist_valid))[0].float())  # (B, N, d)
+            zr = encode_normalised(model, tokens, hist_valid)  # (B, N, d)
             if on_drift is not None:
                 on_drift(float((zr[:, -block_size:] - z).norm(dim=-1).mean()))
             if reencode_history:  # rebuild both caches from the re-encoded text

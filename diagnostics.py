@@ -53,7 +53,7 @@ def eval_sdedit(model, x, j, steps, guidance, generator, t0s=(0.25, 0.5, 0.75, 1
     sampler given the true clean history, started from the true latents noised to t0 (SDEdit style;
     t0 = 1 is generation from noise), decoded, and compared with the true tokens. Beside it, the
     accuracy of decoding the noisy start directly: what the DiT adds at each t0."""
-    tokens_per_block = model.vae.cfg.tokens_per_block
+    tokens_per_block = model.tokens_per_block
     target = x[:, j * tokens_per_block:(j + 1) * tokens_per_block]
     hist, true = true_block(model, x, j)
     acc = lambda z: float((decode_after(model, hist, z).argmax(-1) == target).float().mean())
@@ -73,7 +73,7 @@ def eval_prefix_prediction(model, x, j, steps, guidance, generator, known=(0, 8,
     real sampler after the true history, with its first k latents known (pinned clean, as when a prompt ends
     inside a block), and the other positions are compared with the true tokens. k = 15 is next-token
     prediction with the whole context, the AR model's task (its validation 'acc')."""
-    tokens_per_block, bs = model.vae.cfg.tokens_per_block, model.block_size
+    tokens_per_block, bs = model.tokens_per_block, model.block_size
     target = x[:, j * tokens_per_block:(j + 1) * tokens_per_block]
     hist, true = true_block(model, x, j)
     res = {}
@@ -98,7 +98,7 @@ def eval_latent_fit(model, x, j, steps, guidance, generator):
     knows: the decoder's max-probability and entropy on generated and on posterior latents, and the
     distance from each latent to the posterior latent of the token it decodes to (the decoded block
     re-encoded after the same history), beside the typical distance between neighbouring posterior latents."""
-    tokens_per_block = model.vae.cfg.tokens_per_block
+    tokens_per_block = model.tokens_per_block
     hist, true = true_block(model, x, j)
     noise = torch.randn(true.shape, device=x.device, generator=generator)
     res = {}

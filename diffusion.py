@@ -229,7 +229,12 @@ class ColaDLM(nn.Module):
 
     @property
     def block_size(self):
+        """Latents per generated block (the DiT's; the VAE's attention blocks may be finer)."""
         return self.dit.cfg.block_size
+
+    @property
+    def tokens_per_block(self):
+        return self.dit.cfg.block_size * self.vae.cfg.patch_size
 
     def init_from_vae(self, vae_state, shift, scale):
         self.vae.load_state_dict(vae_state)

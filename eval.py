@@ -207,7 +207,7 @@ def evaluate(args):
     if kind == "cola" and args.diag_windows and data is not None:
         t0 = time.time()
         x = data.batch("val", args.diag_windows, batch_seed(args.seed + 97, 0, 0), device)
-        j = min(2, x.shape[1] // model.vae.cfg.tokens_per_block - 1)  # the block to generate: one with history
+        j = min(2, x.shape[1] // model.tokens_per_block - 1)  # the block to generate: one with history
         res["sdedit"] = eval_sdedit(model, x, j, args.steps, args.guidance, g)
         res["latent_fit"] = eval_latent_fit(model, x, j, args.steps, args.guidance, g)
         xp = data.batch("val", args.prefix_windows, batch_seed(args.seed + 95, 0, 0), device)

@@ -48,10 +48,6 @@ class VAEConfig:
     def mask_id(self):
         return self.vocab_size
 
-    @property
-    def tokens_per_block(self):
-        return self.block_size * self.patch_size
-
 
 def gaussian_kl_std_normal(mu, logvar):
     """KL(N(mu, e^logvar) || N(0, I)) summed over the last (channel) dim."""
