@@ -364,12 +364,13 @@ def preflight(args):
     files = [(os.path.join(args.out_dir, f), kind) for f, kind in stage_files(args)]
     found = [(path, kind) for path, kind in files if os.path.exists(path)]
     for path, kind in found:
-        ckpt = load_checkpoint(path, (kind,))
-        if args.overwrite:
+        if args.overwrite:  # replaced whatever it holds, even a file that is no checkpoint
             continue
         if not args.resume:
-            fail(f"{path} holds a {kind} checkpoint (step {ckpt['step']}); add --resume to continue it or "
-                 "--overwrite to replace it")
+            held = load_checkpoint(path)
+            fail(f"{path} holds a {held['kind']} checkpoint (step {held['step']}); add --resume to continue it, "
+                 "--overwrite to replace it, or pick another --out_dir")
+        ckpt = load_checkpoint(path, (kind,))
         show = lambda v: f"{v:g}" if isinstance(v, float) else v
         for flag in RESUME_FIXED:
             if flag in args.given and getattr(args, flag) != ckpt["args"].get(flag):

@@ -110,8 +110,8 @@ train   | --out_dir {cola} --resume --preset cpu                         | --pre
 train   | --out_dir {cola} --resume --latent_dim 4                       | --latent_dim 4 contradicts
 train   | --out_dir {cola} --resume --stage joint --vae_lr_ratio 0       | --vae_lr_ratio 0 contradicts
 train   | --out_dir {empty_dir} --resume                                 | holds no vae.pt or ckpt.pt to resume
-train   | --out_dir {cola}                                               | add --resume to continue it or --overwrite to replace it
-train   | --out_dir {cola} --model ar                                    | holds a 'cola' model, expected ar
+train   | --out_dir {cola}                                               | add --resume to continue it, --overwrite to replace it
+train   | --out_dir {cola} --model ar                                    | holds a cola checkpoint (step
 train   | --out_dir {ar} --resume                                        | holds a 'ar' model, expected cola
 train   | --out_dir {fresh} --stage joint                                | train stage 1 first
 train   | --out_dir {fresh} --data_dir {data_odd}                        | meta.json says
@@ -248,3 +248,13 @@ def test_resume_keeps_each_logged_step_once(tmp_path, data_dir):
     steps = [json.loads(line)["step"] for line in open(os.path.join(out, "log_vae.jsonl"))]
     assert steps == [2, 4]
     assert not any(f.endswith(".tmp") for f in os.listdir(out))  # a killed save's temporary file is cleared
+
+
+def test_overwrite_replaces_a_checkpoint_of_another_kind(tmp_path, runs, data_dir):
+    """--overwrite is the way past the refusal, whatever kind the folder holds (it must not be read first:
+    mutation, loading with the new run's kind, refuses a Cola folder for an AR run)."""
+    out = str(tmp_path / "cola")
+    shutil.copytree(runs["cola"], out)
+    train.main(["--model", "ar", "--lm_layers", "1", "--data_dir", data_dir, "--out_dir", out, "--overwrite",
+                "--main_iters", "1", "--eval_interval", "1"] + TINY)
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["kind"] == "ar"
