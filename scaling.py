@@ -217,18 +217,23 @@ def eval_one(a, r, judge):
     print(f"[scaling] evaluated {model} ({level}) in {time.time() - t0:.0f} s", flush=True)
 
 
-def plot_scaling(rows, metric, path):
-    """metric vs training FLOPs, one series per model kind."""
+PANELS = [("next_token_acc", "next-token accuracy", False), ("judge_ppl", "judge perplexity", True),
+          ("seen_3gram_rate", "seen 3-gram rate", False), ("distinct_2", "distinct-2", False)]
+
+
+def plot_scaling(rows, path):
+    """The ladder's measures vs training FLOPs, one panel per measure, one series per model kind."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for kind in sorted({r["kind"] for r in rows}):
-        pts = sorted((r["train_flops"], r[metric]) for r in rows if r["kind"] == kind and r.get(metric) is not None)
-        if pts:
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
+    for ax, (metric, label, log_y) in zip(axes, PANELS):
+        for kind in sorted({r["kind"] for r in rows}):
+            pts = sorted((r["train_flops"], r[metric]) for r in rows if r["kind"] == kind and r.get(metric) is not None)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kind)
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs")
-    ax.set_ylabel(metric)
-    ax.legend()
+        ax.set_xscale("log")
+        ax.set_yscale("log" if log_y else "linear")
+        ax.set_xlabel("training FLOPs")
+        ax.set_title(label)
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -312,8 +317,7 @@ def main(argv=None):
     with open(os.path.join(a.out_root, "table.md"), "w") as f:
         f.write(md + "\n")
     json.dump(rows, open(os.path.join(a.out_root, "results.json"), "w"), indent=1, default=str)
-    for metric in ("bits_per_token", "task_accuracy", "judge_ppl", "seen_3gram_rate"):
-        print("wrote", plot_scaling(rows, metric, os.path.join(a.out_root, f"scaling_{metric}.png")))
+    print("wrote", plot_scaling(rows, os.path.join(a.out_root, "scaling.png")))
     print(md)
 
 
