@@ -2,7 +2,7 @@
 The comparison studies, each scored by eval.py against one fixed judge:
 - compute levels, the small-scale version of the paper's (docs/method.md §8-9, its RQ4): Cola DLM, AR and
   LLaDA at one size preset, trained on the same data with the same recipe to matched training FLOPs at
-  several levels; a markdown table and scaling plots (metric vs training FLOPs); the baselines' sample
+  several levels; a markdown table and one figure, scaling.png (four measures vs training FLOPs); the baselines' sample
   metrics use samples drawn at temperature 1 (greedy AR and LLaDA loop), the tasks stay greedy;
 - recipe ablations (--ablations FILE): one line per run, `name flags...` for train.py; `base` is the
   default run, and a run without `--stage all` trains stage 2 from base's stage 1 (or from the stage 1 of
