@@ -4,9 +4,12 @@ The baselines Cola DLM is matched against (docs/method.md §8), built from the s
 - AR: a LLaMA-style causal transformer trained on next-token CE; decoding with a KV cache.
 - LLaDA: the same network with bidirectional attention, trained as a masked diffusion model: per
   sequence t ~ U(0, 1), each token masked with probability t, CE on the masked tokens divided by t.
-  Sampling (decoder.py) starts from all [MASK] and over `steps` steps unmasks the most confident
-  predictions (low-confidence remasking), optionally block by block (semi-autoregressive).
+  Sampling starts from all [MASK] and over `steps` steps unmasks the most confident predictions
+  (low-confidence remasking), optionally block by block (semi-autoregressive).
+
+The file reads: the network, its losses, then the two samplers (ar_generate, llada_generate).
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +17,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import build, load_weights
-from layers import Block, attention_flops, block_causal_mask, init_weights, matmul_params, n_params, scale_residual_init
+from decoder import GenerationError, choose_tokens
+from layers import Attention, KVCache, SwiGLU, block_causal_mask, init_weights, n_params, with_key_padding
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block (LayerNorm, attention, SwiGLU) of the baselines (the VAE's is vae.VAEBlock)."""
+
+    def __init__(self, width, n_heads, mlp_hidden, rope_theta, dropout=0.0):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = Attention(width, n_heads, rope_theta, 1.0, qk_norm="head", dropout=dropout)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = SwiGLU(width, mlp_hidden, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, pos, mask, cache=None, commit=False):
+        x = x + self.drop(self.attn(self.ln1(x), pos, mask, cache, commit))
+        return x + self.mlp(self.ln2(x))
+
+
+def scale_residual_init(module, n_layers):
+    """Scale output projections by 1/sqrt(2*n_layers) as GPT-2 does, so deep residual streams start tame."""
+    for name, p in module.named_parameters():
+        if name.endswith("attn.proj.weight") or name.endswith("mlp.out.weight"):
+            nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layers))
 
 
 @dataclass
@@ -53,10 +80,6 @@ class TransformerLM(nn.Module):
         model = cls(build(LMConfig, ckpt["lm_config"], ckpt))
         load_weights(model, ckpt["model"], ckpt)
         return model
-
-    def train_flops_per_token(self, seq_len):
-        """Training FLOPs per token (layers.py's convention)."""
-        return 6 * matmul_params(self) + 3 * attention_flops(self.cfg.n_layers, self.cfg.width, seq_len)
 
     def logits(self, tokens, pos=None, mask=None, cache=None):
         B, T = tokens.shape
@@ -111,3 +134,109 @@ def match_layers(target_params, cfg: LMConfig):
         base = n_params(TransformerLM(LMConfig(**{**cfg.__dict__, "n_layers": 0})))
         one = n_params(Block(cfg.width, cfg.n_heads, cfg.mlp_hidden, cfg.rope_theta))
     return max(1, round((target_params - base) / one))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the samplers
+
+def left_pad(prompts, pad_id, device):
+    """Prompts of different lengths, right-aligned: tokens (B, P) and their validity (B, P). An empty prompt
+    becomes the single token pad_id (<|endoftext|>, the start of a document)."""
+    rows = [list(p) or [pad_id] for p in prompts]
+    P = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), P), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(rows), P, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        tokens[b, P - len(r):] = torch.tensor(r, dtype=torch.long)
+        valid[b, P - len(r):] = True
+    return tokens.to(device), valid.to(device)
+
+
+def check_context(prompts, max_new_tokens, context):
+    longest = max((len(p) for p in prompts), default=0)
+    if longest + max_new_tokens > context:
+        raise GenerationError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
+                              f"model's context of {context} tokens")
+
+
+@torch.no_grad()
+def ar_generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                eos_id=50256, generator=None, on_token=None):
+    """Token-by-token decoding of a batch of prompts with a KV cache: one batched forward pass per token.
+    Prompts are left-padded, the padded keys masked out (RoPE sees only relative positions), so each row
+    gets what it would get alone. Returns (new-token lists, {'passes': batched passes}).
+    on_token(tokens) is called with each row's new token (None once the row has stopped)."""
+    if not prompts:
+        raise GenerationError("no prompts given")
+    check_context(prompts, max_new_tokens, model.cfg.max_seq_len)
+    device = model.head.weight.device
+    tokens, key_valid = left_pad(prompts, eos_id, device)
+    B, P = tokens.shape
+    pos = torch.arange(P, device=device)
+    cache = KVCache(model.cfg.n_layers)
+    logits = model.logits(tokens, pos, with_key_padding(block_causal_mask(pos, pos), key_valid, key_valid), cache)
+    seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)  # generated tokens (the penalty's)
+    outs, done, passes = [[] for _ in range(B)], [False] * B, 1
+    for n in range(max_new_tokens):
+        tok = choose_tokens(logits[:, -1:], seen, temperature, top_k, top_p, repetition_penalty, generator)  # (B, 1)
+        new = []
+        for b, t in enumerate(tok[:, 0].tolist()):
+            done[b] = done[b] or t == eos_id
+            new.append(None if done[b] else t)
+            if not done[b]:
+                outs[b].append(t)
+        seen[torch.arange(B, device=device), tok[:, 0]] = True
+        if on_token is not None:
+            on_token(new)
+        if all(done) or n == max_new_tokens - 1:
+            break
+        key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
+        logits = model.logits(tok, pos[-1:] + n + 1, key_valid[:, None, None, :], cache)  # (B, 1, V)
+        passes += 1
+    return outs, {"passes": passes}
+
+
+@torch.no_grad()
+def llada_generate(model, prompts, max_new_tokens, steps=32, block_length=None, temperature=0.0, eos_id=50256,
+                   generator=None):
+    """LLaDA sampling with low-confidence remasking for a batch of prompts (left-padded, padded keys masked).
+    block_length < max_new_tokens gives semi-autoregressive blocks, each unmasked over
+    steps * block_length / max_new_tokens steps. Returns (new-token lists, {'passes': batched passes})."""
+    if not prompts:
+        raise GenerationError("no prompts given")
+    check_context(prompts, max_new_tokens, model.cfg.max_seq_len)
+    device = model.head.weight.device
+    mask_id = model.cfg.mask_id
+    prompt, prompt_valid = left_pad(prompts, eos_id, device)
+    B, P = prompt.shape
+    x = torch.cat([prompt, torch.full((B, max_new_tokens), mask_id, dtype=torch.long, device=device)], 1)  # (B, T)
+    key_valid = torch.cat([prompt_valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], 1)
+    T = x.shape[1]
+    attn = with_key_padding(torch.ones(T, T, dtype=torch.bool, device=device), key_valid, key_valid)
+    pos = torch.arange(T, device=device)
+    block_length = block_length or max_new_tokens
+    n_blocks = math.ceil(max_new_tokens / block_length)
+    steps_per_block = max(1, steps // n_blocks)
+    passes = 0
+    for blk in range(n_blocks):
+        lo, hi = P + blk * block_length, min(P + (blk + 1) * block_length, T)
+        n_masked = hi - lo
+        for i in range(steps_per_block):
+            k = n_masked // steps_per_block + (i < n_masked % steps_per_block)  # positions to unmask this step
+            if k == 0:
+                continue
+            logits = model.logits(x, pos, attn).float()  # (B, T, V)
+            passes += 1
+            probs = torch.softmax(logits / max(temperature, 1e-8) if temperature > 0 else logits, -1)
+            pred = (torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(B, T) if temperature > 0
+                    else logits.argmax(-1))
+            conf = probs.gather(-1, pred.unsqueeze(-1)).squeeze(-1)  # (B, T)
+            eligible = torch.zeros_like(x, dtype=torch.bool)
+            eligible[:, lo:hi] = x[:, lo:hi] == mask_id
+            conf = torch.where(eligible, conf, torch.full_like(conf, -1.0))
+            pick = torch.topk(conf, k, dim=-1).indices  # (B, k): the k most confident masked positions per row
+            x.scatter_(1, pick, pred.gather(1, pick))
+    outs = []
+    for row in x[:, P:].tolist():
+        outs.append(row[:row.index(eos_id)] if eos_id in row else row)
+    return outs, {"passes": passes}

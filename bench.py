@@ -1,6 +1,6 @@
 """
 Speed figures, printed as tables; asserts nothing. Weights are random (speed does not depend on them),
-the sizes are a preset's (presets.py builds the configs, as train.py does).
+the sizes are a preset's (train.py --dry_run builds the configs).
 
     python bench.py                                    # generation: Cola (8, 16 steps), AR, LLaDA at batch 1 and 32
     python bench.py --batches 1,8 --new_tokens 128 --preset cpu
@@ -11,7 +11,7 @@ the sizes are a preset's (presets.py builds the configs, as train.py does).
 Generation: tokens/s and model passes per generated token, every model batched the same way (Cola's
 guided DiT passes, its commit and decoder passes; AR's one pass per token with a KV cache; LLaDA's
 unmasking passes, semi-autoregressive blocks of 16 tokens). Training: milliseconds per optimizer step,
-tokens/s, and model FLOP utilisation by two conventions: the repo's (layers.py: matmul weights per
+tokens/s, and model FLOP utilisation by two conventions: the repo's (flops.py: matmul weights per
 position each network runs on, plus attention) and 6 N (N: all parameters but embeddings).
 """
 import argparse
@@ -21,22 +21,26 @@ import time
 import torch
 
 from baselines import LMConfig, TransformerLM
-from cli import Parser, autocast, int_list, nonneg_float, pick_device, positive_float, positive_int
-from decoder import ar_generate, generate, llada_generate
+from baselines import ar_generate, llada_generate
+from cli import Parser, autocast, int_list, nonneg_float, pick_device, positive_float, positive_int, train_dry_run
+from decoder import SamplerConfig, generate
 from diffusion import ColaDLM
 from dit import DiTConfig
+from flops import joint_train_flops, lm_train_flops, vae_train_flops
 from layers import n_params
-from presets import PRESETS, dry_run
-from presets import get_args as train_args
 from vae import VAEConfig
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 
 
 def preset_configs(preset, vocab_size, extra=()):
-    """The model configs train.py builds for a preset, for Cola, AR and LLaDA (presets.dry_run)."""
-    return {model: dry_run(train_args(["--preset", preset, "--model", model, *extra]), vocab_size)
+    """The model configs train.py builds for a preset, for Cola, AR and LLaDA (train.py --dry_run), at vocab_size
+    (the baselines' depth stays matched at GPT-2's vocabulary)."""
+    cfgs = {model: train_dry_run(["--preset", preset, "--model", model, "--data_dir", "/nonexistent", *extra])
             for model in ("cola", "ar", "llada")}
+    for cfg in (cfgs["cola"]["vae_config"], cfgs["ar"]["lm_config"], cfgs["llada"]["lm_config"]):
+        cfg["vocab_size"] = vocab_size
+    return cfgs
 
 
 def parser_fail(text):
@@ -85,8 +89,8 @@ def bench_generation(args, cfgs, device):
                    for i in range(batch)]
         runs = []
         if "cola" in models:
-            runs += [(f"Cola, {s} steps", lambda s=s: generate(models["cola"], prompts, args.new_tokens, s, args.guidance,
-                                                                stop_ids=(), generator=g)) for s in args.cola_steps]
+            runs += [(f"Cola, {s} steps", lambda s=s: generate(models["cola"], prompts, args.new_tokens, SamplerConfig(
+                steps=s, guidance=args.guidance, stop_ids=()), g)) for s in args.cola_steps]
         if "ar" in models:
             runs += [("AR (KV cache)", lambda: ar_generate(models["ar"], prompts, args.new_tokens, eos_id=-1))]
         if "llada" in models:
@@ -96,7 +100,7 @@ def bench_generation(args, cfgs, device):
             with torch.no_grad(), amp:
                 dt, (outs, st) = timed(fn, device, args.repeats)
             n = sum(len(o) for o in outs)
-            passes = st["passes"] if "passes" in st else st["dit"] + st["dit_commit"] + st["decoder"]
+            passes = st["passes"] if "passes" in st else st["blocks"] * (int(name.split()[1]) + 2)
             print(f"| {name} | {batch} | {passes / (n / batch):.3f} | {n / dt:,.1f} |", flush=True)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
@@ -119,11 +123,11 @@ def bench_training(args, cfgs, device):
         if stage in ("vae", "joint"):
             cola = ColaDLM(vcfg, dcfg)
             model = cola.vae if stage == "vae" else cola
-            fpt = cola.vae.train_flops_per_token(L) if stage == "vae" else cola.train_flops_per_token(L)
+            fpt = vae_train_flops(cola.vae, L) if stage == "vae" else joint_train_flops(cola, L)
             dense = n_params(cola.vae) - cola.vae.enc.embed.weight.numel() + (n_params(cola.dit) if stage == "joint" else 0)
         else:
             model = TransformerLM(LMConfig(**cfgs[stage]["lm_config"]))
-            fpt, dense = model.train_flops_per_token(L), n_params(model) - model.embed.weight.numel()
+            fpt, dense = lm_train_flops(model, L), n_params(model) - model.embed.weight.numel()
         model = model.to(device).train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                 fused=device.startswith("cuda"))
@@ -149,7 +153,7 @@ def bench_training(args, cfgs, device):
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", action="store_true", help="time training steps instead of generation")
-    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="train.py size preset")
+    p.add_argument("--preset", default="cpu", choices=["tiny", "cpu", "paper"], help="train.py size preset")
     p.add_argument("--vocab_size", type=positive_int, default=50257, help="vocabulary (the paper's: 100278)")
     p.add_argument("--batches", type=int_list, default=[1, 32], help="generation: comma list of batch sizes")
     p.add_argument("--models", type=lambda s: [m for m in s.split(",") if m in ("cola", "ar", "llada")] or

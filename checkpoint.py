@@ -1,16 +1,22 @@
 """
-Checkpoint files: written atomically, read safely.
+Checkpoint files and training folders: what train.py calls to keep every promise about files.
 
+Checkpoint files are written atomically and read safely.
 A checkpoint is a dict of tensors and plain containers (dict, list, str, int, float, bool, None): the
 model configs, the weights, the optimizer, every rank's random state, the step and the run's arguments.
 It is read with torch.load(weights_only=True), so opening a downloaded checkpoint cannot run code;
-anything that needs pickled Python objects is refused with a one-line error.
+anything that needs pickled Python objects is refused with a one-line error. A training folder is
+claimed before any work (claim_out_dir: one run at a time, no checkpoint replaced unasked, a resumed run's
+own flags restored), and load_model reads any checkpoint of this repo, or a released snapshot, for the
+scripts that sample and measure.
 """
+import contextlib
+import json
 import os
 
 import torch
 
-from cli import write_atomic
+from cli import check_writable_dir, fail, folder_lock, write_atomic
 
 
 class CheckpointError(ValueError):
@@ -79,3 +85,124 @@ def set_rng_state(s):
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# models from checkpoints
+
+def load_model(path, device="cpu", kinds=("cola", "ar", "llada"), dtype=torch.float32):
+    """A model from this repo's checkpoint file, or from the authors' released snapshot directory
+    (release.load_snapshot) -> (model in eval mode on device, the checkpoint dict: what the scripts read).
+    dtype: the weights' dtype (a snapshot's; this repo's checkpoints load as they were trained, in fp32)."""
+    from baselines import LMConfig, TransformerLM
+    from diffusion import ColaDLM
+    from dit import DiTConfig
+    from vae import VAEConfig
+    if os.path.isdir(path):
+        if "cola" not in kinds:
+            raise CheckpointError(f"{path} is a released Cola DLM snapshot, expected {' or '.join(kinds)}")
+        import release
+        model, info = release.load_snapshot(path, dtype)
+        return model.to(device), info
+    ckpt = load_checkpoint(path, kinds)
+    if ckpt["kind"] != "cola":
+        model = TransformerLM(build(LMConfig, ckpt["lm_config"], ckpt))
+    else:
+        vae_cfg, dit_cfg = build(VAEConfig, ckpt["vae_config"], ckpt), build(DiTConfig, ckpt["dit_config"], ckpt)
+        if vae_cfg.latent_dim != dit_cfg.latent_dim or dit_cfg.block_size % vae_cfg.block_size:
+            raise CheckpointError(f"{path}: its VAE and DiT configs do not fit together")
+        model = ColaDLM(vae_cfg, dit_cfg)
+    load_weights(model, ckpt["model"], ckpt)
+    return model.to(device).eval(), ckpt
+
+
+def stored_sampler(info, eot_id, **flags):
+    """The sampler a checkpoint stores (decoder.SamplerConfig; <|endoftext|> ends rows and pads prompts where it
+    stores none), with the flags given that are not None."""
+    from decoder import SamplerConfig
+    stored = dict(info.get("sampler") or dict(stop_ids=(eot_id,), pad_id=eot_id))
+    stored["stop_ids"] = tuple(stored.get("stop_ids", (eot_id,)))
+    return build(SamplerConfig, {**stored, **{k: v for k, v in flags.items() if v is not None}}, info)
+
+
+# ----------------------------------------------------------------------------------------------------
+# a training folder, claimed before any work
+
+# flags a resumed run cannot change: the model, the data windows, and which parameters the optimizer holds
+RESUME_FIXED = ("model", "preset", "latent_dim", "block_size", "patch_size", "vae_width", "vae_layers", "vae_heads",
+                "vae_mlp", "dit_width", "dit_layers", "dit_heads", "dit_mlp", "rope_fraction", "lm_width", "lm_layers",
+                "fixed_logsnr", "dit_init", "vae_lr_ratio", "seq_len")
+# flags that say how to run this invocation, never restored from the checkpoint
+RUN_ONLY = ("resume", "overwrite", "dry_run", "stop_after", "device", "compile", "out_dir", "given")
+
+
+def stage_files(args):
+    """[(checkpoint path, kind)] this invocation writes, in order."""
+    if args.model != "cola":
+        return [(os.path.join(args.out_dir, "ckpt.pt"), args.model)]
+    return ([(os.path.join(args.out_dir, "vae.pt"), "vae")] if args.stage in ("vae", "all") else []) + \
+        ([(os.path.join(args.out_dir, "ckpt.pt"), "cola")] if args.stage != "vae" else [])
+
+
+def restore_run_flags(args, ckpt):
+    """--resume: every flag not given again takes the run's own value from its checkpoint; a given flag that
+    would change the model or its data is a one-line refusal."""
+    show = lambda v: f"{v:g}" if isinstance(v, float) else v
+    saved, given = ckpt["args"], set(args.given)
+    for flag in RESUME_FIXED:
+        if flag in given and flag in saved and getattr(args, flag) != saved[flag]:
+            fail(f"--{flag} {show(getattr(args, flag))} contradicts {ckpt['path']}, trained with "
+                 f"{show(saved[flag])}; drop the flag to resume")
+    for flag, value in saved.items():
+        if flag not in given and flag not in RUN_ONLY and hasattr(args, flag):
+            setattr(args, flag, value)
+
+
+def check_out_dir(args):
+    """Before any work: what the folder holds fits the flags. Without --resume or --overwrite an existing
+    checkpoint is never replaced; --resume needs something to resume, of the kind asked for."""
+    files = stage_files(args)
+    found = [(path, kind) for path, kind in files if os.path.exists(path)]
+    if args.resume and not found:
+        fail(f"--resume: {args.out_dir} holds no {' or '.join(os.path.basename(p) for p, _ in files)} to resume")
+    for path, kind in found:
+        if args.resume:
+            restore_run_flags(args, load_checkpoint(path, (kind,)))
+        elif not args.overwrite:
+            held = load_checkpoint(path)
+            fail(f"{path} holds a {held['kind']} checkpoint (step {held['step']}); add --resume to continue it, "
+                 "--overwrite to replace it, or pick another --out_dir")
+    if args.model == "cola" and args.stage == "joint" and not found and \
+            not os.path.exists(os.path.join(args.out_dir, "vae.pt")):
+        fail(f"--stage joint starts from {os.path.join(args.out_dir, 'vae.pt')}, which does not exist: "
+             "train stage 1 first (--stage vae)")
+    for name in os.listdir(args.out_dir):
+        if name.endswith(".tmp") and name.split(".")[0] in ("vae", "ckpt"):  # temporary files of killed runs
+            os.remove(os.path.join(args.out_dir, name))
+        if name.startswith("log_") and not args.resume:  # a fresh or --overwrite run starts new logs
+            os.remove(os.path.join(args.out_dir, name))
+
+
+@contextlib.contextmanager
+def claim_out_dir(args):
+    """The one call train.py makes: check the folder is writable, hold its lock for the run, check what it
+    holds (check_out_dir) and, on --resume, restore the run's flags into args."""
+    check_writable_dir(args.out_dir, "--out_dir")
+    with folder_lock(args.out_dir):
+        try:
+            check_out_dir(args)
+        except CheckpointError as e:
+            fail(str(e))
+        yield
+
+
+def trim_log(path, step):
+    """Drop the log lines after `step`: a run killed between its log line and its checkpoint repeats those steps."""
+    if os.path.exists(path):
+        lines = []
+        for ln in open(path, encoding="utf-8", errors="replace"):
+            try:
+                lines += [ln] if json.loads(ln)["step"] <= step else []
+            except (ValueError, KeyError, TypeError):
+                pass  # a line torn by a kill
+        write_atomic(path, lambda f: f.writelines(lines))

@@ -117,6 +117,17 @@ def check_writable_file(path, flag):
     return path
 
 
+def train_dry_run(flags):
+    """train.py --dry_run for these flags: its configs, parameters and FLOPs per step, as a dict (scripts talk to
+    train.py through its command line, never by importing it)."""
+    import subprocess
+    train = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    out = subprocess.run([sys.executable, train, "--dry_run", *flags], capture_output=True, text=True)
+    if out.returncode:
+        fail(f"train.py {' '.join(flags)}: " + (out.stderr.strip().splitlines() or ["failed"])[-1].removeprefix("error: "))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 # ----------------------------------------------------------------------------------------------------
 # device and precision
 
@@ -185,6 +196,8 @@ def folder_lock(out_dir):
         except FileExistsError:
             try:
                 pid = int(open(path).read().strip() or 0)
+                if pid <= 0:  # an empty or torn lock file: no run holds it (os.kill(0) would signal our group)
+                    raise ValueError(pid)
                 os.kill(pid, 0)
             except (ValueError, ProcessLookupError, OSError):
                 os.remove(path)  # stale: its run is gone

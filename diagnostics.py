@@ -9,10 +9,12 @@ sampler on held-out windows after their true clean history:
 - eval_history_drift: free generation with its own latents as history against re-encoded history;
 and plot_diagnostics draws them.
 """
+from dataclasses import replace
+
 import torch
 
 from cli import pyplot
-from decoder import denoise_block, generate
+from decoder import denoise_block, encode_normalised, generate
 from diffusion import flow_path, time_grid
 from scoring import ngram_metrics
 
@@ -53,7 +55,7 @@ def eval_sdedit(model, x, j, steps, guidance, generator, t0s=(0.25, 0.5, 0.75, 1
     sampler given the true clean history, started from the true latents noised to t0 (SDEdit style;
     t0 = 1 is generation from noise), decoded, and compared with the true tokens. Beside it, the
     accuracy of decoding the noisy start directly: what the DiT adds at each t0."""
-    tokens_per_block = model.tokens_per_block
+    tokens_per_block = model.block_size * model.vae.cfg.patch_size
     target = x[:, j * tokens_per_block:(j + 1) * tokens_per_block]
     hist, true = true_block(model, x, j)
     acc = lambda z: float((decode_after(model, hist, z).argmax(-1) == target).float().mean())
@@ -73,7 +75,7 @@ def eval_prefix_prediction(model, x, j, steps, guidance, generator, known=(0, 8,
     real sampler after the true history, with its first k latents known (pinned clean, as when a prompt ends
     inside a block), and the other positions are compared with the true tokens. k = 15 is next-token
     prediction with the whole context, the AR model's task (its validation 'acc')."""
-    tokens_per_block, bs = model.tokens_per_block, model.block_size
+    tokens_per_block, bs = model.block_size * model.vae.cfg.patch_size, model.block_size
     target = x[:, j * tokens_per_block:(j + 1) * tokens_per_block]
     hist, true = true_block(model, x, j)
     res = {}
@@ -98,7 +100,7 @@ def eval_latent_fit(model, x, j, steps, guidance, generator):
     knows: the decoder's max-probability and entropy on generated and on posterior latents, and the
     distance from each latent to the posterior latent of the token it decodes to (the decoded block
     re-encoded after the same history), beside the typical distance between neighbouring posterior latents."""
-    tokens_per_block = model.tokens_per_block
+    tokens_per_block = model.block_size * model.vae.cfg.patch_size
     hist, true = true_block(model, x, j)
     noise = torch.randn(true.shape, device=x.device, generator=generator)
     res = {}
@@ -112,19 +114,33 @@ def eval_latent_fit(model, x, j, steps, guidance, generator):
     return res
 
 
-def eval_history_drift(model, prompts, n_tokens, steps, guidance, generator, train_ngrams):
+def history_drift(model, drift, reencode_history=False):
+    """An on_block hook of decoder.generate: records how far each block's generated latents sit from the
+    re-encoding of the text so far; with reencode_history, the caches are refilled from that re-encoding, so
+    later blocks read the re-encoded latents (not the generated ones) as their history."""
+    def hook(s):
+        zr = encode_normalised(model, s.tokens, s.hist_valid)  # (B, N, d)
+        drift.append(float((zr[:, -model.block_size:] - s.z).norm(dim=-1).mean()))
+        if reencode_history:
+            fresh = model.new_caches()
+            model.prefill(zr, s.hist_valid, fresh)
+            for cache, new in zip(s.caches, fresh):
+                cache.layers[:] = new.layers
+    return hook
+
+
+def eval_history_drift(model, prompts, n_tokens, sampler, generator, train_ngrams):
     """Free generation with its own latents as history, and the same with every finished block decoded and
     re-encoded before it becomes history: n-gram metrics of both, and how far the generated latents of
     each block sit from the re-encoding of their own tokens."""
     res = {}
     for name, flag in (("generated", False), ("reencoded", True)):
         drift = []
-        outs, _ = generate(model, prompts, n_tokens, steps, guidance, generator=generator, stop_ids=(), budget="tokens",
-                           reencode_history=flag, on_drift=drift.append)
+        outs, _ = generate(model, prompts, n_tokens, replace(sampler, stop_ids=()), generator,
+                           on_block=history_drift(model, drift, flag))
         res[f"{name}_history"] = ngram_metrics(outs, train_ngrams)
         res[f"{name}_history"]["drift_per_block"] = drift
     return res
-
 
 
 def plot_diagnostics(res, path):

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import Attention, KVCache
+from layers import Attention
 
 
 @dataclass
@@ -38,7 +38,6 @@ class DiTConfig:
     dropout: float = 0.0            # attention/MLP dropout (paper: none)
     adaln_zero: bool = True         # zero-init modulation and output (DiT's adaLN-Zero); False: Xavier everywhere,
                                     # as the authors' release initialises it (its zero-init is never called)
-    self_cond: bool = False         # (not the paper's) the DiT also reads an estimate of z0 (self-conditioning)
 
     @property
     def hidden(self):
@@ -107,7 +106,7 @@ class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
-        self.inp = nn.Linear(cfg.latent_dim * (2 if cfg.self_cond else 1), cfg.width)
+        self.inp = nn.Linear(cfg.latent_dim, cfg.width)
         self.t_embed = TimestepEmbedder(cfg.width, cfg.freq_dim)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_layers))
         self.final = FinalLayer(cfg.width, cfg.latent_dim, cfg.norm_eps)
@@ -134,23 +133,16 @@ class DiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def new_cache(self):
-        return KVCache(self.cfg.n_layers)
+    def embed(self, z, t):
+        """The stream x (B, T, w) of the latents and what every adaLN Linear reads, c = SiLU(t_emb) (B, T, w);
+        the network's time is 1000 t."""
+        return self.inp(z), F.silu(self.t_embed(1000.0 * t.float()))
 
-    def forward(self, z, t, pos, mask, cache=None, commit=False, hint=None, round_bf16=False):
+    def forward(self, z, t, pos, mask, cache=None, commit=False):
         """z (B, T, d) latents; t (B, T) per-latent time in [0, 1]; pos (T,) or (B, T) RoPE positions;
         mask (T, Tk) or (B, 1, T, Tk) bool, True = may attend (Tk includes cached keys).
-        With a cache, the new keys are stored only if `commit` (clean blocks at t = 0).
-        hint (B, T, d): with self_cond, an estimate of z0 (None: zeros); a clean latent (t = 0) is its own.
-        round_bf16: round z and the network's time 1000 t to bfloat16 first, as the release's sampler does."""
-        steps = 1000.0 * t.float()  # (B, T): the time the network sees
-        if round_bf16:
-            z, steps = z.bfloat16().to(z.dtype), steps.bfloat16().float()
-        if self.cfg.self_cond:
-            hint = torch.zeros_like(z) if hint is None else hint
-            z = torch.cat([z, torch.where(t.unsqueeze(-1) == 0, z, hint)], -1)  # (B, T, 2d)
-        x = self.inp(z)  # (B, T, w)
-        c = F.silu(self.t_embed(steps))  # (B, T, w): what every adaLN Linear reads
+        With a cache, the new keys are stored only if `commit` (clean blocks at t = 0)."""
+        x, c = self.embed(z, t)
         for i, blk in enumerate(self.blocks):
             x = blk(x, c, pos, mask, None if cache is None else cache.layers[i], commit)
         return self.final(x, c)  # (B, T, d)

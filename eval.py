@@ -24,23 +24,24 @@ results. A released snapshot without --data_dir gets the task files and samples 
 """
 import argparse
 import json
+from dataclasses import replace
 import os
 import sys
 import time
 
 import torch
 
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, load_model, stored_sampler
 from cli import Parser, check_writable_file, float_list, int_list, nonneg_float, nonneg_int, pick_device, \
     positive_float, positive_int, pyplot, readable_file, write_json
-from decoder import GenerationError, encode_prompt, load_model, special_ids
+from decoder import GenerationError
 from diagnostics import (eval_history_drift, eval_latent_fit, eval_prefix_prediction, eval_sdedit,
                          plot_diagnostics)
 from measures import (builtin_tasks, eval_history_gap, eval_likelihood, eval_vae, make_generator, run_tasks,
                       sample_quality)
 from prepare import REPO_DIR, DataError, TokenData, batch_seed
 from tokenizer import get_tokenizer, same_tokenizer
-from presets import fill_sampler
+from release import encode_prompt
 from scoring import TaskError, TrainNgrams, ngram_metrics, read_tasks, score_file
 
 
@@ -114,14 +115,10 @@ def get_args(argv=None):
     p.add_argument("--sample_temperature", type=nonneg_float, default=0.0,
                    help="AR and LLaDA: token temperature of the samples (0: greedy, as the tasks; Cola's come from its noise)")
     p.add_argument("--judge", default=None, type=readable_file, help="AR checkpoint that scores sample perplexity (name it in every comparison)")
-    # the sampler (default: the checkpoint preset's, presets.py)
-    p.add_argument("--steps", type=positive_int, default=None, help="Euler steps per block (Cola) / LLaDA steps (default: preset; paper 16)")
-    p.add_argument("--guidance", type=positive_float, default=None, help="guidance scale (Cola; default: preset; paper 7)")
-    p.add_argument("--noise_scale", type=positive_float, default=None, help="Cola: std of each block's starting noise (default: preset; paper 1)")
-    p.add_argument("--budget", default=None, choices=["blocks", "tokens"],
-                   help="Cola: 'blocks' (the release) or exactly the tokens asked for (default: preset)")
-    p.add_argument("--round_bf16", default=None, action=argparse.BooleanOptionalAction,
-                   help="Cola: round the DiT's inputs to bfloat16 as the release does (default: preset)")
+    # the sampler (default: the one the checkpoint stores, decoder.SamplerConfig)
+    p.add_argument("--steps", type=positive_int, default=None, help="Euler steps per block (Cola) / LLaDA steps (paper 16)")
+    p.add_argument("--guidance", type=positive_float, default=None, help="guidance scale (Cola; paper 7)")
+    p.add_argument("--noise_scale", type=positive_float, default=None, help="Cola: std of each block's starting noise (paper 1)")
     # sampler sweeps (Cola)
     p.add_argument("--sweep_steps", type=int_list, default=None, help="comma list of step counts to sweep (Cola)")
     p.add_argument("--sweep_guidance", type=float_list, default=None, help="comma list of guidance scales to sweep (Cola)")
@@ -176,8 +173,10 @@ def setup(args):
             if n + args.task_max_new > context:
                 raise TaskError(f"task {name} item {t['id']}: prompt of {n} tokens + --task_max_new {args.task_max_new} "
                                 f"exceed the model's context of {context} tokens")
-    fill_sampler(args, info["args"].get("preset", "paper"))
-    return dict(device=device, path=path, run_dir=run_dir, out_path=out_path, tasks=tasks, model=model, info=info,
+    sampler = stored_sampler(info, enc.eot_token, steps=args.steps, guidance=args.guidance, noise_scale=args.noise_scale,
+                             repetition_penalty=1.1)
+    args.steps, args.guidance = sampler.steps, sampler.guidance
+    return dict(sampler=sampler, device=device, path=path, run_dir=run_dir, out_path=out_path, tasks=tasks, model=model, info=info,
                 enc=enc, judge=judge, data=data)
 
 
@@ -186,7 +185,7 @@ def evaluate(args):
     env = setup(args)
     model, info, enc, data, device = env["model"], env["info"], env["enc"], env["data"], env["device"]
     kind, targs, run_dir = info["kind"], info["args"], env["run_dir"]
-    stop_ids, pad_id = special_ids(info, enc)
+    stop_ids = env["sampler"].stop_ids
     torch.manual_seed(args.seed)
     g = torch.Generator(device=device).manual_seed(args.seed)
     res = {"kind": kind, "ckpt": env["path"], "step": info["step"], "train_flops": info.get("train_flops", 0.0),
@@ -207,17 +206,17 @@ def evaluate(args):
     if kind == "cola" and args.diag_windows and data is not None:
         t0 = time.time()
         x = data.batch("val", args.diag_windows, batch_seed(args.seed + 97, 0, 0), device)
-        j = min(2, x.shape[1] // model.tokens_per_block - 1)  # the block to generate: one with history
+        j = min(2, x.shape[1] // (model.block_size * model.vae.cfg.patch_size) - 1)  # the block to generate: one with history
         res["sdedit"] = eval_sdedit(model, x, j, args.steps, args.guidance, g)
         res["latent_fit"] = eval_latent_fit(model, x, j, args.steps, args.guidance, g)
         xp = data.batch("val", args.prefix_windows, batch_seed(args.seed + 95, 0, 0), device)
         res["prefix_prediction"] = eval_prefix_prediction(model, xp, j, args.steps, args.guidance, g)
         res["prefix_windows"] = args.prefix_windows
         res["history_drift"] = eval_history_drift(model, [x[i, :16].tolist() for i in range(args.n_samples)],
-                                                  args.sample_len, args.steps, args.guidance, g, train_ngrams)
+                                                  args.sample_len, env["sampler"], g, train_ngrams)
         plot_diagnostics(res, os.path.join(run_dir, "diagnostics.png"))
         print(f"[eval] generation diagnostics: {time.time() - t0:.1f} s", flush=True)
-    res.update(generation(args, env, stop_ids, pad_id, batches, train_ngrams))
+    res.update(generation(args, env, batches, train_ngrams))
     plot_training_curves(run_dir, os.path.join(run_dir, "training_curves.png"))
     write_json(env["out_path"], res)
     summary = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
@@ -229,14 +228,11 @@ def evaluate(args):
     return res
 
 
-def generation(args, env, stop_ids, pad_id, batches, train_ngrams):
+def generation(args, env, batches, train_ngrams):
     """Tasks, samples and speed, and the sampler sweeps (Cola)."""
     model, info, enc, data, kind = env["model"], env["info"], env["enc"], env["data"], env["info"]["kind"]
-    cola_options = dict(noise_scale=args.noise_scale, budget=args.budget,
-                        round_bf16=args.round_bf16) if kind == "cola" else {}
     make = lambda seed, temperature=0.0, **over: make_generator(
-        kind, model, int(over.pop("steps", args.steps)), over.pop("guidance", args.guidance), stop_ids, pad_id, seed,
-        temperature, **{**cola_options, **over})
+        kind, model, replace(env["sampler"], **over), seed, temperature, info.get("release", False))
     gen, res, tasks = make(args.seed), {}, dict(env["tasks"])
     if args.builtin_n and data is not None:
         tasks.update(builtin_tasks(enc.decode(data.tokens("val", limit=200_000).tolist()), args.builtin_n, args.seed))

@@ -1,41 +1,48 @@
 """
 Shared transformer pieces for the VAE, the DiT and the baselines (docs/method.md §3, §4, §8).
 
-- mask builders: block-causal (bidirectional inside a block, causal across blocks) and the Cola rule
-  for mixed clean/noisy sequences; True = may attend, fed to SDPA as a bool mask with is_causal=False
-  (a mask together with is_causal=True silently gives plain causal attention on CPU);
+- every attention pattern in one place: block-causal (bidirectional inside a block, causal across blocks),
+  the Cola rule for the DiT's clean/noisy training sequence, and the cached masks of sampling; True = may
+  attend, fed to SDPA as a bool mask with is_causal=False (a mask together with is_causal=True silently
+  gives plain causal attention on CPU);
 - RoPE on all or part of each head's channels, pairing them half-split (the VAE, the baselines) or
   interleaved (the DiT), as the authors' release does; attention with QK LayerNorm per head (the DiT,
   the baselines) or over the whole width (the VAE); SwiGLU MLP;
 - a KV cache for block-wise decoding: a block's keys are appended only when it is committed.
 """
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------------------------------
-# masks (pure functions)
+# every attention pattern of the method (pure functions; docs/method.md §4 prints them)
 
 def block_causal_mask(q_block, k_block):
-    """(..., Tq, Tk) bool: a query in block i sees keys in blocks <= i. Inputs are block ids (..., T)."""
+    """(..., Tq, Tk) bool: a query in block i sees keys in blocks <= i. Inputs are block ids (..., T).
+    Block size 1 is plain causal attention (the AR baseline)."""
     return k_block.unsqueeze(-2) <= q_block.unsqueeze(-1)
 
 
 def cola_mask(q_block, q_noisy, k_block, k_noisy):
-    """The mixed clean/noisy rule of docs/method.md §4: the "2L" training layout (diffusion.two_l_mask; the
-    cached sampling pass builds its own masks, diffusion.cached_block_masks, and tests check the two agree).
-
-    clean query in block i -> clean keys in blocks <= i; noisy query in block j -> clean keys in
-    blocks < j and noisy keys of block j only; clean queries never see noisy keys.
-    """
+    """The mixed clean/noisy rule: a clean query in block i sees clean keys in blocks <= i; a noisy query
+    in block j sees clean keys in blocks < j and the noisy keys of block j only; clean queries never see
+    noisy keys."""
     qb, kb = q_block.unsqueeze(-1), k_block.unsqueeze(-2)
     qn, kn = q_noisy.unsqueeze(-1), k_noisy.unsqueeze(-2)
     clean_key = ~kn & torch.where(qn, kb < qb, kb <= qb)
     noisy_key = kn & qn & (kb == qb)
     return clean_key | noisy_key
+
+
+def two_l_mask(L, block_size, device="cpu"):
+    """(2L - bs, 2L - bs) mask of the DiT's training sequence [clean 0..L-bs-1 | noisy 0..L-1] (the "2L"
+    layout of BD3-LM): cola_mask over it. The last clean block is left out: no noisy block reads it."""
+    Lc = L - block_size
+    pos = torch.cat([torch.arange(Lc), torch.arange(L)]).to(device)
+    noisy = torch.cat([torch.zeros(Lc, dtype=torch.bool), torch.ones(L, dtype=torch.bool)]).to(device)
+    blk = pos // block_size
+    return cola_mask(blk, noisy, blk, noisy)
 
 
 def with_key_padding(mask, key_valid, query_valid=None):
@@ -48,6 +55,33 @@ def with_key_padding(mask, key_valid, query_valid=None):
     if query_valid is not None:
         keep = keep | ~query_valid.unsqueeze(-1)  # (B, Tq, Tk)
     return (mask & keep).unsqueeze(1)
+
+
+def prefix_mask(valid, block_size):
+    """(B, 1, T, T) block-causal mask over a left-padded prompt whose real latents are `valid` (B, T)."""
+    blk = torch.arange(valid.shape[1], device=valid.device) // block_size
+    return with_key_padding(block_causal_mask(blk, blk), valid, valid)
+
+
+def cached_block_masks(hist_valid, block_size):
+    """Sampling: the masks of a noisy block's queries over [cached history | the block itself], the rows of
+    cola_mask for that block. hist_valid (B, Tc) marks real cached latents. Returns (cond, uncond), each
+    (B, 1, bs, Tc + bs): the conditional pass sees the real history and its own block; the unconditional
+    pass its own block only."""
+    B = hist_valid.shape[0]
+    own = torch.ones(B, block_size, dtype=torch.bool, device=hist_valid.device)
+    cond = torch.cat([hist_valid, own], 1)[:, None, None, :].expand(B, 1, block_size, -1)
+    uncond = torch.cat([torch.zeros_like(hist_valid), own], 1)[:, None, None, :].expand(B, 1, block_size, -1)
+    return cond, uncond
+
+
+def cached_causal_mask(key_valid, n_new, block_size):
+    """(B, 1, n_new, Tk) mask of the last n_new positions over all Tk = Tc + n_new keys, block-causal with
+    `block_size` (the decoder's own, which may be finer than the DiT's) and hiding invalid keys."""
+    Tk = key_valid.shape[1]
+    pos = torch.arange(Tk, device=key_valid.device)
+    rule = block_causal_mask(pos[Tk - n_new:] // block_size, pos // block_size)  # (n_new, Tk)
+    return (rule & key_valid.unsqueeze(1)).unsqueeze(1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -171,22 +205,6 @@ class SwiGLU(nn.Module):
         return self.drop(self.out(F.silu(gate) * value))
 
 
-class Block(nn.Module):
-    """Pre-LN transformer block (LayerNorm, attention, SwiGLU) of the baselines (the VAE's is vae.VAEBlock)."""
-
-    def __init__(self, width, n_heads, mlp_hidden, rope_theta, dropout=0.0):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(width)
-        self.attn = Attention(width, n_heads, rope_theta, 1.0, qk_norm="head", dropout=dropout)
-        self.ln2 = nn.LayerNorm(width)
-        self.mlp = SwiGLU(width, mlp_hidden, dropout)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x, pos, mask, cache=None, commit=False):
-        x = x + self.drop(self.attn(self.ln1(x), pos, mask, cache, commit))
-        return x + self.mlp(self.ln2(x))
-
-
 def init_weights(module, std=0.02):
     """GPT-2 style init: N(0, 0.02) for Linear/Embedding, zero biases."""
     for m in module.modules():
@@ -200,25 +218,3 @@ def init_weights(module, std=0.02):
 
 def n_params(module):
     return sum(p.numel() for p in module.parameters())
-
-
-# ----------------------------------------------------------------------------------------------------
-# compute accounting: 6 FLOPs per matmul weight per position trained on (forward 2, backward 4), 2 for a
-# forward-only pass; embedding lookups are free; attention scores and values cost 2 * 2 * keys * width per
-# query and layer in the forward pass, at the full key length (SDPA with a bool mask computes every key)
-
-def matmul_params(module):
-    """Weights of every nn.Linear and nn.Conv1d in module (the output heads are Linears; embeddings are not)."""
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv1d)))
-
-
-def attention_flops(n_layers, width, n_keys):
-    """Forward FLOPs per query position of QK^T and AV."""
-    return n_layers * 2 * 2 * n_keys * width
-
-
-def scale_residual_init(module, n_layers):
-    """Scale output projections by 1/sqrt(2*n_layers) as GPT-2 does, so deep residual streams start tame."""
-    for name, p in module.named_parameters():
-        if name.endswith("attn.proj.weight") or name.endswith("mlp.out.weight"):
-            nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layers))

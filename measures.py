@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cli import write_atomic
-from decoder import ar_generate, generate, llada_generate
-from diffusion import flow_path, history_blocks, t_bin_sums
+from baselines import ar_generate, llada_generate
+from decoder import generate
+from release import release_generate
+from diffusion import flow_path, sample_t
 from prepare import batch_seed
 from scoring import ngram_metrics, score
 
@@ -59,6 +61,25 @@ def training_t_density(n_bins, loc, scale, uniform):
     return [cdf((i + 1) / n_bins) - cdf(i / n_bins) for i in range(n_bins)]
 
 
+def t_bin_sums(t, err, n_bins=10):
+    """Sum of err and counts per t-bin ([0, 0.1), ..., [0.9, 1.0]); t, err (N,). -> (2, n_bins)."""
+    b = (t.clamp(0, 1 - 1e-6) * n_bins).long()
+    sums = torch.zeros(n_bins, device=err.device).index_add_(0, b, err.float())
+    counts = torch.zeros(n_bins, device=err.device).index_add_(0, b, torch.ones_like(err, dtype=torch.float))
+    return torch.stack([sums, counts])
+
+
+@torch.no_grad()
+def training_fm(model, x, targs, generator):
+    """The FM loss as training sees it: t from the training distribution, every block, posterior means."""
+    z0n = model.normalize(model.vae.encode(x)[0].float())  # (B, L, d)
+    B, L, _ = z0n.shape
+    eps = torch.randn(z0n.shape, device=z0n.device, generator=generator)
+    t = sample_t(B, targs["t_loc"], targs["t_scale"], targs["t_uniform"], z0n.device, generator).unsqueeze(1).expand(B, L)
+    v = model.velocity_2l(z0n, flow_path(z0n, eps, t), t)
+    return (v.float() - (eps - z0n)).pow(2).mean()
+
+
 @torch.no_grad()
 def eval_history_gap(model, data, n_batches, batch_size, seed, generator, targs):
     """FM loss with the clean history (cond) and without it (each block alone), paired on the same noise,
@@ -67,15 +88,15 @@ def eval_history_gap(model, data, n_batches, batch_size, seed, generator, targs)
     cs, us, ts = [], [], []
     for i in range(n_batches):
         x = data.batch("val", batch_size, batch_seed(seed + 98, i, 0), model.latent_shift.device)
-        t, c, u = model.fm_eval(x, t_uniform=True, generator=generator)
-        cs.append(history_blocks(c))
-        us.append(history_blocks(u))
+        t, c, u = model.fm_eval(x, generator)  # blocks 1.. have a history
+        cs.append(c[:, 1:].mean(1) if c.shape[1] > 1 else c.mean(1))
+        us.append(u[:, 1:].mean(1) if u.shape[1] > 1 else u.mean(1))
         ts.append(t)
     c, u, t = torch.cat(cs), torch.cat(us), torch.cat(ts)
     gaps = (u - c).double()
     # the FM loss as training sees it: t from the training distribution, every block
-    fm = [model.fm_eval(data.batch("val", batch_size, batch_seed(seed + 96, i, 0), model.latent_shift.device),
-                        targs["t_loc"], targs["t_scale"], targs["t_uniform"], generator)[1].mean() for i in range(n_batches)]
+    fm = [training_fm(model, data.batch("val", batch_size, batch_seed(seed + 96, i, 0), model.latent_shift.device),
+                      targs, generator) for i in range(n_batches)]
     bins_c, bins_u = t_bin_sums(t, c), t_bin_sums(t, u)
     return {"fm": float(torch.stack(fm).mean()), "fm_cond": float(c.mean()), "fm_uncond": float(u.mean()),
             "fm_history_gap": float(gaps.mean()),  # > 0: the history helps
@@ -210,23 +231,25 @@ def sample_quality(make_gen, prompts, sample_len, seed, repeats, train_ngrams, j
     return res
 
 
-def make_generator(kind, model, steps, guidance, stop_ids, pad_id, seed, temperature=0.0, **cola_options):
-    """fn(prompts, max_new) -> (new-token lists, model passes summed over rows). Greedy (temperature 0),
-    repetition penalty 1.1 (the paper's task settings); batched for every kind. temperature > 0 samples AR's
-    and LLaDA's tokens; Cola's samples are random through their noise, and its decoder stays greedy."""
+def make_generator(kind, model, sampler, seed, temperature=0.0, release=False):
+    """fn(prompts, max_new, row_seeds=None) -> (new-token lists, model passes summed over rows). Cola samples
+    with `sampler` (decoder.SamplerConfig; a released snapshot as the release does); AR and LLaDA decode greedy
+    (temperature 0) or sample, repetition penalty 1.1 (the paper's task settings); batched for every kind."""
     g = torch.Generator(device=str(next(model.parameters()).device)).manual_seed(seed)
+    stop = sampler.stop_ids[0]
 
     def run(prompts, max_new, row_seeds=None):
         if kind == "cola":
-            outs, st = generate(model, prompts, max_new, steps, guidance, repetition_penalty=1.1, stop_ids=stop_ids,
-                                pad_id=pad_id, generator=g, row_seeds=row_seeds, **cola_options)
-            return outs, (st["dit"] + st["dit_commit"] + st["decoder"]) * len(prompts)
+            if release:
+                outs, st = release_generate(model, prompts, max_new, sampler, row_seeds, g)
+            else:
+                outs, st = generate(model, prompts, max_new, sampler, g)
+            return outs, st["blocks"] * (sampler.steps + 2) * len(prompts)  # per block: steps, commit, decode
         if kind == "ar":
-            outs, st = ar_generate(model, prompts, max_new, temperature, repetition_penalty=1.1, eos_id=stop_ids[0],
-                                   generator=g)
+            outs, st = ar_generate(model, prompts, max_new, temperature, repetition_penalty=1.1, eos_id=stop, generator=g)
         else:
-            outs, st = llada_generate(model, prompts, max_new, steps=max(steps, 8), block_length=min(16, max_new),
-                                      temperature=temperature, eos_id=stop_ids[0], generator=g)
+            outs, st = llada_generate(model, prompts, max_new, steps=max(sampler.steps, 8), block_length=min(16, max_new),
+                                      temperature=temperature, eos_id=stop, generator=g)
         return outs, st["passes"] * len(prompts)
     return run
 

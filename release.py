@@ -1,6 +1,7 @@
 """
-The authors' released snapshot read into this repo's models (docs/release.md): what ColaDLM.from_pretrained
-uses. The snapshot is the Hugging Face download of ByteDance-Seed/Cola-DLM:
+The authors' released model through this repo's code (docs/release.md): its snapshot read into ColaDLM, and
+its sampler's semantics as a wrapper over the core loop (decoder.generate). The snapshot is the Hugging Face
+download of ByteDance-Seed/Cola-DLM:
 
     DIR/cola_vae/config.json  + model.safetensors (or shards listed in model.safetensors.index.json)
     DIR/cola_dit/config.json  + model.safetensors
@@ -9,16 +10,25 @@ uses. The snapshot is the Hugging Face download of ByteDance-Seed/Cola-DLM:
 Configs map onto VAEConfig / DiTConfig; a value this code does not implement is refused, naming its key.
 Weights map by name, one released tensor per parameter of ours with the same shape (RELEASE_NAMES), read
 with the safetensors library; a missing, unknown or misshapen tensor is refused, naming its key.
+
+The release's sampler differs from the core loop in four ways, all here: its DiT reads bf16-rounded inputs
+(BF16InputDiT), its decoder reads normalised latents, it generates a budget of whole blocks and keeps every
+token of them (release_generate), and its benchmark draws each row's noise from the row's own seed (row_noise).
 """
 import json
 import math
 import os
 import re
+from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 from checkpoint import CheckpointError
-from dit import DiTConfig
+from decoder import SamplerConfig, generate
+from diffusion import ColaDLM
+from dit import DiT, DiTConfig
+from tokenizer import get_tokenizer, template_ids
 from vae import VAEConfig
 
 
@@ -207,3 +217,103 @@ def check_rope_buffer(folder, cfg):
 
 def latent_norm_ok(shift, scale):
     return math.isfinite(shift) and math.isfinite(scale) and scale != 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# the released model
+
+class BF16InputDiT(DiT):
+    """The release's sampler hands its DiT bf16-rounded inputs: z and the network's time 1000 t."""
+
+    def embed(self, z, t):
+        return self.inp(z.bfloat16().to(z.dtype)), F.silu(self.t_embed((1000.0 * t.float()).bfloat16().float()))
+
+
+def from_pretrained(path, dtype=torch.float32):
+    """ColaDLM with the released weights of a snapshot directory, built directly in `dtype` (bfloat16 halves the
+    memory: run it under autocast), as nanoGPT's GPT.from_pretrained. Returns (model in eval mode, tokenizer.json)."""
+    vae_dir, dit_dir, tokenizer = snapshot_folders(path)
+    vae_cfg, shift, scale = vae_config(vae_dir)
+    if not latent_norm_ok(shift, scale):
+        raise SnapshotError(f"{vae_dir}/config.json: shifting_factor {shift} / scaling_factor {scale} do not give "
+                            "a usable normalisation")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # no fp32 copy of a 2B model is ever made
+    try:
+        model = ColaDLM(vae_cfg, dit_config(dit_dir, vae_cfg), reference=False)
+    finally:
+        torch.set_default_dtype(default)
+    model.dit.__class__ = BF16InputDiT  # the same module and weights, with the release's input rounding
+    model.decoder_reads_normalized = True
+    load_weights(model, vae_dir, "vae.")
+    load_weights(model, dit_dir, "dit.")
+    check_rope_buffer(dit_dir, model.dit.cfg)
+    model.latent_shift.fill_(shift)  # the release normalises with two scalars: (z - shift) * scale
+    model.latent_scale.fill_(scale)
+    return model.eval(), tokenizer
+
+
+def load_snapshot(path, dtype=torch.float32):
+    """(model, what the scripts read about a model: kind, step, preset, tokenizer, the sampler, and the
+    release's special tokens and prompt template)."""
+    model, tokenizer = from_pretrained(path, dtype)
+    enc = get_tokenizer(tokenizer)
+    specials = {name: enc.encode_single_token(name) for name in ("<|pad|>", "<|endoftext|>", "<|im_end|>")
+                if name in enc.special_tokens_set}
+    if "<|pad|>" not in specials or "<|endoftext|>" not in specials:
+        raise SnapshotError(f"{tokenizer} has no <|pad|> or <|endoftext|> special token")
+    # the release pads prompts with <|pad|> and stops at <|endoftext|> or <|im_end|> (OLMo 2: 100277, 100257, 100265)
+    stops = tuple(specials[n] for n in ("<|endoftext|>", "<|im_end|>") if n in specials)
+    sampler = SamplerConfig(stop_ids=stops, pad_id=specials["<|pad|>"])
+    return model, dict(kind="cola", step=0, args=dict(preset="release"), tokenizer=tokenizer, train_flops=0.0,
+                       sampler=vars(sampler), release=True, prompt_template=template_ids(tokenizer))
+
+
+def encode_prompt(info, enc, text):
+    """Token ids of a prompt: a snapshot's tokenizer reads special tokens in the text and wraps it in its
+    post-processor's template, as the release's Tokenizer.encode does; this repo's models get plain BPE."""
+    if "prompt_template" not in info:
+        return enc.encode_ordinary(text)
+    prefix, suffix = info["prompt_template"]
+    return prefix + enc.encode(text, allowed_special="all") + suffix
+
+
+# ----------------------------------------------------------------------------------------------------
+# the release's sampler, over the core loop
+
+def row_noise(shape, device, row_seeds, k):
+    """Block k's starting noise with one seed per row, row_seeds[b] + k * 10^7: a row gets the same noise
+    whatever batch it runs in (the release's COLA_INFER_PER_SAMPLE_NOISE_SEED scheme). shape (B, bs, d)."""
+    return torch.stack([torch.randn(shape[1:], device=device,
+                                    generator=torch.Generator(device=device).manual_seed(s + k * 10_000_000))
+                        for s in row_seeds])
+
+
+def release_block_count(max_new_tokens, rem, block_size, patch):
+    """ceil(max_new_tokens / tokens per block) blocks, the first one's prompt share included, and a single block
+    when the prompt's partial block alone needs more latents than that budget. rem: per row, the tokens of its
+    prompt's partial last block."""
+    if any(r and max_new_tokens < block_size - math.ceil(r / patch) for r in rem):
+        return 1
+    return max(1, math.ceil(max_new_tokens / (block_size * patch)))
+
+
+def release_generate(model, prompts, max_new_tokens, cfg, row_seeds=None, generator=None):
+    """generate() with the release's budget: release_block_count blocks, every token of them kept (stop tokens
+    and what follows included, the prompt's own tokens left out), until every row's block has held a stop
+    token. row_seeds: one noise seed per row (row_noise); else every row draws from `generator`."""
+    bs, patch = model.block_size, model.vae.cfg.patch_size
+    rem = [len(p) % (bs * patch) for p in prompts]
+    n_blocks = release_block_count(max_new_tokens, rem, bs, patch)
+    outs, done = [[] for _ in prompts], [False] * len(prompts)
+
+    def keep_all(state):
+        for b, row in enumerate(state.decoded.tolist()):
+            outs[b] += row[rem[b] if state.k == 0 else 0:]
+            done[b] = done[b] or any(t in cfg.stop_ids for t in row)
+        return all(done)
+
+    noise = None if row_seeds is None else (lambda k, shape: row_noise(shape, model.latent_shift.device, row_seeds, k))
+    _, stats = generate(model, prompts, n_blocks * bs * patch - max(rem, default=0), replace(cfg, stop_ids=()),
+                        generator, noise, keep_all)
+    return outs, stats

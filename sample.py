@@ -9,9 +9,10 @@ checkpoint carries its kind and configuration.
     python sample.py --out_dir out_llada --steps 32 --block_length 16   # LLaDA, semi-autoregressive blocks
     python sample.py --init_from hf/Cola-DLM --prompt "Question: ... Answer:"   # the authors' released 2B model
 
-Cola DLM decodes block by block (docs/method.md §6) and each block is printed as soon as it is decoded; AR prints
-each token; LLaDA unmasks the most confident positions over --steps passes (low-confidence remasking,
-docs/method.md §8) and prints the result.
+Cola DLM decodes block by block (decoder.generate, docs/method.md §6) with the sampler its checkpoint stores,
+and each block is printed as soon as it is decoded; a released snapshot samples as the release does
+(release.release_generate). AR prints each token; LLaDA unmasks the most confident positions over --steps
+passes (low-confidence remasking, docs/method.md §8) and prints the result.
 """
 import argparse
 import os
@@ -20,14 +21,15 @@ import time
 
 import torch
 
-from checkpoint import CheckpointError
+from baselines import ar_generate, llada_generate
+from checkpoint import CheckpointError, load_model, stored_sampler
 from cli import Parser, autocast, float_in, int_at_least, nonneg_float, nonneg_int, pick_device, positive_float, \
     positive_int
-from decoder import GenerationError, ar_generate, encode_prompt, generate, llada_generate, load_model, special_ids
+from decoder import GenerationError, generate
 from prepare import REPO_DIR, DataError, TokenData
-from tokenizer import get_tokenizer
-from presets import fill_sampler
+from release import encode_prompt, release_generate
 from scoring import TrainNgrams, ngram_metrics
+from tokenizer import get_tokenizer
 
 
 def get_args(argv=None):
@@ -39,16 +41,10 @@ def get_args(argv=None):
     p.add_argument("--prompt", default="\n", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--num_samples", type=positive_int, default=8, help="number of samples")
     p.add_argument("--max_new_tokens", type=positive_int, default=96, help="tokens to generate per sample")
-    p.add_argument("--steps", type=positive_int, default=None,
-                   help="Cola: Euler steps per block; LLaDA: unmasking passes (default: the checkpoint preset's sampler; paper 16)")
-    p.add_argument("--guidance", type=positive_float, default=None, help="Cola: guidance scale, 1 = off (default: preset; paper 7)")
-    p.add_argument("--noise_scale", type=positive_float, default=None,
-                   help="Cola: std of each block's starting noise (default: preset; paper 1)")
-    p.add_argument("--budget", default=None, choices=["blocks", "tokens"],
-                   help="Cola: 'blocks' (the release: ceil(max_new_tokens / 16) blocks, every token kept) or exactly "
-                        "--max_new_tokens tokens, cut at <|endoftext|> (default: the checkpoint preset's sampler)")
-    p.add_argument("--round_bf16", default=None, action=argparse.BooleanOptionalAction,
-                   help="Cola: round the DiT's inputs to bfloat16 as the release does (default: preset)")
+    # the sampler: unset flags take the checkpoint's (decoder.SamplerConfig)
+    p.add_argument("--steps", type=positive_int, default=None, help="Cola: Euler steps per block; LLaDA: unmasking passes")
+    p.add_argument("--guidance", type=float_in(0.0, 1e3, low_open=True), default=None, help="Cola: guidance scale, 1 = off")
+    p.add_argument("--noise_scale", type=float_in(0.0, 1e3, low_open=True), default=None, help="Cola: std of each block's starting noise")
     p.add_argument("--block_length", type=nonneg_int, default=0,
                    help="LLaDA: semi-autoregressive block length in tokens (0 = one block of --max_new_tokens)")
     p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
@@ -92,45 +88,37 @@ def main(argv=None):
     except (DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     kind = info["kind"]
-    stop_ids, pad_id = special_ids(info, enc)
+    cfg = stored_sampler(info, enc.eot_token, steps=args.steps, guidance=args.guidance, noise_scale=args.noise_scale,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         repetition_penalty=args.repetition_penalty)
     if args.compile and kind == "cola":
         model.dit = torch.compile(model.dit, dynamic=True)
         model.vae.dec = torch.compile(model.vae.dec, dynamic=True)
-    amp = autocast(device, args.dtype)
     g = torch.Generator(device=device).manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    fill_sampler(args, info["args"].get("preset", "paper"))
-    how = {"cola": f"steps {args.steps}, guidance {args.guidance}, noise scale {args.noise_scale}, "
-                   f"budget {args.budget}, DiT inputs {'bf16' if args.round_bf16 else 'fp32'}",
-           "ar": "KV cache",
-           "llada": f"steps {args.steps}, block length {args.block_length or args.max_new_tokens}"}[kind]
-    print(f"# {path}: {kind}, step {info['step']}, {how}, prompt {len(prompt_ids)} tokens", flush=True)
+    how = {"cola": f"steps {cfg.steps}, guidance {cfg.guidance}, noise scale {cfg.noise_scale}" +
+                   (", the release's sampler" if info.get("release") else ""),
+           "ar": "KV cache", "llada": f"steps {args.steps or 32}, block length {args.block_length or args.max_new_tokens}"}
+    print(f"# {path}: {kind}, step {info['step']}, {how[kind]}, prompt {len(prompt_ids)} tokens", flush=True)
+    show = lambda tokens: (sys.stdout.write(enc.decode(tokens)), sys.stdout.flush())
     total_tokens, total_time, samples = 0, 0.0, []
     for i in range(args.num_samples):
         print(f"--- sample {i}\n{enc.decode(prompt_ids)}", end="", flush=True)
-
-        def show(k, new):
-            sys.stdout.write(enc.decode(new[0]))
-            sys.stdout.flush()
-
         t0 = time.time()
         try:
-            with amp:
-                if kind == "cola":
-                    out, _ = generate(model, [prompt_ids], args.max_new_tokens, args.steps, args.guidance,
-                                      args.temperature, args.top_k, args.top_p, args.repetition_penalty,
-                                      stop_ids=stop_ids, pad_id=pad_id, generator=g, on_block=show,
-                                      noise_scale=args.noise_scale, budget=args.budget,
-                                      round_bf16=args.round_bf16)
+            with autocast(device, args.dtype):
+                if kind == "cola" and info.get("release"):
+                    out, _ = release_generate(model, [prompt_ids], args.max_new_tokens, cfg, generator=g)
+                    show(out[0])
+                elif kind == "cola":
+                    out, _ = generate(model, [prompt_ids], args.max_new_tokens, cfg, g, on_block=lambda s: show(s.kept[0]))
                 elif kind == "ar":
-                    out, _ = ar_generate(model, [prompt_ids], args.max_new_tokens, args.temperature, args.top_k,
-                                         args.top_p, args.repetition_penalty, eos_id=stop_ids[0], generator=g,
-                                         on_token=lambda toks: show(0, [[toks[0]] if toks[0] is not None else []]))
+                    out, _ = ar_generate(model, [prompt_ids], args.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                                         cfg.repetition_penalty, cfg.stop_ids[0], g, lambda new: show([new[0]] if new[0] is not None else []))
                 else:
-                    out, _ = llada_generate(model, [prompt_ids], args.max_new_tokens, args.steps,
-                                            args.block_length or None, args.temperature, eos_id=stop_ids[0],
-                                            generator=g)
-                    show(0, out)
+                    out, _ = llada_generate(model, [prompt_ids], args.max_new_tokens, args.steps or 32,
+                                            args.block_length or None, cfg.temperature, cfg.stop_ids[0], g)
+                    show(out[0])
         except GenerationError as e:
             sys.exit(f"\nerror: {e}")
         total_time += time.time() - t0

@@ -16,7 +16,7 @@ The comparison studies, each scored by eval.py against one fixed judge:
 
 Level 1 is the default Cola run (--vae_iters + --main_iters steps of train.py); level x scales both
 stages' steps by x. Each baseline gets the number of steps that matches its Cola run's training FLOPs
-(presets.dry_run reports FLOPs per step by layers.py's convention, on the meta device, before anything
+(train.py --dry_run reports FLOPs per step by flops.py's convention, on the meta device, before anything
 trains). The judge of every run's sample perplexity is --judge (default: an AR model trained once per
 corpus by `python train.py --model ar --out_dir out_judge --main_iters 3000`, trained here first if it is
 missing). Finished runs are kept: running
@@ -32,10 +32,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import presets
-from cli import Parser, positive_int, pyplot
+from cli import Parser, positive_int, pyplot, train_dry_run
 from prepare import REPO_DIR
-from presets import get_args as train_args
 
 MODELS = ("cola", "ar", "llada")
 COLUMNS = [  # (header, eval.json key, format)
@@ -83,20 +81,12 @@ def get_args(argv=None):
     return a
 
 
-def dry_run(flags):
-    """train.py's configs, parameters and FLOPs per step for these flags (presets.dry_run, on the meta
-    device), at the vocabulary of the data they name."""
-    args = train_args(flags)
-    meta = os.path.join(args.data_dir, "meta.json")
-    return presets.dry_run(args, json.load(open(meta))["vocab_size"] if os.path.exists(meta) else 50257)
-
-
 def plan(a):
     """[(model, level, run_dir, train.py argv, planned FLOPs)] with the baselines' steps matched to Cola's."""
     extra = a.train_args.split()
-    cola = dry_run(extra)
+    cola = train_dry_run(extra)
     defaults = {k: cola[k] for k in ("vae_iters", "main_iters")}  # the level scales the steps train.py would take
-    lm = {m: dry_run(["--model", m, *extra]) for m in ("ar", "llada")}
+    lm = {m: train_dry_run(["--model", m, *extra]) for m in ("ar", "llada")}
     runs = []
     for level in a.levels:
         vae_iters, main_iters = max(1, round(defaults["vae_iters"] * level)), max(1, round(defaults["main_iters"] * level))

@@ -5,55 +5,337 @@ Training for every stage of Cola DLM and for the baselines, nanoGPT style: one f
     python train.py --stage joint   # stage 2: joint VAE + block-causal DiT, from out/vae.pt  -> out/ckpt.pt
     python train.py                 # --stage all: stage 1 then stage 2
     python train.py --model ar      # a matched baseline (ar or llada)                        -> out/ckpt.pt
+    python train.py --resume        # continue the run in --out_dir exactly as it was configured
     torchrun --standalone --nproc_per_node=8 train.py ...    # DDP: gloo on CPU, nccl on CUDA
 
-The file reads top to bottom: arguments and presets, set-up, stage 1, stage 2, the baselines, then the
-one training loop they share. Checkpoints are self-describing (model configs, args, step, optimizer,
-every rank's random state) and written atomically; --resume continues a run where it stopped.
+The file reads top to bottom: the flags with the paper's values and the presets over them, the model
+configs, stage 1, stage 2, the baselines, then the one training loop they share. Checkpoints are
+self-describing (model configs, sampler, args, step, optimizer, every rank's random state) and atomic.
 """
+import argparse
 import contextlib
+import ctypes
 import gc
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from baselines import LMConfig, TransformerLM
-from checkpoint import CheckpointError, build, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
-from cli import autocast, check_writable_dir, fail, folder_lock, pick_device, write_atomic
-from diffusion import ColaDLM, history_metrics, t_bin_line
+from baselines import LMConfig, TransformerLM, matched_lm_config
+from checkpoint import (CheckpointError, build, claim_out_dir, load_checkpoint, load_weights, rng_state,
+                        save_checkpoint, set_rng_state, trim_log)
+from cli import Parser, autocast, float_in, int_at_least, nonneg_float, pick_device, positive_float, positive_int, unit_float
+from decoder import SamplerConfig
+from diffusion import ColaDLM, LossConfig
+from dit import DiTConfig
+from flops import joint_train_flops, lm_train_flops, vae_train_flops
 from layers import n_params
-from prepare import DataError, TokenData, batch_seed
-from presets import dit_config, dry_run, get_args, lm_config, vae_config
+from prepare import DEFAULT_DATA_DIR, REPO_DIR, DataError, TokenData, batch_seed
+from tokenizer import same_tokenizer
 from vae import TextVAE, VAEConfig
 
 # ----------------------------------------------------------------------------------------------------
-# set-up: processes, optimizer, schedule
+# the flags: defaults are the paper's (docs/method.md §3-§5), a preset overrides some of them
 
-def setup_distributed(device):
-    """Returns (rank, world, device). Works with or without torchrun."""
-    device = pick_device(device)
-    if int(os.environ.get("RANK", -1)) == -1:
-        return 0, 1, device
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if device.startswith("cuda"):
-        device = f"cuda:{local}"
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, device
+PRESETS = {
+    "paper": {},  # the released model's sizes; its vocabulary (100,278) comes from the data
+    "tiny": dict(vae_width=64, vae_layers=1, vae_heads=2, vae_mlp=128, dit_width=64, dit_layers=2, dit_heads=2,
+                 lr=3e-3, min_lr=3e-4, warmup_iters=50),
+    # the laptop default: a few hundred steps over ~0.3M tokens; what each change to the paper's recipe buys
+    # is measured in docs/results.md
+    "cpu": dict(vae_width=128, vae_layers=2, vae_heads=4, vae_mlp=384, dit_width=192, dit_layers=4, dit_heads=4,
+                dit_mlp=768, beta=1e-4, beta2=0.999, embed_lr_mult=10.0, lr=3e-3, min_lr=3e-4, warmup_iters=50,
+                fm_batch_mult=4, grad_clip_scope="network", noise_scale=0.5),
+}
 
 
-def cleanup_distributed():
-    gc.collect()  # free DDP wrappers first: a reducer torn down after its process group can abort gloo at exit
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+def get_args(argv=None):
+    """The flags, each checked as it is read (cli.py): a bad value is one line, before any work.
+    args.given lists the flags the command line gave (a resume restores the others)."""
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    # what to train
+    add("--model", default="cola", choices=["cola", "ar", "llada"], help="Cola DLM or a baseline")
+    add("--stage", default="all", choices=["vae", "joint", "all"], help="Cola training stage")
+    add("--preset", default="cpu", choices=list(PRESETS), help="size and recipe preset (overrides these defaults)")
+    add("--data_dir", default=DEFAULT_DATA_DIR, help="prepared data (prepare.py)")
+    add("--out_dir", default=os.path.join(REPO_DIR, "out"), help="checkpoints and logs go here")
+    add("--resume", action="store_true", help="continue the run in --out_dir with its own flags")
+    add("--overwrite", action="store_true", help="start afresh even where --out_dir holds a checkpoint")
+    add("--dry_run", action="store_true", help="print configs, parameters, FLOPs per step; exit")
+    # the models (paper sizes; docs/release.md)
+    add("--latent_dim", type=positive_int, default=16, help="d: channels per latent")
+    add("--block_size", type=positive_int, default=16, help="latents per block (VAE and DiT attention)")
+    add("--patch_size", type=positive_int, default=1, help="tokens per latent")
+    add("--vae_width", type=positive_int, default=1536, help="VAE width")
+    add("--vae_layers", type=positive_int, default=4, help="encoder and decoder blocks each")
+    add("--vae_heads", type=positive_int, default=12, help="VAE attention heads")
+    add("--vae_mlp", type=positive_int, default=3072, help="VAE SwiGLU hidden size")
+    add("--dit_width", type=positive_int, default=2048, help="DiT width")
+    add("--dit_layers", type=positive_int, default=24, help="DiT blocks")
+    add("--dit_heads", type=positive_int, default=16, help="DiT attention heads")
+    add("--dit_mlp", type=positive_int, default=8192, help="DiT MLP hidden size")
+    add("--rope_fraction", type=unit_float, default=0.75, help="share of DiT head channels RoPE rotates")
+    add("--dit_init", default="adaln_zero", choices=["adaln_zero", "xavier"], help="DiT init (release: xavier)")
+    add("--lm_width", type=positive_int, default=None, help="baseline width (default: the VAE width)")
+    add("--lm_layers", type=int_at_least(0), default=0, help="baseline blocks (0: as many as match Cola's parameters)")
+    add("--dropout", type=float_in(0.0, 1.0, high_open=True), default=0.0, help="dropout in every transformer block")
+    add("--fixed_logsnr", type=nonneg_float, default=0.0, help=">0: fixed posterior variance at this logSNR")
+    # the losses (diffusion.LossConfig)
+    add("--beta", type=nonneg_float, default=1e-3, help="KL / entropy weight")
+    add("--mask_prob", type=unit_float, default=0.15, help="fraction of tokens replaced by [MASK] in the BERT branch")
+    add("--lam_mask", type=nonneg_float, default=1.0, help="weight of the BERT-style masked branch (0: off)")
+    add("--vae_lr_ratio", type=nonneg_float, default=1.0, help="VAE lr / DiT lr in stage 2 (0 freezes the VAE)")
+    add("--lam_vae", type=nonneg_float, default=1.0, help="weight of the VAE terms in stage 2")
+    add("--lam_fm", type=nonneg_float, default=1.0, help="weight of the flow-matching loss")
+    add("--lam_ref", type=nonneg_float, default=1.0, help="weight of KL(q || q_ref) to the frozen stage-1 encoder")
+    add("--t_loc", type=float_in(), default=1.0, help="logit-normal location of t (paper: 1.0 at d=16)")
+    add("--t_scale", type=positive_float, default=1.0, help="logit-normal scale of t")
+    add("--t_uniform", action="store_true", help="sample t uniformly instead of logit-normal")
+    add("--partial_prob", type=unit_float, default=0.05, help="per-block probability of a known clean prefix")
+    add("--stats_batches", type=positive_int, default=16, help="batches that estimate the latent shift/scale")
+    # optimisation (AdamW, warm-up + cosine)
+    add("--seq_len", type=positive_int, default=64, help="tokens per training sequence")
+    add("--batch_size", type=positive_int, default=16, help="sequences per micro-batch per process")
+    add("--grad_accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    # the main command's budget (9.9e13 FLOPs at the cpu preset), split 150 + 367: a short stage 1 leaves the
+    # prior more steps, which bought the most of any change at this budget (docs/results.md)
+    add("--vae_iters", type=positive_int, default=150, help="optimizer steps of stage 1")
+    add("--main_iters", type=positive_int, default=367, help="optimizer steps of stage 2 (or of a baseline)")
+    add("--lr", type=positive_float, default=1.5e-4, help="peak learning rate")
+    add("--min_lr", type=nonneg_float, default=1e-5, help="final learning rate of the cosine")
+    add("--warmup_iters", type=int_at_least(0), default=5000, help="linear warm-up steps")
+    add("--beta2", type=float_in(0.0, 1.0, high_open=True), default=0.95, help="AdamW beta2")
+    add("--weight_decay", type=nonneg_float, default=0.01, help="AdamW weight decay (matrices only)")
+    add("--grad_clip", type=nonneg_float, default=1.0, help="grad-norm clip (0: off)")
+    # changes to the paper's recipe for few tokens (docs/results.md): the cpu preset turns them on
+    add("--embed_lr_mult", type=positive_float, default=1.0, help="lr multiplier of embeddings and output heads")
+    add("--fm_batch_mult", type=positive_int, default=1, help="stage 2: the prior sees this x --batch_size")
+    add("--grad_clip_scope", default="global", choices=["global", "network"], help="stage 2: clip VAE+DiT together or apart")
+    add("--noise_scale", type=positive_float, default=1.0, help="the sampler's starting noise, stored in the checkpoint")
+    # running
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    add("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="autocast dtype")
+    add("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile (cold: ~30 s)")
+    add("--seed", type=int_at_least(0), default=1337, help="random seed")
+    add("--log_interval", type=positive_int, default=25, help="steps between log lines")
+    add("--eval_interval", type=positive_int, default=150, help="steps between validations and checkpoints")
+    add("--eval_iters", type=positive_int, default=8, help="validation batches per evaluation")
+    add("--stop_after", type=int_at_least(0), default=0, help="checkpoint and exit after this many steps (0: off)")
+    preset = p.parse_known_args(argv)[0].preset
+    p.set_defaults(**PRESETS[preset])
+    args = p.parse_args(argv)
+    if args.resume and args.overwrite:
+        p.error("--resume and --overwrite contradict each other")
+    defaults = {a.dest: a.default for a in p._actions}
+    for a in p._actions:  # parse again with no defaults: what remains is what the command line gave
+        a.default = argparse.SUPPRESS
+    args.given = sorted(vars(p.parse_args(argv)))
+    for a in p._actions:
+        a.default = defaults[a.dest]
+    return args
+
+
+def check_args(args):
+    """Checks across flags (after a resume has restored the run's own)."""
+    if args.seq_len % (args.block_size * args.patch_size):
+        sys.exit(f"error: --seq_len {args.seq_len} must be a multiple of block_size * patch_size = "
+                 f"{args.block_size * args.patch_size}")
+    if args.min_lr > args.lr:
+        sys.exit(f"error: --min_lr {args.min_lr:g} is above --lr {args.lr:g}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the model configs of a set of flags
+
+def vae_config(args, vocab_size):
+    return VAEConfig(vocab_size=vocab_size, latent_dim=args.latent_dim, width=args.vae_width,
+                     n_enc_layers=args.vae_layers, n_dec_layers=args.vae_layers, n_heads=args.vae_heads,
+                     mlp_hidden=args.vae_mlp, block_size=args.block_size, patch_size=args.patch_size,
+                     max_seq_len=max(args.seq_len, 1024), dropout=args.dropout, fixed_logsnr=args.fixed_logsnr)
+
+
+def dit_config(args, vae_cfg):
+    return DiTConfig(latent_dim=vae_cfg.latent_dim, width=args.dit_width, n_layers=args.dit_layers,
+                     n_heads=args.dit_heads, mlp_hidden=args.dit_mlp, block_size=vae_cfg.block_size,
+                     rope_fraction=args.rope_fraction, dropout=args.dropout, adaln_zero=args.dit_init == "adaln_zero")
+
+
+def lm_config(args, vocab_size):
+    """A baseline at the VAE's width, its depth matched to the Cola model's parameter count."""
+    vcfg = vae_config(args, vocab_size)
+    with torch.device("meta"):
+        cola = ColaDLM(vcfg, dit_config(args, vcfg), reference=False)
+    target = n_params(cola.vae) + n_params(cola.dit)
+    width = args.lm_width or vcfg.width
+    return matched_lm_config(args.model, target, vocab_size, width, vcfg.n_heads, vcfg.mlp_hidden * width // vcfg.width,
+                             vcfg.max_seq_len, args.dropout, args.lm_layers), target
+
+
+def dry_run(args, vocab_size):
+    """Configs, parameters and training FLOPs per optimizer step, built on the meta device."""
+    tokens, L = args.batch_size * args.seq_len * args.grad_accum, args.seq_len
+    with torch.device("meta"):
+        if args.model != "cola":
+            lm = TransformerLM(lm_config(args, vocab_size)[0])
+            return dict(model=args.model, lm_config=asdict(lm.cfg), params=n_params(lm),
+                        flops_per_step=lm_train_flops(lm, L) * tokens)
+        vcfg = vae_config(args, vocab_size)
+        cola = ColaDLM(vcfg, dit_config(args, vcfg))
+    joint = joint_train_flops(cola, L, 1 / args.fm_batch_mult, args.lam_mask, vae_frozen(args))
+    return dict(model="cola", vae_iters=args.vae_iters, main_iters=args.main_iters, vae_config=asdict(vcfg),
+                dit_config=asdict(cola.dit.cfg), params=n_params(cola.vae) + n_params(cola.dit),
+                vae_flops_per_step=vae_train_flops(cola.vae, L, args.lam_mask) * tokens,
+                joint_flops_per_step=joint * tokens * args.fm_batch_mult)
+
+
+def vae_frozen(args):
+    """Stage 2 trains the prior alone: no VAE work at all."""
+    return args.vae_lr_ratio == 0 and args.lam_vae == 0 and args.lam_ref == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# what a stage hands the training loop
+
+@dataclass
+class Run:
+    name: str                      # log prefix and log file: vae, joint, ar, llada
+    model: torch.nn.Module         # the raw model; its forward(tokens, *loss_args) returns {'loss', ...}
+    param_groups: list             # [(params, lr scale)]
+    loss_args: tuple               # forward's arguments after the tokens
+    max_iters: int
+    ckpt_path: str
+    ckpt_fields: dict              # kind, configs and anything else the checkpoint must hold
+    flops_per_token: float         # training FLOPs per token of data (flops.py)
+    flops_before: float = 0.0      # FLOPs of earlier stages (stage 1 for stage 2)
+    micro_batch: int = 0           # sequences per micro-batch (0: --batch_size)
+    clip_groups: dict = field(default_factory=dict)  # {log suffix: params} clipped separately; empty: one norm
+    resume_from: dict = None       # the checkpoint to continue
+    validate: object = None        # validate(x) -> {metric: value} on one validation batch (no grad)
+
+
+def vocab_lr_groups(module, scale, vocab_mult):
+    """[(params, lr scale)]: embeddings and output heads get vocab_mult x (a rare token's rows learn rarely)."""
+    vocab = [m.weight for name, m in module.named_modules() if isinstance(m, torch.nn.Embedding) or name[-4:] == "head"]
+    ids = {id(p) for p in vocab}
+    return [([p for p in module.parameters() if id(p) not in ids], scale), (vocab, scale * vocab_mult)]
+
+
+def checkpoint_for(path, kind, data):
+    """A checkpoint to build on, trained on data of the same tokenizer as --data_dir's."""
+    ckpt = load_checkpoint(path, (kind,))
+    if not same_tokenizer(ckpt.get("tokenizer", ""), data.meta["tokenizer"]):
+        raise DataError(f"{data.data_dir} is tokenized with {data.meta['tokenizer']}, {path} was trained on "
+                        f"{ckpt.get('tokenizer')}; pass the run's own --data_dir")
+    return ckpt
+
+
+def resumable(path, kind, args, data):
+    """The checkpoint to continue, or None for a fresh run."""
+    return checkpoint_for(path, kind, data) if args.resume and os.path.exists(path) else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# stage 1: the Text VAE (docs/method.md §3)
+
+def stage_vae(args, env, data):
+    path = os.path.join(args.out_dir, "vae.pt")
+    ckpt = resumable(path, "vae", args, data)
+    cfg = build(VAEConfig, ckpt["vae_config"], ckpt) if ckpt else vae_config(args, data.meta["vocab_size"])
+    torch.manual_seed(args.seed)  # the same init on every rank
+    model = TextVAE(cfg)
+    if ckpt:
+        load_weights(model, ckpt["model"], ckpt)
+    if env["master"]:
+        print(f"[vae] {n_params(model) / 1e6:.2f}M parameters, config {asdict(cfg)}", flush=True)
+    loss_args = (args.beta, args.mask_prob, args.lam_mask)
+
+    def validate(x):
+        out = model(x, *loss_args)
+        out["recon_acc"] = model.recon_accuracy(x)
+        return {k: out[k] for k in ("loss", "ce", "kl", "mask_acc", "recon_acc", "logsnr")}
+
+    return Run("vae", model, vocab_lr_groups(model, 1.0, args.embed_lr_mult), loss_args, args.vae_iters, path,
+               dict(kind="vae", vae_config=asdict(cfg)), vae_train_flops(model, args.seq_len, args.lam_mask),
+               resume_from=ckpt, validate=validate)
+
+
+# ----------------------------------------------------------------------------------------------------
+# stage 2: the VAE and the block-causal DiT prior, jointly (docs/method.md §4, §5)
+
+def stage_joint(args, env, data):
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = resumable(path, "cola", args, data)
+    vae_ckpt = ckpt or checkpoint_for(os.path.join(args.out_dir, "vae.pt"), "vae", data)
+    vae_cfg = build(VAEConfig, vae_ckpt["vae_config"], vae_ckpt)
+    torch.manual_seed(args.seed)  # the same DiT init on every rank
+    model = ColaDLM(vae_cfg, build(DiTConfig, ckpt["dit_config"], ckpt) if ckpt else dit_config(args, vae_cfg))
+    if ckpt:
+        load_weights(model, ckpt["model"], ckpt)
+    else:
+        model.to(env["device"]).init_from_stage1(vae_ckpt["model"], [data.batch(
+            "train", args.batch_size, batch_seed(args.seed + 2, i, 0), env["device"]) for i in range(args.stats_batches)])
+    stage1_flops = vae_ckpt["stage1_flops"] if ckpt else vae_ckpt["train_flops"]
+    if env["master"]:
+        print(f"[joint] VAE {n_params(model.vae) / 1e6:.2f}M + DiT {n_params(model.dit) / 1e6:.2f}M parameters; DiT "
+              f"config {asdict(model.dit.cfg)}; latent scale {[round(v, 2) for v in model.latent_scale.tolist()]}")
+    if args.vae_lr_ratio == 0:
+        model.vae.requires_grad_(False)  # Joint x0: the VAE stays at stage 1
+    # the VAE trains at exactly the DiT's lr times --vae_lr_ratio (the paper's "Joint x1")
+    groups = [(model.dit.parameters(), 1.0), (model.vae.parameters(), args.vae_lr_ratio)]
+    loss = LossConfig(**{f.name: getattr(args, f.name) for f in fields(LossConfig) if hasattr(args, f.name)})
+    loss.decode_rows = args.batch_size if args.fm_batch_mult > 1 else 0
+    clip_groups = ({"_dit": list(model.dit.parameters()), "_vae": list(model.vae.parameters())}
+                   if args.grad_clip_scope == "network" else {})
+
+    def validate(x):
+        out = model(x, loss)
+        out["recon_acc"] = model.vae.recon_accuracy(x)
+        _, cond, uncond = model.fm_eval(x)  # the prior with and without its clean history, blocks 1..
+        return {**{k: out[k] for k in ("loss", "ce", "mask_acc", "recon_acc", "fm", "ref_kl", "logsnr")},
+                "fm_cond": cond[:, 1:].mean(), "fm_uncond": uncond[:, 1:].mean()}
+
+    eot = data.meta["eot_id"]  # ends a row and pads a prompt's partial block
+    sampler = SamplerConfig(noise_scale=args.noise_scale, stop_ids=(eot,), pad_id=eot)
+    return Run("joint", model, groups, (loss,), args.main_iters, path,
+               dict(kind="cola", vae_config=asdict(model.vae.cfg), dit_config=asdict(model.dit.cfg),
+                    stage1_flops=stage1_flops, sampler=asdict(sampler)),
+               joint_train_flops(model, args.seq_len, 1 / args.fm_batch_mult, args.lam_mask, vae_frozen(args)),
+               stage1_flops, micro_batch=args.batch_size * args.fm_batch_mult, clip_groups=clip_groups,
+               resume_from=ckpt, validate=validate)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the baselines: AR and LLaDA (docs/method.md §8)
+
+def stage_lm(args, env, data):
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = resumable(path, args.model, args, data)
+    cfg, target = (build(LMConfig, ckpt["lm_config"], ckpt), None) if ckpt else lm_config(args, data.meta["vocab_size"])
+    torch.manual_seed(args.seed)
+    model = TransformerLM(cfg)
+    if ckpt:
+        load_weights(model, ckpt["model"], ckpt)
+    elif env["master"]:
+        print(f"[{args.model}] {n_params(model) / 1e6:.2f}M parameters ({cfg.n_layers} layers x {cfg.width}) "
+              f"matched to Cola's {target / 1e6:.2f}M (VAE + DiT)", flush=True)
+    validate = lambda x: {k: v for k, v in model(x).items() if k in ("loss", "acc")}
+    return Run(args.model, model, [(model.parameters(), 1.0)], (), args.main_iters, path,
+               dict(kind=args.model, lm_config=asdict(cfg)), lm_train_flops(model, args.seq_len),
+               resume_from=ckpt, validate=validate)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the training loop every stage shares
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a NaN loss, say); the message is one line meant for the user."""
 
 
 def lr_at(step, args, max_iters):
@@ -75,154 +357,6 @@ def make_optimizer(param_groups, args, device):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=str(device).startswith("cuda"))
 
 
-def vocab_lr_groups(module, scale, vocab_mult):
-    """[(params, lr scale)]: embeddings and output heads get vocab_mult x (a rare token's rows learn rarely)."""
-    vocab = [m.weight for name, m in module.named_modules() if isinstance(m, torch.nn.Embedding) or name[-4:] == "head"]
-    ids = {id(p) for p in vocab}
-    return [([p for p in module.parameters() if id(p) not in ids], scale), (vocab, scale * vocab_mult)]
-
-
-@dataclass
-class Run:
-    """What a stage hands the training loop."""
-    name: str                      # log prefix and log file: vae, joint, ar, llada
-    model: torch.nn.Module         # the raw model; its forward(tokens, **loss_kwargs) returns {'loss', ...}
-    param_groups: list             # [(params, lr scale)]
-    loss_kwargs: dict
-    max_iters: int
-    ckpt_path: str
-    ckpt_fields: dict              # kind, configs and anything else the checkpoint must hold
-    flops_per_token: float         # training FLOPs per token of data (layers.py's convention)
-    flops_before: float = 0.0      # FLOPs of earlier stages (stage 1 for stage 2)
-    micro_batch: int = 0           # sequences per micro-batch (0: --batch_size)
-    clip_groups: dict = field(default_factory=dict)  # {log suffix: params} clipped separately; empty: one norm
-    resume_from: dict = None       # the checkpoint to continue
-    validate: object = None        # validate(x) -> {metric: value} on one validation batch (no grad)
-    report: object = None          # report(metrics) -> extra lines to print after the validation line
-
-
-# ----------------------------------------------------------------------------------------------------
-# stage 1: the Text VAE (docs/method.md §3)
-
-def stage_vae(args, env, data):
-    path = os.path.join(args.out_dir, "vae.pt")
-    ckpt = load_checkpoint(path, ("vae",)) if args.resume and os.path.exists(path) else None
-    cfg = build(VAEConfig, ckpt["vae_config"], ckpt) if ckpt else vae_config(args, data.meta["vocab_size"])
-    torch.manual_seed(args.seed)  # the same init on every rank
-    model = TextVAE(cfg)
-    if ckpt:
-        load_weights(model, ckpt["model"], ckpt)
-    if env["master"]:
-        print(f"[vae] {n_params(model) / 1e6:.2f}M parameters, config {asdict(cfg)}", flush=True)
-    loss_kwargs = {k: getattr(args, k) for k in ("beta", "mask_prob", "lam_mask")}
-
-    def validate(x):
-        out = model(x, **loss_kwargs)
-        out["recon_acc"] = model.recon_accuracy(x)
-        return {k: out[k] for k in ("loss", "ce", "kl", "mask_acc", "recon_acc", "logsnr")}
-
-    return Run("vae", model, vocab_lr_groups(model, 1.0, args.embed_lr_mult), loss_kwargs, args.vae_iters, path,
-               dict(kind="vae", vae_config=asdict(cfg)), model.train_flops_per_token(args.seq_len, args.lam_mask),
-               resume_from=ckpt, validate=validate)
-
-
-# ----------------------------------------------------------------------------------------------------
-# stage 2: the VAE and the block-causal DiT prior, jointly (docs/method.md §4, §5)
-
-JOINT_LOSS_ARGS = ("beta", "mask_prob", "lam_mask", "lam_vae", "lam_fm", "lam_ref", "t_loc", "t_scale", "t_uniform",
-                   "partial_prob", "detach_zt")  # ColaDLM.forward's
-
-def stage_joint(args, env, data):
-    path = os.path.join(args.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(path, ("cola",)) if args.resume and os.path.exists(path) else None
-    if ckpt:
-        model = ColaDLM.from_checkpoint(ckpt)
-        stage1_flops = ckpt["stage1_flops"]
-    else:
-        vae_ckpt = load_checkpoint(os.path.join(args.out_dir, "vae.pt"), ("vae",))
-        vae_cfg = build(VAEConfig, vae_ckpt["vae_config"], vae_ckpt)
-        torch.manual_seed(args.seed)  # the same DiT init on every rank
-        model = ColaDLM(vae_cfg, dit_config(args, vae_cfg)).to(env["device"])
-        model.init_from_stage1(vae_ckpt["model"], [data.batch("train", args.batch_size, batch_seed(args.seed + 2, i, 0),
-                                                              env["device"]) for i in range(args.stats_batches)])
-        stage1_flops = vae_ckpt["train_flops"]
-    if env["master"]:
-        print(f"[joint] VAE {n_params(model.vae) / 1e6:.2f}M + DiT {n_params(model.dit) / 1e6:.2f}M parameters; DiT "
-              f"config {asdict(model.dit.cfg)}; latent scale {[round(v, 2) for v in model.latent_scale.tolist()]}")
-    frozen = args.vae_lr_ratio == 0 and args.lam_vae == 0 and args.lam_ref == 0  # no VAE work at all
-    if args.vae_lr_ratio == 0:
-        model.vae.requires_grad_(False)  # Joint x0: the VAE stays at stage 1
-    # the VAE trains at exactly the DiT's lr times --vae_lr_ratio (the paper's "Joint x1"); stage 1's
-    # vocabulary-matrix multiplier is not applied: it lets the latents drift from q_ref
-    groups = [(model.dit.parameters(), 1.0), (model.vae.parameters(), args.vae_lr_ratio)]
-    loss_kwargs = {k: getattr(args, k) for k in JOINT_LOSS_ARGS}
-    loss_kwargs["decode_rows"] = args.batch_size if args.fm_batch_mult > 1 else 0
-    clip_groups = ({"_dit": list(model.dit.parameters()), "_vae": list(model.vae.parameters())}
-                   if args.grad_clip_scope == "network" else {})
-
-    def validate(x):
-        out = model(x, **loss_kwargs)
-        out["recon_acc"] = model.vae.recon_accuracy(x)
-        res = {k: out[k] for k in ("loss", "ce", "mask_acc", "recon_acc", "fm", "ref_kl", "logsnr")}
-        # the prior with and without its clean history on the same noise, uniform t (every bin gets samples)
-        return {**res, **history_metrics(*model.fm_eval(x, t_uniform=True))}
-
-    report = lambda val: ["val FM per t-bin (with history | without): " + t_bin_line(val)]
-
-    return Run("joint", model, groups, loss_kwargs, args.main_iters, path,
-               dict(kind="cola", vae_config=asdict(model.vae.cfg), dit_config=asdict(model.dit.cfg),
-                    stage1_flops=stage1_flops),
-               model.train_flops_per_token(args.seq_len, 1 / args.fm_batch_mult, args.lam_mask, frozen), stage1_flops,
-               micro_batch=args.batch_size * args.fm_batch_mult, clip_groups=clip_groups, resume_from=ckpt,
-               validate=validate, report=report)
-
-
-# ----------------------------------------------------------------------------------------------------
-# the baselines: AR and LLaDA (docs/method.md §8)
-
-def stage_lm(args, env, data):
-    path = os.path.join(args.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(path, (args.model,)) if args.resume and os.path.exists(path) else None
-    cfg, target = (build(LMConfig, ckpt["lm_config"], ckpt), None) if ckpt else lm_config(args, data.meta["vocab_size"])
-    torch.manual_seed(args.seed)
-    model = TransformerLM(cfg)
-    if ckpt:
-        load_weights(model, ckpt["model"], ckpt)
-    elif env["master"]:
-        print(f"[{args.model}] {n_params(model) / 1e6:.2f}M parameters ({cfg.n_layers} layers x {cfg.width}) "
-              f"matched to Cola's {target / 1e6:.2f}M (VAE + DiT)", flush=True)
-
-    def validate(x):
-        return {k: v for k, v in model(x).items() if k in ("loss", "acc")}
-
-    return Run(args.model, model, [(model.parameters(), 1.0)], {}, args.main_iters, path,
-               dict(kind=args.model, lm_config=asdict(cfg)), model.train_flops_per_token(args.seq_len),
-               resume_from=ckpt, validate=validate)
-
-
-# ----------------------------------------------------------------------------------------------------
-# the training loop every stage shares
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (a NaN loss, say); the message is one line meant for the user."""
-
-
-def kept(path):
-    return f"{path} keeps the last good checkpoint" if os.path.exists(path) else f"no checkpoint was written to {path}"
-
-
-def trim_log(path, step):
-    """Drop the log lines after `step`: a run killed between its log line and its checkpoint repeats those steps."""
-    if os.path.exists(path):
-        lines = [ln for ln in open(path) if ln.strip() and json.loads(ln)["step"] <= step]
-        write_atomic(path, lambda f: f.writelines(lines))
-
-
-def clip_gradients(groups, max_norm):
-    """Clip each group {log suffix: params} to max_norm on its own -> {'gnorm<suffix>': norm before clipping}."""
-    return {"gnorm" + k: torch.nn.utils.clip_grad_norm_(params, max_norm) for k, params in groups.items()}
-
-
 def all_reduce_mean(metrics, env):
     keys = sorted(metrics)
     t = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=env["device"]) for k in keys])
@@ -231,12 +365,21 @@ def all_reduce_mean(metrics, env):
     return {k: float(v) / env["world"] for k, v in zip(keys, t)}
 
 
+def clip_gradients(groups, max_norm):
+    """Clip each group {log suffix: params} to max_norm on its own -> {'gnorm<suffix>': norm before clipping}."""
+    return {"gnorm" + k: torch.nn.utils.clip_grad_norm_(params, max_norm) for k, params in groups.items()}
+
+
+def kept(path):
+    return f"{path} keeps the last good checkpoint" if os.path.exists(path) else f"no checkpoint was written to {path}"
+
+
 def train(run, args, env, data):
     """Optimise run.model for run.max_iters steps. Returns False if --stop_after ended it early."""
     device, rank, world, master = env["device"], env["rank"], env["world"], env["master"]
     model = run.model.to(device)
     opt = make_optimizer(run.param_groups, args, device)
-    step = 0
+    step, log_path = 0, os.path.join(args.out_dir, f"log_{run.name}.jsonl")
     if run.resume_from:
         opt.load_state_dict(run.resume_from["optimizer"])
         step = run.resume_from["step"]
@@ -245,7 +388,7 @@ def train(run, args, env, data):
         if master:
             print(f"[{run.name}] resumed at step {step}" + ("" if len(states) == world else
                   f"; warning: saved by {len(states)} processes, so the random streams are reseeded"), flush=True)
-            trim_log(os.path.join(args.out_dir, f"log_{run.name}.jsonl"), step)
+            trim_log(log_path, step)
     else:
         torch.manual_seed(args.seed + rank * 1000)  # different noise on every rank
     fwd = torch.compile(model) if args.compile else model
@@ -266,7 +409,6 @@ def train(run, args, env, data):
         if master:
             save_checkpoint(run.ckpt_path, dict(**run.ckpt_fields, model=model.state_dict(), step=step,
                                                 optimizer=opt.state_dict(), rng=states, args=vars(args),
-                                                data_position=dict(step=step, seed=args.seed),
                                                 tokenizer=data.meta["tokenizer"], train_flops=flops()))
         if world > 1:
             dist.barrier()  # the next stage reads this file on every rank
@@ -300,7 +442,7 @@ def train(run, args, env, data):
             x = data.batch("train", micro_batch, batch_seed(args.seed, rank * args.grad_accum + micro, step), device)
             last = micro == args.grad_accum - 1  # gradients are all-reduced on the last micro-batch only
             with (fwd.no_sync() if world > 1 and not last else contextlib.nullcontext()), amp:
-                out = fwd(x, **run.loss_kwargs)
+                out = fwd(x, *run.loss_args)
             (out["loss"] / args.grad_accum).backward()
             for k, v in out.items():
                 if torch.is_tensor(v) and v.dim() == 0:
@@ -328,12 +470,9 @@ def train(run, args, env, data):
                 raise TrainingError(f"[{run.name}] validation loss is {val['loss']} at step {step}; not saved, "
                                     f"{kept(run.ckpt_path)} (try a lower --lr)")
             if master:
-                line = {k: v for k, v in val.items() if not k.startswith("bin_")}
-                print(f"[{run.name}] val step {step} " + " ".join(f"{k} {v:.4g}" for k, v in line.items()) +
+                print(f"[{run.name}] val step {step} " + " ".join(f"{k} {v:.4g}" for k, v in val.items()) +
                       f" | {time.time() - start:.0f} s into this run", flush=True)
-                for extra in (run.report(val) if run.report else []):
-                    print(f"[{run.name}] {extra}", flush=True)
-                with open(os.path.join(args.out_dir, f"log_{run.name}.jsonl"), "a") as f:
+                with open(log_path, "a") as f:
                     f.write(json.dumps({"step": step, **val}) + "\n")
             save()
             t0 = time.time()
@@ -341,101 +480,79 @@ def train(run, args, env, data):
 
 
 # ----------------------------------------------------------------------------------------------------
-# what a run may write, checked before it trains
+# processes and the stages a command asks for
 
-RESUME_FIXED = ("model", "preset", "latent_dim", "block_size", "patch_size", "vae_width", "vae_layers", "dit_width",
-                "dit_layers", "rope_fraction", "lm_width", "lm_layers", "fixed_logsnr", "dit_init", "self_cond",
-                "vae_lr_ratio", "seq_len")  # flags a resumed run cannot change (the
-# model, the data windows, and which parameters the optimizer holds)
+def setup_distributed(device):
+    """Returns (rank, world, device). Works with or without torchrun."""
+    device = pick_device(device)
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 1, device
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
 
 
-def stage_files(args):
-    """[(checkpoint file, kind)] this invocation writes, in order."""
-    if args.model != "cola":
-        return [("ckpt.pt", args.model)]
-    return ([("vae.pt", "vae")] if args.stage in ("vae", "all") else []) + ([("ckpt.pt", "cola")] if args.stage != "vae" else [])
-
-
-def preflight(args):
-    """Before any work: the folder is writable, and what it holds fits the flags. Without --resume or
-    --overwrite an existing checkpoint is never replaced; --resume needs something to resume, of the kind
-    asked for, trained with the same model flags (those given again must agree)."""
-    check_writable_dir(args.out_dir, "--out_dir")
-    files = [(os.path.join(args.out_dir, f), kind) for f, kind in stage_files(args)]
-    found = [(path, kind) for path, kind in files if os.path.exists(path)]
-    for path, kind in found:
-        if args.overwrite:  # replaced whatever it holds, even a file that is no checkpoint
-            continue
-        if not args.resume:
-            held = load_checkpoint(path)
-            fail(f"{path} holds a {held['kind']} checkpoint (step {held['step']}); add --resume to continue it, "
-                 "--overwrite to replace it, or pick another --out_dir")
-        ckpt = load_checkpoint(path, (kind,))
-        show = lambda v: f"{v:g}" if isinstance(v, float) else v
-        for flag in RESUME_FIXED:
-            if flag in args.given and getattr(args, flag) != ckpt["args"].get(flag):
-                fail(f"--{flag} {show(getattr(args, flag))} contradicts {path}, trained with "
-                     f"{show(ckpt['args'].get(flag))}; drop the flag to resume")
-    if args.resume and not found:
-        fail(f"--resume: {args.out_dir} holds no {' or '.join(os.path.basename(p) for p, _ in files)} to resume")
-    needs_vae = args.model == "cola" and args.stage == "joint" and not found
-    if needs_vae and not os.path.exists(os.path.join(args.out_dir, "vae.pt")):
-        fail(f"--stage joint starts from {os.path.join(args.out_dir, 'vae.pt')}, which does not exist: "
-             "train stage 1 first (--stage vae)")
-    for stale in os.listdir(args.out_dir):  # temporary files of killed runs (the lock is ours)
-        if stale.endswith(".tmp") and stale.split(".")[0] in ("vae", "ckpt"):
-            os.remove(os.path.join(args.out_dir, stale))
+def keep_freed_memory():
+    """glibc returns large freed buffers (the logits) to the OS after every step and maps them again; on CPU
+    that costs 15-60% of a step. Keep them: no mmap for big blocks, no trimming (M_MMAP_MAX = -4,
+    M_TRIM_THRESHOLD = -1 in mallopt)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)
+        libc.mallopt(-1, 2**31 - 1)
+    except OSError:
+        pass  # not glibc: nothing to do
 
 
 def run_stages(args, env):
     """Train what the flags ask for: a baseline, or Cola's stage 1 and/or stage 2. Returns the last Run."""
-    if args.dry_run:  # the data's vocabulary if it is prepared, else GPT-2's
-        meta = os.path.join(args.data_dir, "meta.json")
-        vocab = json.load(open(meta))["vocab_size"] if os.path.exists(meta) else 50257
-        if env["master"]:
-            print(json.dumps(dry_run(args, vocab)))
-        return None
     data = TokenData(args.data_dir, args.seq_len)
-    if env["master"]:
-        os.makedirs(args.out_dir, exist_ok=True)
-    if args.model != "cola":
-        runs = [stage_lm]
-    else:
-        runs = ([stage_vae] if args.stage in ("vae", "all") else []) + ([stage_joint] if args.stage != "vae" else [])
+    os.makedirs(args.out_dir, exist_ok=True)
+    runs = ([stage_lm] if args.model != "cola" else
+            ([stage_vae] if args.stage in ("vae", "all") else []) + ([stage_joint] if args.stage != "vae" else []))
     for make in runs:
         run = make(args, env, data)
-        if not train(run, args, env, data):  # --stop_after ended it: the next stage waits for --resume
+        if not train(run, args, env, data):  # --stop_after: the next stage waits for --resume
             break
     return run
 
 
 def main(argv=None):
     args = get_args(argv)
+    if args.dry_run:  # the data's vocabulary if it is prepared, else GPT-2's
+        meta = os.path.join(args.data_dir, "meta.json")
+        check_args(args)
+        print(json.dumps(dry_run(args, json.load(open(meta))["vocab_size"] if os.path.exists(meta) else 50257)))
+        return
     rank, world, device = setup_distributed(args.device)
     env = dict(rank=rank, world=world, device=device, master=rank == 0)
+    keep_freed_memory()
     with contextlib.ExitStack() as held:
         try:
-            if not args.dry_run:  # the master checks the folder and holds it; every rank learns the verdict
-                verdict = [None]
-                if env["master"]:
-                    try:
-                        check_writable_dir(args.out_dir, "--out_dir")
-                        held.enter_context(folder_lock(args.out_dir))
-                        preflight(args)
-                    except SystemExit as e:
-                        verdict = [str(e.code)]
-                    except CheckpointError as e:
-                        verdict = [f"error: {e}"]
-                if world > 1:
-                    dist.broadcast_object_list(verdict, src=0)
-                if verdict[0]:
-                    sys.exit(verdict[0])
-            run_stages(args, env)
+            verdict = [None, vars(args)]  # the master holds the folder and restores a resumed run's flags
+            if env["master"]:
+                try:
+                    held.enter_context(claim_out_dir(args))
+                    check_args(args)
+                except SystemExit as e:
+                    verdict[0] = str(e.code)
+            if world > 1:
+                dist.broadcast_object_list(verdict, src=0)
+            if verdict[0]:
+                sys.exit(verdict[0])
+            run_stages(argparse.Namespace(**verdict[1]), env)
         except (DataError, CheckpointError, TrainingError) as e:
             sys.exit(f"error: {e}")
+        except KeyboardInterrupt:
+            sys.exit("error: interrupted; the last checkpoint is kept (continue with --resume)")
         finally:
-            cleanup_distributed()
-
+            gc.collect()  # free DDP wrappers first: a reducer torn down after its process group can abort gloo
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
 
 if __name__ == "__main__":
     main()

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import Attention, SwiGLU, attention_flops, block_causal_mask, init_weights, matmul_params
+from layers import Attention, SwiGLU, block_causal_mask, init_weights
 
 
 @dataclass
@@ -199,18 +199,3 @@ class TextVAE(nn.Module):
         if noise_t > 0:
             mu = (1 - noise_t) * mu + noise_t * torch.randn_like(mu)
         return (self.decode(mu).argmax(-1) == tokens).float().mean()
-
-    def flops_per_token(self, seq_len):
-        """Training FLOPs per token (layers.py's convention) of one encoder and one decoder pass over
-        seq_len tokens; the vocabulary head runs once per token, everything else once per latent."""
-        c = self.cfg
-        n_lat = seq_len // c.patch_size
-        enc = (6 * matmul_params(self.enc) + 3 * attention_flops(c.n_enc_layers, c.width, n_lat)) / c.patch_size
-        body = 6 * (matmul_params(self.dec) - matmul_params(self.dec.head))
-        dec = (body + 3 * attention_flops(c.n_dec_layers, c.width, n_lat)) / c.patch_size + 6 * matmul_params(self.dec.head)
-        return enc, dec
-
-    def train_flops_per_token(self, seq_len, lam_mask=1.0):
-        """Stage 1: encoder and decoder on the clean text, and again on the masked copy when lam_mask > 0."""
-        enc, dec = self.flops_per_token(seq_len)
-        return (2 if lam_mask > 0 else 1) * (enc + dec)

@@ -105,7 +105,7 @@ train   | --vae_width 0                                                  | argum
 train   | --main_iters 0                                                 | argument --main_iters: must be >= 1
 train   | --seq_len 18                                                   | must be a multiple of block_size
 train   | --resume --overwrite                                           | contradict each other
-train   | --out_dir {cola} --resume --dit_width 64                       | --dit_width 64 contradicts
+train   | --out_dir {cola} --resume --dit_width 96                       | --dit_width 96 contradicts
 train   | --out_dir {cola} --resume --preset cpu                         | --preset cpu contradicts
 train   | --out_dir {cola} --resume --latent_dim 4                       | --latent_dim 4 contradicts
 train   | --out_dir {cola} --resume --stage joint --vae_lr_ratio 0       | --vae_lr_ratio 0 contradicts

@@ -13,7 +13,9 @@ import measures as ms
 import scoring as sc
 from diffusion import flow_path
 from baselines import LMConfig, TransformerLM, match_layers
-from decoder import ar_generate, llada_generate
+from baselines import ar_generate, llada_generate
+from decoder import SamplerConfig, generate
+from flops import lm_train_flops
 
 
 def write(tmp_path, lines, name="t.jsonl"):
@@ -121,7 +123,8 @@ def test_sample_temperature_samples_ar_and_llada_tokens():
     tokens from the model (rounds with different seeds differ)."""
     for kind in ("ar", "llada"):
         m = tiny_lm(kind)
-        run = lambda seed, temp: ms.make_generator(kind, m, 4, 1.0, (-1,), 0, seed, temp)([[1, 2]] * 2, 8)[0]
+        sampler = SamplerConfig(steps=4, guidance=1.0, stop_ids=(-1,), pad_id=0)
+        run = lambda seed, temp: ms.make_generator(kind, m, sampler, seed, temp)([[1, 2]] * 2, 8)[0]
         assert run(0, 0.0) == run(1, 0.0)
         assert run(0, 1.0) != run(1, 1.0) and run(0, 1.0) == run(0, 1.0)
 
@@ -198,7 +201,7 @@ def test_scaling_plan_matches_training_flops(tmp_path, root):
         args = train.get_args(["--model", m, "--data_dir", str(tmp_path / "d")])
         cfg, _ = train.lm_config(args, json.load(open(tmp_path / "d" / "meta.json"))["vocab_size"])
         with torch.device("meta"):
-            per_step = TransformerLM(cfg).train_flops_per_token(args.seq_len) * args.batch_size * args.seq_len
+            per_step = lm_train_flops(TransformerLM(cfg), args.seq_len) * args.batch_size * args.seq_len
         steps = int(flags[flags.index("--main_iters") + 1])
         assert abs(steps * per_step - cola[lv][1]) <= per_step / 2 + 1
 
@@ -340,18 +343,20 @@ def test_reencoded_history_is_what_the_caches_hold():
     seen = {}
     real = model.guided_velocity
 
-    def spy(z, t_tok, hist_valid, guidance, cache, hint=None, **kw):
+    def spy(z, t_tok, hist_valid, guidance, cache):
         seen.setdefault(hist_valid.shape[1], [l.k.clone() for l in cache.layers])
-        return real(z, t_tok, hist_valid, guidance, cache, hint)
+        return real(z, t_tok, hist_valid, guidance, cache)
     model.guided_velocity = spy
     drift = []
-    out, _ = run(model, [[5, 6, 7, 8]], max_new_tokens=8, stop_ids=(), reencode_history=True, on_drift=drift.append)
+    cfg = SamplerConfig(steps=4, guidance=3.0, stop_ids=())
+    g = lambda: torch.Generator().manual_seed(0)
+    out, _ = generate(model, [[5, 6, 7, 8]], 8, cfg, g(), on_block=dg.history_drift(model, drift, True))
     text = torch.tensor([[5, 6, 7, 8] + out[0][:4]])
     fresh = model.new_caches()
     model.prefill(dg.reencode(model, text), torch.ones(1, 8, dtype=torch.bool), fresh)
     assert all(torch.allclose(a, b.k, atol=1e-5) for a, b in zip(seen[8], fresh[0].layers))
     drift_plain = []
-    run(model, [[5, 6, 7, 8]], max_new_tokens=8, stop_ids=(), on_drift=drift_plain.append)
+    generate(model, [[5, 6, 7, 8]], 8, cfg, g(), on_block=dg.history_drift(model, drift_plain))
     assert drift[0] == pytest.approx(drift_plain[0]) and len(drift) == 2
 
 

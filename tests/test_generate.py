@@ -6,21 +6,22 @@ import decoder
 import diffusion
 from checkpoint import save_checkpoint
 from conftest import one_line_error
-from decoder import GenerationError, apply_repetition_penalty, choose_tokens, generate
+from decoder import GenerationError, SamplerConfig, apply_repetition_penalty, choose_tokens, generate
 from diffusion import ColaDLM, cfg_combine
 from dit import DiTConfig
 from layers import block_causal_mask, cola_mask, with_key_padding
+from release import release_generate, row_noise
 from test_dit import randomize_zero_init
 from vae import VAEConfig
 
 V, EOS = 120, 119
 
 
-def tiny_model(seed=0, patch=1, self_cond=False):
+def tiny_model(seed=0, patch=1):
     torch.manual_seed(seed)
     vcfg = VAEConfig(vocab_size=V, latent_dim=4, width=32, n_enc_layers=1, n_dec_layers=2, n_heads=2,
                      mlp_hidden=64, block_size=4, patch_size=patch, max_seq_len=64)
-    model = ColaDLM(vcfg, DiTConfig(latent_dim=4, width=32, n_layers=2, n_heads=2, block_size=4, self_cond=self_cond))
+    model = ColaDLM(vcfg, DiTConfig(latent_dim=4, width=32, n_layers=2, n_heads=2, block_size=4))
     randomize_zero_init(model.dit)
     with torch.no_grad():  # weights of a trained scale (1/sqrt(fan-in)), so that every token depends on its latent
         for p in model.vae.parameters():
@@ -49,13 +50,13 @@ class Uncached:
         self.hist = None
         return None, None
 
-    def prefill(self, zn, key_valid, caches, round_bf16=False):
+    def prefill(self, zn, key_valid, caches):
         self.hist = zn
 
     def _history(self, z):
         return self.hist if self.hist is not None else z[:, :0]
 
-    def guided_velocity(self, z, t_tok, hist_valid, guidance, cache, hint=None, round_bf16=False):
+    def guided_velocity(self, z, t_tok, hist_valid, guidance, cache):
         m = self.model
         hist = self._history(z)
         B, Tc, bs = z.shape[0], hist.shape[1], z.shape[1]
@@ -63,11 +64,10 @@ class Uncached:
         noisy = pos >= Tc
         mask = with_key_padding(cola_mask(pos // bs, noisy, pos // bs, noisy),
                                 torch.cat([hist_valid, torch.ones(B, bs, dtype=torch.bool)], 1))
-        full_hint = None if hint is None else torch.cat([torch.zeros_like(hist), hint], 1)
-        v_cond = m.dit(torch.cat([hist, z], 1), torch.cat([torch.zeros(B, Tc), t_tok], 1), pos, mask, hint=full_hint)[:, Tc:]
-        return cfg_combine(v_cond, m.velocity_uncond(z, t_tok, hint), guidance)
+        v_cond = m.dit(torch.cat([hist, z], 1), torch.cat([torch.zeros(B, Tc), t_tok], 1), pos, mask)[:, Tc:]
+        return cfg_combine(v_cond, m.velocity_uncond(z, t_tok), guidance)
 
-    def decode_and_commit(self, z, hist_valid, caches, round_bf16=False):
+    def decode_and_commit(self, z, hist_valid, caches):
         m = self.model
         self.hist = torch.cat([self._history(z), z], 1)
         B, T, bs, vbs = z.shape[0], self.hist.shape[1], z.shape[1], m.vae.cfg.block_size
@@ -77,14 +77,13 @@ class Uncached:
         return m.vae.decode(m.decoder_input(self.hist), pos, mask)[:, -bs * m.vae.cfg.patch_size:]
 
 
-def run(model, prompts, seed=0, **kw):
-    kw.setdefault("max_new_tokens", 12)
-    kw.setdefault("steps", 4)
-    kw.setdefault("guidance", 3.0)
-    kw.setdefault("stop_ids", (EOS,))
-    kw.setdefault("budget", "tokens")
-    kw.setdefault("pad_id", EOS)
-    return generate(model, prompts, generator=torch.Generator().manual_seed(seed), **kw)
+def run(model, prompts, seed=0, max_new_tokens=12, budget="tokens", row_seeds=None, noise=None, **kw):
+    """generate() with the tests' sampler; budget 'blocks' or row seeds: the release's (release_generate)."""
+    cfg = SamplerConfig(**{**dict(steps=4, guidance=3.0, stop_ids=(EOS,), pad_id=EOS), **kw})
+    g = torch.Generator().manual_seed(seed)
+    if budget == "blocks" or row_seeds is not None:
+        return release_generate(model, prompts, max_new_tokens, cfg, row_seeds, g)
+    return generate(model, prompts, max_new_tokens, cfg, g, noise)
 
 
 def capture_latents(monkeypatch):
@@ -102,9 +101,8 @@ def capture_latents(monkeypatch):
 PROMPTS = [[5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], []]  # partial, partial, empty
 
 
-@pytest.mark.parametrize("self_cond", [False, True])
-def test_cached_equals_uncached(monkeypatch, self_cond):
-    model = tiny_model(self_cond=self_cond)
+def test_cached_equals_uncached(monkeypatch):
+    model = tiny_model()
     logits = capture_latents(monkeypatch)
     out_c, _ = run(model, PROMPTS)
     cached = list(logits)
@@ -169,10 +167,9 @@ def test_batch_rows_match_single_runs(monkeypatch):
     """Prompts of different lengths batched together give what each gives alone (left padding by blocks,
     masked padded keys). The noise is made batch-independent so that rows can be compared."""
     model = tiny_model()
-    monkeypatch.setattr(decoder, "draw_noise", lambda shape, device, g: torch.linspace(-1, 1, shape[1] * shape[2])
-                        .reshape(1, shape[1], shape[2]).expand(shape).clone())
-    together, _ = run(model, PROMPTS, stop_ids=())
-    alone = [run(model, [p], stop_ids=())[0][0] for p in PROMPTS]
+    same = lambda k, shape: torch.linspace(-1, 1, shape[1] * shape[2]).reshape(1, shape[1], shape[2]).expand(shape).clone()
+    together, _ = run(model, PROMPTS, stop_ids=(), noise=same)
+    alone = [run(model, [p], stop_ids=(), noise=same)[0][0] for p in PROMPTS]
     assert together == alone
     assert len(set(map(tuple, together))) == 3  # and the rows do differ
 
@@ -184,7 +181,7 @@ def test_row_seeds_make_each_row_batch_independent():
     together, _ = run(model, PROMPTS, stop_ids=(), row_seeds=[11, 22, 33])
     alone = [run(model, [p], stop_ids=(), row_seeds=[s])[0][0] for p, s in zip(PROMPTS, [11, 22, 33])]
     assert together == alone and len(set(map(tuple, together))) == 3
-    first = decoder.row_noise((1, 4, 4), "cpu", [11], 1)
+    first = row_noise((1, 4, 4), "cpu", [11], 1)
     assert torch.equal(first[0], torch.randn(4, 4, generator=torch.Generator().manual_seed(11 + 10_000_000)))
     import zlib
     from measures import item_seed
@@ -195,7 +192,7 @@ def test_empty_prompt_and_max_new_tokens():
     model = tiny_model()
     out, stats = run(model, [[]], max_new_tokens=7, stop_ids=())
     assert len(out[0]) == 7
-    assert stats["blocks"] == 2 and stats["dit"] == 2 * 4
+    assert stats["blocks"] == 2
 
 
 def test_patch_size_two_generates():
@@ -206,7 +203,7 @@ def test_patch_size_two_generates():
 
 def test_prompt_too_long():
     model = tiny_model()
-    with pytest.raises(GenerationError, match="longer than the model's context"):
+    with pytest.raises(GenerationError, match="exceed the model's context"):
         run(model, [[1] * 65])
     with pytest.raises(GenerationError, match="exceed the model's context"):
         run(model, [[1] * 60], max_new_tokens=10)
@@ -291,18 +288,17 @@ def test_guided_euler_step_with_a_stubbed_dit(monkeypatch):
     model = tiny_model()
     c, u, s, steps = 0.7, -0.2, 3.0, 4
 
-    def stub(z, t, pos, mask, cache=None, commit=False, hint=None, round_bf16=False):
+    def stub(z, t, pos, mask, cache=None, commit=False):
         if commit:
             return torch.zeros_like(z)
         B = z.shape[0] // 2
         return torch.cat([torch.full_like(z[:B], c), torch.full_like(z[B:], u)])
     monkeypatch.setattr(model.dit, "forward", stub)
     start = torch.randn(2, 4, 4)
-    monkeypatch.setattr(decoder, "draw_noise", lambda shape, device, g: start.clone())
     seen = []
     real = model.decode_and_commit
     monkeypatch.setattr(model, "decode_and_commit", lambda z, *a, **k: (seen.append(z.clone()), real(z, *a, **k))[1])
-    run(model, [[1, 2, 3, 4], []], max_new_tokens=4, steps=steps, guidance=s, stop_ids=())
+    run(model, [[1, 2, 3, 4], []], max_new_tokens=4, steps=steps, guidance=s, stop_ids=(), noise=lambda k, shape: start.clone())
     # dt sums to 1 over the uniform grid
     assert torch.allclose(seen[0][0], start[0] - 1.0 * (u + s * (c - u)), atol=1e-6)
     assert torch.allclose(seen[0][1], start[1] - 1.0 * c, atol=1e-6)
@@ -319,23 +315,3 @@ def test_patch_size_two_cached_equals_uncached(monkeypatch):
     out_u, _ = run(Uncached(model), prompts, max_new_tokens=20, stop_ids=())
     assert out_c == out_u
     assert max(float((a - b).abs().max()) for a, b in zip(cached, logits)) < 1e-4
-
-
-def test_self_conditioning_reads_the_previous_estimate(monkeypatch):
-    """With self_cond, every step after the first passes the previous step's z0 estimate z - t v to the DiT;
-    the first step passes none. Mutation: a hint left at zero, or taken from the wrong time."""
-    model = tiny_model(self_cond=True)
-    hints, vs = [], []
-    real = model.guided_velocity
-
-    def spy(z, t_tok, hist_valid, guidance, cache, hint=None, **kw):
-        hints.append(None if hint is None else hint.clone())
-        v = real(z, t_tok, hist_valid, guidance, cache, hint)
-        vs.append((z.clone(), t_tok.clone(), v.clone()))
-        return v
-    monkeypatch.setattr(model, "guided_velocity", spy)
-    run(model, [[]], max_new_tokens=4, steps=3, stop_ids=())
-    assert hints[0] is None
-    for i in (1, 2):
-        z, t, v = vs[i - 1]
-        assert torch.allclose(hints[i], z - t.unsqueeze(-1) * v, atol=1e-6)

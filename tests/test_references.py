@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import flops
 import measures as ms
 import train
 from checkpoint import load_checkpoint
@@ -54,15 +55,15 @@ def test_flops_per_token_against_a_counter(what, monkeypatch):
         cola = ColaDLM(vcfg, train.dit_config(args, vcfg))
         if what == "vae":
             counted = counted_step_flops(cola.vae, x)
-            convention = cola.vae.train_flops_per_token(L) * B * L
+            convention = flops.vae_train_flops(cola.vae, L) * B * L
         else:
             counted = counted_step_flops(cola, x)
-            convention = cola.train_flops_per_token(L) * B * L
+            convention = flops.joint_train_flops(cola, L) * B * L
     else:
         args.model = what
         lm = train.TransformerLM(train.lm_config(args, V)[0])
         counted = counted_step_flops(lm, x)
-        convention = lm.train_flops_per_token(L) * B * L
+        convention = flops.lm_train_flops(lm, L) * B * L
     print(f"{what}: counted {counted:.3e}, convention {convention:.3e}, ratio {convention / counted:.3f}")
     assert abs(convention / counted - 1) < 0.10
 
@@ -199,7 +200,7 @@ def test_bf16_joint_step_and_cached_generation(joint_run):
     from test_generate import Uncached
     args, env, run = joint_run
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = run.model(train.TokenData(args.data_dir, args.seq_len).batch("train", 2, 0, "cpu"), **run.loss_kwargs)
+        out = run.model(train.TokenData(args.data_dir, args.seq_len).batch("train", 2, 0, "cpu"), *run.loss_args)
     assert torch.isfinite(out["loss"])
     model = tiny_model()
     logits = {}
@@ -210,8 +211,8 @@ def test_bf16_joint_step_and_cached_generation(joint_run):
         decoder.choose_tokens = lambda lg, *a, **k: (seen.append(lg.float()), real(lg, *a, **k))[1]
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                decoder.generate(m, [[5, 6, 7, 8, 9], [1, 2]], 8, steps=3, guidance=3.0, stop_ids=(), pad_id=119,
-                                 generator=torch.Generator().manual_seed(0))
+                decoder.generate(m, [[5, 6, 7, 8, 9], [1, 2]], 8, decoder.SamplerConfig(steps=3, guidance=3.0, stop_ids=(),
+                                 pad_id=119), torch.Generator().manual_seed(0))
         finally:
             decoder.choose_tokens = real
         logits[name] = seen

@@ -10,7 +10,9 @@ from safetensors.torch import save_file
 
 import release
 from checkpoint import CheckpointError
-from decoder import encode_prompt, generate, load_model, special_ids
+from checkpoint import load_model, stored_sampler
+from decoder import SamplerConfig
+from release import encode_prompt, release_generate
 from diffusion import ColaDLM
 from dit import DiTConfig
 from conftest import MERGES, SPECIALS, one_line_error, write_tokenizer_json
@@ -57,10 +59,11 @@ def test_paper_preset_maps_one_to_one_onto_the_release():
     and every released tensor but the RoPE frequency buffers is one of ours; the totals are the official counts
     (501,871,574 and 1,829,875,728). Mutation: any structural difference (a missing bias, a fused adaLN
     Linear, a 2-Linear timestep MLP, a head without bias) breaks the map."""
-    from presets import PRESETS
-    p = PRESETS["paper"]
+    import train
+    args = train.get_args(["--preset", "paper"])
     with torch.device("meta"):
-        model = ColaDLM(VAEConfig(vocab_size=100278, **p["vae"]), DiTConfig(**p["dit"]), reference=False)
+        vcfg = train.vae_config(args, 100278)
+        model = ColaDLM(vcfg, train.dit_config(args, vcfg), reference=False)
     vae, dit = release_shapes()
     theirs = {**vae, **dit}
     ours = {release.release_name(k): tuple(v.shape) for k, v in model.named_parameters()}
@@ -77,7 +80,8 @@ def tiny_release_model(V, vae_block=4, dit_block=8, seed=0):
     model = ColaDLM(VAEConfig(vocab_size=V, latent_dim=4, width=32, n_enc_layers=1, n_dec_layers=2, n_heads=2,
                               mlp_hidden=48, block_size=vae_block, max_seq_len=1 << 16),
                     DiTConfig(latent_dim=4, width=32, n_layers=2, n_heads=2, block_size=dit_block, rope_fraction=0.75,
-                              adaln_zero=False), decoder_reads_normalized=True, reference=False)
+                              adaln_zero=False), reference=False)
+    model.decoder_reads_normalized = True
     with torch.no_grad():
         for name, p in model.named_parameters():  # nothing at its init value: every tensor must be loaded
             p.copy_(torch.randn_like(p) * (p[0].numel() ** -0.5 if p.dim() > 1 else 0.1) + (p.dim() == 1) * 0.5)
@@ -134,15 +138,15 @@ def test_tiny_snapshot_loads_and_generates(snapshot):
     was written from), reads the normalisation and block sizes from the configs, and generates. Mutation: a
     wrong name map, the decoder fed denormalised latents, or a config field ignored."""
     path, ref = snapshot
-    model, tok = ColaDLM.from_pretrained(path)
+    model, tok = release.from_pretrained(path)
     assert (model.vae.cfg.block_size, model.dit.cfg.block_size) == (4, 8) and model.decoder_reads_normalized
     assert torch.allclose(model.latent_shift, torch.full((4,), 0.1)) and torch.allclose(model.latent_scale, torch.full((4,), 1.3))
     for (k, a), (_, b) in zip(model.named_parameters(), ref.named_parameters()):
         assert torch.equal(a, b), k
     enc = get_tokenizer(tok)
     ids = enc.encode_ordinary("the band and the hand, and then")
-    out, stats = generate(model, [ids, ids[:3]], max_new_tokens=16, steps=4, stop_ids=(), pad_id=enc.n_vocab - 2,
-                          generator=torch.Generator().manual_seed(0), round_bf16=True)
+    out, stats = release_generate(model, [ids, ids[:3]], 16, SamplerConfig(steps=4, stop_ids=(), pad_id=enc.n_vocab - 2),
+                                  generator=torch.Generator().manual_seed(0))
     assert stats["blocks"] == 2 and all(len(o) > 0 for o in out)
     z = torch.randn(1, 8, 4)  # the decoder reads DiT-space latents, as the release's sampler hands them over
     assert torch.allclose(model.vae.decode(model.decoder_input(z)), ref.vae.decode(z), atol=1e-5)
@@ -152,7 +156,7 @@ def test_sample_cli_runs_a_snapshot(snapshot, capsys):
     import sample
     path, _ = snapshot
     sample.main(["--init_from", path, "--prompt", "the band", "--num_samples", "1", "--max_new_tokens", "8", "--steps", "2"])
-    assert "budget blocks, DiT inputs bf16" in capsys.readouterr().out  # the release's sampler by default
+    assert "the release's sampler" in capsys.readouterr().out
     sample.main(["--init_from", path, "--prompt", "the band", "--num_samples", "1", "--max_new_tokens", "8", "--steps", "2",
                  "--dtype", "bfloat16"])  # bf16 weights under autocast
     import re
@@ -164,7 +168,8 @@ def test_load_model_gives_the_release_special_tokens(snapshot):
     model, info = load_model(path)
     enc = get_tokenizer(info["tokenizer"])
     V = 256 + len(MERGES)
-    assert special_ids(info, enc) == ((V, V + 2), V + 1)  # <|endoftext|> and <|im_end|>; <|pad|>
+    sampler = stored_sampler(info, enc.eot_token)
+    assert (sampler.stop_ids, sampler.pad_id) == ((V, V + 2), V + 1)  # <|endoftext|> and <|im_end|>; <|pad|>
     assert encode_prompt(info, enc, "a<|endoftext|>") == [ord("a"), enc.encode_single_token("<|endoftext|>")]
 
 
@@ -207,7 +212,7 @@ def test_bad_snapshot_one_line(snapshot, capsys, how, message):
     path, _ = snapshot
     break_snapshot(path, how)
     with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        ColaDLM.from_pretrained(path)
+        release.from_pretrained(path)
     if how in ("missing file", "wrong shape"):  # and the scripts say it in one line
         assert message in one_line_error(sample.main, ["--init_from", path], capsys)
 

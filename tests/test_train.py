@@ -21,7 +21,7 @@ def test_checkpoint_atomic_and_self_describing(tmp_path, data_dir):
                 "--eval_interval", "2"] + TINY)
     ck = torch.load(os.path.join(out, "vae.pt"), weights_only=False)
     assert ck["kind"] == "vae" and ck["step"] == 2 and ck["tokenizer"].endswith("tokenizer.json")
-    assert {"vae_config", "args", "optimizer", "rng", "data_position", "model"} <= set(ck)
+    assert {"vae_config", "args", "optimizer", "rng", "model"} <= set(ck)
     assert not any(f.endswith(".tmp") for f in os.listdir(out))
 
 
@@ -90,7 +90,7 @@ def test_sample_cli_runs_every_kind(tmp_path, data_dir, capsys):
     """sample.py reads the kind from the checkpoint: AR streams its KV-cached tokens, LLaDA prints its
     remasking result; both equal a direct call of the generator."""
     import sample
-    from decoder import ar_generate, llada_generate
+    from baselines import ar_generate, llada_generate
     from tokenizer import get_tokenizer
     for kind in ("ar", "llada"):
         out = tmp_path / kind

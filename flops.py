@@ -1,0 +1,57 @@
+"""
+Training compute, counted the same way for Cola DLM and the baselines (the ladder's x axis, docs/results.md).
+
+6 FLOPs per matmul weight per position trained on (forward 2, backward 4), 2 for a forward-only pass;
+embedding lookups are free; attention scores and values cost 2 * 2 * keys * width per query and layer in the
+forward pass, at the full key length (SDPA with a bool mask computes every key).
+"""
+import torch.nn as nn
+
+
+def matmul_params(module):
+    """Weights of every nn.Linear and nn.Conv1d in module (the output heads are Linears; embeddings are not)."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv1d)))
+
+
+def attention_flops(n_layers, width, n_keys):
+    """Forward FLOPs per query position of QK^T and AV."""
+    return n_layers * 2 * 2 * n_keys * width
+
+
+def vae_passes(vae, seq_len):
+    """Training FLOPs per token of one encoder and one decoder pass over seq_len tokens: the vocabulary head
+    runs once per token, everything else once per latent."""
+    c = vae.cfg
+    n_lat = seq_len // c.patch_size
+    enc = (6 * matmul_params(vae.enc) + 3 * attention_flops(c.n_enc_layers, c.width, n_lat)) / c.patch_size
+    body = 6 * (matmul_params(vae.dec) - matmul_params(vae.dec.head))
+    dec = (body + 3 * attention_flops(c.n_dec_layers, c.width, n_lat)) / c.patch_size + 6 * matmul_params(vae.dec.head)
+    return enc, dec
+
+
+def vae_train_flops(vae, seq_len, lam_mask=1.0):
+    """Stage 1: encoder and decoder on the clean text, and again on the masked copy when lam_mask > 0."""
+    enc, dec = vae_passes(vae, seq_len)
+    return (2 if lam_mask > 0 else 1) * (enc + dec)
+
+
+def joint_train_flops(model, seq_len, decode_frac=1.0, lam_mask=1.0, vae_frozen=False):
+    """Stage 2 per token: the encoder on every sequence (and on the masked copy of the decoded ones), the decoder
+    on the decoded fraction of the batch (both copies), the frozen reference encoder forward only, and the DiT
+    on (2L - bs) latents per L."""
+    c, d = model.vae.cfg, model.dit.cfg
+    copies = 2 if lam_mask > 0 else 1
+    enc, dec = vae_passes(model.vae, seq_len)
+    if vae_frozen:  # the encoder forward only (a third of its training FLOPs), no decoder, no reference
+        f = enc / 3
+    else:
+        f = enc * (1 + (copies - 1) * decode_frac) + copies * dec * decode_frac + 2 * matmul_params(model.ref_enc) / c.patch_size
+    L = seq_len // c.patch_size
+    n_dit = 2 * L - model.block_size
+    dit_pass = (2 * matmul_params(model.dit) + attention_flops(d.n_layers, d.width, n_dit)) * n_dit / L / c.patch_size
+    return f + 3 * dit_pass
+
+
+def lm_train_flops(lm, seq_len):
+    """A baseline's training FLOPs per token."""
+    return 6 * matmul_params(lm) + 3 * attention_flops(lm.cfg.n_layers, lm.cfg.width, seq_len)
