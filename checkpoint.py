@@ -17,6 +17,7 @@ import os
 import torch
 
 from cli import check_writable_dir, fail, folder_lock, write_atomic
+from tokenizer import DataError, same_tokenizer
 
 
 class CheckpointError(ValueError):
@@ -194,6 +195,20 @@ def claim_out_dir(args):
         except CheckpointError as e:
             fail(str(e))
         yield
+
+
+def checkpoint_for(path, kind, data):
+    """A checkpoint to build on, trained on data of the same tokenizer as --data_dir's."""
+    ckpt = load_checkpoint(path, (kind,))
+    if not same_tokenizer(ckpt.get("tokenizer", ""), data.meta["tokenizer"]):
+        raise DataError(f"{data.data_dir} is tokenized with {data.meta['tokenizer']}, {path} was trained on "
+                        f"{ckpt.get('tokenizer')}; pass the run's own --data_dir")
+    return ckpt
+
+
+def resumable(path, kind, args, data):
+    """The checkpoint to continue, or None for a fresh run."""
+    return checkpoint_for(path, kind, data) if args.resume and os.path.exists(path) else None
 
 
 def trim_log(path, step):

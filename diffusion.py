@@ -110,15 +110,6 @@ def latent_stats(mu, logvar):
     return shift.float(), total_var.rsqrt().float()
 
 
-def latent_stats(mu, logvar):
-    """Per-channel shift and scale so that (z - shift) * scale has zero mean and unit variance, where
-    z ~ q(z|x): Var[z] = Var[mu] + E[sigma^2]. mu, logvar (..., d). Deterministic (no sampling)."""
-    mu, var = mu.reshape(-1, mu.shape[-1]).double(), logvar.reshape(-1, logvar.shape[-1]).double().exp()
-    shift = mu.mean(0)
-    total_var = (mu - shift).pow(2).mean(0) + var.mean(0)
-    return shift.float(), total_var.rsqrt().float()
-
-
 @dataclass
 class LossConfig:
     """The stage-2 loss's weights and noise schedule (docs/method.md §5); train.py fills it from its flags."""

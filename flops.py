@@ -5,6 +5,7 @@ Training compute, counted the same way for Cola DLM and the baselines (the ladde
 embedding lookups are free; attention scores and values cost 2 * 2 * keys * width per query and layer in the
 forward pass, at the full key length (SDPA with a bool mask computes every key).
 """
+import torch
 import torch.nn as nn
 
 
@@ -55,3 +56,23 @@ def joint_train_flops(model, seq_len, decode_frac=1.0, lam_mask=1.0, vae_frozen=
 def lm_train_flops(lm, seq_len):
     """A baseline's training FLOPs per token."""
     return 6 * matmul_params(lm) + 3 * attention_flops(lm.cfg.n_layers, lm.cfg.width, seq_len)
+
+
+def dry_run(args, vae_cfg, dit_cfg, lm_cfg, vae_frozen=False):
+    """train.py --dry_run: configs, parameters and training FLOPs per optimizer step, built on the meta device."""
+    from dataclasses import asdict
+    from baselines import TransformerLM
+    from diffusion import ColaDLM
+    n_params = lambda m: sum(p.numel() for p in m.parameters())
+    tokens, L = args.batch_size * args.seq_len * args.grad_accum, args.seq_len
+    with torch.device("meta"):
+        if args.model != "cola":
+            lm = TransformerLM(lm_cfg)
+            return dict(model=args.model, lm_config=asdict(lm_cfg), params=n_params(lm),
+                        flops_per_step=lm_train_flops(lm, L) * tokens)
+        cola = ColaDLM(vae_cfg, dit_cfg)
+    joint = joint_train_flops(cola, L, 1 / args.fm_batch_mult, args.lam_mask, vae_frozen)
+    return dict(model="cola", vae_iters=args.vae_iters, main_iters=args.main_iters, vae_config=asdict(vae_cfg),
+                dit_config=asdict(dit_cfg), params=n_params(cola.vae) + n_params(cola.dit),
+                vae_flops_per_step=vae_train_flops(cola.vae, L, args.lam_mask) * tokens,
+                joint_flops_per_step=joint * tokens * args.fm_batch_mult)

@@ -14,7 +14,6 @@ self-describing (model configs, sampler, args, step, optimizer, every rank's ran
 """
 import argparse
 import contextlib
-import ctypes
 import gc
 import json
 import math
@@ -28,16 +27,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from baselines import LMConfig, TransformerLM, matched_lm_config
-from checkpoint import (CheckpointError, build, claim_out_dir, load_checkpoint, load_weights, rng_state,
+from checkpoint import (CheckpointError, build, checkpoint_for, claim_out_dir, load_weights, resumable, rng_state,
                         save_checkpoint, set_rng_state, trim_log)
-from cli import Parser, autocast, float_in, int_at_least, nonneg_float, pick_device, positive_float, positive_int, unit_float
+from cli import (Parser, autocast, float_in, int_at_least, keep_freed_memory, nonneg_float, positive_float, positive_int,
+                 setup_distributed, unit_float)
 from decoder import SamplerConfig
 from diffusion import ColaDLM, LossConfig
 from dit import DiTConfig
-from flops import joint_train_flops, lm_train_flops, vae_train_flops
+from flops import dry_run, joint_train_flops, lm_train_flops, vae_train_flops
 from layers import n_params
 from prepare import DEFAULT_DATA_DIR, REPO_DIR, DataError, TokenData, batch_seed
-from tokenizer import same_tokenizer
 from vae import TextVAE, VAEConfig
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,23 +177,6 @@ def lm_config(args, vocab_size):
                              vcfg.max_seq_len, args.dropout, args.lm_layers), target
 
 
-def dry_run(args, vocab_size):
-    """Configs, parameters and training FLOPs per optimizer step, built on the meta device."""
-    tokens, L = args.batch_size * args.seq_len * args.grad_accum, args.seq_len
-    with torch.device("meta"):
-        if args.model != "cola":
-            lm = TransformerLM(lm_config(args, vocab_size)[0])
-            return dict(model=args.model, lm_config=asdict(lm.cfg), params=n_params(lm),
-                        flops_per_step=lm_train_flops(lm, L) * tokens)
-        vcfg = vae_config(args, vocab_size)
-        cola = ColaDLM(vcfg, dit_config(args, vcfg))
-    joint = joint_train_flops(cola, L, 1 / args.fm_batch_mult, args.lam_mask, vae_frozen(args))
-    return dict(model="cola", vae_iters=args.vae_iters, main_iters=args.main_iters, vae_config=asdict(vcfg),
-                dit_config=asdict(cola.dit.cfg), params=n_params(cola.vae) + n_params(cola.dit),
-                vae_flops_per_step=vae_train_flops(cola.vae, L, args.lam_mask) * tokens,
-                joint_flops_per_step=joint * tokens * args.fm_batch_mult)
-
-
 def vae_frozen(args):
     """Stage 2 trains the prior alone: no VAE work at all."""
     return args.vae_lr_ratio == 0 and args.lam_vae == 0 and args.lam_ref == 0
@@ -225,20 +207,6 @@ def vocab_lr_groups(module, scale, vocab_mult):
     vocab = [m.weight for name, m in module.named_modules() if isinstance(m, torch.nn.Embedding) or name[-4:] == "head"]
     ids = {id(p) for p in vocab}
     return [([p for p in module.parameters() if id(p) not in ids], scale), (vocab, scale * vocab_mult)]
-
-
-def checkpoint_for(path, kind, data):
-    """A checkpoint to build on, trained on data of the same tokenizer as --data_dir's."""
-    ckpt = load_checkpoint(path, (kind,))
-    if not same_tokenizer(ckpt.get("tokenizer", ""), data.meta["tokenizer"]):
-        raise DataError(f"{data.data_dir} is tokenized with {data.meta['tokenizer']}, {path} was trained on "
-                        f"{ckpt.get('tokenizer')}; pass the run's own --data_dir")
-    return ckpt
-
-
-def resumable(path, kind, args, data):
-    """The checkpoint to continue, or None for a fresh run."""
-    return checkpoint_for(path, kind, data) if args.resume and os.path.exists(path) else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -480,32 +448,7 @@ def train(run, args, env, data):
 
 
 # ----------------------------------------------------------------------------------------------------
-# processes and the stages a command asks for
-
-def setup_distributed(device):
-    """Returns (rank, world, device). Works with or without torchrun."""
-    device = pick_device(device)
-    if int(os.environ.get("RANK", -1)) == -1:
-        return 0, 1, device
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if device.startswith("cuda"):
-        device = f"cuda:{local}"
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, device
-
-
-def keep_freed_memory():
-    """glibc returns large freed buffers (the logits) to the OS after every step and maps them again; on CPU
-    that costs 15-60% of a step. Keep them: no mmap for big blocks, no trimming (M_MMAP_MAX = -4,
-    M_TRIM_THRESHOLD = -1 in mallopt)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)
-        libc.mallopt(-1, 2**31 - 1)
-    except OSError:
-        pass  # not glibc: nothing to do
-
+# the stages a command asks for
 
 def run_stages(args, env):
     """Train what the flags ask for: a baseline, or Cola's stage 1 and/or stage 2. Returns the last Run."""
@@ -525,7 +468,10 @@ def main(argv=None):
     if args.dry_run:  # the data's vocabulary if it is prepared, else GPT-2's
         meta = os.path.join(args.data_dir, "meta.json")
         check_args(args)
-        print(json.dumps(dry_run(args, json.load(open(meta))["vocab_size"] if os.path.exists(meta) else 50257)))
+        vocab = json.load(open(meta))["vocab_size"] if os.path.exists(meta) else 50257
+        vcfg = vae_config(args, vocab)
+        lm = lm_config(args, vocab)[0] if args.model != "cola" else None
+        print(json.dumps(dry_run(args, vcfg, dit_config(args, vcfg), lm, vae_frozen(args))))
         return
     rank, world, device = setup_distributed(args.device)
     env = dict(rank=rank, world=world, device=device, master=rank == 0)
