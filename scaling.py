@@ -26,6 +26,7 @@ e.g. the main command's out/ copied to out_scaling/cola_1 (the same run as level
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import presets
-from cli import Parser, positive_int, pyplot
+from cli import Parser, check_writable_dir, fail, float_list, positive_int, pyplot
 from prepare import REPO_DIR
 from presets import get_args as train_args
 
@@ -68,19 +69,32 @@ def get_args(argv=None):
                    help="train and evaluate nothing: tabulate the runs that have an eval.json, list the others")
     a = p.parse_args(argv)
     try:
-        a.levels = sorted(float(x) for x in a.levels.split(","))
-    except ValueError:
-        p.error(f"--levels must be a comma list of numbers, got {a.levels!r}")
-    if not a.levels or min(a.levels) <= 0:
-        p.error("--levels must be positive")
-    if a.jobs < 1:
-        p.error("--jobs must be >= 1")
+        a.levels = sorted(float_list(a.levels))
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--levels: {e}")
     for f in a.tasks + ([a.ablations] if a.ablations else []):
-        if not os.path.exists(f):
+        if not os.path.isfile(f):
             p.error(f"file {f} not found")
+    if not a.table_only:
+        check_judge(a.judge)
     if a.ablations and a.out_root == os.path.join(REPO_DIR, "out_scaling"):
         a.out_root = os.path.join(REPO_DIR, "out_ablations")
     return a
+
+
+def check_judge(judge):
+    """The judge is a checkpoint file, or it is trained as ckpt.pt of a folder that holds no other run."""
+    if os.path.isfile(judge):
+        return
+    if os.path.exists(judge) or os.path.basename(judge) != "ckpt.pt":
+        fail(f"--judge {judge} is not a checkpoint file (a judge scaling.py trains is named NEW_FOLDER/ckpt.pt)")
+    out = os.path.dirname(os.path.abspath(judge))
+    others = sorted(set(os.listdir(out)) - {"train.log"}) if os.path.isdir(out) else []
+    if others:
+        fail(f"--judge {judge} does not exist, and its folder holds {', '.join(others[:3])}: "
+             "train the judge into a new folder")
+    if os.path.isdir(out):
+        check_writable_dir(out, "--judge's folder")
 
 
 def dry_run(flags):
@@ -121,18 +135,33 @@ def plan_ablations(a):
     run's argv is base's flags, then its own (argparse: the last one wins), so that a line is one change
     against base whatever train.py's defaults are."""
     runs, a.stage1_from = [], {}
-    for n, line in enumerate(open(a.ablations), 1):
-        words = line.split("#")[0].split()
+    for words in ablation_lines(a.ablations):
         if words:  # from=RUN: stage 2 starts from that run's stage 1 instead of base's (e.g. another seed's)
             a.stage1_from.update({words[0]: w[5:] for w in words[1:] if w.startswith("from=")})
             flags = [w for w in words[1:] if not w.startswith("from=")]
             runs.append((words[0], "ablation", os.path.join(a.out_root, words[0]), flags, None))
     if not runs or runs[0][0] != "base":
         raise RuntimeError(f"{a.ablations}: the first run must be named base (the shared stage 1)")
+    names = [r[0] for r in runs]
+    bad = [n for n in names + list(a.stage1_from.values()) if names.count(n) != 1]
+    if bad:
+        raise RuntimeError(f"{a.ablations}: every run needs a name of its own, and from= must name one ({bad[0]})")
     base = runs[0][3]
     if "--stage" in base:
         raise RuntimeError(f"{a.ablations}: base trains both stages; its line must not set --stage")
     return runs[:1] + [(m, lv, d, base + flags, f) for m, lv, d, flags, f in runs[1:]]
+
+
+def ablation_lines(path):
+    """The words of each line of an ablations file (comments dropped); a run's name is a plain folder name."""
+    try:
+        lines = [line.split("#")[0].split() for line in open(path, encoding="utf-8")]
+    except (OSError, UnicodeDecodeError) as e:
+        raise RuntimeError(f"{path} cannot be read as UTF-8 text ({e.__class__.__name__})") from None
+    for words in lines:
+        if words and not re.fullmatch(r"[\w-][\w.-]*", words[0]):
+            raise RuntimeError(f"{path}: run name {words[0]!r} must be a plain folder name")
+    return [w for w in lines if w]
 
 
 def ablation_table(rows):
@@ -266,7 +295,7 @@ def train_and_evaluate(a, runs):
         print(f"[scaling] training the judge {judge} ({a.judge_iters} AR steps)", flush=True)
         out = os.path.dirname(os.path.abspath(judge))
         os.makedirs(out, exist_ok=True)
-        run([sys.executable, "train.py", *a.train_args.split(), "--model", "ar", "--out_dir", out, "--overwrite",
+        run([sys.executable, "train.py", *a.train_args.split(), "--model", "ar", "--out_dir", out,
              "--main_iters", str(a.judge_iters), "--eval_interval", str(a.judge_iters), "--device", a.device,
              *a.judge_args.split()],
             os.path.join(out, "train.log"))
