@@ -15,13 +15,14 @@ tokens/s, and model FLOP utilisation by two conventions: the repo's (layers.py: 
 position each network runs on, plus attention) and 6 N (N: all parameters but embeddings).
 """
 import argparse
+import os
 import resource
 import time
 
 import torch
 
 from baselines import LMConfig, TransformerLM
-from cli import Parser, autocast, int_list, nonneg_float, pick_device, positive_float, positive_int
+from cli import Parser, autocast, fail, int_list, nonneg_float, pick_device, positive_float, positive_int
 from decoder import ar_generate, generate, llada_generate
 from diffusion import ColaDLM
 from dit import DiTConfig
@@ -37,6 +38,15 @@ def preset_configs(preset, vocab_size, extra=()):
     """The model configs train.py builds for a preset, for Cola, AR and LLaDA (presets.dry_run)."""
     return {model: dry_run(train_args(["--preset", preset, "--model", model, *extra]), vocab_size)
             for model in ("cola", "ar", "llada")}
+
+
+def check_vocab(vocab_size, width, device):
+    """Refuse, before any model is built, a vocabulary whose embedding and head alone outgrow the memory."""
+    mem = torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda") else \
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 2 * vocab_size * width * 4 > mem:
+        fail(f"--vocab_size {vocab_size}: its embedding and head alone need {8 * vocab_size * width / 2 ** 30:,.0f} GiB, "
+             f"more than the {mem / 2 ** 30:,.0f} GiB of {device}")
 
 
 def parser_fail(text):
@@ -168,6 +178,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     args = p.parse_args(argv)
     device = pick_device(args.device)
+    check_vocab(args.vocab_size, PRESETS[args.preset]["vae"]["width"], device)
     cfgs = preset_configs(args.preset, args.vocab_size, ["--seq_len", str(args.seq_len)] if args.train else [])
     (bench_training if args.train else bench_generation)(args, cfgs, device)
 
