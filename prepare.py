@@ -397,6 +397,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if min(a.workers, a.block_bytes, a.min_seq_len) < 1:
         p.error("--workers, --block_bytes and --min_seq_len must be >= 1")
+    if a.workers > 4 * (os.cpu_count() or 1):
+        p.error(f"--workers {a.workers} is more than 4 per CPU core of this machine ({os.cpu_count()} cores)")
     if a.shard_tokens < max(a.min_seq_len, 1024):
         p.error(f"--shard_tokens must be >= {max(a.min_seq_len, 1024)} (a training window never crosses a shard)")
     check_writable_dir(a.out_dir, "--out_dir")
