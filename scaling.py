@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import presets
 from cli import Parser, check_writable_dir, fail, float_list, positive_int, pyplot
-from prepare import REPO_DIR
+from prepare import REPO_DIR, DataError, load_meta
 from presets import get_args as train_args
 
 MODELS = ("cola", "ar", "llada")
@@ -72,6 +72,8 @@ def get_args(argv=None):
         a.levels = sorted(float_list(a.levels))
     except argparse.ArgumentTypeError as e:
         p.error(f"--levels: {e}")
+    if a.levels[-1] > 1e6:
+        p.error(f"--levels: {a.levels[-1]:g} is more than a million times the default run")
     for f in a.tasks + ([a.ablations] if a.ablations else []):
         if not os.path.isfile(f):
             p.error(f"file {f} not found")
@@ -102,7 +104,7 @@ def dry_run(flags):
     device), at the vocabulary of the data they name."""
     args = train_args(flags)
     meta = os.path.join(args.data_dir, "meta.json")
-    return presets.dry_run(args, json.load(open(meta))["vocab_size"] if os.path.exists(meta) else 50257)
+    return presets.dry_run(args, load_meta(args.data_dir)["vocab_size"] if os.path.exists(meta) else 50257)
 
 
 def plan(a):
@@ -143,13 +145,19 @@ def plan_ablations(a):
     if not runs or runs[0][0] != "base":
         raise RuntimeError(f"{a.ablations}: the first run must be named base (the shared stage 1)")
     names = [r[0] for r in runs]
-    bad = [n for n in names + list(a.stage1_from.values()) if names.count(n) != 1]
-    if bad:
-        raise RuntimeError(f"{a.ablations}: every run needs a name of its own, and from= must name one ({bad[0]})")
+    if len(set(names)) < len(names):
+        raise RuntimeError(f"{a.ablations}: two runs share the name {next(n for n in names if names.count(n) > 1)}")
     base = runs[0][3]
     if "--stage" in base:
         raise RuntimeError(f"{a.ablations}: base trains both stages; its line must not set --stage")
     return runs[:1] + [(m, lv, d, base + flags, f) for m, lv, d, flags, f in runs[1:]]
+
+
+def check_stage1(a, runs):
+    """Each stage 1 a from= names is a run of the file or a finished stage 1 under --out_root."""
+    for src in set(a.stage1_from.values()) - {r[0] for r in runs}:
+        if not os.path.isfile(os.path.join(a.out_root, src, "vae.pt")):
+            raise RuntimeError(f"{a.ablations}: from={src} names no run of the file and no {a.out_root}/{src}/vae.pt")
 
 
 def ablation_lines(path):
@@ -199,6 +207,18 @@ def samples_section(rows):
 def judges_line(rows):
     """The judge checkpoint(s) the rows' eval.json name: every comparison names its judge."""
     return "\n\njudge: " + ", ".join(sorted({str(r.get("judge")) for r in rows}))
+
+
+def load_result(run_dir):
+    """A run's eval.json, or one line saying that it is not an eval result."""
+    path = os.path.join(run_dir, "eval.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            res = json.load(f)
+        assert isinstance(res, dict) and "kind" in res
+    except (OSError, ValueError, AssertionError) as e:
+        fail(f"{path} is not an eval result ({type(e).__name__}); delete it to evaluate the run again")
+    return res
 
 
 def run(cmd, log_path):
@@ -307,7 +327,9 @@ def main(argv=None):
     a = get_args(argv)
     try:
         runs = plan_ablations(a) if a.ablations else plan(a)
-    except RuntimeError as e:
+        if a.ablations and not a.table_only:
+            check_stage1(a, runs)
+    except (RuntimeError, DataError) as e:
         sys.exit(f"error: {e}")
     if a.table_only:
         done = [r for r in runs if os.path.exists(os.path.join(r[2], "eval.json"))]
@@ -317,7 +339,8 @@ def main(argv=None):
             print(f"[scaling] not yet trained and evaluated: {', '.join(missing)}", flush=True)
         if not runs:
             sys.exit("error: no run has an eval.json yet")
-    os.makedirs(a.out_root, exist_ok=True)
+    check_writable_dir(a.out_root, "--out_root")
+    results = {r[2]: load_result(r[2]) for r in runs if os.path.exists(os.path.join(r[2], "eval.json"))}  # checked first
     for m, level, run_dir, flags, flops in runs:
         print(f"[scaling] {m} ({level}): {' '.join(flags)}" + (f" (planned {flops:.3e} training FLOPs)" if flops else ""),
               flush=True)
@@ -328,7 +351,7 @@ def main(argv=None):
             sys.exit(f"error: {e}")
     if a.ablations:
         n_base = len(runs[0][3]) if runs[0][0] == "base" else 0
-        rows = [{**json.load(open(os.path.join(r[2], "eval.json"))), "name": r[0],
+        rows = [{**load_result(r[2]), "name": r[0],
                  "flags": r[3] if r[0] == "base" else r[3][n_base:]} for r in runs]  # each line's own change
         md = ablation_table(rows) + judges_line(rows)
         with open(os.path.join(a.out_root, "table.md"), "w") as f:
@@ -337,7 +360,7 @@ def main(argv=None):
         return
     rows = []
     for m, level, run_dir, _, _ in runs:
-        res = json.load(open(os.path.join(run_dir, "eval.json")))
+        res = results.get(run_dir) or load_result(run_dir)
         user = [v for k, v in res.get("tasks", {}).items() if k not in ("lambada_style", "ending_choice")]
         acc = res.get("prefix_prediction", {}).get("known_15") if m == "cola" else res.get("val_acc")
         rows.append({**res, "level": level, **res.get("tasks", {}), "next_token_acc": acc,
