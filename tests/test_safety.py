@@ -50,6 +50,15 @@ def safe(tmp_path_factory, runs, data_dir):  # noqa: F811
     m["broken"] = str(tmp_path_factory.mktemp("broken"))  # outside the watched folder: a broken link has no stat
     open(os.path.join(m["broken"], "a.txt"), "w").write("ROMEO: love\n" * 100)
     os.symlink(str(t / "nowhere.txt"), os.path.join(m["broken"], "b.txt"))
+    for name, text in (("abl_up", "base\n../x --lr 1\n"), ("abl_two", "base\nx --lr 1\nx --lr 2\n"),
+                       ("abl_from", "base\nx from=nope --lr 1\n")):
+        m[name] = str(t / f"{name}.txt")
+        open(m[name], "w").write(text)
+    m["bad_results"], m["bad_meta"] = str(t / "bad_results"), str(t / "bad_meta")
+    os.makedirs(t / "bad_results" / "cola_1")
+    os.makedirs(t / "bad_meta")
+    open(t / "bad_results" / "cola_1" / "eval.json", "w").write("{")
+    open(t / "bad_meta" / "meta.json", "w").write("{")
     m["root"] = str(t)
     return m
 
@@ -73,6 +82,14 @@ prepare | --input {tiny_text} --out_dir {fresh} --tokenizer {tok}         | fewe
 prepare | --input {text} --out_dir {fresh} --val_fraction 0.9            | must be 1/k
 prepare | --input {broken} --out_dir {fresh}                              | is not a readable file (a broken link?)
 bench   | --vocab_size 1000000000000                                      | its embedding and head alone need
+scaling | --levels 1e300 --judge {ar}/ckpt.pt --out_root {fresh}          | more than a million times
+scaling | --table_only --levels 1 --out_root {bad_results}                | is not an eval result (JSONDecodeError)
+scaling | --out_root {text} --judge {ar}/ckpt.pt --levels 1               | is a file, not a folder
+scaling | --train_args=--data_dir={bad_meta} --judge {ar}/ckpt.pt         | is not a valid meta.json
+scaling | --ablations {abl_up} --judge {ar}/ckpt.pt --out_root {fresh}    | must be a plain folder name
+scaling | --ablations {abl_two} --judge {ar}/ckpt.pt --out_root {fresh}   | two runs share the name x
+scaling | --ablations {abl_from} --judge {ar}/ckpt.pt --out_root {fresh}  | from=nope names no run
+prepare | --input {text} --out_dir {fresh} --workers 100000                | more than 4 per CPU core
 """.strip().splitlines()]
 
 
