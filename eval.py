@@ -198,6 +198,7 @@ def setup(args):
     clash = [files[name] for name in ("lambada_style", "ending_choice") if name in files]
     if clash and args.builtin_n and data is not None:
         raise TaskError(f"task file {clash[0]} has the name of a built-in task; rename it or pass --builtin_n 0")
+    check_outputs(run_dir, [*tasks, "lambada_style", "ending_choice"])
     fill_sampler(args, info["args"].get("preset", "paper"))
     return dict(device=device, path=path, run_dir=run_dir, out_path=out_path, tasks=tasks, model=model, info=info,
                 enc=enc, judge=judge, data=data, logs=training_logs(run_dir))
@@ -223,6 +224,14 @@ def check_run_dir(run_dir):
     """The run folder and its generations folder take the plots and generations -> the generations folder."""
     gen_dir = os.path.join(check_writable_dir(run_dir, "run folder"), "generations")
     return check_writable_dir(gen_dir, "generations folder") if os.path.exists(gen_dir) else gen_dir
+
+
+def check_outputs(run_dir, task_names):
+    """No file eval.py writes into the run folder (plots, generations) is a folder there."""
+    files = ["training_curves.png", "diagnostics.png"] + [f"sweep_{k}.png" for k in ("steps", "guidance", "noise_scale")]
+    for f in files + [os.path.join("generations", f"{name}.jsonl") for name in task_names]:
+        if os.path.isdir(os.path.join(run_dir, f)):
+            fail(f"{os.path.join(run_dir, f)} is a folder, where eval.py writes a file")
 
 
 def read_task_files(paths, gen_dir):
