@@ -41,6 +41,8 @@ def safe(tmp_path_factory, runs, data_dir):  # noqa: F811
     open(os.path.join(m["cola2"], "generations", "mine.jsonl"), "w").write(task_line())
     m["ar_genfile"] = shutil.copytree(runs["ar"], str(t / "ar_genfile"))  # 'generations' is a file
     open(os.path.join(m["ar_genfile"], "generations"), "w").write("not a folder")
+    m["ar_png"] = shutil.copytree(runs["ar"], str(t / "ar_png"), ignore=shutil.ignore_patterns("*.png"))
+    os.makedirs(os.path.join(m["ar_png"], "training_curves.png"))  # a folder where eval.py writes its plot
     for sub in ("a", "b"):
         os.makedirs(t / sub)
         open(t / sub / "t.jsonl", "w").write(task_line())
@@ -77,6 +79,7 @@ eval    | --ckpt {cola2}/ckpt.pt --tasks {cola2}/generations/mine.jsonl   | is w
 eval    | --ckpt {cola}/ckpt.pt --tasks {tasks_a} {tasks_b}               | share the name t
 eval    | --ckpt {cola}/ckpt.pt --tasks {lambada}                         | has the name of a built-in task
 eval    | --ckpt {ar_genfile}/ckpt.pt                                     | is a file, not a folder
+eval    | --ckpt {ar_png}/ckpt.pt                                         | is a folder, where eval.py writes a file
 prepare | --input {text} --out_dir {data} --tokenizer {tok}               | already holds prepared data
 prepare | --input {tiny_text} --out_dir {fresh} --tokenizer {tok}         | fewer than one training sequence
 prepare | --input {text} --out_dir {fresh} --val_fraction 0.9            | must be 1/k
