@@ -15,6 +15,7 @@ tokens/s, and model FLOP utilisation by two conventions: the repo's (flops.py: m
 position each network runs on, plus attention) and 6 N (N: all parameters but embeddings).
 """
 import argparse
+import os
 import resource
 import time
 
@@ -22,7 +23,7 @@ import torch
 
 from baselines import LMConfig, TransformerLM
 from baselines import ar_generate, llada_generate
-from cli import Parser, autocast, int_list, nonneg_float, pick_device, positive_float, positive_int, train_dry_run
+from cli import Parser, autocast, fail, int_list, nonneg_float, pick_device, positive_float, positive_int, train_dry_run
 from decoder import SamplerConfig, generate
 from diffusion import ColaDLM
 from dit import DiTConfig
@@ -41,6 +42,15 @@ def preset_configs(preset, vocab_size, extra=()):
     for cfg in (cfgs["cola"]["vae_config"], cfgs["ar"]["lm_config"], cfgs["llada"]["lm_config"]):
         cfg["vocab_size"] = vocab_size
     return cfgs
+
+
+def check_vocab(vocab_size, width, device):
+    """Refuse, before any model is built, a vocabulary whose embedding and head alone outgrow the memory."""
+    mem = torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda") else \
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 2 * vocab_size * width * 4 > mem:
+        fail(f"--vocab_size {vocab_size}: its embedding and head alone need {8 * vocab_size * width / 2 ** 30:,.0f} GiB, "
+             f"more than the {mem / 2 ** 30:,.0f} GiB of {device}")
 
 
 def parser_fail(text):
@@ -172,6 +182,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     args = p.parse_args(argv)
     device = pick_device(args.device)
+    check_vocab(args.vocab_size, {"tiny": 64, "cpu": 128, "paper": 1536}[args.preset], device)
     cfgs = preset_configs(args.preset, args.vocab_size, ["--seq_len", str(args.seq_len)] if args.train else [])
     (bench_training if args.train else bench_generation)(args, cfgs, device)
 

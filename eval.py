@@ -5,7 +5,7 @@ Evaluate one checkpoint (Cola DLM, AR or LLaDA) and write <run>/eval.json plus P
     python eval.py --out_dir out_ar --tasks tasks/comedies.jsonl
     python eval.py --judge out_judge/ckpt.pt --sweep_steps 8,16,32 --sweep_guidance 1,3,7
     python eval.py --score eval_output/mmlu.jsonl ...  # score existing generations; no model needed
-    python eval.py --init_from hf/Cola-DLM --tasks eval_output/tasks_default/lambada.jsonl   # the released model
+    python eval.py --init_from hf/Cola-DLM --tasks eval_output/tasks_default/lambada.jsonl   # the released model (-> out_release)
 
 Cola DLM's own measures, in order (docs/method.md §3-§7):
 1. the VAE: reconstruction and masked-branch accuracy, logSNR, reconstruction under flow-path noise;
@@ -32,8 +32,8 @@ import time
 import torch
 
 from checkpoint import CheckpointError, load_model, stored_sampler
-from cli import Parser, check_writable_file, float_list, int_list, nonneg_float, nonneg_int, pick_device, \
-    positive_float, positive_int, pyplot, readable_file, write_json
+from cli import Parser, check_writable_dir, check_writable_file, fail, float_list, int_list, nonneg_float, nonneg_int, \
+    pick_device, positive_float, positive_int, pyplot, readable_file, write_json
 from decoder import GenerationError
 from diagnostics import (eval_history_drift, eval_latent_fit, eval_prefix_prediction, eval_sdedit,
                          plot_diagnostics)
@@ -45,18 +45,35 @@ from release import encode_prompt
 from scoring import TaskError, TrainNgrams, ngram_metrics, read_tasks, score_file
 
 
-def plot_training_curves(run_dir, path):
-    logs = sorted(f for f in os.listdir(run_dir) if f.startswith("log_") and f.endswith(".jsonl"))
+def read_log(path):
+    """The rows of a training log that parse (a run killed mid-write leaves a torn last line)."""
+    rows = []
+    for line in open(path, encoding="utf-8", errors="replace"):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), (int, float))]
+
+
+def training_logs(run_dir):
+    """{log name: rows} of the run's training logs, read before any measure runs."""
+    names = sorted(f for f in os.listdir(run_dir) if f.startswith("log_") and f.endswith(".jsonl"))
+    logs = {name: read_log(os.path.join(run_dir, name)) for name in names if os.path.isfile(os.path.join(run_dir, name))}
+    return {name: rows for name, rows in logs.items() if rows}
+
+
+def plot_training_curves(logs, path):
     if not logs:
         return None
     plt = pyplot()
     keys = ["loss", "recon_acc", "fm", "fm_cond", "fm_uncond", "logsnr", "acc"]
     fig, axes = plt.subplots(1, len(logs), figsize=(5 * len(logs), 3.5), squeeze=False)
-    for ax, name in zip(axes[0], logs):
-        rows = [json.loads(line) for line in open(os.path.join(run_dir, name))]
+    for ax, (name, rows) in zip(axes[0], logs.items()):
         for k in keys:
-            if k in rows[0]:
-                ax.plot([r["step"] for r in rows], [r[k] for r in rows], marker="o", label=k)
+            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=k)
         ax.set_title(name[4:-6])
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
@@ -84,7 +101,8 @@ def plot_sweep(sweep, key, metrics, path):
 
 def get_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default=os.path.join(REPO_DIR, "out"), help="run directory holding ckpt.pt")
+    p.add_argument("--out_dir", default=None, help="run directory holding ckpt.pt (default: out; with --init_from, "
+                   "where the results go, default: out_release)")
     p.add_argument("--ckpt", default=None, help="checkpoint path (overrides --out_dir)")
     p.add_argument("--init_from", default=None, metavar="DIR", help="the authors' released snapshot instead of a checkpoint")
     p.add_argument("--score", nargs="+", type=readable_file, default=None, metavar="FILE",
@@ -149,10 +167,11 @@ def setup(args):
     """Everything evaluate() needs, checked before any measure runs: the model, its tokenizer, the judge,
     the data, the task files (each prompt fits the model's context) and a writable results path."""
     device = pick_device(args.device)
-    path = args.init_from or args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
-    run_dir = args.out_dir if args.init_from else os.path.dirname(os.path.abspath(path))
-    out_path = check_writable_file(args.results or os.path.join(run_dir, "eval.json"), "--results")
-    tasks = dict(read_tasks(f) for f in args.tasks)
+    out_dir = args.out_dir or os.path.join(REPO_DIR, "out_release" if args.init_from else "out")
+    path = args.init_from or args.ckpt or os.path.join(out_dir, "ckpt.pt")
+    run_dir = out_dir if args.init_from else os.path.dirname(os.path.abspath(path))
+    out_path = check_results(args.results or os.path.join(run_dir, "eval.json"))
+    tasks, files = read_task_files(args.tasks, check_run_dir(run_dir))
     model, info = load_model(path, device)
     enc = get_tokenizer(info["tokenizer"])
     judge = None
@@ -173,11 +192,59 @@ def setup(args):
             if n + args.task_max_new > context:
                 raise TaskError(f"task {name} item {t['id']}: prompt of {n} tokens + --task_max_new {args.task_max_new} "
                                 f"exceed the model's context of {context} tokens")
+    clash = [files[name] for name in ("lambada_style", "ending_choice") if name in files]
+    if clash and args.builtin_n and data is not None:
+        raise TaskError(f"task file {clash[0]} has the name of a built-in task; rename it or pass --builtin_n 0")
+    check_outputs(run_dir, [*tasks, "lambada_style", "ending_choice"])
     sampler = stored_sampler(info, enc.eot_token, steps=args.steps, guidance=args.guidance, noise_scale=args.noise_scale,
                              repetition_penalty=1.1)
     args.steps, args.guidance = sampler.steps, sampler.guidance
     return dict(sampler=sampler, device=device, path=path, run_dir=run_dir, out_path=out_path, tasks=tasks, model=model, info=info,
-                enc=enc, judge=judge, data=data)
+                enc=enc, judge=judge, data=data, logs=training_logs(run_dir))
+
+
+def check_results(path):
+    """--results names a new file or a previous eval result (recognised by its content), nothing else."""
+    check_writable_file(path, "--results")
+    if not os.path.exists(path):
+        return path
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1)
+            old = json.loads(head + f.read()) if head == b"{" else None
+    except (OSError, ValueError):
+        old = None
+    if not (isinstance(old, dict) and {"kind", "ckpt", "step", "params"} <= old.keys()):
+        fail(f"--results {path} exists and is not an eval result; name a new file")
+    return path
+
+
+def check_run_dir(run_dir):
+    """The run folder and its generations folder take the plots and generations -> the generations folder."""
+    gen_dir = os.path.join(check_writable_dir(run_dir, "run folder"), "generations")
+    return check_writable_dir(gen_dir, "generations folder") if os.path.exists(gen_dir) else gen_dir
+
+
+def check_outputs(run_dir, task_names):
+    """No file eval.py writes into the run folder (plots, generations) is a folder there."""
+    files = ["training_curves.png", "diagnostics.png"] + [f"sweep_{k}.png" for k in ("steps", "guidance", "noise_scale")]
+    for f in files + [os.path.join("generations", f"{name}.jsonl") for name in task_names]:
+        if os.path.isdir(os.path.join(run_dir, f)):
+            fail(f"{os.path.join(run_dir, f)} is a folder, where eval.py writes a file")
+
+
+def read_task_files(paths, gen_dir):
+    """{name: tasks}, {name: file}: one file per name, and never a file its own generations would replace."""
+    tasks, files = {}, {}
+    for f in paths:
+        name, items = read_tasks(f)
+        if name in files:
+            raise TaskError(f"task files {files[name]} and {f} share the name {name}; rename one")
+        out = os.path.join(gen_dir, f"{name}.jsonl")
+        if os.path.exists(out) and os.path.samefile(f, out):
+            raise TaskError(f"task file {f} is where its generations go; move it out of {gen_dir}")
+        tasks[name], files[name] = items, f
+    return tasks, files
 
 
 @torch.no_grad()  # every measure is inference; the CNF divergence turns gradients on locally
@@ -217,7 +284,7 @@ def evaluate(args):
         plot_diagnostics(res, os.path.join(run_dir, "diagnostics.png"))
         print(f"[eval] generation diagnostics: {time.time() - t0:.1f} s", flush=True)
     res.update(generation(args, env, batches, train_ngrams))
-    plot_training_curves(run_dir, os.path.join(run_dir, "training_curves.png"))
+    plot_training_curves(env["logs"], os.path.join(run_dir, "training_curves.png"))
     write_json(env["out_path"], res)
     summary = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
                if isinstance(v, (int, float)) or k == "tasks"}

@@ -259,7 +259,7 @@ def builtin_tasks(text, n=64, seed=0, context_words=40):
     rng = random.Random(seed)
     words = text.split(" ")
     cloze = []
-    for _ in range(n * 20):
+    for _ in range(n * 20 if len(words) > context_words + 1 else 0):  # a text of too few words has no cloze
         if len(cloze) == n:
             break
         i = rng.randrange(context_words, len(words) - 1)
@@ -269,7 +269,7 @@ def builtin_tasks(text, n=64, seed=0, context_words=40):
                       "rule": "first_word"})
     lines = [line for line in text.split("\n") if len(line.split()) >= 4]
     ending = []
-    for _ in range(n):
+    for _ in range(n if len(lines) > 5 and len(set(lines)) > 1 else 0):  # a distractor must differ from the answer
         i = rng.randrange(4, len(lines) - 1)
         distractor = lines[rng.randrange(len(lines))]
         while distractor == lines[i]:
@@ -281,7 +281,7 @@ def builtin_tasks(text, n=64, seed=0, context_words=40):
     for tasks in (cloze, ending):
         for i, t in enumerate(tasks):
             t["id"] = i
-    return {"lambada_style": cloze, "ending_choice": ending}
+    return {name: tasks for name, tasks in (("lambada_style", cloze), ("ending_choice", ending)) if tasks}
 
 
 def item_seed(base, item_id):

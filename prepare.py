@@ -69,6 +69,14 @@ def list_sources(path):
     return [(path, "jsonl" if path.endswith((".jsonl", ".json")) else "text")]
 
 
+def check_sources(sources):
+    """Every input file can be opened (a folder may hold a broken link or a file we may not read)."""
+    for f, _ in sources:
+        if not os.path.isfile(f) or not os.access(f, os.R_OK):
+            raise DataError(f"input {f} is not a readable file (a broken link?)")
+    return sources
+
+
 # Places where the GPT-2 pre-tokenizer always starts a new piece, so the BPE of two texts cut there equals
 # the BPE of the whole: after a lone newline (a non-space before it, a non-space after it); else between a
 # non-space and " " + a letter. (Not after "\n\n": cut there, the two newlines would become one piece.)
@@ -179,9 +187,28 @@ class ShardWriter:
             self.file.close()
             self.file = None
 
+    def discard(self):
+        """Remove this split's unfinished shards (a failed run leaves no .tmp behind)."""
+        self.close()
+        for s in self.shards:
+            if os.path.exists(path := os.path.join(self.out_dir, s["file"] + ".tmp")):
+                os.remove(path)
+
     @property
     def tokens(self):
         return sum(s["tokens"] for s in self.shards)
+
+
+def check_counts(input_path, any_text, n_train, n_val, seq_len):
+    if not any_text:
+        raise DataError(f"input file {input_path} is empty")
+    if n_train + n_val < seq_len:
+        raise DataError(f"input file {input_path} has {n_train + n_val} tokens, fewer than one training sequence ({seq_len})")
+    if n_val < seq_len:
+        raise DataError(f"validation split has {n_val} tokens, fewer than one sequence ({seq_len}); "
+                        "use a larger file or --val_fraction")
+    if n_train < seq_len:
+        raise DataError(f"training split has {n_train} tokens, fewer than one sequence ({seq_len})")
 
 
 def chunk_size(n_tokens, every, min_chunk):
@@ -213,7 +240,10 @@ def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64,
     the chunk size estimated from the first block, 'tail' by input bytes."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"--val_fraction must be in (0, 1), got {val_fraction}")
-    sources = list_sources(input_path)
+    if split == "chunks" and abs(val_fraction * round(1 / val_fraction) - 1) > 0.01:
+        raise DataError(f"--split chunks holds out one chunk in k: --val_fraction must be 1/k (0.5, 0.25, 0.1, ...), "
+                        f"got {val_fraction}; or use --split tail")
+    sources = check_sources(list_sources(input_path))
     total_bytes = sum(os.path.getsize(f) for f, _ in sources)
     enc = get_tokenizer(tokenizer)
     dtype = np.uint16 if enc.n_vocab <= 65536 else np.uint32
@@ -245,21 +275,17 @@ def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64,
             train_ids, val_ids = split_tokens(np.array(held, dtype=dtype), val_fraction, split, chunk or 2048, seq_len)
             writers["train"].write(train_ids)
             writers["val"].write(val_ids)
+        check_counts(input_path, any_text, writers["train"].tokens, writers["val"].tokens, seq_len)
+    except BaseException:
+        for w in writers.values():
+            w.discard()
+        raise
     finally:
         for w in writers.values():
             w.close()
         if pool:
             pool.close()
     n_train, n_val = writers["train"].tokens, writers["val"].tokens
-    if not any_text:
-        raise DataError(f"input file {input_path} is empty")
-    if n_train + n_val < seq_len:
-        raise DataError(f"input file {input_path} has {n_train + n_val} tokens, fewer than one training sequence ({seq_len})")
-    if n_val < seq_len:
-        raise DataError(f"validation split has {n_val} tokens, fewer than one sequence ({seq_len}); "
-                        "use a larger file or --val_fraction")
-    if n_train < seq_len:
-        raise DataError(f"training split has {n_train} tokens, fewer than one sequence ({seq_len})")
     for w in writers.values():
         for shard in w.shards:
             os.replace(os.path.join(out_dir, shard["file"] + ".tmp"), os.path.join(out_dir, shard["file"]))
@@ -367,12 +393,18 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="tokenizing processes")
     p.add_argument("--block_bytes", type=int, default=8 << 20, help="input read (and held) at a time, in bytes")
     p.add_argument("--shard_tokens", type=int, default=1 << 28, help="tokens per shard file")
+    p.add_argument("--overwrite", action="store_true", help="replace the shards and meta.json --out_dir already holds")
     a = p.parse_args(argv)
     if min(a.workers, a.block_bytes, a.min_seq_len) < 1:
         p.error("--workers, --block_bytes and --min_seq_len must be >= 1")
+    if a.workers > 4 * (os.cpu_count() or 1):
+        p.error(f"--workers {a.workers} is more than 4 per CPU core of this machine ({os.cpu_count()} cores)")
     if a.shard_tokens < max(a.min_seq_len, 1024):
         p.error(f"--shard_tokens must be >= {max(a.min_seq_len, 1024)} (a training window never crosses a shard)")
     check_writable_dir(a.out_dir, "--out_dir")
+    held = [f for f in os.listdir(a.out_dir) if f == "meta.json" or re.fullmatch(r"(train|val)_\d{5}\.bin", f)]
+    if held and not a.overwrite:
+        p.error(f"--out_dir {a.out_dir} already holds prepared data ({held[0]}); add --overwrite to replace it")
     try:
         meta = prepare(a.input, a.out_dir, a.tokenizer, a.val_fraction, a.min_seq_len, a.split, a.workers,
                        a.block_bytes, a.shard_tokens)

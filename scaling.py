@@ -26,14 +26,15 @@ e.g. the main command's out/ copied to out_scaling/cola_1 (the same run as level
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from cli import Parser, positive_int, pyplot, train_dry_run
-from prepare import REPO_DIR
+from cli import Parser, check_writable_dir, fail, float_list, positive_int, pyplot, train_dry_run
+from prepare import REPO_DIR, DataError, load_meta
 
 MODELS = ("cola", "ar", "llada")
 COLUMNS = [  # (header, eval.json key, format)
@@ -66,19 +67,34 @@ def get_args(argv=None):
                    help="train and evaluate nothing: tabulate the runs that have an eval.json, list the others")
     a = p.parse_args(argv)
     try:
-        a.levels = sorted(float(x) for x in a.levels.split(","))
-    except ValueError:
-        p.error(f"--levels must be a comma list of numbers, got {a.levels!r}")
-    if not a.levels or min(a.levels) <= 0:
-        p.error("--levels must be positive")
-    if a.jobs < 1:
-        p.error("--jobs must be >= 1")
+        a.levels = sorted(float_list(a.levels))
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--levels: {e}")
+    if a.levels[-1] > 1e6:
+        p.error(f"--levels: {a.levels[-1]:g} is more than a million times the default run")
     for f in a.tasks + ([a.ablations] if a.ablations else []):
-        if not os.path.exists(f):
+        if not os.path.isfile(f):
             p.error(f"file {f} not found")
+    if not a.table_only:
+        check_judge(a.judge)
     if a.ablations and a.out_root == os.path.join(REPO_DIR, "out_scaling"):
         a.out_root = os.path.join(REPO_DIR, "out_ablations")
     return a
+
+
+def check_judge(judge):
+    """The judge is a checkpoint file, or it is trained as ckpt.pt of a folder that holds no other run."""
+    if os.path.isfile(judge):
+        return
+    if os.path.exists(judge) or os.path.basename(judge) != "ckpt.pt":
+        fail(f"--judge {judge} is not a checkpoint file (a judge scaling.py trains is named NEW_FOLDER/ckpt.pt)")
+    out = os.path.dirname(os.path.abspath(judge))
+    others = sorted(set(os.listdir(out)) - {"train.log"}) if os.path.isdir(out) else []
+    if others:
+        fail(f"--judge {judge} does not exist, and its folder holds {', '.join(others[:3])}: "
+             "train the judge into a new folder")
+    if os.path.isdir(out):
+        check_writable_dir(out, "--judge's folder")
 
 
 def plan(a):
@@ -111,18 +127,39 @@ def plan_ablations(a):
     run's argv is base's flags, then its own (argparse: the last one wins), so that a line is one change
     against base whatever train.py's defaults are."""
     runs, a.stage1_from = [], {}
-    for n, line in enumerate(open(a.ablations), 1):
-        words = line.split("#")[0].split()
+    for words in ablation_lines(a.ablations):
         if words:  # from=RUN: stage 2 starts from that run's stage 1 instead of base's (e.g. another seed's)
             a.stage1_from.update({words[0]: w[5:] for w in words[1:] if w.startswith("from=")})
             flags = [w for w in words[1:] if not w.startswith("from=")]
             runs.append((words[0], "ablation", os.path.join(a.out_root, words[0]), flags, None))
     if not runs or runs[0][0] != "base":
         raise RuntimeError(f"{a.ablations}: the first run must be named base (the shared stage 1)")
+    names = [r[0] for r in runs]
+    if len(set(names)) < len(names):
+        raise RuntimeError(f"{a.ablations}: two runs share the name {next(n for n in names if names.count(n) > 1)}")
     base = runs[0][3]
     if "--stage" in base:
         raise RuntimeError(f"{a.ablations}: base trains both stages; its line must not set --stage")
     return runs[:1] + [(m, lv, d, base + flags, f) for m, lv, d, flags, f in runs[1:]]
+
+
+def check_stage1(a, runs):
+    """Each stage 1 a from= names is a run of the file or a finished stage 1 under --out_root."""
+    for src in set(a.stage1_from.values()) - {r[0] for r in runs}:
+        if not os.path.isfile(os.path.join(a.out_root, src, "vae.pt")):
+            raise RuntimeError(f"{a.ablations}: from={src} names no run of the file and no {a.out_root}/{src}/vae.pt")
+
+
+def ablation_lines(path):
+    """The words of each line of an ablations file (comments dropped); a run's name is a plain folder name."""
+    try:
+        lines = [line.split("#")[0].split() for line in open(path, encoding="utf-8")]
+    except (OSError, UnicodeDecodeError) as e:
+        raise RuntimeError(f"{path} cannot be read as UTF-8 text ({e.__class__.__name__})") from None
+    for words in lines:
+        if words and not re.fullmatch(r"[\w-][\w.-]*", words[0]):
+            raise RuntimeError(f"{path}: run name {words[0]!r} must be a plain folder name")
+    return [w for w in lines if w]
 
 
 def ablation_table(rows):
@@ -160,6 +197,18 @@ def samples_section(rows):
 def judges_line(rows):
     """The judge checkpoint(s) the rows' eval.json name: every comparison names its judge."""
     return "\n\njudge: " + ", ".join(sorted({str(r.get("judge")) for r in rows}))
+
+
+def load_result(run_dir):
+    """A run's eval.json, or one line saying that it is not an eval result."""
+    path = os.path.join(run_dir, "eval.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            res = json.load(f)
+        assert isinstance(res, dict) and "kind" in res
+    except (OSError, ValueError, AssertionError) as e:
+        fail(f"{path} is not an eval result ({type(e).__name__}); delete it to evaluate the run again")
+    return res
 
 
 def run(cmd, log_path):
@@ -256,7 +305,7 @@ def train_and_evaluate(a, runs):
         print(f"[scaling] training the judge {judge} ({a.judge_iters} AR steps)", flush=True)
         out = os.path.dirname(os.path.abspath(judge))
         os.makedirs(out, exist_ok=True)
-        run([sys.executable, "train.py", *a.train_args.split(), "--model", "ar", "--out_dir", out, "--overwrite",
+        run([sys.executable, "train.py", *a.train_args.split(), "--model", "ar", "--out_dir", out,
              "--main_iters", str(a.judge_iters), "--eval_interval", str(a.judge_iters), "--device", a.device,
              *a.judge_args.split()],
             os.path.join(out, "train.log"))
@@ -268,7 +317,9 @@ def main(argv=None):
     a = get_args(argv)
     try:
         runs = plan_ablations(a) if a.ablations else plan(a)
-    except RuntimeError as e:
+        if a.ablations and not a.table_only:
+            check_stage1(a, runs)
+    except (RuntimeError, DataError) as e:
         sys.exit(f"error: {e}")
     if a.table_only:
         done = [r for r in runs if os.path.exists(os.path.join(r[2], "eval.json"))]
@@ -278,7 +329,8 @@ def main(argv=None):
             print(f"[scaling] not yet trained and evaluated: {', '.join(missing)}", flush=True)
         if not runs:
             sys.exit("error: no run has an eval.json yet")
-    os.makedirs(a.out_root, exist_ok=True)
+    check_writable_dir(a.out_root, "--out_root")
+    results = {r[2]: load_result(r[2]) for r in runs if os.path.exists(os.path.join(r[2], "eval.json"))}  # checked first
     for m, level, run_dir, flags, flops in runs:
         print(f"[scaling] {m} ({level}): {' '.join(flags)}" + (f" (planned {flops:.3e} training FLOPs)" if flops else ""),
               flush=True)
@@ -289,7 +341,7 @@ def main(argv=None):
             sys.exit(f"error: {e}")
     if a.ablations:
         n_base = len(runs[0][3]) if runs[0][0] == "base" else 0
-        rows = [{**json.load(open(os.path.join(r[2], "eval.json"))), "name": r[0],
+        rows = [{**load_result(r[2]), "name": r[0],
                  "flags": r[3] if r[0] == "base" else r[3][n_base:]} for r in runs]  # each line's own change
         md = ablation_table(rows) + judges_line(rows)
         with open(os.path.join(a.out_root, "table.md"), "w") as f:
@@ -298,7 +350,7 @@ def main(argv=None):
         return
     rows = []
     for m, level, run_dir, _, _ in runs:
-        res = json.load(open(os.path.join(run_dir, "eval.json")))
+        res = results.get(run_dir) or load_result(run_dir)
         user = [v for k, v in res.get("tasks", {}).items() if k not in ("lambada_style", "ending_choice")]
         acc = res.get("prefix_prediction", {}).get("known_15") if m == "cola" else res.get("val_acc")
         rows.append({**res, "level": level, **res.get("tasks", {}), "next_token_acc": acc,

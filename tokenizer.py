@@ -126,7 +126,9 @@ def tokenizer_from_json(path):
             spec = json.load(f)
         model, specials = spec["model"], {t["content"]: int(t["id"]) for t in spec.get("added_tokens", [])}
         vocab, merges = model["vocab"], model.get("merges", [])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        if not isinstance(vocab, dict) or not isinstance(merges, list):
+            raise TypeError("model.vocab must be an object, model.merges a list")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{path} is not a readable tokenizer.json ({type(e).__name__}: {e})") from None
     if model.get("type") != "BPE":
         raise DataError(f"{path}: model type {model.get('type')!r} is not a byte-level BPE")
@@ -137,12 +139,15 @@ def tokenizer_from_json(path):
     special_ids = set(specials.values())
     try:
         ranks = {bytes(to_byte[c] for c in tok): int(i) for tok, i in vocab.items() if int(i) not in special_ids}
-    except KeyError as e:
-        raise DataError(f"{path}: vocabulary entry with {e} is not in the byte-level alphabet") from None
+    except (KeyError, ValueError, TypeError) as e:
+        raise DataError(f"{path}: vocabulary entry with {e} is not a byte-level token with an integer id") from None
     if len(set(ranks.values())) != len(ranks) or any(bytes([b]) not in ranks for b in range(256)):
         raise DataError(f"{path}: the vocabulary must hold every single byte once")
-    merged = [vocab.get("".join(m.split(" ") if isinstance(m, str) else m)) for m in merges]
-    if None in merged or any(a >= b for a, b in zip(merged, merged[1:])):
+    try:
+        merged = [int(vocab["".join(m.split(" ") if isinstance(m, str) else m)]) for m in merges]
+    except (KeyError, ValueError, TypeError):
+        merged = [1, 0]  # a merge that is no pair of vocabulary strings: refused below
+    if any(a >= b for a, b in zip(merged, merged[1:])):
         raise DataError(f"{path}: the merges are not in the order of their tokens' ids, so tiktoken cannot "
                         "reproduce this BPE")
     try:

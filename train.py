@@ -36,7 +36,7 @@ from diffusion import ColaDLM, LossConfig
 from dit import DiTConfig
 from flops import dry_run, joint_train_flops, lm_train_flops, vae_train_flops
 from layers import n_params
-from prepare import DEFAULT_DATA_DIR, REPO_DIR, DataError, TokenData, batch_seed
+from prepare import DEFAULT_DATA_DIR, REPO_DIR, DataError, TokenData, batch_seed, load_meta
 from vae import TextVAE, VAEConfig
 
 # ----------------------------------------------------------------------------------------------------
@@ -466,9 +466,11 @@ def run_stages(args, env):
 def main(argv=None):
     args = get_args(argv)
     if args.dry_run:  # the data's vocabulary if it is prepared, else GPT-2's
-        meta = os.path.join(args.data_dir, "meta.json")
         check_args(args)
-        vocab = json.load(open(meta))["vocab_size"] if os.path.exists(meta) else 50257
+        try:
+            vocab = load_meta(args.data_dir)["vocab_size"] if os.path.exists(os.path.join(args.data_dir, "meta.json")) else 50257
+        except DataError as e:
+            sys.exit(f"error: {e}")
         vcfg = vae_config(args, vocab)
         lm = lm_config(args, vocab)[0] if args.model != "cola" else None
         print(json.dumps(dry_run(args, vcfg, dit_config(args, vcfg), lm, vae_frozen(args))))

@@ -215,7 +215,7 @@ def test_ablation_table_only_tabulates_finished_runs(tmp_path, capsys):
               "distinct_2": 0.7, "judge_ppl": 1234.0, "judge_ppl_se": 5.0}
     for name in ("base", "fast"):
         os.makedirs(tmp_path / "runs" / name)
-        json.dump({"train_flops": 1e13, "fm_cond": 1.0, "fm_uncond": 1.1, "judge": "J.pt",
+        json.dump({"kind": "cola", "train_flops": 1e13, "fm_cond": 1.0, "fm_uncond": 1.1, "judge": "J.pt",
                    "sdedit": {"after_dit_1.0": 0.05}, "sweep_noise_scale": [{"noise_scale": 0.5, **sample}]},
                   open(tmp_path / "runs" / name / "eval.json", "w"))
     scaling.main(["--ablations", abl, "--table_only", "--out_root", str(tmp_path / "runs")])
