@@ -10,9 +10,11 @@ claimed before any work (claim_out_dir: one run at a time, no checkpoint replace
 own flags restored), and load_model reads any checkpoint of this repo, or a released snapshot, for the
 scripts that sample and measure.
 """
+import argparse
 import contextlib
 import json
 import os
+import sys
 
 import torch
 
@@ -91,14 +93,30 @@ def set_rng_state(s):
 # ----------------------------------------------------------------------------------------------------
 # models from checkpoints
 
+def model_from(ckpt):
+    """The model a checkpoint dict holds (a stage-1 VAE, Cola DLM or a baseline), built from its configs, with its
+    weights; configs or weights that do not fit this code are a one-line CheckpointError."""
+    from baselines import LMConfig, TransformerLM
+    from diffusion import ColaDLM
+    from dit import DiTConfig
+    from vae import TextVAE, VAEConfig
+    if ckpt["kind"] in ("ar", "llada"):
+        model = TransformerLM(build(LMConfig, ckpt["lm_config"], ckpt))
+    elif ckpt["kind"] == "vae":
+        model = TextVAE(build(VAEConfig, ckpt["vae_config"], ckpt))
+    else:
+        vae_cfg, dit_cfg = build(VAEConfig, ckpt["vae_config"], ckpt), build(DiTConfig, ckpt["dit_config"], ckpt)
+        if vae_cfg.latent_dim != dit_cfg.latent_dim or dit_cfg.block_size % vae_cfg.block_size:
+            raise CheckpointError(f"{ckpt.get('path')}: its VAE and DiT configs do not fit together")
+        model = ColaDLM(vae_cfg, dit_cfg)
+    load_weights(model, ckpt["model"], ckpt)
+    return model
+
+
 def load_model(path, device="cpu", kinds=("cola", "ar", "llada"), dtype=torch.float32):
     """A model from this repo's checkpoint file, or from the authors' released snapshot directory
     (release.load_snapshot) -> (model in eval mode on device, the checkpoint dict: what the scripts read).
     dtype: the weights' dtype (a snapshot's; this repo's checkpoints load as they were trained, in fp32)."""
-    from baselines import LMConfig, TransformerLM
-    from diffusion import ColaDLM
-    from dit import DiTConfig
-    from vae import VAEConfig
     if os.path.isdir(path):
         if "cola" not in kinds:
             raise CheckpointError(f"{path} is a released Cola DLM snapshot, expected {' or '.join(kinds)}")
@@ -106,15 +124,7 @@ def load_model(path, device="cpu", kinds=("cola", "ar", "llada"), dtype=torch.fl
         model, info = release.load_snapshot(path, dtype)
         return model.to(device), info
     ckpt = load_checkpoint(path, kinds)
-    if ckpt["kind"] != "cola":
-        model = TransformerLM(build(LMConfig, ckpt["lm_config"], ckpt))
-    else:
-        vae_cfg, dit_cfg = build(VAEConfig, ckpt["vae_config"], ckpt), build(DiTConfig, ckpt["dit_config"], ckpt)
-        if vae_cfg.latent_dim != dit_cfg.latent_dim or dit_cfg.block_size % vae_cfg.block_size:
-            raise CheckpointError(f"{path}: its VAE and DiT configs do not fit together")
-        model = ColaDLM(vae_cfg, dit_cfg)
-    load_weights(model, ckpt["model"], ckpt)
-    return model.to(device).eval(), ckpt
+    return model_from(ckpt).to(device).eval(), ckpt
 
 
 def stored_sampler(info, eot_id, **flags):
@@ -185,16 +195,28 @@ def check_out_dir(args):
 
 
 @contextlib.contextmanager
-def claim_out_dir(args):
-    """The one call train.py makes: check the folder is writable, hold its lock for the run, check what it
-    holds (check_out_dir) and, on --resume, restore the run's flags into args."""
-    check_writable_dir(args.out_dir, "--out_dir")
-    with folder_lock(args.out_dir):
-        try:
-            check_out_dir(args)
-        except CheckpointError as e:
-            fail(str(e))
-        yield
+def claim_out_dir(args, world=1, master=True, check_args=lambda args: None):
+    """The one call train.py makes before any work. The master checks the folder is writable, holds its lock for
+    the run, checks what it holds (check_out_dir), restores a resumed run's flags and runs check_args; every rank
+    gets the verdict (one line) or the flags to train with."""
+    verdict = [None, vars(args)]
+    with contextlib.ExitStack() as held:
+        if master:
+            try:
+                check_writable_dir(args.out_dir, "--out_dir")
+                held.enter_context(folder_lock(args.out_dir))
+                check_out_dir(args)
+                check_args(args)
+            except SystemExit as e:
+                verdict[0] = str(e.code)
+            except CheckpointError as e:
+                verdict[0] = f"error: {e}"
+        if world > 1:
+            import torch.distributed as dist
+            dist.broadcast_object_list(verdict, src=0)
+        if verdict[0]:
+            sys.exit(verdict[0])
+        yield argparse.Namespace(**verdict[1])
 
 
 def checkpoint_for(path, kind, data):

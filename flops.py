@@ -58,21 +58,27 @@ def lm_train_flops(lm, seq_len):
     return 6 * matmul_params(lm) + 3 * attention_flops(lm.cfg.n_layers, lm.cfg.width, seq_len)
 
 
-def dry_run(args, vae_cfg, dit_cfg, lm_cfg, vae_frozen=False):
-    """train.py --dry_run: configs, parameters and training FLOPs per optimizer step, built on the meta device."""
+def dry_run(args, vae_config, dit_config, lm_config):
+    """train.py --dry_run: configs, parameters and training FLOPs per optimizer step of its flags (train.py's config
+    builders), on the meta device, at the vocabulary of --data_dir (GPT-2's where it holds no data)."""
+    import os
     from dataclasses import asdict
-    from baselines import TransformerLM
     from diffusion import ColaDLM
+    from prepare import load_meta
+    vocab = load_meta(args.data_dir)["vocab_size"] if os.path.exists(os.path.join(args.data_dir, "meta.json")) else 50257
     n_params = lambda m: sum(p.numel() for p in m.parameters())
     tokens, L = args.batch_size * args.seq_len * args.grad_accum, args.seq_len
     with torch.device("meta"):
         if args.model != "cola":
-            lm = TransformerLM(lm_cfg)
-            return dict(model=args.model, lm_config=asdict(lm_cfg), params=n_params(lm),
+            from baselines import TransformerLM
+            lm = TransformerLM(lm_config(args, vocab)[0])
+            return dict(model=args.model, lm_config=asdict(lm.cfg), params=n_params(lm),
                         flops_per_step=lm_train_flops(lm, L) * tokens)
-        cola = ColaDLM(vae_cfg, dit_cfg)
-    joint = joint_train_flops(cola, L, 1 / args.fm_batch_mult, args.lam_mask, vae_frozen)
+        vae_cfg = vae_config(args, vocab)
+        cola = ColaDLM(vae_cfg, dit_config(args, vae_cfg))
+    frozen = args.vae_lr_ratio == 0 and args.lam_vae == 0 and args.lam_ref == 0
+    joint = joint_train_flops(cola, L, 1 / args.fm_batch_mult, args.lam_mask, frozen)
     return dict(model="cola", vae_iters=args.vae_iters, main_iters=args.main_iters, vae_config=asdict(vae_cfg),
-                dit_config=asdict(dit_cfg), params=n_params(cola.vae) + n_params(cola.dit),
+                dit_config=asdict(cola.dit.cfg), params=n_params(cola.vae) + n_params(cola.dit),
                 vae_flops_per_step=vae_train_flops(cola.vae, L, args.lam_mask) * tokens,
                 joint_flops_per_step=joint * tokens * args.fm_batch_mult)

@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from baselines import LMConfig, TransformerLM, matched_lm_config
-from checkpoint import (CheckpointError, build, checkpoint_for, claim_out_dir, load_weights, resumable, rng_state,
+from baselines import TransformerLM, matched_lm_config
+from checkpoint import (CheckpointError, build, checkpoint_for, claim_out_dir, model_from, resumable, rng_state,
                         save_checkpoint, set_rng_state, trim_log)
 from cli import (Parser, autocast, float_in, int_at_least, keep_freed_memory, nonneg_float, positive_float, positive_int,
                  setup_distributed, unit_float)
@@ -36,7 +36,7 @@ from diffusion import ColaDLM, LossConfig
 from dit import DiTConfig
 from flops import dry_run, joint_train_flops, lm_train_flops, vae_train_flops
 from layers import n_params
-from prepare import DEFAULT_DATA_DIR, REPO_DIR, DataError, TokenData, batch_seed, load_meta
+from prepare import DEFAULT_DATA_DIR, REPO_DIR, DataError, TokenData, batch_seed
 from vae import TextVAE, VAEConfig
 
 # ----------------------------------------------------------------------------------------------------
@@ -215,11 +215,9 @@ def vocab_lr_groups(module, scale, vocab_mult):
 def stage_vae(args, env, data):
     path = os.path.join(args.out_dir, "vae.pt")
     ckpt = resumable(path, "vae", args, data)
-    cfg = build(VAEConfig, ckpt["vae_config"], ckpt) if ckpt else vae_config(args, data.meta["vocab_size"])
     torch.manual_seed(args.seed)  # the same init on every rank
-    model = TextVAE(cfg)
-    if ckpt:
-        load_weights(model, ckpt["model"], ckpt)
+    model = model_from(ckpt) if ckpt else TextVAE(vae_config(args, data.meta["vocab_size"]))
+    cfg = model.cfg
     if env["master"]:
         print(f"[vae] {n_params(model) / 1e6:.2f}M parameters, config {asdict(cfg)}", flush=True)
     loss_args = (args.beta, args.mask_prob, args.lam_mask)
@@ -241,14 +239,14 @@ def stage_joint(args, env, data):
     path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = resumable(path, "cola", args, data)
     vae_ckpt = ckpt or checkpoint_for(os.path.join(args.out_dir, "vae.pt"), "vae", data)
-    vae_cfg = build(VAEConfig, vae_ckpt["vae_config"], vae_ckpt)
     torch.manual_seed(args.seed)  # the same DiT init on every rank
-    model = ColaDLM(vae_cfg, build(DiTConfig, ckpt["dit_config"], ckpt) if ckpt else dit_config(args, vae_cfg))
     if ckpt:
-        load_weights(model, ckpt["model"], ckpt)
-    else:
-        model.to(env["device"]).init_from_stage1(vae_ckpt["model"], [data.batch(
-            "train", args.batch_size, batch_seed(args.seed + 2, i, 0), env["device"]) for i in range(args.stats_batches)])
+        model = model_from(ckpt)
+    else:  # the stage-1 VAE, the normalisation of its latents over --stats_batches batches, a fresh DiT
+        vae_cfg = build(VAEConfig, vae_ckpt["vae_config"], vae_ckpt)
+        model = ColaDLM(vae_cfg, dit_config(args, vae_cfg)).to(env["device"])
+        model.init_from_stage1(vae_ckpt["model"], [data.batch("train", args.batch_size, batch_seed(args.seed + 2, i, 0),
+                                                              env["device"]) for i in range(args.stats_batches)])
     stage1_flops = vae_ckpt["stage1_flops"] if ckpt else vae_ckpt["train_flops"]
     if env["master"]:
         print(f"[joint] VAE {n_params(model.vae) / 1e6:.2f}M + DiT {n_params(model.dit) / 1e6:.2f}M parameters; DiT "
@@ -285,12 +283,11 @@ def stage_joint(args, env, data):
 def stage_lm(args, env, data):
     path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = resumable(path, args.model, args, data)
-    cfg, target = (build(LMConfig, ckpt["lm_config"], ckpt), None) if ckpt else lm_config(args, data.meta["vocab_size"])
+    cfg, target = (None, None) if ckpt else lm_config(args, data.meta["vocab_size"])
     torch.manual_seed(args.seed)
-    model = TransformerLM(cfg)
-    if ckpt:
-        load_weights(model, ckpt["model"], ckpt)
-    elif env["master"]:
+    model = model_from(ckpt) if ckpt else TransformerLM(cfg)
+    cfg = model.cfg
+    if not ckpt and env["master"]:
         print(f"[{args.model}] {n_params(model) / 1e6:.2f}M parameters ({cfg.n_layers} layers x {cfg.width}) "
               f"matched to Cola's {target / 1e6:.2f}M (VAE + DiT)", flush=True)
     validate = lambda x: {k: v for k, v in model(x).items() if k in ("loss", "acc")}
@@ -465,42 +462,26 @@ def run_stages(args, env):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.dry_run:  # the data's vocabulary if it is prepared, else GPT-2's
-        check_args(args)
-        try:
-            vocab = load_meta(args.data_dir)["vocab_size"] if os.path.exists(os.path.join(args.data_dir, "meta.json")) else 50257
-        except DataError as e:
-            sys.exit(f"error: {e}")
-        vcfg = vae_config(args, vocab)
-        lm = lm_config(args, vocab)[0] if args.model != "cola" else None
-        print(json.dumps(dry_run(args, vcfg, dit_config(args, vcfg), lm, vae_frozen(args))))
-        return
-    rank, world, device = setup_distributed(args.device)
-    env = dict(rank=rank, world=world, device=device, master=rank == 0)
-    keep_freed_memory()
-    with contextlib.ExitStack() as held:
-        try:
-            verdict = [None, vars(args)]  # the master holds the folder and restores a resumed run's flags
-            if env["master"]:
-                try:
-                    held.enter_context(claim_out_dir(args))
-                    check_args(args)
-                except SystemExit as e:
-                    verdict[0] = str(e.code)
-            if world > 1:
-                dist.broadcast_object_list(verdict, src=0)
-            if verdict[0]:
-                sys.exit(verdict[0])
-            run_stages(argparse.Namespace(**verdict[1]), env)
-        except (DataError, CheckpointError, TrainingError) as e:
-            sys.exit(f"error: {e}")
-        except KeyboardInterrupt:
-            sys.exit("error: interrupted; the last checkpoint is kept (continue with --resume)")
-        finally:
-            gc.collect()  # free DDP wrappers first: a reducer torn down after its process group can abort gloo
-            if dist.is_initialized():
-                dist.barrier()
-                dist.destroy_process_group()
+    try:
+        if args.dry_run:
+            check_args(args)
+            return print(json.dumps(dry_run(args, vae_config, dit_config, lm_config)))
+        rank, world, device = setup_distributed(args.device)
+        env = dict(rank=rank, world=world, device=device, master=rank == 0)
+        keep_freed_memory()
+        # the master holds the folder, checks it, restores a resumed run's flags, and tells every rank
+        with claim_out_dir(args, world, env["master"], check_args) as args:
+            run_stages(args, env)
+    except (DataError, CheckpointError, TrainingError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("error: interrupted; the last checkpoint is kept (continue with --resume)")
+    finally:
+        gc.collect()  # free DDP wrappers first: a reducer torn down after its process group can abort gloo
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 if __name__ == "__main__":
     main()
