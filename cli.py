@@ -97,6 +97,20 @@ def readable_file(text):
     return text
 
 
+def read_prompt(prompt):
+    """--prompt: the text itself, or FILE:path to read it from a UTF-8 file."""
+    if prompt.startswith("FILE:"):
+        path = prompt[5:]
+        if not os.path.isfile(path):
+            fail(f"prompt file {path} not found")
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except UnicodeDecodeError as e:
+            fail(f"prompt file {path} is not UTF-8 text (bad byte at offset {e.start})")
+    return prompt
+
+
 def check_writable_dir(path, flag):
     """Make `path` (a folder) if needed and check that files can be written there; one-line error if not."""
     if os.path.exists(path) and not os.path.isdir(path):

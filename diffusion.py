@@ -181,14 +181,6 @@ class ColaDLM(nn.Module):
         seq, t, pos, mask = two_l_layout(z0n, zt, t_tok, self.block_size)
         return self.dit(seq, t, pos, mask)[:, L - self.block_size:]  # (B, L, d)
 
-    def velocity_uncond(self, zt, t_tok):
-        """Each noisy block alone at positions 0..bs-1 (the unconditional pass of CFG)."""
-        B, L, d = zt.shape
-        bs = self.block_size
-        pos = torch.arange(bs, device=zt.device)
-        mask = torch.ones(bs, bs, dtype=torch.bool, device=zt.device)
-        return self.dit(zt.reshape(-1, bs, d), t_tok.reshape(-1, bs), pos, mask).reshape(B, L, d)
-
     def encode_for_prior(self, tokens, cfg: LossConfig):
         """The VAE terms of the loss and the posterior (mu, logvar, z), each (B, L, d). The decoder terms run on
         the first cfg.decode_rows sequences only when that is set (its vocabulary head is the costly part at
@@ -228,20 +220,6 @@ class ColaDLM(nn.Module):
         out["loss"] = (cfg.lam_vae * (out["ce"] + cfg.beta * out["neg_entropy"] + cfg.lam_mask * out["mask_ce"])
                        + cfg.lam_fm * out["fm"] + cfg.lam_ref * out["ref_kl"])
         return out
-
-    @torch.no_grad()
-    def fm_eval(self, tokens, generator=None):
-        """The prior with and without its clean history: FM loss per block (B, n_blocks), cond and uncond, on
-        the same noise and t ~ U(0, 1) (t (B,) returned too), with the posterior mean as z0. Block 0 has no
-        history, so its two losses are equal: compare blocks 1.."""
-        z0n = self.normalize(self.vae.encode(tokens)[0].float())  # (B, L, d)
-        B, L, _ = z0n.shape
-        eps = torch.randn(z0n.shape, device=z0n.device, generator=generator)
-        t = torch.rand(B, device=z0n.device, generator=generator)  # (B,)
-        t_tok = t.unsqueeze(1).expand(B, L)
-        zt, target = flow_path(z0n, eps, t_tok), velocity_target(z0n, eps)
-        per_block = lambda v: (v.float() - target).pow(2).reshape(B, L // self.block_size, -1).mean(-1)
-        return t, per_block(self.velocity_2l(z0n, zt, t_tok)), per_block(self.velocity_uncond(zt, t_tok))
 
     # ------------------------------------------------------------------------------------------------
     # the cached passes of block-wise generation (docs/method.md §6; decoder.generate is the loop)

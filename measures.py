@@ -61,6 +61,31 @@ def training_t_density(n_bins, loc, scale, uniform):
     return [cdf((i + 1) / n_bins) - cdf(i / n_bins) for i in range(n_bins)]
 
 
+def velocity_uncond(model, zt, t_tok):
+    """The unconditional pass on the training layout: each noisy block alone at positions 0..bs-1 (what
+    ColaDLM.guided_velocity's unconditional rows compute from the cache). zt (B, L, d), t_tok (B, L)."""
+    B, L, d = zt.shape
+    bs = model.block_size
+    pos = torch.arange(bs, device=zt.device)
+    mask = torch.ones(bs, bs, dtype=torch.bool, device=zt.device)
+    return model.dit(zt.reshape(-1, bs, d), t_tok.reshape(-1, bs), pos, mask).reshape(B, L, d)
+
+
+@torch.no_grad()
+def fm_with_and_without_history(model, tokens, generator=None):
+    """The prior with and without its clean history: FM loss per block (B, n_blocks), cond and uncond, on the same
+    noise and t ~ U(0, 1) (t (B,) returned too), with the posterior mean as z0. Block 0 has no history, so its
+    two losses are equal: compare blocks 1.."""
+    z0n = model.normalize(model.vae.encode(tokens)[0].float())  # (B, L, d)
+    B, L, _ = z0n.shape
+    eps = torch.randn(z0n.shape, device=z0n.device, generator=generator)
+    t = torch.rand(B, device=z0n.device, generator=generator)  # (B,)
+    t_tok = t.unsqueeze(1).expand(B, L)
+    zt, target = flow_path(z0n, eps, t_tok), eps - z0n
+    per_block = lambda v: (v.float() - target).pow(2).reshape(B, L // model.block_size, -1).mean(-1)
+    return t, per_block(model.velocity_2l(z0n, zt, t_tok)), per_block(velocity_uncond(model, zt, t_tok))
+
+
 def t_bin_sums(t, err, n_bins=10):
     """Sum of err and counts per t-bin ([0, 0.1), ..., [0.9, 1.0]); t, err (N,). -> (2, n_bins)."""
     b = (t.clamp(0, 1 - 1e-6) * n_bins).long()
@@ -88,7 +113,7 @@ def eval_history_gap(model, data, n_batches, batch_size, seed, generator, targs)
     cs, us, ts = [], [], []
     for i in range(n_batches):
         x = data.batch("val", batch_size, batch_seed(seed + 98, i, 0), model.latent_shift.device)
-        t, c, u = model.fm_eval(x, generator)  # blocks 1.. have a history
+        t, c, u = fm_with_and_without_history(model, x, generator)  # blocks 1.. have a history
         cs.append(c[:, 1:].mean(1) if c.shape[1] > 1 else c.mean(1))
         us.append(u[:, 1:].mean(1) if u.shape[1] > 1 else u.mean(1))
         ts.append(t)

@@ -23,12 +23,12 @@ import torch
 
 from baselines import ar_generate, llada_generate
 from checkpoint import CheckpointError, load_model, stored_sampler
-from cli import Parser, autocast, float_in, int_at_least, nonneg_float, nonneg_int, pick_device, positive_float, \
-    positive_int
+from cli import (Parser, autocast, float_in, int_at_least, nonneg_float, nonneg_int, pick_device, positive_float,
+                 positive_int, read_prompt)
 from decoder import GenerationError, generate
-from prepare import REPO_DIR, DataError, TokenData
+from prepare import REPO_DIR, DataError
 from release import encode_prompt, release_generate
-from scoring import TrainNgrams, ngram_metrics
+from scoring import seen_ngrams_line
 from tokenizer import get_tokenizer
 
 
@@ -57,19 +57,6 @@ def get_args(argv=None):
                    help="autocast dtype; bfloat16 also keeps a released snapshot's weights in bf16 (half the memory)")
     p.add_argument("--compile", action="store_true", help="Cola: torch.compile the DiT and the decoder")
     return p.parse_args(argv)
-
-
-def read_prompt(prompt):
-    if prompt.startswith("FILE:"):
-        path = prompt[5:]
-        if not os.path.isfile(path):
-            raise DataError(f"prompt file {path} not found")
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.read()
-        except UnicodeDecodeError as e:
-            raise DataError(f"prompt file {path} is not UTF-8 text (bad byte at offset {e.start})") from None
-    return prompt
 
 
 def main(argv=None):
@@ -126,14 +113,8 @@ def main(argv=None):
         samples.append(out[0])
         print()
     print(f"# {total_tokens} tokens in {total_time:.2f} s ({total_tokens / max(total_time, 1e-9):.1f} tok/s)")
-    if "data_dir" not in info["args"]:
-        return
-    try:  # judge-free quality of the samples against the training split (scoring.py), if the data is here
-        m = ngram_metrics(samples, TrainNgrams.of(TokenData(info["args"]["data_dir"], 1)))
-        print(f"# seen 2-gram rate {m['seen_2gram_rate']:.3f}, seen 3-gram rate {m['seen_3gram_rate']:.3f}, "
-              f"distinct-2 {m['distinct_2']:.3f} (token n-grams of the samples found in the training split)")
-    except DataError:
-        pass
+    if "data_dir" in info["args"]:  # judge-free quality against the training split, if the data is here
+        print(seen_ngrams_line(samples, info["args"]["data_dir"]))
 
 
 if __name__ == "__main__":

@@ -292,3 +292,14 @@ def ngram_metrics(samples, train_ngrams=None):
         res["seen_2gram_rate"] = train_ngrams.seen_rate(samples, 2)
         res["seen_3gram_rate"] = train_ngrams.seen_rate(samples, 3)
     return res
+
+
+def seen_ngrams_line(samples, data_dir):
+    """sample.py's last line: the samples' seen 2-/3-gram rates in the training split of data_dir, and distinct-2."""
+    from prepare import DataError, TokenData
+    try:
+        m = ngram_metrics(samples, TrainNgrams.of(TokenData(data_dir, 1)))
+    except DataError as e:
+        return f"# no n-gram rates: {e}"
+    return (f"# seen 2-gram rate {m['seen_2gram_rate']:.3f}, seen 3-gram rate {m['seen_3gram_rate']:.3f}, distinct-2 "
+            f"{m['distinct_2']:.3f} (token n-grams of the samples found in the training split)")

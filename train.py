@@ -263,9 +263,7 @@ def stage_joint(args, env, data):
     def validate(x):
         out = model(x, loss)
         out["recon_acc"] = model.vae.recon_accuracy(x)
-        _, cond, uncond = model.fm_eval(x)  # the prior with and without its clean history, blocks 1..
-        return {**{k: out[k] for k in ("loss", "ce", "mask_acc", "recon_acc", "fm", "ref_kl", "logsnr")},
-                "fm_cond": cond[:, 1:].mean(), "fm_uncond": uncond[:, 1:].mean()}
+        return {k: out[k] for k in ("loss", "ce", "mask_acc", "recon_acc", "fm", "ref_kl", "logsnr")}
 
     eot = data.meta["eot_id"]  # ends a row and pads a prompt's partial block
     sampler = SamplerConfig(noise_scale=args.noise_scale, stop_ids=(eot,), pad_id=eot)

@@ -5,6 +5,7 @@ import torch
 
 from diffusion import (ColaDLM, LossConfig, cfg_combine, euler_step, flow_path, fm_loss, latent_stats, partial_known_prefix,
                        sample_t, time_grid, two_l_layout, two_l_mask, velocity_target)
+from measures import velocity_uncond
 from dit import DiT, DiTConfig
 from layers import KVCache
 from vae import VAEConfig
@@ -244,7 +245,7 @@ def test_prior_learns_to_read_its_history():
     with torch.no_grad():
         z0, zt, t, v = batch(256)
         per_block = lambda pred: (pred - v).pow(2).reshape(256, 4, -1).mean((0, 2))  # (n_blocks,)
-        cond, uncond = per_block(model.velocity_2l(z0, zt, t)), per_block(model.velocity_uncond(zt, t))
+        cond, uncond = per_block(model.velocity_2l(z0, zt, t)), per_block(velocity_uncond(model, zt, t))
     assert torch.allclose(cond[0], uncond[0], atol=1e-5)  # block 0 has no history: the passes agree
     assert (cond[1:] < 0.5 * uncond[1:]).all(), (cond, uncond)
 

@@ -8,6 +8,7 @@ from checkpoint import save_checkpoint
 from conftest import one_line_error
 from decoder import GenerationError, SamplerConfig, apply_repetition_penalty, choose_tokens, generate
 from diffusion import ColaDLM, cfg_combine
+from measures import velocity_uncond
 from dit import DiTConfig
 from layers import block_causal_mask, cola_mask, with_key_padding
 from release import release_generate, row_noise
@@ -65,7 +66,7 @@ class Uncached:
         mask = with_key_padding(cola_mask(pos // bs, noisy, pos // bs, noisy),
                                 torch.cat([hist_valid, torch.ones(B, bs, dtype=torch.bool)], 1))
         v_cond = m.dit(torch.cat([hist, z], 1), torch.cat([torch.zeros(B, Tc), t_tok], 1), pos, mask)[:, Tc:]
-        return cfg_combine(v_cond, m.velocity_uncond(z, t_tok), guidance)
+        return cfg_combine(v_cond, velocity_uncond(m, z, t_tok), guidance)
 
     def decode_and_commit(self, z, hist_valid, caches):
         m = self.model
