@@ -12,7 +12,9 @@ scripts that sample and measure.
 """
 import argparse
 import contextlib
+import hashlib
 import json
+import math
 import os
 import sys
 
@@ -26,11 +28,34 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line meant for the user."""
 
 
+def tensor_digest(obj):
+    """sha256 over every tensor in a checkpoint (in key order): one flipped bit in a weight changes it."""
+    h = hashlib.sha256()
+
+    def walk(o):
+        if torch.is_tensor(o):
+            h.update(o.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(o, dict):
+            for k in sorted(o, key=str):
+                if k != "checksum":
+                    walk(o[k])
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+    walk(obj)
+    return h.hexdigest()
+
+
 def save_checkpoint(path, obj):
     """Write to a temporary file of this process, then rename: a crash never leaves a truncated checkpoint
-    behind, an error while writing leaves the previous checkpoint as it was, and two writers never mix."""
+    behind, an error while writing (a full disk) leaves the previous checkpoint as it was, and two writers never
+    mix. The checkpoint carries a checksum of its tensors, checked on load."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    write_atomic(path, lambda f: torch.save(obj, f), mode="wb")
+    try:
+        write_atomic(path, lambda f: torch.save({**obj, "checksum": tensor_digest(obj)}, f), mode="wb")
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path} ({e.strerror or e}); "
+                              f"{'the previous checkpoint is kept' if os.path.exists(path) else 'nothing was saved'}") from None
 
 
 def load_checkpoint(path, kinds=None):
@@ -46,6 +71,8 @@ def load_checkpoint(path, kinds=None):
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this project")
+    if "checksum" in ckpt and ckpt["checksum"] != tensor_digest(ckpt):
+        raise CheckpointError(f"{path} is corrupt: its tensors do not match their checksum")
     if kinds is not None and ckpt["kind"] not in kinds:
         raise CheckpointError(f"{path} holds a '{ckpt['kind']}' model, expected {' or '.join(kinds)}")
     ckpt["path"] = path  # for messages; not saved
@@ -53,11 +80,26 @@ def load_checkpoint(path, kinds=None):
 
 
 def build(cls, cfg_fields, ckpt):
-    """cls(**fields) of a config stored in a checkpoint; fields this code does not know are one line."""
+    """cls(**fields) of a config stored in a checkpoint. Fields this code does not know, or values of the wrong
+    type or out of range (a hand-edited 64.0, 0, 1e12, null or "abc") are one line."""
+    import dataclasses
+    where = f"{ckpt.get('path', 'the checkpoint')}: its {cls.__name__}"
+    if not isinstance(cfg_fields, dict):
+        raise CheckpointError(f"{where} is not a dict")
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for k, v in cfg_fields.items():
+        want = defaults.get(k)
+        ok = (k not in defaults or type(v) is type(want) or (isinstance(want, float) and type(v) is int)
+              or (isinstance(want, tuple) and isinstance(v, list)))
+        if ok and type(v) in (int, float):
+            ok = math.isfinite(v) and (0 if want == 0 or isinstance(want, float) and want <= 0 else 1) <= v < 10**8 \
+                if type(want) is int else math.isfinite(v)
+        if not ok:
+            raise CheckpointError(f"{where} has {k} = {v!r}, which this code cannot build")
     try:
-        return cls(**cfg_fields)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_fields.items()})
     except TypeError as e:
-        raise CheckpointError(f"{ckpt.get('path', 'the checkpoint')}: its {cls.__name__} does not fit this code ({e})") from None
+        raise CheckpointError(f"{where} does not fit this code ({e})") from None
 
 
 def load_weights(model, state, ckpt):

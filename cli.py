@@ -31,7 +31,7 @@ def fail(message):
 # ----------------------------------------------------------------------------------------------------
 # one check per kind of value: argparse `type=` functions whose message names what is wrong
 
-def int_at_least(low):
+def int_at_least(low, high=2**63 - 1):
     def check(text):
         try:
             value = int(text)
@@ -39,6 +39,8 @@ def int_at_least(low):
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
         return value
     check.__name__ = f"integer >= {low}"
     return check

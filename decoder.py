@@ -177,6 +177,8 @@ def generate(model, prompts, max_new_tokens, cfg=SamplerConfig(), generator=None
         shape = (B, bs, d)
         z = cfg.noise_scale * (noise(k, shape) if noise else torch.randn(shape, device=device, generator=generator))
         z = denoise_block(model, z, grid, hist_valid, guidance if k == 0 else cfg.guidance, caches[0], pin, pin_z)
+        if not torch.isfinite(z).all():
+            raise GenerationError(f"block {k}'s latents are not finite (NaN or Inf): lower the guidance or the noise scale")
         logits = model.decode_and_commit(z, hist_valid, caches)  # (B, tpb, V)
         hist_valid = torch.cat([hist_valid, torch.ones_like(pin)], 1)
         decoded = choose_tokens(logits, seen, cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty, generator)

@@ -32,7 +32,7 @@ import time
 import torch
 
 from checkpoint import CheckpointError, load_model, stored_sampler
-from cli import Parser, check_writable_dir, check_writable_file, fail, float_list, int_list, nonneg_float, nonneg_int, \
+from cli import Parser, check_writable_dir, check_writable_file, fail, float_list, int_at_least, int_list, nonneg_float, nonneg_int, \
     pick_device, positive_float, positive_int, pyplot, readable_file, write_json
 from decoder import GenerationError
 from diagnostics import (eval_history_drift, eval_latent_fit, eval_prefix_prediction, eval_sdedit,
@@ -143,7 +143,7 @@ def get_args(argv=None):
     p.add_argument("--sweep_noise", type=float_list, default=None, help="comma list of starting-noise scales to sweep (Cola)")
     p.add_argument("--sample_repeats", type=positive_int, default=3, help="rounds of --n_samples samples (different noise)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed")
+    p.add_argument("--seed", type=int_at_least(0, 2**32 - 1), default=0, help="random seed")
     return p.parse_args(argv)
 
 

@@ -262,6 +262,9 @@ def load_snapshot(path, dtype=torch.float32):
                 if name in enc.special_tokens_set}
     if "<|pad|>" not in specials or "<|endoftext|>" not in specials:
         raise SnapshotError(f"{tokenizer} has no <|pad|> or <|endoftext|> special token")
+    if enc.n_vocab > model.vae.cfg.vocab_size:
+        raise SnapshotError(f"{tokenizer} has {enc.n_vocab} ids, more than the model's vocab_size "
+                            f"{model.vae.cfg.vocab_size}: it is not this snapshot's tokenizer")
     # the release pads prompts with <|pad|> and stops at <|endoftext|> or <|im_end|> (OLMo 2: 100277, 100257, 100265)
     stops = tuple(specials[n] for n in ("<|endoftext|>", "<|im_end|>") if n in specials)
     sampler = SamplerConfig(stop_ids=stops, pad_id=specials["<|pad|>"])

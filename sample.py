@@ -51,7 +51,7 @@ def get_args(argv=None):
     p.add_argument("--top_k", type=nonneg_int, default=0, help="Cola, AR: keep the k most likely tokens (0 = all)")
     p.add_argument("--top_p", type=float_in(0.0, 1.0, low_open=True), default=1.0, help="Cola, AR: nucleus sampling mass (1 = off)")
     p.add_argument("--repetition_penalty", type=positive_float, default=1.1, help="Cola, AR: CTRL-style penalty (1 = off)")
-    p.add_argument("--seed", type=int_at_least(0), default=1337, help="random seed")
+    p.add_argument("--seed", type=int_at_least(0, 2**32 - 1), default=1337, help="random seed")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="autocast dtype; bfloat16 also keeps a released snapshot's weights in bf16 (half the memory)")

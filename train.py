@@ -44,7 +44,7 @@ from vae import TextVAE, VAEConfig
 
 PRESETS = {
     "paper": {},  # the released model's sizes; its vocabulary (100,278) comes from the data
-    "tiny": dict(vae_width=64, vae_layers=1, vae_heads=2, vae_mlp=128, dit_width=64, dit_layers=2, dit_heads=2,
+    "tiny": dict(vae_width=64, vae_layers=1, vae_heads=2, vae_mlp=128, dit_width=64, dit_layers=2, dit_heads=2, dit_mlp=256,
                  lr=3e-3, min_lr=3e-4, warmup_iters=50),
     # the laptop default: a few hundred steps over ~0.3M tokens; what each change to the paper's recipe buys
     # is measured in docs/results.md
@@ -122,7 +122,7 @@ def get_args(argv=None):
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     add("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="autocast dtype")
     add("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile (cold: ~30 s)")
-    add("--seed", type=int_at_least(0), default=1337, help="random seed")
+    add("--seed", type=int_at_least(0, 2**32 - 1), default=1337, help="random seed")
     add("--log_interval", type=positive_int, default=25, help="steps between log lines")
     add("--eval_interval", type=positive_int, default=150, help="steps between validations and checkpoints")
     add("--eval_iters", type=positive_int, default=8, help="validation batches per evaluation")
@@ -132,12 +132,10 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite contradict each other")
-    defaults = {a.dest: a.default for a in p._actions}
-    for a in p._actions:  # parse again with no defaults: what remains is what the command line gave
+    p._defaults.clear()  # parse again with no defaults (nor the preset's): what remains is what the command line gave
+    for a in p._actions:
         a.default = argparse.SUPPRESS
     args.given = sorted(vars(p.parse_args(argv)))
-    for a in p._actions:
-        a.default = defaults[a.dest]
     return args
 
 

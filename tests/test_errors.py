@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 import bench
 import eval as ev
@@ -77,6 +78,14 @@ def materials(tmp, runs, data_dir):
     del ar["path"]
     save_checkpoint(str(tmp / "judge_cl100k.pt"), {**ar, "tokenizer": "cl100k_base"})
     m.update(nan_ckpt=str(tmp / "nan.pt"), misfit_ckpt=str(tmp / "misfit.pt"), other_judge=str(tmp / "judge_cl100k.pt"))
+    # hand edits that keep the checksum: one flipped exponent bit in a weight, and config values of the wrong kind
+    flipped = {**ck, "model": {k: v.clone() for k, v in ck["model"].items()}}
+    flipped["model"]["dit.inp.weight"].view(-1).view(torch.int32)[0] ^= 1 << 30
+    torch.save(flipped, str(tmp / "bitflip.pt"))
+    m["bitflip"] = str(tmp / "bitflip.pt")
+    for name, value in (("float", 64.0), ("zero", 0), ("huge", 10**12), ("null", None), ("text", "abc")):
+        torch.save({**ck, "dit_config": {**ck["dit_config"], "width": value}}, str(tmp / f"cfg_{name}.pt"))
+        m[f"cfg_{name}"] = str(tmp / f"cfg_{name}.pt")
     long_task = tmp / "long.jsonl"
     long_task.write_text(json.dumps({"prompt": "word " * 1100, "ground_truth": "x"}) + "\n")
     m["long_task"] = str(long_task)
@@ -148,6 +157,15 @@ bench   | --new_tokens 0                                                 | argum
 prepare | --shard_tokens 1 --out_dir {fresh}                             | --shard_tokens must be >= 1024
 prepare | --out_dir {a_file}                                             | is a file, not a folder
 prepare | --input {nonutf8} --out_dir {fresh}                            | is not UTF-8 text
+sample  | --ckpt {bitflip}                                               | is corrupt: its tensors do not match their checksum
+train   | --out_dir {fresh} --resume --seed 99999999999999999999999      | argument --seed: must be <= 4294967295
+sample  | --ckpt {cola}/ckpt.pt --noise_scale 1e30                        | argument --noise_scale: must be a finite number in (0, 1000]
+sample  | --ckpt {cola}/ckpt.pt --guidance 1e30                           | argument --guidance: must be a finite number in (0, 1000]
+sample  | --ckpt {cfg_float}                                             | has width = 64.0, which this code cannot build
+sample  | --ckpt {cfg_zero}                                              | has width = 0, which this code cannot build
+sample  | --ckpt {cfg_huge}                                              | has width = 1000000000000, which this code cannot build
+sample  | --ckpt {cfg_null}                                              | has width = None, which this code cannot build
+sample  | --ckpt {cfg_text}                                              | has width = 'abc', which this code cannot build
 """.strip().splitlines()]
 
 
@@ -191,6 +209,27 @@ def test_bad_input_from_the_shell(tmp_path, runs, root):
 
 
 # ---------------------------------------------------------------------------------------------------- work never lost
+
+def test_resume_alone_continues_the_run_as_configured(tmp_path, data_dir):
+    """A --stage all run with flags of its own (tiny sizes, --lr, the step counts), stopped inside stage 2, then
+    `--resume` with no other flag but how to run (--no-compile): it continues stage 2 with the run's own flags,
+    leaves vae.pt as it was, and ends bit-exactly where the uninterrupted run ends. Mutation: taking defaults for
+    the flags not repeated (the cpu preset's sizes are refused as a misfit, its step counts re-run stage 1)."""
+    flags = ["--data_dir", data_dir, *TINY, "--vae_iters", "2", "--main_iters", "4", "--eval_interval", "2", "--lr", "2e-3"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train.main(flags + ["--out_dir", full])
+    train.main(flags + ["--out_dir", part, "--stop_after", "2"])
+    assert load_checkpoint(os.path.join(part, "ckpt.pt"))["step"] == 2
+    vae_before = tree_hashes([part])[os.path.join(part, "vae.pt")]
+    train.main(["--out_dir", part, "--resume", "--no-compile"])
+    assert tree_hashes([part])[os.path.join(part, "vae.pt")] == vae_before
+    a, b = (load_checkpoint(os.path.join(d, "ckpt.pt")) for d in (full, part))
+    assert a["step"] == b["step"] == 4 and b["args"]["lr"] == 2e-3 and b["args"]["preset"] == "tiny"
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    steps = [json.loads(line)["step"] for line in open(os.path.join(part, "log_joint.jsonl"))]
+    assert steps == [2, 4]
+
+
 
 def test_nonfinite_steps_never_replace_a_good_checkpoint(tmp_path, runs, data_dir, capsys):
     """A resumed run whose step blows the weights up (lr 1e30), and a fresh run whose first step does (lr 1e6 after

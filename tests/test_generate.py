@@ -235,6 +235,15 @@ def test_release_block_budget():
         assert len(out[0]) == length, (prompt, max_new)
 
 
+def test_nonfinite_latents_are_refused(monkeypatch):
+    """A velocity that overflows (a huge guidance or noise scale) is a GenerationError naming the block, not
+    all-zero tokens. Mutation: no finiteness check (generate returns tokens decoded from NaN)."""
+    model = tiny_model()
+    monkeypatch.setattr(model, "guided_velocity", lambda z, *a: torch.full_like(z, float("inf")))
+    with pytest.raises(GenerationError, match="block 0's latents are not finite"):
+        run(model, [[1, 2]])
+
+
 def test_choose_tokens():
     logits = torch.tensor([[[1.0, 3.0, 2.0, -1.0]]])
     assert choose_tokens(logits).tolist() == [[1]]

@@ -163,6 +163,17 @@ def test_sample_cli_runs_a_snapshot(snapshot, capsys):
     assert int(re.search(r"# (\d+) tokens in", capsys.readouterr().out).group(1)) > 0
 
 
+def test_a_tokenizer_larger_than_the_model_is_refused(snapshot, capsys):
+    """A snapshot whose tokenizer.json has more ids (267) than its config's vocabulary (265) would sample ids the
+    model has no rows for: one line. Mutation: no size check (the snapshot loads and samples)."""
+    import sample
+    path, _ = snapshot
+    tok = json.load(open(os.path.join(path, "tokenizer.json")))
+    tok["added_tokens"] += [{"id": 265 + i, "content": f"<|extra{i}|>", "special": True} for i in range(2)]
+    json.dump(tok, open(os.path.join(path, "tokenizer.json"), "w"))
+    assert "has 267 ids, more than the model's vocab_size 265" in one_line_error(sample.main, ["--init_from", path], capsys)
+
+
 def test_load_model_gives_the_release_special_tokens(snapshot):
     path, _ = snapshot
     model, info = load_model(path)

@@ -134,7 +134,8 @@ def test_training_checkpoints_load_safely(tmp_path, data_dir):
 
 
 def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
-    """A save that raises midway leaves the previous checkpoint intact and no temporary file."""
+    """A save that fails midway (a full disk) is one CheckpointError, and leaves the previous checkpoint intact and
+    no temporary file."""
     import checkpoint
     path = str(tmp_path / "c.pt")
     checkpoint.save_checkpoint(path, {"kind": "vae", "step": 1})
@@ -143,7 +144,7 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
         f.write(b"half a checkpoint")
         raise OSError("disk full")
     monkeypatch.setattr(checkpoint.torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(checkpoint.CheckpointError, match="disk full.*the previous checkpoint is kept"):
         checkpoint.save_checkpoint(path, {"kind": "vae", "step": 2})
     monkeypatch.undo()
     assert checkpoint.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["c.pt"]
