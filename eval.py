@@ -98,6 +98,12 @@ def plot_sweep(sweep, key, metrics, path):
 
 # ----------------------------------------------------------------------------------------------------
 
+def seed_int(text):
+    if nonneg_int(text) >= 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be below 2**32, got {text}")
+    return int(text)
+
+
 def get_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default=None, help="run directory holding ckpt.pt (default: out; with --init_from, "
@@ -146,7 +152,7 @@ def get_args(argv=None):
     p.add_argument("--sweep_noise", type=float_list, default=None, help="comma list of starting-noise scales to sweep (Cola)")
     p.add_argument("--sample_repeats", type=positive_int, default=3, help="rounds of --n_samples samples (different noise)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed (below 2**32)")
     return p.parse_args(argv)
 
 
