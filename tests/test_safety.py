@@ -10,7 +10,7 @@ import bench
 import eval as ev
 import prepare
 import scaling
-from conftest import ROOT
+from conftest import ROOT, one_line_error
 from test_errors import TINY, runs, tree_hashes  # noqa: F401 (runs: the shared tiny Cola and AR runs)
 
 SCRIPTS = {"eval": ev, "bench": bench, "prepare": prepare, "scaling": scaling}
@@ -80,6 +80,7 @@ eval    | --ckpt {cola}/ckpt.pt --tasks {tasks_a} {tasks_b}               | shar
 eval    | --ckpt {cola}/ckpt.pt --tasks {lambada}                         | has the name of a built-in task
 eval    | --ckpt {ar_genfile}/ckpt.pt                                     | is a file, not a folder
 eval    | --ckpt {ar_png}/ckpt.pt                                         | is a folder, where eval.py writes a file
+eval    | --ckpt {cola}/ckpt.pt --seed 99999999999999999999               | argument --seed: must be below 2**32
 prepare | --input {text} --out_dir {data} --tokenizer {tok}               | already holds prepared data
 prepare | --input {tiny_text} --out_dir {fresh} --tokenizer {tok}         | fewer than one training sequence
 prepare | --input {text} --out_dir {fresh} --val_fraction 0.9            | must be 1/k
@@ -159,3 +160,14 @@ def test_prepare_overwrite_replaces(tmp_path, safe, data_dir):
 def test_ablations_file_still_plans():
     a = scaling.get_args(["--ablations", os.path.join(ROOT, "ablations.txt"), "--table_only"])
     assert scaling.plan_ablations(a)[0][0] == "base"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_run_folder_is_one_line(tmp_path, runs, capsys):  # noqa: F811
+    run = shutil.copytree(runs["ar"], str(tmp_path / "ro"))
+    os.chmod(run, 0o555)
+    try:
+        assert "is not writable" in one_line_error(ev.main, ["--ckpt", os.path.join(run, "ckpt.pt"), "--results",
+                                                             str(tmp_path / "r.json")], capsys)
+    finally:
+        os.chmod(run, 0o755)
