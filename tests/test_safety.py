@@ -150,9 +150,13 @@ def test_snapshot_results_default_apart_from_out(monkeypatch, tmp_path):
 
 
 def test_prepare_overwrite_replaces(tmp_path, safe, data_dir):
-    """--overwrite is the way past the refusal; a fresh folder needs none."""
+    """--overwrite is the way past the refusal; a fresh folder needs none, and the same input prepared the same
+    way again is left as it is (the README's first command may run twice)."""
     argv = ["--input", safe["text"], "--out_dir", str(tmp_path / "p"), "--tokenizer", safe["tok"], "--min_seq_len", "16"]
     prepare.main(argv)
+    before = tree_hashes([str(tmp_path / "p")])
+    prepare.main(argv)
+    assert tree_hashes([str(tmp_path / "p")]) == before
     prepare.main(argv + ["--overwrite"])
     assert json.load(open(tmp_path / "p" / "meta.json"))["val_tokens"] > 0
 
