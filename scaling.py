@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import presets
 from cli import Parser, check_writable_dir, fail, float_list, positive_int, pyplot
 from prepare import REPO_DIR, DataError, load_meta
+from eval import get_args as eval_args
 from presets import get_args as train_args
 
 MODELS = ("cola", "ar", "llada")
@@ -74,6 +75,8 @@ def get_args(argv=None):
         p.error(f"--levels: {e}")
     if a.levels[-1] > 1e6:
         p.error(f"--levels: {a.levels[-1]:g} is more than a million times the default run")
+    train_args(a.judge_args.split())  # a bad train.py or eval.py flag fails now, not after the training
+    eval_args(a.eval_args.split())
     for f in a.tasks + ([a.ablations] if a.ablations else []):
         if not os.path.isfile(f):
             p.error(f"file {f} not found")

@@ -94,6 +94,7 @@ scaling | --ablations {abl_up} --judge {ar}/ckpt.pt --out_root {fresh}    | must
 scaling | --ablations {abl_two} --judge {ar}/ckpt.pt --out_root {fresh}   | two runs share the name x
 scaling | --ablations {abl_from} --judge {ar}/ckpt.pt --out_root {fresh}  | from=nope names no run
 prepare | --input {text} --out_dir {fresh} --workers 100000                | more than 4 per CPU core
+scaling | --eval_args=--nonsense --judge {ar}/ckpt.pt --out_root {fresh}   | unrecognized arguments: --nonsense
 """.strip().splitlines()]
 
 
