@@ -86,6 +86,8 @@ prepare | --input {tiny_text} --out_dir {fresh} --tokenizer {tok}         | fewe
 prepare | --input {text} --out_dir {fresh} --val_fraction 0.9            | must be 1/k
 prepare | --input {broken} --out_dir {fresh}                              | is not a readable file (a broken link?)
 bench   | --vocab_size 1000000000000                                      | its embedding and head alone need
+bench   | --batches 100000000                                             | AR's keys and values alone need
+bench   | --train --batch_size 100000000 --preset tiny                    | AR's keys and values alone need
 scaling | --levels 1e300 --judge {ar}/ckpt.pt --out_root {fresh}          | more than a million times
 scaling | --table_only --levels 1 --out_root {bad_results}                | is not an eval result (JSONDecodeError)
 scaling | --out_root {text} --judge {ar}/ckpt.pt --levels 1               | is a file, not a folder
