@@ -44,13 +44,12 @@ def preset_configs(preset, vocab_size, extra=()):
     return cfgs
 
 
-def check_vocab(vocab_size, width, device):
-    """Refuse, before any model is built, a vocabulary whose embedding and head alone outgrow the memory."""
+def check_memory(need, device, what):
+    """Refuse, before any model is built or run, sizes whose `need` bytes alone outgrow the device's memory."""
     mem = torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda") else \
         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if 2 * vocab_size * width * 4 > mem:
-        fail(f"--vocab_size {vocab_size}: its embedding and head alone need {8 * vocab_size * width / 2 ** 30:,.0f} GiB, "
-             f"more than the {mem / 2 ** 30:,.0f} GiB of {device}")
+    if need > mem:
+        fail(f"{what} alone need {need / 2 ** 30:,.0f} GiB, more than the {mem / 2 ** 30:,.0f} GiB of {device}")
 
 
 def parser_fail(text):
@@ -182,8 +181,12 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     args = p.parse_args(argv)
     device = pick_device(args.device)
-    check_vocab(args.vocab_size, {"tiny": 64, "cpu": 128, "paper": 1536}[args.preset], device)
+    check_memory(8 * args.vocab_size * {"tiny": 64, "cpu": 128, "paper": 1536}[args.preset], device,
+                 f"--vocab_size {args.vocab_size}: its embedding and head")
     cfgs = preset_configs(args.preset, args.vocab_size, ["--seq_len", str(args.seq_len)] if args.train else [])
+    lm = cfgs["ar"]["lm_config"]
+    tokens = args.batch_size * args.seq_len if args.train else max(args.batches) * (args.prompt_len + args.new_tokens)
+    check_memory(8 * tokens * lm["n_layers"] * lm["width"], device, f"{tokens:,} tokens at once: AR's keys and values")
     (bench_training if args.train else bench_generation)(args, cfgs, device)
 
 

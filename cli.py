@@ -135,15 +135,20 @@ def check_writable_file(path, flag):
     return path
 
 
-def train_dry_run(flags):
-    """train.py --dry_run for these flags: its configs, parameters and FLOPs per step, as a dict (scripts talk to
-    train.py through its command line, never by importing it)."""
+def dry_run(script, flags):
+    """`script --dry_run flags` (train.py: its configs, parameters and FLOPs per step, as a dict; eval.py: nothing):
+    scripts check each other's flags through the command line, never by importing each other. A bad flag is one
+    line naming the script."""
     import subprocess
-    train = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-    out = subprocess.run([sys.executable, train, "--dry_run", *flags], capture_output=True, text=True)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
+    out = subprocess.run([sys.executable, path, "--dry_run", *flags], capture_output=True, text=True)
     if out.returncode:
-        fail(f"train.py {' '.join(flags)}: " + (out.stderr.strip().splitlines() or ["failed"])[-1].removeprefix("error: "))
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        fail(f"{script} {' '.join(flags)}: " + (out.stderr.strip().splitlines() or ["failed"])[-1].removeprefix("error: "))
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else None
+
+
+def train_dry_run(flags):
+    return dry_run("train.py", flags)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -144,11 +144,14 @@ def get_args(argv=None):
     p.add_argument("--sample_repeats", type=positive_int, default=3, help="rounds of --n_samples samples (different noise)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--seed", type=int_at_least(0, 2**32 - 1), default=0, help="random seed")
+    p.add_argument("--dry_run", action="store_true", help="check the flags and exit (scaling.py checks its --eval_args)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = get_args(argv)
+    if args.dry_run:
+        return None
     try:
         if args.score:
             scores = [score_file(path) for path in args.score]

@@ -291,7 +291,7 @@ def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64,
             os.replace(os.path.join(out_dir, shard["file"] + ".tmp"), os.path.join(out_dir, shard["file"]))
     meta = dict(tokenizer=tokenizer, vocab_size=enc.n_vocab, eot_id=eot_id(enc), dtype=np.dtype(dtype).name, split=split,
                 train_tokens=int(n_train), val_tokens=int(n_val), chunk=chunk, shards={s: w.shards for s, w in writers.items()},
-                source=os.path.abspath(input_path), source_sha256=hasher.hexdigest())
+                source=os.path.abspath(input_path), source_sha256=hasher.hexdigest(), val_fraction=val_fraction)
     write_json(os.path.join(out_dir, "meta.json"), meta)
     return meta
 
@@ -379,6 +379,22 @@ def batch_seed(base, index, step):
     return (base * 1_000_003 + step * 104_729 + index) % (2 ** 63)
 
 
+def same_preparation(a):
+    """Whether --out_dir holds this very input (by its hash) prepared with these settings: nothing to redo."""
+    h = hashlib.sha256()
+    try:
+        meta = load_meta(a.out_dir)
+        for path, _ in list_sources(a.input):
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    except (DataError, OSError):
+        return False
+    want = dict(source=os.path.abspath(a.input), source_sha256=h.hexdigest(), tokenizer=a.tokenizer, split=a.split,
+                val_fraction=a.val_fraction)
+    return all(meta.get(k) == v for k, v in want.items())
+
+
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", default=DEFAULT_CORPUS,
@@ -402,7 +418,9 @@ def main(argv=None):
     if a.shard_tokens < max(a.min_seq_len, 1024):
         p.error(f"--shard_tokens must be >= {max(a.min_seq_len, 1024)} (a training window never crosses a shard)")
     check_writable_dir(a.out_dir, "--out_dir")
-    held = [f for f in os.listdir(a.out_dir) if f == "meta.json" or re.fullmatch(r"(train|val)_\d{5}\.bin", f)]
+    held = sorted(f for f in os.listdir(a.out_dir) if f == "meta.json" or re.fullmatch(r"(train|val)_\d{5}\.bin", f))
+    if held and not a.overwrite and same_preparation(a):
+        return print(f"{a.out_dir} already holds {a.input} prepared the same way; nothing to do")
     if held and not a.overwrite:
         p.error(f"--out_dir {a.out_dir} already holds prepared data ({held[0]}); add --overwrite to replace it")
     try:

@@ -33,7 +33,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from cli import Parser, check_writable_dir, fail, float_list, positive_int, pyplot, train_dry_run
+from cli import Parser, check_writable_dir, dry_run, fail, float_list, positive_int, pyplot, train_dry_run
 from prepare import REPO_DIR, DataError, load_meta
 
 MODELS = ("cola", "ar", "llada")
@@ -72,6 +72,8 @@ def get_args(argv=None):
         p.error(f"--levels: {e}")
     if a.levels[-1] > 1e6:
         p.error(f"--levels: {a.levels[-1]:g} is more than a million times the default run")
+    train_dry_run(["--model", "ar", *a.judge_args.split()])  # a bad train.py or eval.py flag fails now, not after
+    dry_run("eval.py", a.eval_args.split())                 # the training
     for f in a.tasks + ([a.ablations] if a.ablations else []):
         if not os.path.isfile(f):
             p.error(f"file {f} not found")
@@ -205,7 +207,7 @@ def load_result(run_dir):
     try:
         with open(path, encoding="utf-8") as f:
             res = json.load(f)
-        assert isinstance(res, dict) and "kind" in res
+        assert isinstance(res, dict)
     except (OSError, ValueError, AssertionError) as e:
         fail(f"{path} is not an eval result ({type(e).__name__}); delete it to evaluate the run again")
     return res

@@ -3,6 +3,7 @@ runs before the work; bad input is one line 'error: ...' on stderr, no traceback
 import json
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -10,8 +11,8 @@ import bench
 import eval as ev
 import prepare
 import scaling
-from conftest import ROOT
-from test_errors import TINY, runs, tree_hashes  # noqa: F401 (runs: the shared tiny Cola and AR runs)
+from conftest import ROOT, one_line_error
+from test_errors import runs, tree_hashes  # noqa: F401 (runs: the shared tiny Cola and AR runs)
 
 SCRIPTS = {"eval": ev, "bench": bench, "prepare": prepare, "scaling": scaling}
 SMALL_EVAL = ["--batches", "1", "--batch_size", "2", "--builtin_n", "2", "--n_samples", "2", "--sample_len", "8",
@@ -28,14 +29,11 @@ def safe(tmp_path_factory, runs, data_dir):  # noqa: F811
     """The rows' materials, made once; every row must leave all of them as they are."""
     t = tmp_path_factory.mktemp("safety")
     m = {"data": data_dir, "cola": runs["cola"], "ar": runs["ar"], "text": str(t / "text.txt"),
-         "tiny_text": str(t / "tiny.txt"), "binary": str(t / "binary.bin"), "empty": str(t / "empty.txt"),
-         "tok": os.path.join(os.path.dirname(data_dir), "tokenizer.json"), "dir": str(t / "dir"), "nonutf8": str(t / "latin1.txt")}
+         "tiny_text": str(t / "tiny.txt"), "binary": str(t / "binary.bin"),
+         "tok": os.path.join(os.path.dirname(data_dir), "tokenizer.json")}
     open(m["text"], "w").write(open(os.path.join(ROOT, "data", "shakespeare_tiny.txt")).read()[:5000])
     open(m["tiny_text"], "w").write("ROMEO: love\n")
     open(m["binary"], "wb").write(bytes(range(256)) * 4)
-    open(m["empty"], "w").close()
-    open(m["nonutf8"], "wb").write("ROMEO: caf\xe9\n".encode("latin-1"))
-    os.makedirs(m["dir"])
     m["cola2"] = shutil.copytree(runs["cola"], str(t / "cola2"))  # with a task file among its generations
     os.makedirs(os.path.join(m["cola2"], "generations"), exist_ok=True)
     open(os.path.join(m["cola2"], "generations", "mine.jsonl"), "w").write(task_line())
@@ -80,11 +78,14 @@ eval    | --ckpt {cola}/ckpt.pt --tasks {tasks_a} {tasks_b}               | shar
 eval    | --ckpt {cola}/ckpt.pt --tasks {lambada}                         | has the name of a built-in task
 eval    | --ckpt {ar_genfile}/ckpt.pt                                     | is a file, not a folder
 eval    | --ckpt {ar_png}/ckpt.pt                                         | is a folder, where eval.py writes a file
+eval    | --ckpt {cola}/ckpt.pt --seed 99999999999999999999               | argument --seed: must be <= 4294967295
 prepare | --input {text} --out_dir {data} --tokenizer {tok}               | already holds prepared data
 prepare | --input {tiny_text} --out_dir {fresh} --tokenizer {tok}         | fewer than one training sequence
 prepare | --input {text} --out_dir {fresh} --val_fraction 0.9            | must be 1/k
 prepare | --input {broken} --out_dir {fresh}                              | is not a readable file (a broken link?)
 bench   | --vocab_size 1000000000000                                      | its embedding and head alone need
+bench   | --batches 100000000                                             | AR's keys and values alone need
+bench   | --train --batch_size 100000000 --preset tiny                    | AR's keys and values alone need
 scaling | --levels 1e300 --judge {ar}/ckpt.pt --out_root {fresh}          | more than a million times
 scaling | --table_only --levels 1 --out_root {bad_results}                | is not an eval result (JSONDecodeError)
 scaling | --out_root {text} --judge {ar}/ckpt.pt --levels 1               | is a file, not a folder
@@ -93,6 +94,7 @@ scaling | --ablations {abl_up} --judge {ar}/ckpt.pt --out_root {fresh}    | must
 scaling | --ablations {abl_two} --judge {ar}/ckpt.pt --out_root {fresh}   | two runs share the name x
 scaling | --ablations {abl_from} --judge {ar}/ckpt.pt --out_root {fresh}  | from=nope names no run
 prepare | --input {text} --out_dir {fresh} --workers 100000                | more than 4 per CPU core
+scaling | --eval_args=--nonsense --judge {ar}/ckpt.pt --out_root {fresh}   | unrecognized arguments: --nonsense
 """.strip().splitlines()]
 
 
@@ -142,20 +144,35 @@ def test_torn_log_line_is_skipped(tmp_path, runs):  # noqa: F811
 def test_snapshot_results_default_apart_from_out(monkeypatch, tmp_path):
     """--init_from without --out_dir: the results go to out_release, never over out/eval.json of one's own run."""
     seen = []
-    monkeypatch.setattr(ev, "check_results", lambda path: seen.append(path) or exit(3))
+    monkeypatch.setattr(ev, "check_results", lambda path: seen.append(path) or sys.exit(3))
     with pytest.raises(SystemExit):
         ev.main(["--init_from", str(tmp_path)])
     assert seen == [os.path.join(ROOT, "out_release", "eval.json")]
 
 
 def test_prepare_overwrite_replaces(tmp_path, safe, data_dir):
-    """--overwrite is the way past the refusal; a fresh folder needs none."""
+    """--overwrite is the way past the refusal; a fresh folder needs none, and the same input prepared the same
+    way again is left as it is (the README's first command may run twice)."""
     argv = ["--input", safe["text"], "--out_dir", str(tmp_path / "p"), "--tokenizer", safe["tok"], "--min_seq_len", "16"]
     prepare.main(argv)
+    before = tree_hashes([str(tmp_path / "p")])
+    prepare.main(argv)
+    assert tree_hashes([str(tmp_path / "p")]) == before
     prepare.main(argv + ["--overwrite"])
-    assert json.load(open(tmp_path / "p" / "meta.json"))["val_tokens"] > 0
+    assert tree_hashes([str(tmp_path / "p")]) != before
 
 
 def test_ablations_file_still_plans():
     a = scaling.get_args(["--ablations", os.path.join(ROOT, "ablations.txt"), "--table_only"])
     assert scaling.plan_ablations(a)[0][0] == "base"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_run_folder_is_one_line(tmp_path, runs, capsys):  # noqa: F811
+    run = shutil.copytree(runs["ar"], str(tmp_path / "ro"))
+    os.chmod(run, 0o555)
+    try:
+        assert "is not writable" in one_line_error(ev.main, ["--ckpt", os.path.join(run, "ckpt.pt"), "--results",
+                                                             str(tmp_path / "r.json")], capsys)
+    finally:
+        os.chmod(run, 0o755)
