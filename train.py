@@ -63,11 +63,11 @@ def get_args(argv=None):
     add("--model", default="cola", choices=["cola", "ar", "llada"], help="Cola DLM or a baseline")
     add("--stage", default="all", choices=["vae", "joint", "all"], help="Cola training stage")
     add("--preset", default="cpu", choices=list(PRESETS), help="size and recipe preset (overrides these defaults)")
-    add("--data_dir", default=DEFAULT_DATA_DIR, help="prepared data (prepare.py)")
-    add("--out_dir", default=os.path.join(REPO_DIR, "out"), help="checkpoints and logs go here")
+    add("--dry_run", action="store_true", help="print configs, parameters, FLOPs per step; exit")
     add("--resume", action="store_true", help="continue the run in --out_dir with its own flags")
     add("--overwrite", action="store_true", help="start afresh even where --out_dir holds a checkpoint")
-    add("--dry_run", action="store_true", help="print configs, parameters, FLOPs per step; exit")
+    add("--data_dir", default=DEFAULT_DATA_DIR, help="prepared data (prepare.py)")
+    add("--out_dir", default=os.path.join(REPO_DIR, "out"), help="checkpoints and logs go here")
     # the models (paper sizes; docs/release.md)
     add("--latent_dim", type=positive_int, default=16, help="d: channels per latent")
     add("--block_size", type=positive_int, default=16, help="latents per block (VAE and DiT attention)")
@@ -99,7 +99,6 @@ def get_args(argv=None):
     add("--t_uniform", action="store_true", help="sample t uniformly instead of logit-normal")
     add("--partial_prob", type=unit_float, default=0.05, help="per-block probability of a known clean prefix")
     add("--stats_batches", type=positive_int, default=16, help="batches that estimate the latent shift/scale")
-    # optimisation (AdamW, warm-up + cosine)
     add("--seq_len", type=positive_int, default=64, help="tokens per training sequence")
     add("--batch_size", type=positive_int, default=16, help="sequences per micro-batch per process")
     add("--grad_accum", type=positive_int, default=1, help="micro-batches per optimizer step")
@@ -107,7 +106,7 @@ def get_args(argv=None):
     # prior more steps, which bought the most of any change at this budget (docs/results.md)
     add("--vae_iters", type=positive_int, default=150, help="optimizer steps of stage 1")
     add("--main_iters", type=positive_int, default=367, help="optimizer steps of stage 2 (or of a baseline)")
-    add("--lr", type=positive_float, default=1.5e-4, help="peak learning rate")
+    add("--lr", type=positive_float, default=1.5e-4, help="peak learning rate (AdamW, linear warm-up, cosine decay)")
     add("--min_lr", type=nonneg_float, default=1e-5, help="final learning rate of the cosine")
     add("--warmup_iters", type=int_at_least(0), default=5000, help="linear warm-up steps")
     add("--beta2", type=float_in(0.0, 1.0, high_open=True), default=0.95, help="AdamW beta2")
@@ -130,6 +129,7 @@ def get_args(argv=None):
     preset = p.parse_known_args(argv)[0].preset
     p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
+    args.data_dir, args.out_dir = os.path.abspath(args.data_dir), os.path.abspath(args.out_dir)  # valid from any folder
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite contradict each other")
     p._defaults.clear()  # parse again with no defaults (nor the preset's): what remains is what the command line gave

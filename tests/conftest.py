@@ -67,3 +67,29 @@ def write_tokenizer_json(path, template=False):
         json.dump(spec, f)
     return len(vocab) + len(added)
 
+
+
+def bad_input_is_one_line(main, argv, message, watched, capsys):
+    """main(argv) stops with exactly one line 'error: ...' holding `message`, no traceback, and every file under
+    the `watched` folders as it was (tree_hashes)."""
+    before = tree_hashes(watched)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else "")
+    lines = err.strip().splitlines()
+    assert e.value.code not in (0, None)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert "Traceback" not in err
+    assert tree_hashes(watched) == before  # nothing already written was touched
+
+
+def tree_hashes(paths):
+    """Size, modification time and inode of every file under the given folders (checkpoints, shards,
+    meta.json, logs): a file written, replaced or removed changes its entry."""
+    out = {}
+    for top in paths:
+        for d, _, files in os.walk(top):
+            for f in files:
+                st = os.stat(os.path.join(d, f))
+                out[os.path.join(d, f)] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return out

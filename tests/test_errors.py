@@ -19,6 +19,7 @@ import prepare
 import sample
 import train
 from checkpoint import load_checkpoint, save_checkpoint
+from conftest import bad_input_is_one_line, tree_hashes
 
 TINY = ["--preset", "tiny", "--latent_dim", "8", "--block_size", "4", "--seq_len", "16", "--batch_size", "2",
         "--no-compile", "--dtype", "float32", "--log_interval", "1", "--eval_iters", "1", "--warmup_iters", "2"]
@@ -169,18 +170,6 @@ sample  | --ckpt {cfg_text}                                              | has w
 """.strip().splitlines()]
 
 
-def tree_hashes(paths):
-    """Size, modification time and inode of every file under the given folders (checkpoints, shards,
-    meta.json, logs): a file written, replaced or removed changes its entry."""
-    out = {}
-    for top in paths:
-        for d, _, files in os.walk(top):
-            for f in files:
-                st = os.stat(os.path.join(d, f))
-                out[os.path.join(d, f)] = (st.st_size, st.st_mtime_ns, st.st_ino)
-    return out
-
-
 @pytest.mark.parametrize("script,argv,message", CASES, ids=[f"{c[0]}:{c[1]}" for c in CASES])
 def test_bad_input_is_one_line(script, argv, message, tmp_path, runs, mats, data_dir, capsys):
     m = {**mats, "fresh": str(tmp_path / "fresh")}
@@ -188,16 +177,8 @@ def test_bad_input_is_one_line(script, argv, message, tmp_path, runs, mats, data
     if script == "train":
         argv = (["--data_dir", data_dir] if "--data_dir" not in argv else []) + \
                (["--out_dir", m["fresh"]] if "--out_dir" not in argv else []) + TINY + argv  # the row's flags win
-    watched = [runs["cola"], runs["ar"], data_dir, os.path.dirname(m["nan_ckpt"])]
-    before = tree_hashes(watched)
-    with pytest.raises(SystemExit) as e:
-        SCRIPTS[script].main(argv)
-    err = capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else "")
-    lines = err.strip().splitlines()
-    assert e.value.code not in (0, None)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
-    assert "Traceback" not in err
-    assert tree_hashes(watched) == before  # nothing already written was touched
+    bad_input_is_one_line(SCRIPTS[script].main, argv, message, [runs["cola"], runs["ar"], data_dir,
+                                                                 os.path.dirname(m["nan_ckpt"])], capsys)
     assert not os.path.exists(m["fresh"]) or not any(f.endswith(".pt") for f in os.listdir(m["fresh"]))
 
 

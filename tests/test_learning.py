@@ -1,7 +1,13 @@
 """Learnability: each model memorises a repeated passage at a tiny size, and Cola's prior is shown to read its
 history. The passage is 64 random symbols, cycled; a window starts at a block boundary of the cycle, so the clean
 history fixes the next block exactly while the block alone says nothing about it (every symbol is about equally
-frequent). Trained in-process with the real losses (stage 1, then the joint stage-2 loss) for a few hundred steps."""
+frequent). Trained in-process with the real losses (stage 1, then the joint stage-2 loss) for a few hundred steps.
+
+What free generation showed here (docs/results.md): a prior that recovers 99% of a block after its true history
+derails within two or three blocks when its history is its own generated latents, though it decodes them to the
+right tokens: the generated latents sit 0.5-1.5 (in norm) from the re-encoding of their own tokens, off the
+posterior latents the prior was trained to read. Re-encoding each finished block's tokens before it becomes
+history (diagnostics.history_drift) continues the passage without an error."""
 import pytest
 import torch
 
@@ -31,15 +37,25 @@ def fit(params, loss_of, steps, lr=3e-3):
         opt.step()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: the same trajectory on any machine (reductions split across threads round differently), and
+    tiny matrices gain nothing from two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def cola():
+def cola(one_thread):
     torch.manual_seed(0)
     vcfg = VAEConfig(vocab_size=V, latent_dim=8, width=64, n_enc_layers=1, n_dec_layers=1, n_heads=2, mlp_hidden=128,
                      block_size=BS, max_seq_len=128)
     model = ColaDLM(vcfg, DiTConfig(latent_dim=8, width=96, n_layers=2, n_heads=2, block_size=BS))
     fit(model.vae.parameters(), lambda x: model.vae(x, 1e-4, 0.15, 1.0)["loss"], 80)  # stage 1
     model.init_from_stage1(model.vae.state_dict(), [windows(16, i) for i in range(4)])
-    fit(model.parameters(), lambda x: model(x, LossConfig(beta=1e-4))["loss"], 150)  # stage 2, jointly
+    fit(model.parameters(), lambda x: model(x, LossConfig(beta=1e-4))["loss"], 300)  # stage 2, jointly
     return model.eval()
 
 
@@ -69,16 +85,20 @@ def test_cola_prior_reads_its_history(cola):
 
 @torch.no_grad()
 def test_cola_free_generation_continues_the_passage(cola):
-    """Prompted with the passage's first 16 symbols, the sampler (16 steps, guidance 1) continues it block by
-    block from its own generated history; the token accuracy of each generated block is printed, and the
-    first three blocks must hold. Mutation: the hidden-history mask above drops every block to chance."""
-    out, _ = generate(cola, [PASSAGE[:16].tolist()], 32, SamplerConfig(steps=16, guidance=1.0, stop_ids=(),
-                                                                        repetition_penalty=1.0),
-                      torch.Generator().manual_seed(3))
-    truth = PASSAGE[16:48].tolist()
-    per_block = [sum(a == b for a, b in zip(out[0][k:k + BS], truth[k:k + BS])) / BS for k in range(0, 32, BS)]
-    print("free generation, token accuracy per block:", per_block)
-    assert min(per_block[:3]) >= 0.75
+    """Prompted with the passage's first 16 symbols, the sampler (16 steps, guidance 1) continues it for 8 blocks.
+    With each finished block re-encoded from its tokens before it becomes history, every block holds; from its
+    own generated latents the first block holds and later ones derail (printed: the level reached, not asserted).
+    Mutation: the hidden-history mask above drops every block to chance."""
+    cfg, truth = SamplerConfig(steps=16, guidance=1.0, stop_ids=(), repetition_penalty=1.0), PASSAGE[16:48].tolist()
+    accuracy = {}
+    for name, reencode in (("own latents", False), ("re-encoded", True)):
+        out, _ = generate(cola, [PASSAGE[:16].tolist()], 32, cfg, torch.Generator().manual_seed(3),
+                          on_block=dg.history_drift(cola, [], reencode))
+        accuracy[name] = [sum(a == b for a, b in zip(out[0][k:k + BS], truth[k:k + BS])) / BS for k in range(0, 32, BS)]
+        print(f"free generation, history = {name}: token accuracy per block {accuracy[name]}")
+    mean = {name: sum(acc) / len(acc) for name, acc in accuracy.items()}
+    assert accuracy["own latents"][0] >= 0.75
+    assert min(accuracy["re-encoded"]) >= 0.75 and mean["re-encoded"] >= mean["own latents"] + 0.2
 
 
 @pytest.mark.parametrize("kind", ["ar", "llada"])
@@ -87,7 +107,7 @@ def test_baselines_memorise_the_passage(kind):
     that lets AR see the next token makes its loss vanish in training but its greedy continuation fail."""
     torch.manual_seed(0)
     model = TransformerLM(LMConfig(kind=kind, vocab_size=V, width=64, n_layers=2, n_heads=2, mlp_hidden=128, max_seq_len=64))
-    fit(model.parameters(), lambda x: model(x)["loss"], 150)
+    fit(model.parameters(), lambda x: model(x)["loss"], 150 if kind == "ar" else 300)
     model.eval()
     with torch.no_grad():
         if kind == "ar":

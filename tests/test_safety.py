@@ -11,7 +11,7 @@ import bench
 import eval as ev
 import prepare
 import scaling
-from conftest import ROOT, one_line_error
+from conftest import ROOT, bad_input_is_one_line, one_line_error
 from test_errors import runs, tree_hashes  # noqa: F401 (runs: the shared tiny Cola and AR runs)
 
 SCRIPTS = {"eval": ev, "bench": bench, "prepare": prepare, "scaling": scaling}
@@ -102,16 +102,7 @@ scaling | --eval_args=--nonsense --judge {ar}/ckpt.pt --out_root {fresh}   | unr
 def test_bad_input_is_one_line(script, argv, message, tmp_path, safe, capsys):
     m = {**safe, "fresh": str(tmp_path / "fresh")}
     argv = [a.format(**m) for a in argv.split()]
-    watched = [m["cola"], m["ar"], m["data"], m["root"]]
-    before = tree_hashes(watched)
-    with pytest.raises(SystemExit) as e:
-        SCRIPTS[script].main(argv)
-    err = capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else "")
-    lines = err.strip().splitlines()
-    assert e.value.code not in (0, None)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
-    assert "Traceback" not in err
-    assert tree_hashes(watched) == before
+    bad_input_is_one_line(SCRIPTS[script].main, argv, message, [m["cola"], m["ar"], m["data"], m["root"]], capsys)
     assert not [f for f in tree_hashes([m["fresh"]]) if f.endswith(".tmp")]  # a failed run leaves no temporary file
 
 
