@@ -90,6 +90,21 @@ def materials(tmp, runs, data_dir):
     long_task = tmp / "long.jsonl"
     long_task.write_text(json.dumps({"prompt": "word " * 1100, "ground_truth": "x"}) + "\n")
     m["long_task"] = str(long_task)
+    # data of another tokenizer with the same vocabulary size (265 ids): a tokenizer.json that differs in one field
+    from conftest import write_tokenizer_json
+    from prepare import prepare as prepare_data
+    other = tmp / "other_tokenizer.json"
+    write_tokenizer_json(str(other))
+    spec = json.load(open(other))
+    spec["truncation"] = {"max_length": 512}
+    json.dump(spec, open(other, "w"))
+    (tmp / "other.txt").write_text(open(os.path.join(os.path.dirname(__file__), "..", "data", "shakespeare_tiny.txt"),
+                                        encoding="utf-8").read()[:20000], encoding="utf-8")
+    prepare_data(str(tmp / "other.txt"), str(tmp / "data_other"), tokenizer=str(other), seq_len=16)
+    m["data_other"] = str(tmp / "data_other")
+    os.makedirs(tmp / "vae_only")
+    shutil.copy(os.path.join(runs["cola"], "vae.pt"), tmp / "vae_only" / "vae.pt")
+    m["vae_only"] = str(tmp / "vae_only")
     for how in ("odd", "empty", "half", "meta", "oov"):
         m[f"data_{how}"] = corrupt_data(data_dir, str(tmp / f"data_{how}"), how)
     return m
@@ -159,6 +174,8 @@ prepare | --shard_tokens 1 --out_dir {fresh}                             | --sha
 prepare | --out_dir {a_file}                                             | is a file, not a folder
 prepare | --input {nonutf8} --out_dir {fresh}                            | is not UTF-8 text
 sample  | --ckpt {bitflip}                                               | is corrupt: its tensors do not match their checksum
+train   | --out_dir {cola} --resume --data_dir {data_other}              | was trained on
+train   | --out_dir {vae_only} --stage joint --data_dir {data_other}     | was trained on
 train   | --out_dir {fresh} --resume --seed 99999999999999999999999      | argument --seed: must be <= 4294967295
 sample  | --ckpt {cola}/ckpt.pt --noise_scale 1e30                        | argument --noise_scale: must be a finite number in (0, 1000]
 sample  | --ckpt {cola}/ckpt.pt --guidance 1e30                           | argument --guidance: must be a finite number in (0, 1000]
@@ -234,6 +251,17 @@ def test_nonfinite_steps_never_replace_a_good_checkpoint(tmp_path, runs, data_di
     assert not os.path.exists(os.path.join(fresh, "vae.pt"))
 
 
+def test_an_empty_or_torn_lock_is_stale(tmp_path, data_dir):
+    """A train.lock left empty (a kill between creating and writing it) names no live run: the next run takes it
+    over. Mutation: reading it as pid 0, which os.kill accepts (our own process group), blocks the folder forever."""
+    out = tmp_path / "o"
+    os.makedirs(out)
+    (out / "train.lock").write_text("")
+    train.main(["--data_dir", data_dir, "--out_dir", str(out), "--stage", "vae", "--vae_iters", "1", "--eval_interval", "1"]
+               + TINY)
+    assert load_checkpoint(str(out / "vae.pt"))["step"] == 1 and not (out / "train.lock").exists()
+
+
 def test_two_runs_never_share_a_folder(tmp_path, data_dir, root, capsys):
     """A second training into a folder a live run is writing refuses in one line; the first finishes with a
     loadable checkpoint. Mutation: no lock lets both write (the second then races the first's files)."""
@@ -256,18 +284,28 @@ def test_two_runs_never_share_a_folder(tmp_path, data_dir, root, capsys):
 
 def test_resume_keeps_each_logged_step_once(tmp_path, data_dir):
     """A run killed after its log line but before its checkpoint logs those steps again on resume: the log is
-    trimmed to the checkpoint's step first, and temporary files of killed saves are cleared. Mutation:
-    appending without the trim repeats step 4."""
+    trimmed to the checkpoint's step first (a line torn by the kill is dropped, not a traceback), and temporary
+    files of killed saves are cleared. Mutation: appending without the trim repeats step 4."""
     out = str(tmp_path / "o")
     common = ["--data_dir", data_dir, "--out_dir", out, "--stage", "vae", "--vae_iters", "4", "--eval_interval", "2"] + TINY
     train.main(common + ["--stop_after", "2"])
     with open(os.path.join(out, "log_vae.jsonl"), "a") as f:  # the line of a step whose checkpoint never came
-        f.write(json.dumps({"step": 4, "loss": 1.0}) + "\n")
+        f.write(json.dumps({"step": 4, "loss": 1.0}) + "\n" + '{"step": 5, "lo')  # and a line torn by the kill
     open(os.path.join(out, "vae.pt.999999.tmp"), "wb").write(b"a save killed halfway")
     train.main(common + ["--resume"])
     steps = [json.loads(line)["step"] for line in open(os.path.join(out, "log_vae.jsonl"))]
     assert steps == [2, 4]
     assert not any(f.endswith(".tmp") for f in os.listdir(out))  # a killed save's temporary file is cleared
+
+
+def test_a_fresh_or_overwrite_run_starts_new_logs(tmp_path, data_dir):
+    """Logs belong to one run: --overwrite (and a fresh run after a failed one) does not append to the old log.
+    Mutation: keeping the old log gives steps 1, 2, 1, 2."""
+    out = str(tmp_path / "o")
+    common = ["--data_dir", data_dir, "--out_dir", out, "--stage", "vae", "--vae_iters", "2", "--eval_interval", "1"] + TINY
+    train.main(common)
+    train.main(common + ["--overwrite"])
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "log_vae.jsonl"))] == [1, 2]
 
 
 def test_overwrite_replaces_a_checkpoint_of_another_kind(tmp_path, runs, data_dir):
