@@ -45,6 +45,7 @@ VAE_FIXED = dict(model_type="cola_text_vae", shared_heads_kv=1, encoder_last_ln=
                  clip_qkv=None, bias=True, act="swiglu", causal=False, block_causal=True, use_variation=True,
                  use_emb=True)
 DIT_FIXED = dict(model_type="cola_dit", qk_bias=False, patch_size=1)
+REAL_KEYS = ("rope_theta", "layer_norm_eps", "norm_eps")
 
 
 def read_config(folder, required, fixed):
@@ -63,8 +64,10 @@ def read_config(folder, required, fixed):
     for key in required:
         if key not in cfg:
             raise SnapshotError(f"{path}: key {key!r} is missing")
-        if not isinstance(cfg[key], (int, float)) or isinstance(cfg[key], bool) or cfg[key] <= 0:
-            raise SnapshotError(f"{path}: {key} = {cfg[key]!r} must be a positive number")
+        value, real = cfg[key], key in REAL_KEYS  # sizes and counts are integers; eps and theta real numbers
+        if not isinstance(value, (int, float) if real else int) or isinstance(value, bool) or not 0 < value < 1e7:
+            raise SnapshotError(f"{path}: {key} = {value!r} must be a positive {'number' if real else 'integer'}"
+                                f"{'' if real else ' below 10^7'}")
     for key, want in fixed.items():
         if key in cfg and cfg[key] != want:
             raise SnapshotError(f"{path}: {key} = {cfg[key]!r} is not supported (this code implements {want!r})")

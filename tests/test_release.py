@@ -2,6 +2,7 @@
 released layout that loads and generates, one-line refusals of bad snapshots, and the tokenizer.json reader.
 (Equality with the authors' own code is checked outside the suite, docs/release.md.)"""
 import json
+import re
 import os
 
 import pytest
@@ -204,7 +205,8 @@ def break_snapshot(path, how):
         cfg_path = os.path.join(vae_dir, "config.json")
         cfg = json.load(open(cfg_path))
         cfg.update({"post norm": {"post_norm": False}, "bad eps": {"layer_norm_eps": "x"},
-                    "no vocab": {"vocab_size": None}}[how])
+                    "no vocab": {"vocab_size": None}, "float width": {"dim": 64.0}, "zero width": {"dim": 0},
+                    "huge width": {"dim": 10**12}, "text width": {"dim": "abc"}}[how])
         json.dump(cfg, open(cfg_path, "w"))
 
 
@@ -216,13 +218,17 @@ def break_snapshot(path, how):
     ("missing key", "tensor 'encoder.blocks.0.q_norm.weight' is missing"),
     ("post norm", "post_norm = False is not supported"),
     ("bad eps", "layer_norm_eps = 'x' must be a positive number"),
-    ("no vocab", "vocab_size = None must be a positive number"),
+    ("no vocab", "vocab_size = None must be a positive integer"),
+    ("float width", "dim = 64.0 must be a positive integer"),
+    ("zero width", "dim = 0 must be a positive integer"),
+    ("huge width", "dim = 1000000000000 must be a positive integer below 10^7"),
+    ("text width", "dim = 'abc' must be a positive integer"),
 ])
 def test_bad_snapshot_one_line(snapshot, capsys, how, message):
     import sample
     path, _ = snapshot
     break_snapshot(path, how)
-    with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(CheckpointError, match=re.escape(message)):
         release.from_pretrained(path)
     if how in ("missing file", "wrong shape"):  # and the scripts say it in one line
         assert message in one_line_error(sample.main, ["--init_from", path], capsys)
