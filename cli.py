@@ -6,6 +6,7 @@ writer never leaves a torn one behind.
 import argparse
 import contextlib
 import ctypes
+import functools
 import json
 import math
 import os
@@ -135,16 +136,22 @@ def check_writable_file(path, flag):
     return path
 
 
+@functools.lru_cache(maxsize=64)
+def _dry_run(script, flags):
+    import subprocess
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
+    out = subprocess.run([sys.executable, path, "--dry_run", *flags], capture_output=True, text=True)
+    return out.returncode, out.stdout, out.stderr
+
+
 def dry_run(script, flags):
     """`script --dry_run flags` (train.py: its configs, parameters and FLOPs per step, as a dict; eval.py: nothing):
     scripts check each other's flags through the command line, never by importing each other. A bad flag is one
     line naming the script."""
-    import subprocess
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
-    out = subprocess.run([sys.executable, path, "--dry_run", *flags], capture_output=True, text=True)
-    if out.returncode:
-        fail(f"{script} {' '.join(flags)}: " + (out.stderr.strip().splitlines() or ["failed"])[-1].removeprefix("error: "))
-    return json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else None
+    code, stdout, stderr = _dry_run(script, tuple(flags))  # asked again with the same flags: answered once
+    if code:
+        fail(f"{script} {' '.join(flags)}: " + (stderr.strip().splitlines() or ["failed"])[-1].removeprefix("error: "))
+    return json.loads(stdout.strip().splitlines()[-1]) if stdout.strip() else None
 
 
 def train_dry_run(flags):
