@@ -53,8 +53,8 @@ def save_checkpoint(path, obj):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
         write_atomic(path, lambda f: torch.save({**obj, "checksum": tensor_digest(obj)}, f), mode="wb")
-    except OSError as e:
-        raise CheckpointError(f"cannot write {path} ({e.strerror or e}); "
+    except (OSError, RuntimeError) as e:  # a full disk: OSError, or torch's zip writer failing after it
+        raise CheckpointError(f"cannot write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:80]}); "
                               f"{'the previous checkpoint is kept' if os.path.exists(path) else 'nothing was saved'}") from None
 
 

@@ -339,6 +339,10 @@ class TokenData:
 
     def __init__(self, data_dir, seq_len):
         self.meta, self.data_dir = load_meta(data_dir), data_dir
+        n_vocab = get_tokenizer(self.meta["tokenizer"]).n_vocab  # a hand-edited tokenizer or vocab_size disagrees
+        if n_vocab != self.meta["vocab_size"]:
+            raise DataError(f"{data_dir}/meta.json: tokenizer {self.meta['tokenizer']} has {n_vocab} ids, not its "
+                            f"vocab_size {self.meta['vocab_size']}; prepare the data again")
         dtype = np.dtype(self.meta["dtype"])
         self.seq_len, self.shards, self.starts = seq_len, {}, {}
         for split in ("train", "val"):

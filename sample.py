@@ -71,6 +71,10 @@ def main(argv=None):
                             "run `python train.py --stage joint` first")
         model, info = load_model(path, device, dtype=getattr(torch, args.dtype))
         enc = get_tokenizer(info["tokenizer"])
+        vocab = (model.vae.cfg if info["kind"] == "cola" else model.cfg).vocab_size
+        if enc.n_vocab > vocab:
+            raise DataError(f"{path} names tokenizer {info['tokenizer']} of {enc.n_vocab} ids, more than the model's "
+                            f"{vocab}: not the tokenizer it was trained with")
         prompt_ids = encode_prompt(info, enc, text)
     except (DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")

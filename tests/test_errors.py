@@ -103,6 +103,12 @@ def materials(tmp, runs, data_dir):
                                         encoding="utf-8").read()[:20000], encoding="utf-8")
     prepare_data(str(tmp / "other.txt"), str(tmp / "data_other"), tokenizer=str(other), seq_len=16)
     m["data_other"] = str(tmp / "data_other")
+    shutil.copytree(data_dir, tmp / "data_metatok")  # meta.json hand-edited to another tokenizer
+    meta = json.load(open(tmp / "data_metatok" / "meta.json"))
+    json.dump({**meta, "tokenizer": "gpt2"}, open(tmp / "data_metatok" / "meta.json", "w"))
+    m["data_metatok"] = str(tmp / "data_metatok")
+    torch.save({**ck, "tokenizer": "gpt2"}, str(tmp / "tok_edit.pt"))  # a checkpoint naming another tokenizer
+    m["tok_edit"] = str(tmp / "tok_edit.pt")
     os.makedirs(tmp / "vae_only")
     shutil.copy(os.path.join(runs["cola"], "vae.pt"), tmp / "vae_only" / "vae.pt")
     m["vae_only"] = str(tmp / "vae_only")
@@ -176,6 +182,8 @@ prepare | --out_dir {a_file}                                             | is a 
 prepare | --input {nonutf8} --out_dir {fresh}                            | is not UTF-8 text
 sample  | --ckpt {bitflip}                                               | is corrupt: its tensors do not match their checksum
 train   | --out_dir {cola} --resume --data_dir {data_other}              | was trained on
+train   | --data_dir {data_metatok}                                      | has 50257 ids, not its vocab_size 265
+sample  | --ckpt {tok_edit}                                              | not the tokenizer it was trained with
 train   | --out_dir {vae_only} --stage joint --data_dir {data_other}     | was trained on
 train   | --out_dir {fresh} --resume --seed 99999999999999999999999      | argument --seed: must be <= 4294967295
 sample  | --ckpt {cola}/ckpt.pt --noise_scale 1e30                        | argument --noise_scale: must be a finite number in (0, 1000]
@@ -270,6 +278,24 @@ def test_ctrl_c_is_one_line_and_keeps_a_loadable_checkpoint(tmp_path, data_dir, 
     assert lines[-1] == "error: interrupted; the last checkpoint is kept (continue with --resume)", err
     assert len([line for line in lines if line.startswith("error: ")]) == 1, err
     assert load_checkpoint(str(out / "vae.pt"))["step"] >= 1 and not (out / "train.lock").exists()
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_checkpoint(tmp_path, runs, data_dir, root):
+    """A file-size limit stands in for a full disk: the resumed run's save fails with one line, and the old
+    checkpoint is as it was, with no temporary file left. Mutation: writing in place (no temporary file and
+    rename) leaves a truncated checkpoint."""
+    import resource
+    out = str(tmp_path / "cola")
+    shutil.copytree(runs["cola"], out)
+    before = tree_hashes([out])[os.path.join(out, "ckpt.pt")]
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # smaller than a checkpoint
+    r = subprocess.run([sys.executable, os.path.join(root, "train.py"), "--out_dir", out, "--resume", "--no-compile",
+                        "--main_iters", "3"], capture_output=True, text=True, preexec_fn=limit)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and "cannot write" in lines[0] and "the previous checkpoint is kept" \
+        in lines[0], r.stderr
+    assert tree_hashes([out])[os.path.join(out, "ckpt.pt")] == before and load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert not any(f.endswith(".tmp") for f in os.listdir(out))
 
 
 def test_an_empty_or_torn_lock_is_stale(tmp_path, data_dir):
