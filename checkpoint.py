@@ -169,6 +169,22 @@ def load_model(path, device="cpu", kinds=("cola", "ar", "llada"), dtype=torch.fl
     return model_from(ckpt).to(device).eval(), ckpt
 
 
+def prompt_ids(info, enc, text):
+    """A prompt's token ids: plain BPE for this repo's models, the release's template for a snapshot."""
+    if not info.get("release"):
+        return enc.encode_ordinary(text)
+    import release
+    return release.encode_prompt(info, enc, text)
+
+
+def release_sampler(info):
+    """release.release_generate for a released snapshot (its budget and semantics), None for this repo's models."""
+    if not info.get("release"):
+        return None
+    import release
+    return release.release_generate
+
+
 def stored_sampler(info, eot_id, **flags):
     """The sampler a checkpoint stores (decoder.SamplerConfig; <|endoftext|> ends rows and pads prompts where it
     stores none), with the flags given that are not None."""

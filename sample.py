@@ -22,12 +22,11 @@ import time
 import torch
 
 from baselines import ar_generate, llada_generate
-from checkpoint import CheckpointError, load_model, stored_sampler
+from checkpoint import CheckpointError, load_model, prompt_ids, release_sampler, stored_sampler
 from cli import (Parser, autocast, float_in, int_at_least, nonneg_float, nonneg_int, pick_device, positive_float,
                  positive_int, read_prompt)
 from decoder import GenerationError, generate
 from prepare import REPO_DIR, DataError
-from release import encode_prompt, release_generate
 from scoring import seen_ngrams_line
 from tokenizer import get_tokenizer
 
@@ -75,7 +74,7 @@ def main(argv=None):
         if enc.n_vocab > vocab:
             raise DataError(f"{path} names tokenizer {info['tokenizer']} of {enc.n_vocab} ids, more than the model's "
                             f"{vocab}: not the tokenizer it was trained with")
-        prompt_ids = encode_prompt(info, enc, text)
+        prompt = prompt_ids(info, enc, text)
     except (DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     kind = info["kind"]
@@ -90,24 +89,24 @@ def main(argv=None):
     how = {"cola": f"steps {cfg.steps}, guidance {cfg.guidance}, noise scale {cfg.noise_scale}" +
                    (", the release's sampler" if info.get("release") else ""),
            "ar": "KV cache", "llada": f"steps {args.steps or 32}, block length {args.block_length or args.max_new_tokens}"}
-    print(f"# {path}: {kind}, step {info['step']}, {how[kind]}, prompt {len(prompt_ids)} tokens", flush=True)
+    print(f"# {path}: {kind}, step {info['step']}, {how[kind]}, prompt {len(prompt)} tokens", flush=True)
     show = lambda tokens: (sys.stdout.write(enc.decode(tokens)), sys.stdout.flush())
     total_tokens, total_time, samples = 0, 0.0, []
     for i in range(args.num_samples):
-        print(f"--- sample {i}\n{enc.decode(prompt_ids)}", end="", flush=True)
+        print(f"--- sample {i}\n{enc.decode(prompt)}", end="", flush=True)
         t0 = time.time()
         try:
             with autocast(device, args.dtype):
-                if kind == "cola" and info.get("release"):
-                    out, _ = release_generate(model, [prompt_ids], args.max_new_tokens, cfg, generator=g)
+                if kind == "cola" and release_sampler(info):
+                    out, _ = release_sampler(info)(model, [prompt], args.max_new_tokens, cfg, generator=g)
                     show(out[0])
                 elif kind == "cola":
-                    out, _ = generate(model, [prompt_ids], args.max_new_tokens, cfg, g, on_block=lambda s: show(s.kept[0]))
+                    out, _ = generate(model, [prompt], args.max_new_tokens, cfg, g, on_block=lambda s: show(s.kept[0]))
                 elif kind == "ar":
-                    out, _ = ar_generate(model, [prompt_ids], args.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                    out, _ = ar_generate(model, [prompt], args.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
                                          cfg.repetition_penalty, cfg.stop_ids[0], g, lambda new: show([new[0]] if new[0] is not None else []))
                 else:
-                    out, _ = llada_generate(model, [prompt_ids], args.max_new_tokens, args.steps or 32,
+                    out, _ = llada_generate(model, [prompt], args.max_new_tokens, args.steps or 32,
                                             args.block_length or None, cfg.temperature, cfg.stop_ids[0], g)
                     show(out[0])
         except GenerationError as e:
