@@ -194,7 +194,7 @@ def generate(model, prompts, max_new_tokens, cfg=SamplerConfig(), generator=None
             kept.append(fresh)
         pin, pin_z = torch.zeros_like(pin), None
         state = BlockState(k, z, decoded, tokens, hist_valid, caches, kept)
-        if (on_block(state) if on_block else False) or all(ended):
+        if (on_block is not None and on_block(state) is True) or all(ended):
             return outputs, dict(blocks=k + 1)
     return outputs, dict(blocks=n_blocks)
 

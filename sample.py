@@ -90,7 +90,10 @@ def main(argv=None):
                    (", the release's sampler" if info.get("release") else ""),
            "ar": "KV cache", "llada": f"steps {args.steps or 32}, block length {args.block_length or args.max_new_tokens}"}
     print(f"# {path}: {kind}, step {info['step']}, {how[kind]}, prompt {len(prompt)} tokens", flush=True)
-    show = lambda tokens: (sys.stdout.write(enc.decode(tokens)), sys.stdout.flush())
+    def show(tokens):
+        sys.stdout.write(enc.decode(tokens))
+        sys.stdout.flush()
+
     total_tokens, total_time, samples = 0, 0.0, []
     for i in range(args.num_samples):
         print(f"--- sample {i}\n{enc.decode(prompt)}", end="", flush=True)

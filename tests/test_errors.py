@@ -521,3 +521,19 @@ def test_read_only_run_folder_is_one_line(tmp_path, runs, capsys):  # noqa: F811
                                                              str(tmp_path / "r.json")], capsys)
     finally:
         os.chmod(run, 0o755)
+
+
+def test_sample_streams_every_block_of_a_cola_run(runs, capsys):
+    """sample.py prints what generate() returns for the checkpoint's own sampler, over several blocks. Mutation: an
+    on_block hook whose return value (the printing) is taken as 'stop' ends every sample after its first block."""
+    from checkpoint import load_model, stored_sampler
+    from decoder import generate
+    from tokenizer import get_tokenizer
+    path = os.path.join(runs["cola"], "ckpt.pt")
+    sample.main(["--ckpt", path, "--num_samples", "1", "--max_new_tokens", "12", "--steps", "2", "--prompt", "ROMEO:"])
+    printed = capsys.readouterr().out.split("--- sample 0\n")[1].split("\n# ")[0]
+    model, info = load_model(path)
+    enc = get_tokenizer(info["tokenizer"])
+    cfg = stored_sampler(info, enc.eot_token, steps=2, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.1)
+    out, stats = generate(model, [enc.encode_ordinary("ROMEO:")], 12, cfg, torch.Generator().manual_seed(1337))
+    assert printed == "ROMEO:" + enc.decode(out[0]) and stats["blocks"] > 1
