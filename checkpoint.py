@@ -58,6 +58,27 @@ def save_checkpoint(path, obj):
                               f"{'the previous checkpoint is kept' if os.path.exists(path) else 'nothing was saved'}") from None
 
 
+def save_training_state(path, state, world=1, master=True):
+    """A training checkpoint: the state plus every rank's random state (gathered, so that a resume continues every
+    stream), written by the master; every rank waits for it (the next stage reads the file on every rank)."""
+    states = [rng_state()] * world
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_gather_object(states, rng_state())
+    if master:
+        save_checkpoint(path, {**state, "rng": states})
+    if world > 1:
+        dist.barrier()
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a NaN loss, say); the message is one line meant for the user."""
+
+
+def kept(path):
+    return f"{path} keeps the last good checkpoint" if os.path.exists(path) else f"no checkpoint was written to {path}"
+
+
 def load_checkpoint(path, kinds=None):
     """The checkpoint dict at `path`; `kinds` (e.g. ("cola",)) lists the model kinds the caller accepts."""
     if not os.path.exists(path):

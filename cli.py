@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import ctypes
 import functools
+import gc
 import json
 import math
 import os
@@ -190,6 +191,21 @@ def setup_distributed(device):
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return rank, world, device
+
+
+def all_reduce_mean(metrics, env):
+    keys = sorted(metrics)
+    t = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=env["device"]) for k in keys])
+    if env["world"] > 1:
+        dist.all_reduce(t)
+    return {k: float(v) / env["world"] for k, v in zip(keys, t)}
+
+
+def cleanup_distributed():
+    gc.collect()  # free DDP wrappers first: a reducer torn down after its process group can abort gloo
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def keep_freed_memory():

@@ -58,6 +58,11 @@ def lm_train_flops(lm, seq_len):
     return 6 * matmul_params(lm) + 3 * attention_flops(lm.cfg.n_layers, lm.cfg.width, seq_len)
 
 
+def vae_frozen(args):
+    """Stage 2 trains the prior alone: no VAE work at all (its FLOPs are the encoder's forward only)."""
+    return args.vae_lr_ratio == 0 and args.lam_vae == 0 and args.lam_ref == 0
+
+
 def dry_run(args, vae_config, dit_config, lm_config):
     """train.py --dry_run: configs, parameters and training FLOPs per optimizer step of its flags (train.py's config
     builders), on the meta device, at the vocabulary of --data_dir (GPT-2's where it holds no data)."""
@@ -76,8 +81,7 @@ def dry_run(args, vae_config, dit_config, lm_config):
                         flops_per_step=lm_train_flops(lm, L) * tokens)
         vae_cfg = vae_config(args, vocab)
         cola = ColaDLM(vae_cfg, dit_config(args, vae_cfg))
-    frozen = args.vae_lr_ratio == 0 and args.lam_vae == 0 and args.lam_ref == 0
-    joint = joint_train_flops(cola, L, 1 / args.fm_batch_mult, args.lam_mask, frozen)
+    joint = joint_train_flops(cola, L, 1 / args.fm_batch_mult, args.lam_mask, vae_frozen(args))
     return dict(model="cola", vae_iters=args.vae_iters, main_iters=args.main_iters, vae_config=asdict(vae_cfg),
                 dit_config=asdict(cola.dit.cfg), params=n_params(cola.vae) + n_params(cola.dit),
                 vae_flops_per_step=vae_train_flops(cola.vae, L, args.lam_mask) * tokens,

@@ -14,7 +14,6 @@ self-describing (model configs, sampler, args, step, optimizer, every rank's ran
 """
 import argparse
 import contextlib
-import gc
 import json
 import math
 import os
@@ -27,14 +26,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from baselines import TransformerLM, matched_lm_config
-from checkpoint import (CheckpointError, build, checkpoint_for, claim_out_dir, model_from, resumable, rng_state,
-                        save_checkpoint, set_rng_state, trim_log)
-from cli import (Parser, autocast, float_in, int_at_least, keep_freed_memory, nonneg_float, positive_float, positive_int,
-                 setup_distributed, unit_float)
+from checkpoint import (CheckpointError, TrainingError, build, checkpoint_for, claim_out_dir, kept, model_from,
+                        resumable, save_training_state, set_rng_state, trim_log)
+from cli import (Parser, all_reduce_mean, autocast, cleanup_distributed, float_in, int_at_least, keep_freed_memory, nonneg_float,
+                 positive_float, positive_int, setup_distributed, unit_float)
 from decoder import SamplerConfig
 from diffusion import ColaDLM, LossConfig
 from dit import DiTConfig
-from flops import dry_run, joint_train_flops, lm_train_flops, vae_train_flops
+from flops import dry_run, joint_train_flops, lm_train_flops, vae_frozen, vae_train_flops
 from layers import n_params
 from prepare import DEFAULT_DATA_DIR, REPO_DIR, DataError, TokenData, batch_seed
 from vae import TextVAE, VAEConfig
@@ -175,11 +174,6 @@ def lm_config(args, vocab_size):
                              vcfg.max_seq_len, args.dropout, args.lm_layers), target
 
 
-def vae_frozen(args):
-    """Stage 2 trains the prior alone: no VAE work at all."""
-    return args.vae_lr_ratio == 0 and args.lam_vae == 0 and args.lam_ref == 0
-
-
 # ----------------------------------------------------------------------------------------------------
 # what a stage hands the training loop
 
@@ -295,10 +289,6 @@ def stage_lm(args, env, data):
 # ----------------------------------------------------------------------------------------------------
 # the training loop every stage shares
 
-class TrainingError(RuntimeError):
-    """The run cannot go on (a NaN loss, say); the message is one line meant for the user."""
-
-
 def lr_at(step, args, max_iters):
     """Linear warm-up to --lr, then cosine decay to --min_lr at max_iters."""
     if step < args.warmup_iters:
@@ -318,21 +308,9 @@ def make_optimizer(param_groups, args, device):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=str(device).startswith("cuda"))
 
 
-def all_reduce_mean(metrics, env):
-    keys = sorted(metrics)
-    t = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=env["device"]) for k in keys])
-    if env["world"] > 1:
-        dist.all_reduce(t)
-    return {k: float(v) / env["world"] for k, v in zip(keys, t)}
-
-
 def clip_gradients(groups, max_norm):
     """Clip each group {log suffix: params} to max_norm on its own -> {'gnorm<suffix>': norm before clipping}."""
     return {"gnorm" + k: torch.nn.utils.clip_grad_norm_(params, max_norm) for k, params in groups.items()}
-
-
-def kept(path):
-    return f"{path} keeps the last good checkpoint" if os.path.exists(path) else f"no checkpoint was written to {path}"
 
 
 def train(run, args, env, data):
@@ -359,20 +337,14 @@ def train(run, args, env, data):
     micro_batch = run.micro_batch or args.batch_size
     tokens_per_step = micro_batch * args.seq_len * args.grad_accum * world
     flops = lambda: run.flops_before + step * tokens_per_step * run.flops_per_token
+    halt = lambda what: TrainingError(f"[{run.name}] {what}, {kept(run.ckpt_path)} (try a lower --lr)")
 
     def save():
         if not all(torch.isfinite(p).all() for p in model.parameters()):  # the same on every rank (DDP)
-            raise TrainingError(f"[{run.name}] the weights hold NaN or Inf at step {step}; not saved, "
-                                f"{kept(run.ckpt_path)} (try a lower --lr)")
-        states = [rng_state()] * world
-        if world > 1:  # every rank's random state, so that a resume continues every stream
-            dist.all_gather_object(states, rng_state())
-        if master:
-            save_checkpoint(run.ckpt_path, dict(**run.ckpt_fields, model=model.state_dict(), step=step,
-                                                optimizer=opt.state_dict(), rng=states, args=vars(args),
-                                                tokenizer=data.meta["tokenizer"], train_flops=flops()))
-        if world > 1:
-            dist.barrier()  # the next stage reads this file on every rank
+            raise halt(f"the weights hold NaN or Inf at step {step}; not saved")
+        save_training_state(run.ckpt_path, dict(**run.ckpt_fields, model=model.state_dict(), step=step,
+                                                optimizer=opt.state_dict(), args=vars(args),
+                                                tokenizer=data.meta["tokenizer"], train_flops=flops()), world, master)
 
     def validate():
         """Metrics averaged over the validation batches and ranks, with fixed noise: comparable between
@@ -410,8 +382,7 @@ def train(run, args, env, data):
                     sums[k] = sums.get(k, 0.0) + v.detach().float() / args.grad_accum
         # a NaN or Inf loss stops every rank before the step: the weights and the last checkpoint stay good
         if not math.isfinite(all_reduce_mean({"loss": sums["loss"]}, env)["loss"]):
-            raise TrainingError(f"[{run.name}] loss is {float(sums['loss'])} at step {step}; stopped, "
-                                f"{kept(run.ckpt_path)} (try a lower --lr)")
+            raise halt(f"loss is {float(sums['loss'])} at step {step}; stopped")
         if args.grad_clip > 0:
             sums.update(clip_gradients(run.clip_groups or {"": list(model.parameters())}, args.grad_clip))
         opt.step()
@@ -428,8 +399,7 @@ def train(run, args, env, data):
         if step % args.eval_interval == 0 or step == run.max_iters:
             val = validate()
             if not math.isfinite(val["loss"]):
-                raise TrainingError(f"[{run.name}] validation loss is {val['loss']} at step {step}; not saved, "
-                                    f"{kept(run.ckpt_path)} (try a lower --lr)")
+                raise halt(f"validation loss is {val['loss']} at step {step}; not saved")
             if master:
                 print(f"[{run.name}] val step {step} " + " ".join(f"{k} {v:.4g}" for k, v in val.items()) +
                       f" | {time.time() - start:.0f} s into this run", flush=True)
@@ -473,10 +443,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.exit("error: interrupted; the last checkpoint is kept (continue with --resume)")
     finally:
-        gc.collect()  # free DDP wrappers first: a reducer torn down after its process group can abort gloo
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        cleanup_distributed()
 
 
 if __name__ == "__main__":

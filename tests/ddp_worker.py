@@ -42,7 +42,5 @@ if rank == 0:
     with open(os.path.join(root, "ddp_check.json"), "w") as f:
         json.dump({"world": world, "max_rank_diff": max(float((g - gathered[0]).abs().max()) for g in gathered)}, f)
 del live, vec, gathered
-import gc
-gc.collect()
-dist.barrier()
-dist.destroy_process_group()
+from cli import cleanup_distributed
+cleanup_distributed()
