@@ -1,13 +1,9 @@
 """
-The baselines Cola DLM is matched against (docs/method.md §8), built from the same transformer pieces:
-
-- AR: a LLaMA-style causal transformer trained on next-token CE; decoding with a KV cache.
-- LLaDA: the same network with bidirectional attention, trained as a masked diffusion model: per
-  sequence t ~ U(0, 1), each token masked with probability t, CE on the masked tokens divided by t.
-  Sampling starts from all [MASK] and over `steps` steps unmasks the most confident predictions
-  (low-confidence remasking), optionally block by block (semi-autoregressive).
-
-The file reads: the network, its losses, then the two samplers (ar_generate, llada_generate).
+The baselines Cola DLM is matched against (docs/method.md §8), from the same transformer pieces: AR, a LLaMA-style
+causal transformer on next-token CE, decoded with a KV cache; LLaDA, the same network with bidirectional attention
+trained as a masked diffusion model (per sequence t ~ U(0, 1), each token masked with probability t, CE on the
+masked tokens divided by t), sampled from all [MASK] by unmasking the most confident predictions over `steps`
+passes (low-confidence remasking), optionally block by block. The network, its losses, then the two samplers.
 """
 import math
 from dataclasses import dataclass
@@ -16,7 +12,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import build, load_weights
 from decoder import GenerationError, choose_tokens
 from layers import Attention, KVCache, SwiGLU, block_causal_mask, init_weights, n_params, with_key_padding
 
@@ -35,13 +30,6 @@ class Block(nn.Module):
     def forward(self, x, pos, mask, cache=None, commit=False):
         x = x + self.drop(self.attn(self.ln1(x), pos, mask, cache, commit))
         return x + self.mlp(self.ln2(x))
-
-
-def scale_residual_init(module, n_layers):
-    """Scale output projections by 1/sqrt(2*n_layers) as GPT-2 does, so deep residual streams start tame."""
-    for name, p in module.named_parameters():
-        if name.endswith("attn.proj.weight") or name.endswith("mlp.out.weight"):
-            nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layers))
 
 
 @dataclass
@@ -72,23 +60,15 @@ class TransformerLM(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
         init_weights(self)
-        scale_residual_init(self, cfg.n_layers)
-
-    @classmethod
-    def from_checkpoint(cls, ckpt):
-        """The model of a baseline checkpoint dict (checkpoint.load_checkpoint)."""
-        model = cls(build(LMConfig, ckpt["lm_config"], ckpt))
-        load_weights(model, ckpt["model"], ckpt)
-        return model
+        for name, p in self.named_parameters():  # output projections at 0.02 / sqrt(2 n_layers), as GPT-2
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.out.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layers))
 
     def logits(self, tokens, pos=None, mask=None, cache=None):
-        B, T = tokens.shape
-        if pos is None:
-            start = 0 if cache is None else len(cache)
-            pos = torch.arange(start, start + T, device=tokens.device)
+        """(B, T, V) next-token logits; pos and mask default to a whole uncached sequence (causal for AR)."""
+        pos = torch.arange(tokens.shape[1], device=tokens.device) if pos is None else pos
         if mask is None and self.cfg.kind == "ar":
-            kpos = torch.arange(pos[-1] + 1, device=tokens.device) if cache is not None else pos
-            mask = block_causal_mask(pos, kpos)  # block size 1 = causal
+            mask = block_causal_mask(pos, pos)  # block size 1 = causal
         x = self.embed(tokens)  # (B, T, w)
         for i, blk in enumerate(self.blocks):
             x = blk(x, pos, mask, None if cache is None else cache.layers[i], commit=True)
@@ -120,8 +100,7 @@ class TransformerLM(nn.Module):
 
 def matched_lm_config(kind, target_params, vocab_size, width, n_heads, mlp_hidden, max_seq_len, dropout=0.0,
                       n_layers=0):
-    """A baseline at `width` whose depth (unless n_layers is given) brings its parameter count closest
-    to target_params, the Cola model's VAE + DiT."""
+    """A baseline at `width` of n_layers, or of the depth closest to target_params (Cola's VAE + DiT)."""
     cfg = LMConfig(kind=kind, vocab_size=vocab_size, width=width, n_heads=n_heads if width % n_heads == 0 else 1,
                    mlp_hidden=mlp_hidden, max_seq_len=max_seq_len, dropout=dropout)
     cfg.n_layers = n_layers or match_layers(target_params, cfg)
@@ -136,42 +115,29 @@ def match_layers(target_params, cfg: LMConfig):
     return max(1, round((target_params - base) / one))
 
 
-# ----------------------------------------------------------------------------------------------------
-# the samplers
-
-def left_pad(prompts, pad_id, device):
-    """Prompts of different lengths, right-aligned: tokens (B, P) and their validity (B, P). An empty prompt
-    becomes the single token pad_id (<|endoftext|>, the start of a document)."""
-    rows = [list(p) or [pad_id] for p in prompts]
-    P = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), P), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(rows), P, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        tokens[b, P - len(r):] = torch.tensor(r, dtype=torch.long)
-        valid[b, P - len(r):] = True
-    return tokens.to(device), valid.to(device)
-
-
-def check_context(prompts, max_new_tokens, context):
-    longest = max((len(p) for p in prompts), default=0)
+def left_pad(model, prompts, max_new_tokens, pad_id):
+    """Prompts right-aligned on the model's device: tokens (B, P) and their validity (B, P); an empty prompt is the
+    single token pad_id (<|endoftext|>, the start of a document). Beyond the context, a GenerationError."""
+    if not prompts:
+        raise GenerationError("no prompts given")
+    longest, context = max(len(p) for p in prompts), model.cfg.max_seq_len
     if longest + max_new_tokens > context:
         raise GenerationError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
                               f"model's context of {context} tokens")
+    rows, device = [list(p) or [pad_id] for p in prompts], model.head.weight.device
+    P = max(len(r) for r in rows)
+    return (torch.tensor([[pad_id] * (P - len(r)) + r for r in rows], dtype=torch.long, device=device),
+            torch.tensor([[False] * (P - len(r)) + [True] * len(r) for r in rows], device=device))
 
 
 @torch.no_grad()
 def ar_generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                 eos_id=50256, generator=None, on_token=None):
-    """Token-by-token decoding of a batch of prompts with a KV cache: one batched forward pass per token.
-    Prompts are left-padded, the padded keys masked out (RoPE sees only relative positions), so each row
-    gets what it would get alone. Returns (new-token lists, {'passes': batched passes}).
-    on_token(tokens) is called with each row's new token (None once the row has stopped)."""
-    if not prompts:
-        raise GenerationError("no prompts given")
-    check_context(prompts, max_new_tokens, model.cfg.max_seq_len)
-    device = model.head.weight.device
-    tokens, key_valid = left_pad(prompts, eos_id, device)
-    B, P = tokens.shape
+    """Token-by-token decoding of a batch with a KV cache, left-padded, the padded keys masked out (RoPE sees only
+    relative positions), so each row gets what it would get alone. Returns (new-token lists, {'passes': batched
+    passes}); on_token(tokens) gets each row's new token (None once the row has stopped)."""
+    tokens, key_valid = left_pad(model, prompts, max_new_tokens, eos_id)
+    (B, P), device = tokens.shape, tokens.device
     pos = torch.arange(P, device=device)
     cache = KVCache(model.cfg.n_layers)
     logits = model.logits(tokens, pos, with_key_padding(block_causal_mask(pos, pos), key_valid, key_valid), cache)
@@ -179,12 +145,8 @@ def ar_generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=
     outs, done, passes = [[] for _ in range(B)], [False] * B, 1
     for n in range(max_new_tokens):
         tok = choose_tokens(logits[:, -1:], seen, temperature, top_k, top_p, repetition_penalty, generator)  # (B, 1)
-        new = []
-        for b, t in enumerate(tok[:, 0].tolist()):
-            done[b] = done[b] or t == eos_id
-            new.append(None if done[b] else t)
-            if not done[b]:
-                outs[b].append(t)
+        new = [None if d or t == eos_id else t for d, t in zip(done, tok[:, 0].tolist())]
+        done, outs = [t is None for t in new], [o if t is None else o + [t] for o, t in zip(outs, new)]
         seen[torch.arange(B, device=device), tok[:, 0]] = True
         if on_token is not None:
             on_token(new)
@@ -202,13 +164,8 @@ def llada_generate(model, prompts, max_new_tokens, steps=32, block_length=None, 
     """LLaDA sampling with low-confidence remasking for a batch of prompts (left-padded, padded keys masked).
     block_length < max_new_tokens gives semi-autoregressive blocks, each unmasked over
     steps * block_length / max_new_tokens steps. Returns (new-token lists, {'passes': batched passes})."""
-    if not prompts:
-        raise GenerationError("no prompts given")
-    check_context(prompts, max_new_tokens, model.cfg.max_seq_len)
-    device = model.head.weight.device
-    mask_id = model.cfg.mask_id
-    prompt, prompt_valid = left_pad(prompts, eos_id, device)
-    B, P = prompt.shape
+    prompt, prompt_valid = left_pad(model, prompts, max_new_tokens, eos_id)
+    (B, P), device, mask_id = prompt.shape, prompt.device, model.cfg.mask_id
     x = torch.cat([prompt, torch.full((B, max_new_tokens), mask_id, dtype=torch.long, device=device)], 1)  # (B, T)
     key_valid = torch.cat([prompt_valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], 1)
     T = x.shape[1]
@@ -220,9 +177,8 @@ def llada_generate(model, prompts, max_new_tokens, steps=32, block_length=None, 
     passes = 0
     for blk in range(n_blocks):
         lo, hi = P + blk * block_length, min(P + (blk + 1) * block_length, T)
-        n_masked = hi - lo
         for i in range(steps_per_block):
-            k = n_masked // steps_per_block + (i < n_masked % steps_per_block)  # positions to unmask this step
+            k = (hi - lo) // steps_per_block + (i < (hi - lo) % steps_per_block)  # positions to unmask this step
             if k == 0:
                 continue
             logits = model.logits(x, pos, attn).float()  # (B, T, V)
@@ -231,12 +187,7 @@ def llada_generate(model, prompts, max_new_tokens, steps=32, block_length=None, 
             pred = (torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(B, T) if temperature > 0
                     else logits.argmax(-1))
             conf = probs.gather(-1, pred.unsqueeze(-1)).squeeze(-1)  # (B, T)
-            eligible = torch.zeros_like(x, dtype=torch.bool)
-            eligible[:, lo:hi] = x[:, lo:hi] == mask_id
-            conf = torch.where(eligible, conf, torch.full_like(conf, -1.0))
+            conf = torch.where((x == mask_id) & (pos >= lo) & (pos < hi), conf, -1.0)  # only this block's masks
             pick = torch.topk(conf, k, dim=-1).indices  # (B, k): the k most confident masked positions per row
             x.scatter_(1, pick, pred.gather(1, pick))
-    outs = []
-    for row in x[:, P:].tolist():
-        outs.append(row[:row.index(eos_id)] if eos_id in row else row)
-    return outs, {"passes": passes}
+    return [row[:row.index(eos_id)] if eos_id in row else row for row in x[:, P:].tolist()], {"passes": passes}

@@ -1,19 +1,9 @@
 """
-The authors' released model through this repo's code (docs/release.md): its snapshot read into ColaDLM, and
-its sampler's semantics as a wrapper over the core loop (decoder.generate). The snapshot is the Hugging Face
-download of ByteDance-Seed/Cola-DLM:
-
-    DIR/cola_vae/config.json  + model.safetensors (or shards listed in model.safetensors.index.json)
-    DIR/cola_dit/config.json  + model.safetensors
-    DIR/tokenizer.json        (or DIR/../tokenizer.json, the release's own hf_models/ layout)
-
-Configs map onto VAEConfig / DiTConfig; a value this code does not implement is refused, naming its key.
-Weights map by name, one released tensor per parameter of ours with the same shape (RELEASE_NAMES), read
-with the safetensors library; a missing, unknown or misshapen tensor is refused, naming its key.
-
-The release's sampler differs from the core loop in four ways, all here: its DiT reads bf16-rounded inputs
-(BF16InputDiT), its decoder reads normalised latents, it generates a budget of whole blocks and keeps every
-token of them (release_generate), and its benchmark draws each row's noise from the row's own seed (row_noise).
+The authors' released model (docs/release.md): the Hugging Face snapshot of ByteDance-Seed/Cola-DLM (DIR/cola_vae/,
+DIR/cola_dit/: config.json + safetensors; tokenizer.json in DIR or DIR/..) read into ColaDLM, any config value,
+tensor or shape this code does not implement refused in one line; and the release's sampler over decoder.generate:
+bf16-rounded DiT inputs (BF16InputDiT), normalised latents into the decoder, whole blocks all kept
+(release_generate), per-row noise seeds (row_noise).
 """
 import json
 import math
@@ -24,7 +14,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError as SnapshotError
 from decoder import SamplerConfig, generate
 from diffusion import ColaDLM
 from dit import DiT, DiTConfig
@@ -32,14 +22,7 @@ from tokenizer import get_tokenizer, template_ids
 from vae import VAEConfig
 
 
-class SnapshotError(CheckpointError):
-    """A released snapshot this code cannot load; the message is one line meant for the user."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# configs
-
-# release key -> the only value this code implements (the release's own defaults)
+# configs: release key -> the only value this code implements (the release's own defaults)
 VAE_FIXED = dict(model_type="cola_text_vae", shared_heads_kv=1, encoder_last_ln=True, layer_norm_type="layer_norm",
                  layer_norm_affine=True, post_norm=True, qk_bias=False, qk_norm=True, qk_norm_affine=True,
                  clip_qkv=None, bias=True, act="swiglu", causal=False, block_causal=True, use_variation=True,
@@ -49,8 +32,7 @@ REAL_KEYS = ("rope_theta", "layer_norm_eps", "norm_eps")
 
 
 def read_config(folder, required, fixed):
-    """config.json of one module, checked: every key in `required` present, every key in `fixed` equal
-    to its value when present. Keys neither names are the library's bookkeeping and are ignored."""
+    """(config.json of one module, its path), checked against `required` keys and `fixed` values."""
     path = os.path.join(folder, "config.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -71,14 +53,13 @@ def read_config(folder, required, fixed):
     for key, want in fixed.items():
         if key in cfg and cfg[key] != want:
             raise SnapshotError(f"{path}: {key} = {cfg[key]!r} is not supported (this code implements {want!r})")
-    return cfg
+    return cfg, path
 
 
 def vae_config(folder):
     """VAEConfig and the latent normalisation (shift, scale) of the release's cola_vae/config.json."""
-    c = read_config(folder, ("vocab_size", "encoder_num_blocks", "decoder_num_blocks", "dim", "ffn_dim", "latent_dim",
-                             "patch_size", "num_heads", "block_size", "rope_theta", "layer_norm_eps"), VAE_FIXED)
-    where = os.path.join(folder, "config.json")
+    c, where = read_config(folder, ("vocab_size encoder_num_blocks decoder_num_blocks dim ffn_dim latent_dim "
+                                    "patch_size num_heads block_size rope_theta layer_norm_eps").split(), VAE_FIXED)
     if c["dim"] % c["num_heads"] or c["ffn_dim"] % 2:
         raise SnapshotError(f"{where}: dim must be a multiple of num_heads and ffn_dim even")
     cfg = VAEConfig(vocab_size=c["vocab_size"], latent_dim=c["latent_dim"], width=c["dim"],
@@ -90,9 +71,8 @@ def vae_config(folder):
 
 def dit_config(folder, vae_cfg):
     """DiTConfig of the release's cola_dit/config.json, on the VAE's latents."""
-    c = read_config(folder, ("txt_in_channels", "txt_out_channels", "txt_dim", "emb_dim", "heads", "head_dim",
-                             "expand_ratio", "num_layers", "norm_eps", "rope_dim", "block_size"), DIT_FIXED)
-    where = os.path.join(folder, "config.json")
+    c, where = read_config(folder, ("txt_in_channels txt_out_channels txt_dim emb_dim heads head_dim expand_ratio "
+                                    "num_layers norm_eps rope_dim block_size").split(), DIT_FIXED)
     checks = [("txt_in_channels", c["txt_in_channels"] == vae_cfg.latent_dim, "the VAE's latent_dim"),
               ("txt_out_channels", c["txt_out_channels"] == vae_cfg.latent_dim, "the VAE's latent_dim"),
               ("emb_dim", c["emb_dim"] == c["txt_dim"], "txt_dim"),
@@ -107,28 +87,24 @@ def dit_config(folder, vae_cfg):
                      rope_fraction=c["rope_dim"] / c["head_dim"], norm_eps=float(c["norm_eps"]), adaln_zero=False)
 
 
-# ----------------------------------------------------------------------------------------------------
-# weights
-
-# (ours, the release's): regexes over parameter names, {i} a block index; every parameter of ours has one
-VAE_BLOCK = [(r"attn\.qkv", "qkv_proj"), (r"attn\.q_norm", "q_norm"), (r"attn\.k_norm", "k_norm"),
-             (r"attn\.proj", "attn_out_proj"), (r"ln_attn", "norm_attn"), (r"mlp\.proj", "ffn_proj"),
-             (r"mlp\.out", "ffn_out"), (r"ln_mlp", "norm_ffn")]
-RELEASE_NAMES = (
-    [(r"vae\.enc\.embed", "encoder.wte"), (r"vae\.enc\.patch", "encoder.patch_embedder"),
-     (r"vae\.enc\.to_latent", "encoder.final_layer"), (r"vae\.dec\.from_latent", "decoder.in_layer"),
-     (r"vae\.dec\.unpatch", "decoder.unpatch_layer"), (r"vae\.dec\.ln_f", "decoder.final_norm"),
-     (r"vae\.dec\.head", "decoder.final_layer")]
-    + [(rf"vae\.{ours_part}\.blocks\.(\d+)\.{a}", rf"{theirs_part}.blocks.\1.{b}")
-       for ours_part, theirs_part in (("enc", "encoder"), ("dec", "decoder")) for a, b in VAE_BLOCK]
-    + [(r"dit\.inp", "txt_in.proj"), (r"dit\.t_embed\.mlp\.0", "emb_in.proj_in"), (r"dit\.t_embed\.mlp\.2", "emb_in.proj_hid"),
-       (r"dit\.t_embed\.mlp\.4", "emb_in.proj_out"), (r"dit\.final\.ln", "txt_out_norm"),
-       (r"dit\.final\.ada", "txt_out_ada.out_in.1"), (r"dit\.final\.out", "txt_out.proj")]
-    + [(rf"dit\.blocks\.(\d+)\.{a}", rf"blocks.\1.{b}") for a, b in (
-        (r"attn\.qkv", "msa.proj_qkv"), (r"attn\.proj", "msa.proj_out"), (r"attn\.q_norm", "msa.norm_q"),
-        (r"attn\.k_norm", "msa.norm_k"), (r"mlp\.0", "mlp.proj_in"), (r"mlp\.2", "mlp.proj_out"),
-        (r"ada_attn", "ada.msa_in.1"), (r"gate_attn", "ada.msa_out.1"), (r"ada_mlp", "ada.mlp_in.1"),
-        (r"gate_mlp", "ada.mlp_out.1"))])
+# weights: our parameter names -> the release's (each with .weight and .bias), the *_BLOCK ones in every block
+VAE_TOP = {"enc.embed": "encoder.wte", "enc.patch": "encoder.patch_embedder", "enc.to_latent": "encoder.final_layer",
+           "dec.from_latent": "decoder.in_layer", "dec.unpatch": "decoder.unpatch_layer",
+           "dec.ln_f": "decoder.final_norm", "dec.head": "decoder.final_layer"}
+VAE_BLOCK = {"attn.qkv": "qkv_proj", "attn.q_norm": "q_norm", "attn.k_norm": "k_norm", "attn.proj": "attn_out_proj",
+             "ln_attn": "norm_attn", "mlp.proj": "ffn_proj", "mlp.out": "ffn_out", "ln_mlp": "norm_ffn"}
+DIT_TOP = {"inp": "txt_in.proj", "t_embed.mlp.0": "emb_in.proj_in", "t_embed.mlp.2": "emb_in.proj_hid",
+           "t_embed.mlp.4": "emb_in.proj_out", "final.ln": "txt_out_norm", "final.ada": "txt_out_ada.out_in.1",
+           "final.out": "txt_out.proj"}
+DIT_BLOCK = {"attn.qkv": "msa.proj_qkv", "attn.proj": "msa.proj_out", "attn.q_norm": "msa.norm_q",
+             "attn.k_norm": "msa.norm_k", "mlp.0": "mlp.proj_in", "mlp.2": "mlp.proj_out", "ada_attn": "ada.msa_in.1",
+             "gate_attn": "ada.msa_out.1", "ada_mlp": "ada.mlp_in.1", "gate_mlp": "ada.mlp_out.1"}
+RELEASE_NAMES = (  # (regex over our names, the release's name)
+    [(re.escape(f"vae.{a}"), b) for a, b in VAE_TOP.items()]
+    + [(rf"vae\.{o}\.blocks\.(\d+)\.{re.escape(a)}", rf"{t}.blocks.\1.{b}")
+       for o, t in (("enc", "encoder"), ("dec", "decoder")) for a, b in VAE_BLOCK.items()]
+    + [(re.escape(f"dit.{a}"), b) for a, b in DIT_TOP.items()]
+    + [(rf"dit\.blocks\.(\d+)\.{re.escape(a)}", rf"blocks.\1.{b}") for a, b in DIT_BLOCK.items()])
 ROPE_BUFFER = re.compile(r"blocks\.\d+\.msa\.rope\.rope\.freqs")  # the release's RoPE frequencies, recomputed here
 
 
@@ -162,68 +138,44 @@ def safetensors_files(folder):
         raise SnapshotError(f"{path} is not a readable safetensors file ({type(e).__name__})") from None
 
 
-def load_weights(model, folder, prefix):
-    """Copy a module's released tensors into model's parameters named `prefix`..., checking names and shapes."""
+def read_tensor(path, name):
     from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(name)
+    except Exception as e:
+        raise SnapshotError(f"{path}: cannot read tensor {name!r} ({type(e).__name__})") from None
+
+
+def load_weights(model, folder, prefix):
+    """Copy a module's released tensors into model's parameters named `prefix`..., checking names and shapes,
+    and that the DiT's stored RoPE frequencies are the ones this code computes."""
     files = safetensors_files(folder)
-    params = {k: p for k, p in model.named_parameters() if k.startswith(prefix)}
-    wanted = {release_name(k): k for k in params}
+    wanted = {release_name(k): p for k, p in model.named_parameters() if k.startswith(prefix)}
+    rope = [name for name in files if prefix == "dit." and ROPE_BUFFER.fullmatch(name)]
     for name in files:
-        if name not in wanted and not (prefix == "dit." and ROPE_BUFFER.fullmatch(name)):
+        if name not in wanted and name not in rope:
             raise SnapshotError(f"{folder}: unknown tensor {name!r} in the snapshot")
-    for theirs, ours in wanted.items():
+    for theirs, p in wanted.items():
         if theirs not in files:
             raise SnapshotError(f"{folder}: tensor {theirs!r} is missing from the snapshot")
-        try:
-            with safe_open(files[theirs], framework="pt") as f:
-                t = f.get_tensor(theirs)
-        except Exception as e:
-            raise SnapshotError(f"{files[theirs]}: cannot read tensor {theirs!r} ({type(e).__name__})") from None
-        if tuple(t.shape) != tuple(params[ours].shape):
+        t = read_tensor(files[theirs], theirs)
+        if tuple(t.shape) != tuple(p.shape):
             raise SnapshotError(f"{folder}: tensor {theirs!r} has shape {tuple(t.shape)}, the config makes it "
-                                f"{tuple(params[ours].shape)}")
+                                f"{tuple(p.shape)}")
         with torch.no_grad():
-            params[ours].copy_(t.to(params[ours].dtype))
-        if not torch.isfinite(params[ours]).all():
+            p.copy_(t.to(p.dtype))
+        if not torch.isfinite(p).all():
             raise SnapshotError(f"{folder}: tensor {theirs!r} holds NaN or Inf")
-
-
-def snapshot_folders(path):
-    """(cola_vae folder, cola_dit folder, tokenizer.json) of a snapshot directory."""
-    if not os.path.isdir(path):
-        raise SnapshotError(f"{path} is not a directory (a released snapshot holds cola_vae/ and cola_dit/)")
-    folders = [os.path.join(path, "cola_vae"), os.path.join(path, "cola_dit")]
-    for folder in folders:
-        if not os.path.isdir(folder):
-            raise SnapshotError(f"{folder} is missing: {path} is not a released Cola DLM snapshot")
-    tokenizer = [p for p in (os.path.join(path, "tokenizer.json"), os.path.join(path, os.pardir, "tokenizer.json"))
-                 if os.path.exists(p)]
-    if not tokenizer:
-        raise SnapshotError(f"{os.path.join(path, 'tokenizer.json')} is missing")
-    return folders[0], folders[1], os.path.normpath(tokenizer[0])
-
-
-def check_rope_buffer(folder, cfg):
-    """The release stores its DiT's RoPE frequencies; they must be the ones this code computes."""
-    from safetensors import safe_open
-    files = safetensors_files(folder)
+    cfg = model.dit.cfg
     rot = round(cfg.rope_fraction * cfg.width / cfg.n_heads)
     want = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2).float() / rot))
-    for name, path in files.items():
-        if ROPE_BUFFER.fullmatch(name):
-            with safe_open(path, framework="pt") as f:
-                got = f.get_tensor(name).float()
-            if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=0):
-                raise SnapshotError(f"{folder}: {name!r} holds RoPE frequencies other than theta "
-                                    f"{cfg.rope_theta:g} over {rot} channels")
+    for name in rope:
+        got = read_tensor(files[name], name).float()
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=0):
+            raise SnapshotError(f"{folder}: {name!r} holds RoPE frequencies other than theta "
+                                f"{cfg.rope_theta:g} over {rot} channels")
 
-
-def latent_norm_ok(shift, scale):
-    return math.isfinite(shift) and math.isfinite(scale) and scale != 0
-
-
-# ----------------------------------------------------------------------------------------------------
-# the released model
 
 class BF16InputDiT(DiT):
     """The release's sampler hands its DiT bf16-rounded inputs: z and the network's time 1000 t."""
@@ -235,9 +187,18 @@ class BF16InputDiT(DiT):
 def from_pretrained(path, dtype=torch.float32):
     """ColaDLM with the released weights of a snapshot directory, built directly in `dtype` (bfloat16 halves the
     memory: run it under autocast), as nanoGPT's GPT.from_pretrained. Returns (model in eval mode, tokenizer.json)."""
-    vae_dir, dit_dir, tokenizer = snapshot_folders(path)
+    if not os.path.isdir(path):
+        raise SnapshotError(f"{path} is not a directory (a released snapshot holds cola_vae/ and cola_dit/)")
+    vae_dir, dit_dir = os.path.join(path, "cola_vae"), os.path.join(path, "cola_dit")
+    for folder in (vae_dir, dit_dir):
+        if not os.path.isdir(folder):
+            raise SnapshotError(f"{folder} is missing: {path} is not a released Cola DLM snapshot")
+    tokenizer = [p for p in (os.path.join(path, "tokenizer.json"), os.path.join(path, os.pardir, "tokenizer.json"))
+                 if os.path.exists(p)]
+    if not tokenizer:
+        raise SnapshotError(f"{os.path.join(path, 'tokenizer.json')} is missing")
     vae_cfg, shift, scale = vae_config(vae_dir)
-    if not latent_norm_ok(shift, scale):
+    if not (math.isfinite(shift) and math.isfinite(scale) and scale != 0):
         raise SnapshotError(f"{vae_dir}/config.json: shifting_factor {shift} / scaling_factor {scale} do not give "
                             "a usable normalisation")
     default = torch.get_default_dtype()
@@ -250,15 +211,13 @@ def from_pretrained(path, dtype=torch.float32):
     model.decoder_reads_normalized = True
     load_weights(model, vae_dir, "vae.")
     load_weights(model, dit_dir, "dit.")
-    check_rope_buffer(dit_dir, model.dit.cfg)
     model.latent_shift.fill_(shift)  # the release normalises with two scalars: (z - shift) * scale
     model.latent_scale.fill_(scale)
-    return model.eval(), tokenizer
+    return model.eval(), os.path.normpath(tokenizer[0])
 
 
 def load_snapshot(path, dtype=torch.float32):
-    """(model, what the scripts read about a model: kind, step, preset, tokenizer, the sampler, and the
-    release's special tokens and prompt template)."""
+    """(model, the checkpoint-like dict the scripts read: kind, tokenizer, the release's sampler and template)."""
     model, tokenizer = from_pretrained(path, dtype)
     enc = get_tokenizer(tokenizer)
     specials = {name: enc.encode_single_token(name) for name in ("<|pad|>", "<|endoftext|>", "<|im_end|>")
@@ -269,8 +228,8 @@ def load_snapshot(path, dtype=torch.float32):
         raise SnapshotError(f"{tokenizer} has {enc.n_vocab} ids, more than the model's vocab_size "
                             f"{model.vae.cfg.vocab_size}: it is not this snapshot's tokenizer")
     # the release pads prompts with <|pad|> and stops at <|endoftext|> or <|im_end|> (OLMo 2: 100277, 100257, 100265)
-    stops = tuple(specials[n] for n in ("<|endoftext|>", "<|im_end|>") if n in specials)
-    sampler = SamplerConfig(stop_ids=stops, pad_id=specials["<|pad|>"])
+    sampler = SamplerConfig(stop_ids=tuple(specials[n] for n in ("<|endoftext|>", "<|im_end|>") if n in specials),
+                            pad_id=specials["<|pad|>"])
     return model, dict(kind="cola", step=0, args=dict(preset="release"), tokenizer=tokenizer, train_flops=0.0,
                        sampler=vars(sampler), release=True, prompt_template=template_ids(tokenizer))
 
@@ -284,9 +243,6 @@ def encode_prompt(info, enc, text):
     return prefix + enc.encode(text, allowed_special="all") + suffix
 
 
-# ----------------------------------------------------------------------------------------------------
-# the release's sampler, over the core loop
-
 def row_noise(shape, device, row_seeds, k):
     """Block k's starting noise with one seed per row, row_seeds[b] + k * 10^7: a row gets the same noise
     whatever batch it runs in (the release's COLA_INFER_PER_SAMPLE_NOISE_SEED scheme). shape (B, bs, d)."""
@@ -295,22 +251,14 @@ def row_noise(shape, device, row_seeds, k):
                         for s in row_seeds])
 
 
-def release_block_count(max_new_tokens, rem, block_size, patch):
-    """ceil(max_new_tokens / tokens per block) blocks, the first one's prompt share included, and a single block
-    when the prompt's partial block alone needs more latents than that budget. rem: per row, the tokens of its
-    prompt's partial last block."""
-    if any(r and max_new_tokens < block_size - math.ceil(r / patch) for r in rem):
-        return 1
-    return max(1, math.ceil(max_new_tokens / (block_size * patch)))
-
-
 def release_generate(model, prompts, max_new_tokens, cfg, row_seeds=None, generator=None):
-    """generate() with the release's budget: release_block_count blocks, every token of them kept (stop tokens
-    and what follows included, the prompt's own tokens left out), until every row's block has held a stop
-    token. row_seeds: one noise seed per row (row_noise); else every row draws from `generator`."""
+    """generate() with the release's budget: ceil(max_new_tokens / tokens per block) blocks counting the prompt's
+    share (one if its partial block alone needs more latents), all their new tokens kept, stop tokens included,
+    until every row's block has held a stop token. row_seeds: a noise seed per row (row_noise), else `generator`."""
     bs, patch = model.block_size, model.vae.cfg.patch_size
     rem = [len(p) % (bs * patch) for p in prompts]
-    n_blocks = release_block_count(max_new_tokens, rem, bs, patch)
+    short = any(r and max_new_tokens < bs - math.ceil(r / patch) for r in rem)
+    n_blocks = 1 if short else max(1, math.ceil(max_new_tokens / (bs * patch)))
     outs, done = [[] for _ in prompts], [False] * len(prompts)
 
     def keep_all(state):
