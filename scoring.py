@@ -1,32 +1,9 @@
 """
-How generations are scored: task answers by the rules of the paper's benchmark evaluation (docs/method.md
-§9; the authors' release applies them in its scripts/acc_calc.py), and free samples by judge-free n-gram
-metrics. Pure functions.
-
-Sample metrics: the fraction of a sample's token 2- and 3-grams that occur anywhere in the training split
-(word salad scores low, real text about 0.8 / 0.45 on the default corpus), distinct-n (repetition cannot
-game the first two without showing here), 4-gram repetition and unigram entropy.
-
-Every generation is first cut at the first newline that has a word character before it (a reply that
-starts with blank lines is not cut to nothing). Texts are then normalised: lower-cased, stripped,
-every character that is neither a word character nor whitespace deleted ("Mairi's" -> "mairis"),
-whitespace collapsed. Then, by task:
-- lambada: the first word of the generation equals the first word of the ground truth;
-- mmlu, obqa, race, siqa (choice tasks): the generation is mapped to a choice letter, and it is right
-  when that letter is the ground truth's; an unmapped generation is right only if it equals the ground
-  truth after normalisation. A generation maps to a choice through, in this order: a bare letter
-  ("B", "(B)", "B."), a letter after "answer/option/choice (is)", a bracketed letter in a short reply;
-  else through the choices' texts: normalised equality, equality once an "answer is" prefix is removed,
-  exactly one choice contained in it, or a difflib similarity of at least 0.9. The last "answer is ..."
-  line of the reply is tried before the whole reply;
-- every other task (hellaswag, squad, story_cloze, ...): the generation equals the ground truth after
-  normalisation. There is no mapping to the nearest option.
-
-Task files are JSONL. The paper's format: {"id", "prompt", "ground_truth", "choices", "few_shot_prefix"};
-the prefix goes back in front of the prompt. This repo's own format: {"prompt", "answer", "options",
-"scoring": "first_word" | "option" | "exact"}. The rules are picked by task name (the file-name stem):
-lambada, mmlu, obqa, hellaswag, race, siqa, squad, story_cloze; any other file falls back to each line's
-`scoring` (first_word = the lambada rule, option = the choice rule, exact = equality).
+How generations are scored (pure functions): task answers by the rules of the paper's benchmark evaluation
+(docs/method.md §9, the release's scripts/acc_calc.py; README "Tasks are scored as the paper scores"): cut at
+the first newline after a word character, normalised; lambada compares first words, mmlu, obqa, race and siqa
+map the answer to a choice letter (choice_of), every other task needs equality. Task files: the paper's JSONL
+format or this repo's (read_tasks). Free samples: judge-free n-gram metrics (ngram_metrics).
 """
 import difflib
 import json
@@ -46,17 +23,12 @@ class TaskError(ValueError):
     """A bad task file; the message is one line meant for the user."""
 
 
-# ----------------------------------------------------------------------------------------------------
-# text rules
+# -------------------------------------------------------------------------------- text rules
 
 def cut_generation(text):
     """Everything before the first newline that has a word character in front of it."""
-    pos = 0
-    while (idx := text.find("\n", pos)) != -1:
-        if re.search(r"\w", text[:idx]):
-            return text[:idx]
-        pos = idx + 1
-    return text
+    m = re.search(r"\w[^\n]*", text)
+    return text[:m.end()] if m else text
 
 
 def normalize(text):
@@ -67,10 +39,7 @@ def normalize(text):
 
 def similarity(a, b):
     """difflib ratio of the normalised texts; 1.0 when both are empty."""
-    a, b = normalize(a), normalize(b)
-    if not a and not b:
-        return 1.0
-    return difflib.SequenceMatcher(None, a, b).ratio()
+    return difflib.SequenceMatcher(None, normalize(a), normalize(b)).ratio()
 
 
 def first_word(text):
@@ -100,8 +69,6 @@ def letter_in(text, n_choices):
     """A choice letter written as such: bare, after a keyword, or bracketed in a short reply; '' if none.
     A letter past the last choice does not count, and the next form is tried."""
     raw = str(text or "").strip()
-    if not raw:
-        return ""
     m = _BARE_LETTER.fullmatch(raw)
     candidates = [m.group(1)] if m else []
     candidates += _KEYWORD_LETTER.findall(raw)[-1:]
@@ -115,18 +82,15 @@ def letter_in(text, n_choices):
 
 def choice_by_text(text, choices):
     """The letter of the choice the text names by its words; '' if none or several."""
-    norm = normalize(text)
-    if not norm or not choices:
+    if not choices:
         return ""
     norm_choices = [normalize(c) for c in choices]
-    if norm in norm_choices:
-        return chr(65 + norm_choices.index(norm))
     cleaned = _ANSWER_PREFIX.sub("", str(text)).strip()
-    norm = normalize(cleaned)
-    if not norm:
-        return ""
-    if norm in norm_choices:
-        return chr(65 + norm_choices.index(norm))
+    for norm in (normalize(text), normalize(cleaned)):  # as written, then without an "answer is" prefix
+        if not norm:
+            return ""
+        if norm in norm_choices:
+            return chr(65 + norm_choices.index(norm))
     inside = [i for i, c in enumerate(norm_choices) if c and c in norm]
     if len(inside) == 1:
         return chr(65 + inside[0])
@@ -136,7 +100,8 @@ def choice_by_text(text, choices):
 
 
 def choice_of(text, choices):
-    """The choice letter a generation maps to, or '' (unmapped)."""
+    """The choice letter a generation maps to, or '' (unmapped): a letter written as such (letter_in), else the
+    choice its words name (choice_by_text); the last "answer is ..." line is tried before the whole reply."""
     if not choices:
         return ""
     for candidate in (answer_segment(text), text):
@@ -156,27 +121,24 @@ def score(generation, task):
         n = min(len(choices), 26)
         predicted = choice_of(gen, choices)
         truth_letter = (letter_in(truth, n) or choice_by_text(truth, choices)) if n else ""
-        if predicted and truth_letter and predicted == truth_letter:
+        if predicted and predicted == truth_letter:
             return 1.0
     return float(similarity(gen, truth) >= 1.0)
 
 
-# ----------------------------------------------------------------------------------------------------
-# task files
+# -------------------------------------------------------------------------------- task files
 
 def task_rule(name, scoring=None):
     """The rule of a task by its name (file-name stem), else by the line's own `scoring`."""
-    if name == "lambada":
-        return "first_word"
-    if name in CHOICE_TASKS:
-        return "choice"
     if name in PAPER_TASKS:
-        return "exact"
+        return "first_word" if name == "lambada" else "choice" if name in CHOICE_TASKS else "exact"
     return RULE_OF_SCORING.get(scoring or "exact", "exact")
 
 
-def parse_task(obj, name, where):
-    """One task dict {id, prompt, ground_truth, choices, rule} from either format; TaskError naming `where`."""
+def parse_task(obj, name, where, index):
+    """One task {id, prompt, ground_truth, choices, rule} from the paper's format (id, prompt, ground_truth, choices,
+    few_shot_prefix: put before the prompt) or this repo's (prompt, answer, options, scoring); TaskError names where.
+    A line without an id gets its index; a 'generate' field (a generation to score) is kept."""
     if not isinstance(obj, dict):
         raise TaskError(f"{where}: each line must be a JSON object")
     truth_key = "ground_truth" if "ground_truth" in obj else "answer"
@@ -199,8 +161,9 @@ def parse_task(obj, name, where):
             raise TaskError(f"{where}: scoring 'option' needs 'options'")
         if obj[truth_key].strip() not in [c.strip() for c in choices]:
             raise TaskError(f"{where}: 'answer' is not one of the options")
-    return {"id": obj.get("id"), "prompt": prefix + obj["prompt"], "ground_truth": obj[truth_key],
-            "choices": choices, "rule": rule}
+    return {"id": index if obj.get("id") is None else obj["id"], "prompt": prefix + obj["prompt"],
+            "ground_truth": obj[truth_key], "choices": choices, "rule": rule,
+            **({"generate": str(obj["generate"])} if "generate" in obj else {})}
 
 
 def read_tasks(path):
@@ -222,11 +185,7 @@ def read_tasks(path):
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise TaskError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        task = parse_task(obj, name, f"{path}:{n}")
-        task["id"] = len(tasks) if task["id"] is None else task["id"]
-        if "generate" in obj:
-            task["generate"] = str(obj["generate"])
-        tasks.append(task)
+        tasks.append(parse_task(obj, name, f"{path}:{n}", len(tasks)))
     if not tasks:
         raise TaskError(f"task file {path} holds no task")
     return name, tasks
@@ -235,15 +194,18 @@ def read_tasks(path):
 def score_file(path):
     """Score the existing generations ('generate' field) of a task file -> {task, n, accuracy (percent)}."""
     name, tasks = read_tasks(path)
-    missing = [i for i, t in enumerate(tasks) if "generate" not in t]
+    missing = sum("generate" not in t for t in tasks)
     if missing:
-        raise TaskError(f"{path}: {len(missing)} of {len(tasks)} lines have no 'generate' field to score")
-    hits = sum(score(t["generate"], t) for t in tasks)
-    return {"task": name, "n": len(tasks), "accuracy": 100.0 * hits / len(tasks)}
+        raise TaskError(f"{path}: {missing} of {len(tasks)} lines have no 'generate' field to score")
+    return {"task": name, "n": len(tasks), "accuracy": 100.0 * sum(score(t["generate"], t) for t in tasks) / len(tasks)}
 
 
-# ----------------------------------------------------------------------------------------------------
-# sample metrics
+# -------------------------------------------------------------------------------- sample metrics
+
+def grams(s, n):
+    """The n-grams of one token list, as tuples."""
+    return [tuple(s[i:i + n]) for i in range(len(s) - n + 1)]
+
 
 class TrainNgrams:
     """Membership of token 2- and 3-grams in the training split (sorted int64 codes, searchsorted)."""
@@ -254,37 +216,34 @@ class TrainNgrams:
         return cls(data.tokens("train", limit=limit), data.meta["vocab_size"])
 
     def __init__(self, train_tokens, vocab_size):
-        ids = np.asarray(train_tokens, dtype=np.int64)
-        self.V = vocab_size
-        self.codes = {2: np.unique(ids[:-1] * vocab_size + ids[1:]),
-                      3: np.unique((ids[:-2] * vocab_size + ids[1:-1]) * vocab_size + ids[2:])}
+        ids, self.V = np.asarray(train_tokens, dtype=np.int64), vocab_size
+        self.codes = {n: np.unique(self.code([ids[j:len(ids) - n + 1 + j] for j in range(n)])) for n in (2, 3)}
+
+    def code(self, columns):
+        """One int64 per n-gram from its n token columns: the n-gram read as a number in base V."""
+        code = columns[0]
+        for c in columns[1:]:
+            code = code * self.V + c
+        return code
 
     def seen_rate(self, samples, n):
-        grams = [s[i:i + n] for s in samples for i in range(len(s) - n + 1)]
-        if not grams:
+        g = np.asarray([x for s in samples for x in grams(s, n)], dtype=np.int64).reshape(-1, n)
+        if not len(g):
             return 0.0
-        g = np.asarray(grams, dtype=np.int64)
-        code = g[:, 0] * self.V + g[:, 1] if n == 2 else (g[:, 0] * self.V + g[:, 1]) * self.V + g[:, 2]
-        table = self.codes[n]
+        code, table = self.code(g.T), self.codes[n]
         idx = np.clip(np.searchsorted(table, code), 0, len(table) - 1)
         return float((table[idx] == code).mean())
 
 
 def ngram_metrics(samples, train_ngrams=None):
-    """distinct-1/2/3 over all samples, 4-gram repetition inside samples, unigram entropy (bits), and the
-    fraction of the samples' token 2- and 3-grams that occur in the training split."""
+    """distinct-1/2/3, 4-gram repetition inside samples, unigram entropy (bits), seen 2-/3-gram rates in training."""
     res = {}
     for n in (1, 2, 3):
-        grams = [tuple(s[i:i + n]) for s in samples for i in range(len(s) - n + 1)]
-        res[f"distinct_{n}"] = len(set(grams)) / max(len(grams), 1)
-    rep, tot = 0, 0
-    for s in samples:
-        seen = set()
-        for i in range(len(s) - 3):
-            rep += tuple(s[i:i + 4]) in seen
-            tot += 1
-            seen.add(tuple(s[i:i + 4]))
-    res["repetition_4"] = rep / max(tot, 1)
+        every = [x for s in samples for x in grams(s, n)]
+        res[f"distinct_{n}"] = len(set(every)) / max(len(every), 1)
+    fours = [grams(s, 4) for s in samples]
+    n_fours = sum(map(len, fours))
+    res["repetition_4"] = (n_fours - sum(len(set(f)) for f in fours)) / max(n_fours, 1)
     counts = Counter(t for s in samples for t in s)
     total = sum(counts.values())
     res["unigram_entropy_bits"] = -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
