@@ -6,75 +6,66 @@ Data preparation: UTF-8 text -> token shards (train_00000.bin, ..., val_00000.bi
     python prepare.py --input corpus/ --out_dir data/c        # a folder of .txt files (one document each)
     python prepare.py --input docs.jsonl --out_dir data/d     # JSONL, one document per line in a "text" field
 
-The input is streamed: it is read in blocks of at most --block_bytes, cut where the BPE cannot straddle
-the cut (before a line that starts with a non-space), tokenized by --workers processes, and written in
-shards of at most --shard_tokens tokens, so memory stays bounded whatever the corpus size. Documents are
-separated by <|endoftext|>.
-
-Tokens are stored as uint16 when the vocabulary fits, else uint32, as nanoGPT does. The GPT-2 BPE
-(docs/method.md §2) loads offline from the vendored data/gpt2.tiktoken after a hash check; cl100k_base
-(the paper's tokenizer family) is used only where tiktoken can load it (it needs its own download/cache);
-a released model's tokenizer.json works too (tokenizer.py).
-
-TokenData reads the prepared shards for training and evaluation: random windows from memmaps, each
-batch a pure function of (seed, index, step), so a run's data position is just its step.
+The input is streamed (blocks of --block_bytes cut where the BPE cannot straddle the cut, tokenized by
+--workers processes, shards of --shard_tokens tokens), so memory stays bounded whatever the corpus size.
+Documents are separated by <|endoftext|>; tokens are uint16 when the vocabulary fits, else uint32 (nanoGPT).
+TokenData reads the shards back as random windows from memmaps, each batch a pure function of (seed, index, step).
 """
 import argparse
-import hashlib
+import codecs
+import contextlib
+import functools
 import json
 import multiprocessing
 import os
 import re
-import sys
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import Parser, check_writable_dir, write_json
-from tokenizer import DataError, eot_id, get_tokenizer
+from cli import Parser, check_writable_dir, fail, positive_int, write_json
+from tokenizer import REPO_DIR, DataError, get_tokenizer, sha256_of
 
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))  # default paths of every script start here
 DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "data", "shakespeare")
 DEFAULT_CORPUS = os.path.join(REPO_DIR, "data", "shakespeare_tiny.txt")
 
-def split_tokens(ids, val_fraction, split="chunks", chunk=2048, min_chunk=64):
-    """Train/val split. 'chunks': every k-th chunk of `chunk` tokens is held out, so validation text comes
-    from the same works as training text (a single-document corpus split at its tail would hold out
-    whole plays, with names never seen in training); 'tail': the last val_fraction of the file (nanoGPT)."""
-    n = len(ids)
+
+def held_out(at, total, val_fraction, split, chunk):
+    """Which tokens are validation ones, by position `at` in a stream of `total`: 'chunks', every k-th chunk, so
+    that validation text comes from the works training reads; 'tail', the last val_fraction (nanoGPT)."""
     if split == "tail":
-        n_train = n - int(n * val_fraction)
-        return ids[:n_train], ids[n_train:]
+        return at >= total - int(total * val_fraction)
     every = max(2, round(1 / val_fraction))
-    chunk = max(min_chunk, chunk)
-    starts = range(0, n, chunk)
-    val = np.concatenate([ids[s:s + chunk] for i, s in enumerate(starts) if i % every == every - 1] or [ids[:0]])
-    train = np.concatenate([ids[s:s + chunk] for i, s in enumerate(starts) if i % every != every - 1])
-    return train, val
+    return at // chunk % every == every - 1
+
+
+def split_tokens(ids, val_fraction, split="chunks", chunk=2048, min_chunk=64):
+    """(train, val) of a whole token array (held_out)."""
+    val = held_out(np.arange(len(ids)), len(ids), val_fraction, split, max(min_chunk, chunk))
+    return ids[~val], ids[val]
+
+
+def chunk_size(n_tokens, every, min_chunk):
+    """2,048-token validation chunks, fewer for a small corpus, so that validation gets about ten."""
+    return int(max(min_chunk, min(2048, n_tokens // (every * 10))))
 
 
 # ----------------------------------------------------------------------------------------------------
-# streaming: sources -> text pieces -> tokens -> train / val shards
+# streaming: files -> text pieces -> tokens -> train / val shards
 
 def list_sources(path):
-    """[(file, 'text' | 'jsonl')]: one text file, a JSONL file, or every .txt file under a folder."""
-    if os.path.isdir(path):
-        files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names if f.endswith(".txt"))
-        if not files:
-            raise DataError(f"folder {path} holds no .txt file")
-        return [(f, "text") for f in files]
-    if not os.path.exists(path):
-        raise DataError(f"input file {path} does not exist")
-    return [(path, "jsonl" if path.endswith((".jsonl", ".json")) else "text")]
-
-
-def check_sources(sources):
-    """Every input file can be opened (a folder may hold a broken link or a file we may not read)."""
-    for f, _ in sources:
-        if not os.path.isfile(f) or not os.access(f, os.R_OK):
+    """The input's files: one text or JSONL file, or every .txt file under a folder; each must be readable."""
+    if not os.path.isdir(path):
+        files = [path]
+    elif not (files := sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(".txt"))):
+        raise DataError(f"folder {path} holds no .txt file")
+    for f in files:
+        if not os.path.lexists(f):
+            raise DataError(f"input file {f} does not exist")
+        if not os.path.isfile(f) or not os.access(f, os.R_OK):  # a broken link, or a file we may not read
             raise DataError(f"input {f} is not a readable file (a broken link?)")
-    return sources
+    return files
 
 
 # Places where the GPT-2 pre-tokenizer always starts a new piece, so the BPE of two texts cut there equals
@@ -86,12 +77,8 @@ _CUTS = re.compile(r"(?<=\S\n)(?=\S)"), re.compile(r"(?<=\S)(?= [A-Za-z])")
 def last_cut(text, lo=0):
     """Position of the last safe cut in text[lo:] (None if there is none)."""
     for pattern in _CUTS:
-        cut = None
-        for m in pattern.finditer(text, lo):
-            cut = m.start()
-        if cut:
+        if cut := max((m.start() for m in pattern.finditer(text, lo)), default=None):
             return cut
-    return None
 
 
 def split_document(text, block_chars):
@@ -105,15 +92,14 @@ def split_document(text, block_chars):
     yield text
 
 
-def read_pieces(sources, block_bytes, hasher):
-    """Yield (text, starts_a_later_document, input bytes read so far); no more than about 2 x block_bytes of
-    text is held at a time, unless a document has no safe cut at all."""
-    done, first = 0, True
-    for path, kind in sources:
+def read_pieces(files, block_bytes):
+    """(text, starts_a_later_document, input bytes read so far), holding about 2 x block_bytes of text at most
+    (unless a document has no safe cut at all)."""
+    done, docs = 0, 0
+    for n, path in enumerate(files):
         with open(path, "rb") as f:
-            if kind == "jsonl":
-                for n, line in enumerate(f, 1):
-                    hasher.update(line)
+            if path.endswith((".jsonl", ".json")):
+                for line_no, line in enumerate(f, 1):
                     done += len(line)
                     if not line.strip():
                         continue
@@ -121,26 +107,20 @@ def read_pieces(sources, block_bytes, hasher):
                         text = json.loads(line.decode("utf-8"))["text"]
                         assert isinstance(text, str)
                     except (ValueError, KeyError, TypeError, AssertionError):
-                        raise DataError(f"{path}:{n}: each line must be a JSON object with a string 'text'") from None
+                        raise DataError(f"{path}:{line_no}: not a JSON object with a string 'text'") from None
+                    docs += 1
                     for i, piece in enumerate(split_document(text, block_bytes)):
-                        yield piece, i == 0 and not first, done
-                        first = False
+                        yield piece, i == 0 and docs > 1, done
                 continue
-            text, undecoded, at, new_doc = "", b"", 0, not first  # at: the file offset of undecoded[0]
-            first = False
+            decoder, text, new_doc = codecs.getincrementaldecoder("utf-8")(), "", n > 0
             while True:
-                raw = f.read(block_bytes)
-                hasher.update(raw)
+                pending, raw = len(decoder.getstate()[0]), f.read(block_bytes)  # a character split by a read waits
                 done += len(raw)
-                data = undecoded + raw
                 try:
-                    text += data.decode("utf-8")
-                    undecoded, at = b"", at + len(data)
-                except UnicodeDecodeError as e:  # a character split by the read waits for the next one
-                    if not raw or e.reason != "unexpected end of data":
-                        raise DataError(f"input file {path} is not UTF-8 text (bad byte at offset {at + e.start})") from None
-                    text += data[:e.start].decode("utf-8")
-                    undecoded, at = data[e.start:], at + e.start
+                    text += decoder.decode(raw, final=not raw)
+                except UnicodeDecodeError as e:
+                    offset = f.tell() - len(raw) - pending + e.start
+                    raise DataError(f"input file {path} is not UTF-8 text (bad byte at offset {offset})") from None
                 cut = last_cut(text, len(text) // 2) if raw else len(text)
                 if cut:
                     yield text[:cut], new_doc, done
@@ -149,152 +129,104 @@ def read_pieces(sources, block_bytes, hasher):
                     break
 
 
-_WORKER_ENC = None
+def encode_piece(tokenizer, piece):
+    """(ids, bytes read, whether it holds text) of a read_pieces piece; a later document starts with EOT."""
+    text, new_document, done = piece
+    enc = get_tokenizer(tokenizer)  # loaded once per process
+    ids = enc.encode_ordinary(text)
+    return ([enc.eot_token] + ids if new_document else ids), done, bool(text.strip())
 
 
-def _init_worker(tokenizer):
-    global _WORKER_ENC
-    _WORKER_ENC = get_tokenizer(tokenizer)
+class Shards:
+    """The train and val tokens, appended in order to shards of at most shard_tokens tokens, as .tmp files until
+    close(keep=True) names them (close(keep=False), a failed run's, removes them)."""
 
+    def __init__(self, out_dir, dtype, shard_tokens):
+        self.out_dir, self.dtype, self.shard_tokens = out_dir, dtype, shard_tokens
+        self.shards = {"train": [], "val": []}
 
-def _encode(item):
-    text, new_document, done = item
-    ids = _WORKER_ENC.encode_ordinary(text)
-    return ([_WORKER_ENC.eot_token] + ids if new_document else ids), done, bool(text.strip())
-
-
-class ShardWriter:
-    """Tokens of one split, appended in order, written as shards of at most shard_tokens tokens."""
-
-    def __init__(self, out_dir, split, dtype, shard_tokens):
-        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
-        self.shards, self.file = [], None
-
-    def write(self, ids):
+    def write(self, ids, val):
+        """Append the ids where the mask `val` holds to the validation split, the others to the training one."""
         ids = np.asarray(ids, dtype=self.dtype)
-        while len(ids):
-            if self.file is None or self.shards[-1]["tokens"] == self.shard_tokens:
-                self.close()
-                self.shards.append({"file": f"{self.split}_{len(self.shards):05d}.bin", "tokens": 0})
-                self.file = open(os.path.join(self.out_dir, self.shards[-1]["file"] + ".tmp"), "wb")
-            take = ids[:self.shard_tokens - self.shards[-1]["tokens"]]
-            self.file.write(take.tobytes())
-            self.shards[-1]["tokens"] += len(take)
-            ids = ids[len(take):]
+        for split, part in (("train", ids[~val]), ("val", ids[val])):
+            shards = self.shards[split]
+            while len(part):
+                if not shards or shards[-1]["tokens"] == self.shard_tokens:
+                    shards.append({"file": f"{split}_{len(shards):05d}.bin", "tokens": 0})
+                shard, take = shards[-1], part[:self.shard_tokens - shards[-1]["tokens"]]
+                with open(os.path.join(self.out_dir, shard["file"] + ".tmp"), "ab" if shard["tokens"] else "wb") as f:
+                    f.write(take.tobytes())
+                shard["tokens"] += len(take)
+                part = part[len(take):]
 
-    def close(self):
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-    def discard(self):
-        """Remove this split's unfinished shards (a failed run leaves no .tmp behind)."""
-        self.close()
-        for s in self.shards:
-            if os.path.exists(path := os.path.join(self.out_dir, s["file"] + ".tmp")):
-                os.remove(path)
-
-    @property
-    def tokens(self):
-        return sum(s["tokens"] for s in self.shards)
-
-
-def check_counts(input_path, any_text, n_train, n_val, seq_len):
-    if not any_text:
-        raise DataError(f"input file {input_path} is empty")
-    if n_train + n_val < seq_len:
-        raise DataError(f"input file {input_path} has {n_train + n_val} tokens, fewer than one training sequence ({seq_len})")
-    if n_val < seq_len:
-        raise DataError(f"validation split has {n_val} tokens, fewer than one sequence ({seq_len}); "
-                        "use a larger file or --val_fraction")
-    if n_train < seq_len:
-        raise DataError(f"training split has {n_train} tokens, fewer than one sequence ({seq_len})")
-
-
-def chunk_size(n_tokens, every, min_chunk):
-    """2,048-token validation chunks, fewer for a small corpus, so that validation gets about ten."""
-    return int(max(min_chunk, min(2048, n_tokens // (every * 10))))
-
-
-class ChunkRouter:
-    """The token stream's chunk i (tokens [i * chunk, (i + 1) * chunk)) goes to validation when
-    i % every == every - 1, else to training: split_tokens' rule, applied as tokens arrive."""
-
-    def __init__(self, writers, chunk, every):
-        self.writers, self.chunk, self.every, self.pos = writers, chunk, every, 0
-
-    def write(self, ids):
-        ids = np.asarray(ids)
-        while len(ids):
-            take = ids[:self.chunk - self.pos % self.chunk]
-            val = (self.pos // self.chunk) % self.every == self.every - 1
-            self.writers["val" if val else "train"].write(take)
-            self.pos += len(take)
-            ids = ids[len(take):]
+    def close(self, keep):
+        """Name every shard (keep), or remove them all (a failed run)."""
+        for s in self.shards["train"] + self.shards["val"]:
+            tmp = os.path.join(self.out_dir, s["file"] + ".tmp")
+            if keep:
+                os.replace(tmp, tmp.removesuffix(".tmp"))
+            elif os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64, split="chunks", workers=1,
             block_bytes=8 << 20, shard_tokens=1 << 28):
-    """Tokenize input_path (a file, a folder of .txt files, or JSONL) into out_dir's shards and meta.json.
-    A corpus of at most one block is split exactly (split_tokens); a larger one is streamed: 'chunks' with
-    the chunk size estimated from the first block, 'tail' by input bytes."""
+    """Tokenize input_path (a file, a folder of .txt files, or JSONL) into out_dir's shards and meta.json. A corpus
+    of one block is split exactly; a larger one as it streams (chunks sized from the first piece, 'tail' by bytes)."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"--val_fraction must be in (0, 1), got {val_fraction}")
     if split == "chunks" and abs(val_fraction * round(1 / val_fraction) - 1) > 0.01:
         raise DataError(f"--split chunks holds out one chunk in k: --val_fraction must be 1/k (0.5, 0.25, 0.1, ...), "
                         f"got {val_fraction}; or use --split tail")
-    sources = check_sources(list_sources(input_path))
-    total_bytes = sum(os.path.getsize(f) for f, _ in sources)
+    files = list_sources(input_path)
+    total_bytes = sum(os.path.getsize(f) for f in files)
     enc = get_tokenizer(tokenizer)
     dtype = np.uint16 if enc.n_vocab <= 65536 else np.uint32
     os.makedirs(out_dir, exist_ok=True)
-    hasher = hashlib.sha256()
-    writers = {s: ShardWriter(out_dir, s, dtype, shard_tokens) for s in ("train", "val")}
-    every = max(2, round(1 / val_fraction))
-    pool = multiprocessing.Pool(workers, _init_worker, (tokenizer,)) if workers > 1 else None
-    _init_worker(tokenizer)
-    pieces = read_pieces(sources, block_bytes, hasher)
-    small, held, router, any_text, before, chunk = total_bytes <= block_bytes, [], None, False, 0, None
+    out, every = Shards(out_dir, dtype, shard_tokens), max(2, round(1 / val_fraction))
+    encode, pieces = functools.partial(encode_piece, tokenizer), read_pieces(files, block_bytes)
+    small, held, any_text, before, pos, chunk = total_bytes <= block_bytes, [], False, 0, 0, None
     try:
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=None, leave=False) as bar:
-            for ids, done, has_text in (pool.imap(_encode, pieces) if pool else map(_encode, pieces)):
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=None, leave=False) as bar, \
+                (multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext()) as pool:
+            for ids, done, has_text in (pool.imap if pool else map)(encode, pieces):
                 any_text |= has_text
                 bar.update(done - bar.n)
                 if small:  # everything fits in one block: split it exactly below
-                    held.extend(ids)
-                elif split == "tail":
-                    writers["val" if before >= (1 - val_fraction) * total_bytes else "train"].write(ids)
-                else:
-                    router = router or ChunkRouter(writers, chunk_size(len(ids) * total_bytes / max(done, 1), every,
-                                                                       seq_len), every)
-                    router.write(ids)
-                    chunk = router.chunk
-                before = done
-        if small and held:
+                    held += ids
+                    continue
+                if split == "chunks":
+                    chunk = chunk or chunk_size(len(ids) * total_bytes / max(done, 1), every, seq_len)
+                val = held_out(np.full(len(ids), before) if split == "tail" else np.arange(pos, pos + len(ids)),
+                               total_bytes, val_fraction, split, chunk)  # 'tail' by input bytes
+                out.write(ids, val)
+                pos, before = pos + len(ids), done
+        if small:
             chunk = chunk_size(len(held), every, seq_len) if split == "chunks" else None
-            train_ids, val_ids = split_tokens(np.array(held, dtype=dtype), val_fraction, split, chunk or 2048, seq_len)
-            writers["train"].write(train_ids)
-            writers["val"].write(val_ids)
-        check_counts(input_path, any_text, writers["train"].tokens, writers["val"].tokens, seq_len)
+            out.write(held, held_out(np.arange(len(held)), len(held), val_fraction, split, chunk))
+        n_train, n_val = (sum(s["tokens"] for s in out.shards[k]) for k in ("train", "val"))
+        if not any_text:
+            raise DataError(f"input file {input_path} is empty")
+        if n_train + n_val < seq_len:
+            raise DataError(f"input file {input_path} has {n_train + n_val} tokens, fewer than one training "
+                            f"sequence ({seq_len})")
+        for name, n in (("validation", n_val), ("training", n_train)):
+            if n < seq_len:
+                raise DataError(f"{name} split has {n} tokens, fewer than one sequence ({seq_len}); "
+                                "use a larger file or another --val_fraction")
     except BaseException:
-        for w in writers.values():
-            w.discard()
+        out.close(keep=False)
         raise
-    finally:
-        for w in writers.values():
-            w.close()
-        if pool:
-            pool.close()
-    n_train, n_val = writers["train"].tokens, writers["val"].tokens
-    for w in writers.values():
-        for shard in w.shards:
-            os.replace(os.path.join(out_dir, shard["file"] + ".tmp"), os.path.join(out_dir, shard["file"]))
-    meta = dict(tokenizer=tokenizer, vocab_size=enc.n_vocab, eot_id=eot_id(enc), dtype=np.dtype(dtype).name, split=split,
-                train_tokens=int(n_train), val_tokens=int(n_val), chunk=chunk, shards={s: w.shards for s, w in writers.items()},
-                source=os.path.abspath(input_path), source_sha256=hasher.hexdigest(), val_fraction=val_fraction)
+    out.close(keep=True)
+    meta = dict(tokenizer=tokenizer, vocab_size=enc.n_vocab, eot_id=enc.eot_token, dtype=np.dtype(dtype).name,
+                split=split, train_tokens=int(n_train), val_tokens=int(n_val), chunk=chunk, shards=out.shards,
+                source=os.path.abspath(input_path), source_sha256=sha256_of(*files), val_fraction=val_fraction)
     write_json(os.path.join(out_dir, "meta.json"), meta)
     return meta
 
+
+# ----------------------------------------------------------------------------------------------------
+# reading: meta.json and the shards, checked, as random windows
 
 def load_meta(data_dir):
     """meta.json of a prepared directory, checked for the fields TokenData reads."""
@@ -307,8 +239,9 @@ def load_meta(data_dir):
         np.dtype(meta["dtype"])
         assert isinstance(meta["vocab_size"], int) and isinstance(meta["tokenizer"], str)
         for split in ("train", "val"):
-            assert isinstance(meta[f"{split}_tokens"], int)
-            assert all(isinstance(s["file"], str) and isinstance(s["tokens"], int) for s in meta["shards"][split])
+            shards = meta["shards"][split]
+            assert all(isinstance(s["file"], str) and isinstance(s["tokens"], int) for s in shards)
+            assert sum(s["tokens"] for s in shards) == meta[f"{split}_tokens"]  # the shards add up to the count
     except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
         raise DataError(f"{path} is not a valid meta.json ({type(e).__name__}); prepare the data again") from None
     return meta
@@ -320,11 +253,9 @@ def open_shard(data_dir, shard, dtype, vocab_size):
     if not os.path.exists(path):
         raise DataError(f"{path} not found: run prepare.py")
     size, want = os.path.getsize(path), shard["tokens"] * dtype.itemsize
-    if size != want:
+    if size != want or size == 0:
         raise DataError(f"{path} holds {size} bytes, meta.json says {shard['tokens']} tokens ({want} bytes): "
                         "truncated or changed; prepare the data again")
-    if size == 0:
-        raise DataError(f"{path} is empty; prepare the data again")
     arr = np.memmap(path, dtype=dtype, mode="r")
     top = max(int(arr[i:i + (1 << 24)].max()) for i in range(0, len(arr), 1 << 24))
     if top >= vocab_size:
@@ -333,23 +264,18 @@ def open_shard(data_dir, shard, dtype, vocab_size):
 
 
 class TokenData:
-    """Random windows of seq_len tokens from the memmapped shards of a prepared directory. Memory stays
-    bounded: shards are memmaps, and a window never crosses a shard boundary. Opening checks every shard
-    against meta.json (sizes, token counts, ids below the vocabulary)."""
+    """Random windows of seq_len tokens from a prepared directory's shards, memmapped (memory stays bounded); a
+    window never crosses a shard. Opening checks every shard against meta.json."""
 
     def __init__(self, data_dir, seq_len):
-        self.meta, self.data_dir = load_meta(data_dir), data_dir
+        self.meta, self.data_dir, self.seq_len = load_meta(data_dir), data_dir, seq_len
+        self.shards, self.starts, vocab = {}, {}, self.meta["vocab_size"]
         n_vocab = get_tokenizer(self.meta["tokenizer"]).n_vocab  # a hand-edited tokenizer or vocab_size disagrees
-        if n_vocab != self.meta["vocab_size"]:
+        if n_vocab != vocab:
             raise DataError(f"{data_dir}/meta.json: tokenizer {self.meta['tokenizer']} has {n_vocab} ids, not its "
-                            f"vocab_size {self.meta['vocab_size']}; prepare the data again")
-        dtype = np.dtype(self.meta["dtype"])
-        self.seq_len, self.shards, self.starts = seq_len, {}, {}
+                            f"vocab_size {vocab}; prepare the data again")
         for split in ("train", "val"):
-            shards = self.meta["shards"][split]
-            if sum(s["tokens"] for s in shards) != self.meta[f"{split}_tokens"]:
-                raise DataError(f"{data_dir}/meta.json: the {split} shards do not add up to {split}_tokens")
-            arrs = [open_shard(data_dir, s, dtype, self.meta["vocab_size"]) for s in shards]
+            arrs = [open_shard(data_dir, s, np.dtype(self.meta["dtype"]), vocab) for s in self.meta["shards"][split]]
             counts = [max(0, len(a) - seq_len + 1) for a in arrs]  # window starts per shard
             if sum(counts) == 0:
                 raise DataError(f"the {split} split of {data_dir} has no shard of {seq_len} tokens; "
@@ -358,23 +284,19 @@ class TokenData:
 
     def tokens(self, split, limit=None):
         """The first `limit` tokens of a split (all of them by default) as one int64 array."""
-        out, n = [], 0
+        out = []
         for a in self.shards[split]:
-            take = a[:None if limit is None else max(0, limit - n)]
-            out.append(np.asarray(take, dtype=np.int64))
-            n += len(take)
+            out.append(np.asarray(a[:None if limit is None else max(0, limit - sum(map(len, out)))], dtype=np.int64))
         return np.concatenate(out)
 
     def batch(self, split, batch_size, seed, device):
         """(batch_size, seq_len) int64 token windows; the same seed gives the same windows."""
         cum = self.starts[split]
-        g = torch.Generator().manual_seed(seed)
-        rows = []
-        for s in torch.randint(int(cum[-1]), (batch_size,), generator=g).tolist():
-            k = int(np.searchsorted(cum, s, side="right"))  # the shard holding window start s
-            s -= int(cum[k - 1]) if k else 0
-            rows.append(self.shards[split][k][s:s + self.seq_len].astype(np.int64))
-        return torch.from_numpy(np.stack(rows)).to(device, non_blocking=True)
+        starts = torch.randint(int(cum[-1]), (batch_size,), generator=torch.Generator().manual_seed(seed)).numpy()
+        shards = np.searchsorted(cum, starts, side="right")  # the shard holding each window start
+        offsets = starts - np.concatenate([[0], cum])[shards]
+        rows = [self.shards[split][k][o:o + self.seq_len] for k, o in zip(shards, offsets)]
+        return torch.from_numpy(np.stack(rows).astype(np.int64)).to(device, non_blocking=True)
 
 
 def batch_seed(base, index, step):
@@ -383,55 +305,42 @@ def batch_seed(base, index, step):
     return (base * 1_000_003 + step * 104_729 + index) % (2 ** 63)
 
 
-def same_preparation(a):
-    """Whether --out_dir holds this very input (by its hash) prepared with these settings: nothing to redo."""
-    h = hashlib.sha256()
-    try:
-        meta = load_meta(a.out_dir)
-        for path, _ in list_sources(a.input):
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-    except (DataError, OSError):
-        return False
-    want = dict(source=os.path.abspath(a.input), source_sha256=h.hexdigest(), tokenizer=a.tokenizer, split=a.split,
-                val_fraction=a.val_fraction)
-    return all(meta.get(k) == v for k, v in want.items())
-
-
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", default=DEFAULT_CORPUS,
-                   help="a UTF-8 text file, a folder of .txt files, or JSONL with a 'text' field (default: Shakespeare)")
+                   help="a UTF-8 text file, a folder of .txt files or JSONL of 'text' fields (default: Shakespeare)")
     p.add_argument("--out_dir", default=DEFAULT_DATA_DIR, help="where the shards and meta.json go")
-    p.add_argument("--tokenizer", default="gpt2",
-                   help="gpt2 (vendored), cl100k_base, or a released model's tokenizer.json")
+    p.add_argument("--tokenizer", default="gpt2", help="gpt2 (vendored), cl100k_base, or a model's tokenizer.json")
     p.add_argument("--val_fraction", type=float, default=0.1, help="fraction of tokens held out")
     p.add_argument("--split", default="chunks", choices=["chunks", "tail"],
                    help="chunks: every k-th 2048-token chunk is validation; tail: the end of the file (nanoGPT)")
-    p.add_argument("--min_seq_len", type=int, default=64, help="each split must hold at least one sequence this long")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="tokenizing processes")
-    p.add_argument("--block_bytes", type=int, default=8 << 20, help="input read (and held) at a time, in bytes")
+    p.add_argument("--min_seq_len", type=positive_int, default=64, help="each split must hold one sequence this long")
+    p.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="tokenizing processes")
+    p.add_argument("--block_bytes", type=positive_int, default=8 << 20, help="input bytes read (and held) at a time")
     p.add_argument("--shard_tokens", type=int, default=1 << 28, help="tokens per shard file")
-    p.add_argument("--overwrite", action="store_true", help="replace the shards and meta.json --out_dir already holds")
+    p.add_argument("--overwrite", action="store_true", help="replace the shards and meta.json in --out_dir")
     a = p.parse_args(argv)
-    if min(a.workers, a.block_bytes, a.min_seq_len) < 1:
-        p.error("--workers, --block_bytes and --min_seq_len must be >= 1")
     if a.workers > 4 * (os.cpu_count() or 1):
         p.error(f"--workers {a.workers} is more than 4 per CPU core of this machine ({os.cpu_count()} cores)")
     if a.shard_tokens < max(a.min_seq_len, 1024):
         p.error(f"--shard_tokens must be >= {max(a.min_seq_len, 1024)} (a training window never crosses a shard)")
     check_writable_dir(a.out_dir, "--out_dir")
     held = sorted(f for f in os.listdir(a.out_dir) if f == "meta.json" or re.fullmatch(r"(train|val)_\d{5}\.bin", f))
-    if held and not a.overwrite and same_preparation(a):
-        return print(f"{a.out_dir} already holds {a.input} prepared the same way; nothing to do")
     if held and not a.overwrite:
+        try:  # this very input (by its hash) prepared with these settings: nothing to redo
+            want = dict(source=os.path.abspath(a.input), source_sha256=sha256_of(*list_sources(a.input)),
+                        tokenizer=a.tokenizer, split=a.split, val_fraction=a.val_fraction)
+            if want.items() <= load_meta(a.out_dir).items():
+                return print(f"{a.out_dir} already holds {a.input} prepared the same way; nothing to do")
+        except (DataError, OSError):
+            pass
         p.error(f"--out_dir {a.out_dir} already holds prepared data ({held[0]}); add --overwrite to replace it")
     try:
         meta = prepare(a.input, a.out_dir, a.tokenizer, a.val_fraction, a.min_seq_len, a.split, a.workers,
                        a.block_bytes, a.shard_tokens)
     except DataError as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     print(f"wrote {a.out_dir}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
           f"({meta['tokenizer']}, {meta['dtype']}, {meta['split']} split)")
 

@@ -1,9 +1,8 @@
-"""
-Tokenizers as tiktoken Encodings (docs/method.md §2): the GPT-2 BPE from the vendored file (offline, after a
-hash check), cl100k_base where tiktoken can load it, and any byte-level BPE tokenizer.json (the Hugging Face
-format the authors' release ships) read without the tokenizers library.
-"""
+"""Tokenizers as tiktoken Encodings (docs/method.md §2): the GPT-2 BPE from the vendored file (offline, after a hash
+check), cl100k_base where tiktoken can load it, and any byte-level BPE tokenizer.json (the Hugging Face format the
+authors' release ships) read without the tokenizers library."""
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -11,61 +10,45 @@ import os
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 GPT2_BPE_FILE = os.path.join(REPO_DIR, "data", "gpt2.tiktoken")
 GPT2_BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-EOT = "<|endoftext|>"
 
 
 class DataError(ValueError):
     """Bad input data; the message is one line meant for the user."""
 
 
-def sha256_of(path):
+def sha256_of(*paths):
+    """The sha256 of the files' bytes, one after the other."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 16), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
-_ENCODERS = {}
-
-
+@functools.lru_cache(maxsize=None)
 def get_tokenizer(name="gpt2"):
-    """A tiktoken Encoding. 'gpt2' is built from the vendored BPE file, so it never touches the network; a path
-    ending in .json is read as a tokenizer.json (tokenizer_from_json)."""
+    """A tiktoken Encoding: gpt2 (from the vendored file, never the network), cl100k_base or a tokenizer.json."""
     import tiktoken
-    if name in _ENCODERS:
-        return _ENCODERS[name]
     if name.endswith(".json"):  # a released model's tokenizer.json
-        enc = tokenizer_from_json(name)
-    elif name == "gpt2":
+        return tokenizer_from_json(name)
+    if name == "gpt2":
         if not os.path.exists(GPT2_BPE_FILE):
             raise DataError(f"tokenizer file {GPT2_BPE_FILE} is missing")
         if sha256_of(GPT2_BPE_FILE) != GPT2_BPE_SHA256:
             raise DataError(f"tokenizer file {GPT2_BPE_FILE} has the wrong sha256 (corrupted?)")
         from tiktoken_ext.openai_public import r50k_pat_str
-        ranks = {}
         with open(GPT2_BPE_FILE, "rb") as f:
-            for line in f:
-                if line.strip():
-                    token, rank = line.split()
-                    ranks[base64.b64decode(token)] = int(rank)
-        enc = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                                special_tokens={EOT: 50256}, explicit_n_vocab=50257)
-    elif name == "cl100k_base":
+            ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
+        return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+    if name == "cl100k_base":
         try:
-            enc = tiktoken.get_encoding("cl100k_base")
+            return tiktoken.get_encoding("cl100k_base")
         except Exception as e:  # no network and no cache: say so in one line
             raise DataError(f"tokenizer cl100k_base cannot be loaded here ({type(e).__name__}); "
                             "it needs tiktoken's download or a TIKTOKEN_CACHE_DIR holding it") from None
-    else:
-        raise DataError(f"unknown tokenizer {name!r} (choose gpt2, cl100k_base or a tokenizer.json path)")
-    _ENCODERS[name] = enc
-    return enc
-
-
-def eot_id(enc):
-    """The <|endoftext|> id: EOS and pad (docs/method.md §2)."""
-    return enc.eot_token
+    raise DataError(f"unknown tokenizer {name!r} (choose gpt2, cl100k_base or a tokenizer.json path)")
 
 
 def same_tokenizer(a, b):
@@ -77,16 +60,11 @@ def same_tokenizer(a, b):
 
 
 def byte_alphabet():
-    """The byte-level BPE alphabet (GPT-2's): each byte as one printable character, as tokenizer.json files
-    spell their vocabulary. Printable Latin-1 bytes stand for themselves, the rest for chr(256 + n)."""
-    own = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
-    chars, n = {}, 0
-    for b in range(256):
-        if b in own:
-            chars[b] = chr(b)
-        else:
-            chars[b], n = chr(256 + n), n + 1
-    return chars
+    """GPT-2's byte-level alphabet, each byte as the character tokenizer.json spells it (printable Latin-1 as
+    itself, the others as chr(256 + n))."""
+    own = {*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)}
+    others = iter(range(256, 512))
+    return {b: chr(b if b in own else next(others)) for b in range(256)}
 
 
 def _split_pattern(pre):
@@ -97,12 +75,10 @@ def _split_pattern(pre):
         if p and p.get("type") == "ByteLevel" and p.get("use_regex"):
             from tiktoken_ext.openai_public import r50k_pat_str
             return r50k_pat_str
-    return None
 
 
 def template_ids(path):
-    """(prefix ids, suffix ids) the tokenizer.json's post-processor wraps around an encoded text (its
-    TemplateProcessing 'single' template; none without one), as Tokenizer.encode(text) adds them."""
+    """(prefix ids, suffix ids) the tokenizer.json's TemplateProcessing wraps around an encoded text, if any."""
     with open(path, encoding="utf-8") as f:
         post = json.load(f).get("post_processor") or {}
     for p in [post] + list(post.get("processors") or []):
@@ -116,10 +92,9 @@ def template_ids(path):
 
 
 def tokenizer_from_json(path):
-    """A byte-level BPE tokenizer.json (the Hugging Face format; the release ships one) as a tiktoken
-    Encoding, offline and without the tokenizers library: each vocabulary entry becomes a mergeable rank
-    equal to its id, added tokens become special tokens. That is the same tokenizer when the merges' results
-    have increasing ids (tokenizers converted from tiktoken, such as OLMo 2's), which is checked."""
+    """A byte-level BPE tokenizer.json as a tiktoken Encoding: each vocabulary entry a mergeable rank equal to its
+    id, added tokens special. That is the same tokenizer when the merges' results have increasing ids
+    (tokenizers converted from tiktoken, such as OLMo 2's), which is checked."""
     import tiktoken
     try:
         with open(path, encoding="utf-8") as f:
