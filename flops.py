@@ -5,8 +5,16 @@ Training compute, counted the same way for Cola DLM and the baselines (the ladde
 embedding lookups are free; attention scores and values cost 2 * 2 * keys * width per query and layer in the
 forward pass, at the full key length (SDPA with a bool mask computes every key).
 """
+import os
+from dataclasses import asdict
+
 import torch
 import torch.nn as nn
+
+from baselines import TransformerLM
+from diffusion import ColaDLM
+from layers import n_params
+from prepare import load_meta
 
 
 def matmul_params(module):
@@ -20,10 +28,9 @@ def attention_flops(n_layers, width, n_keys):
 
 
 def vae_passes(vae, seq_len):
-    """Training FLOPs per token of one encoder and one decoder pass over seq_len tokens: the vocabulary head
-    runs once per token, everything else once per latent."""
-    c = vae.cfg
-    n_lat = seq_len // c.patch_size
+    """Training FLOPs per token of one encoder and one decoder pass: the vocabulary head runs once per token,
+    everything else once per latent."""
+    c, n_lat = vae.cfg, seq_len // vae.cfg.patch_size
     enc = (6 * matmul_params(vae.enc) + 3 * attention_flops(c.n_enc_layers, c.width, n_lat)) / c.patch_size
     body = 6 * (matmul_params(vae.dec) - matmul_params(vae.dec.head))
     dec = (body + 3 * attention_flops(c.n_dec_layers, c.width, n_lat)) / c.patch_size + 6 * matmul_params(vae.dec.head)
@@ -32,21 +39,17 @@ def vae_passes(vae, seq_len):
 
 def vae_train_flops(vae, seq_len, lam_mask=1.0):
     """Stage 1: encoder and decoder on the clean text, and again on the masked copy when lam_mask > 0."""
-    enc, dec = vae_passes(vae, seq_len)
-    return (2 if lam_mask > 0 else 1) * (enc + dec)
+    return (2 if lam_mask > 0 else 1) * sum(vae_passes(vae, seq_len))
 
 
 def joint_train_flops(model, seq_len, decode_frac=1.0, lam_mask=1.0, vae_frozen=False):
     """Stage 2 per token: the encoder on every sequence (and on the masked copy of the decoded ones), the decoder
-    on the decoded fraction of the batch (both copies), the frozen reference encoder forward only, and the DiT
-    on (2L - bs) latents per L."""
-    c, d = model.vae.cfg, model.dit.cfg
-    copies = 2 if lam_mask > 0 else 1
+    on the decoded fraction (both copies), the reference encoder forward only, the DiT on (2L - bs) latents per L;
+    a frozen VAE costs its encoder's forward pass only (a third of its training)."""
+    c, d, copies = model.vae.cfg, model.dit.cfg, 2 if lam_mask > 0 else 1
     enc, dec = vae_passes(model.vae, seq_len)
-    if vae_frozen:  # the encoder forward only (a third of its training FLOPs), no decoder, no reference
-        f = enc / 3
-    else:
-        f = enc * (1 + (copies - 1) * decode_frac) + copies * dec * decode_frac + 2 * matmul_params(model.ref_enc) / c.patch_size
+    f = enc / 3 if vae_frozen else (enc * (1 + (copies - 1) * decode_frac) + copies * dec * decode_frac
+                                    + 2 * matmul_params(model.ref_enc) / c.patch_size)
     L = seq_len // c.patch_size
     n_dit = 2 * L - model.block_size
     dit_pass = (2 * matmul_params(model.dit) + attention_flops(d.n_layers, d.width, n_dit)) * n_dit / L / c.patch_size
@@ -59,23 +62,18 @@ def lm_train_flops(lm, seq_len):
 
 
 def vae_frozen(args):
-    """Stage 2 trains the prior alone: no VAE work at all (its FLOPs are the encoder's forward only)."""
+    """Stage 2 trains the prior alone: no VAE work at all."""
     return args.vae_lr_ratio == 0 and args.lam_vae == 0 and args.lam_ref == 0
 
 
 def dry_run(args, vae_config, dit_config, lm_config):
     """train.py --dry_run: configs, parameters and training FLOPs per optimizer step of its flags (train.py's config
     builders), on the meta device, at the vocabulary of --data_dir (GPT-2's where it holds no data)."""
-    import os
-    from dataclasses import asdict
-    from diffusion import ColaDLM
-    from prepare import load_meta
-    vocab = load_meta(args.data_dir)["vocab_size"] if os.path.exists(os.path.join(args.data_dir, "meta.json")) else 50257
-    n_params = lambda m: sum(p.numel() for p in m.parameters())
+    has_data = os.path.exists(os.path.join(args.data_dir, "meta.json"))
+    vocab = load_meta(args.data_dir)["vocab_size"] if has_data else 50257
     tokens, L = args.batch_size * args.seq_len * args.grad_accum, args.seq_len
     with torch.device("meta"):
         if args.model != "cola":
-            from baselines import TransformerLM
             lm = TransformerLM(lm_config(args, vocab)[0])
             return dict(model=args.model, lm_config=asdict(lm.cfg), params=n_params(lm),
                         flops_per_step=lm_train_flops(lm, L) * tokens)

@@ -179,34 +179,47 @@ def test_eval_bad_task_file_is_one_line(tmp_path, capsys):
     assert f"{p}:2: not valid JSON" in one_line_error(ev.main, ["--ckpt", str(tmp_path / "x.pt"), "--tasks", p], capsys)
 
 
-def test_scaling_plan_matches_training_flops(tmp_path, root):
+@pytest.fixture
+def dry_run_here(monkeypatch):
+    """scaling.py's dry runs of train.py and eval.py in this process (their main(--dry_run), no subprocess): the
+    tests of what scaling.py plans need the answers, not the command line (tests/test_errors.py runs that)."""
+    import contextlib
+    import io
+    import scaling
+    import train
+
+    def here(script, flags):
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            {"train.py": train, "eval.py": ev}[script].main(["--dry_run", *flags])
+        return json.loads(out.getvalue().strip().splitlines()[-1]) if out.getvalue().strip() else None
+    monkeypatch.setattr(scaling, "dry_run", here)
+    monkeypatch.setattr(scaling, "train_dry_run", lambda flags: here("train.py", flags))
+
+
+def test_scaling_plan_matches_training_flops(data_dir, dry_run_here):
     """scaling.py gives each baseline the steps that match its Cola run's FLOPs (to within one step),
     and a level scales both Cola stages."""
     import scaling
     import train
-    from prepare import prepare
-    src = tmp_path / "text.txt"
-    src.write_text(open(os.path.join(root, "data", "shakespeare_tiny.txt"), encoding="utf-8").read()[:30000])
-    prepare(str(src), str(tmp_path / "d"), seq_len=64)
-    a = scaling.get_args(["--levels", "1,0.5", f"--train_args=--data_dir {tmp_path / 'd'}"])
+    a = scaling.get_args(["--levels", "1,0.5", f"--train_args=--data_dir {data_dir}"])
     runs = scaling.plan(a)
     assert [(m, lv) for m, lv, *_ in runs] == [(m, lv) for lv in (0.5, 1.0) for m in ("cola", "ar", "llada")]
     cola = {lv: (flags, flops) for m, lv, _, flags, flops in runs if m == "cola"}
-    default = train.get_args(["--data_dir", str(tmp_path / "d")])  # level 1 is train.py's default run
+    default = train.get_args(["--data_dir", data_dir])  # level 1 is train.py's default run
     assert cola[0.5][0] == ["--vae_iters", str(round(default.vae_iters / 2)), "--main_iters", str(round(default.main_iters / 2))]
     assert abs(cola[1.0][1] / cola[0.5][1] - 2) < 0.01
     for m, lv, _, flags, flops in runs:
         if m == "cola":
             continue
-        args = train.get_args(["--model", m, "--data_dir", str(tmp_path / "d")])
-        cfg, _ = train.lm_config(args, json.load(open(tmp_path / "d" / "meta.json"))["vocab_size"])
+        args = train.get_args(["--model", m, "--data_dir", data_dir])
+        cfg, _ = train.lm_config(args, json.load(open(os.path.join(data_dir, "meta.json")))["vocab_size"])
         with torch.device("meta"):
             per_step = lm_train_flops(TransformerLM(cfg), args.seq_len) * args.batch_size * args.seq_len
         steps = int(flags[flags.index("--main_iters") + 1])
         assert abs(steps * per_step - cola[lv][1]) <= per_step / 2 + 1
 
 
-def test_ablation_table_only_tabulates_finished_runs(tmp_path, capsys):
+def test_ablation_table_only_tabulates_finished_runs(tmp_path, capsys, dry_run_here):
     """--table_only trains nothing: it tabulates the runs with an eval.json, names the missing ones, and the
     table names the judge the runs were scored against."""
     import scaling
@@ -226,19 +239,19 @@ def test_ablation_table_only_tabulates_finished_runs(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "runs" / "never")  # nothing trained
 
 
-def test_ablation_lines_start_from_base_and_name_their_stage1(tmp_path, monkeypatch):
+def test_ablation_lines_start_from_base_and_name_their_stage1(tmp_path, monkeypatch, dry_run_here):
     """Each ablation line is base's flags plus its own (so a change of train.py's defaults cannot move the
     table), `from=RUN` names the stage 1 a stage-2 run starts from, and base may not set --stage."""
     import scaling
     abl = write(tmp_path, ["base --vae_iters 450 --main_iters 250", "fast --lr 1e-3", "seed2 from=other --seed 2"],
                 "abl.txt")
-    a = scaling.get_args(["--ablations", abl, "--out_root", str(tmp_path / "runs")])
+    a = scaling.get_args(["--ablations", abl, "--out_root", str(tmp_path / "runs"), "--table_only"])
     runs = {r[0]: r for r in scaling.plan_ablations(a)}
     assert runs["fast"][3] == ["--vae_iters", "450", "--main_iters", "250", "--lr", "1e-3"]
     assert runs["seed2"][3][-2:] == ["--seed", "2"] and a.stage1_from == {"seed2": "other"}
     copied, called = [], []
     monkeypatch.setattr(scaling.shutil, "copy", lambda src, dst: copied.append(src))
-    monkeypatch.setattr(scaling, "run", lambda cmd, log: called.append(cmd))
+    monkeypatch.setattr(scaling, "run", lambda cmd, *_: called.append(cmd))
     scaling.train_one(a, runs["seed2"])
     assert copied == [os.path.join(str(tmp_path / "runs"), "other", "vae.pt")]
     assert called[0][called[0].index("--stage") + 1] == "joint"
@@ -338,7 +351,7 @@ def test_latent_fit_of_an_oracle_prior_equals_the_posterior():
 def test_reencoded_history_is_what_the_caches_hold():
     """With reencode_history, the next block is generated after a DiT cache that equals a fresh prefill of the
     re-encoded text; without it, after the generated latents. The first block's drift is the same in both."""
-    from test_generate import tiny_model, run
+    from test_generate import tiny_model
     model = tiny_model()
     seen = {}
     real = model.guided_velocity
