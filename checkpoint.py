@@ -1,14 +1,8 @@
 """
-Checkpoint files and training folders: what train.py calls to keep every promise about files.
-
-Checkpoint files are written atomically and read safely.
-A checkpoint is a dict of tensors and plain containers (dict, list, str, int, float, bool, None): the
-model configs, the weights, the optimizer, every rank's random state, the step and the run's arguments.
-It is read with torch.load(weights_only=True), so opening a downloaded checkpoint cannot run code;
-anything that needs pickled Python objects is refused with a one-line error. A training folder is
-claimed before any work (claim_out_dir: one run at a time, no checkpoint replaced unasked, a resumed run's
-own flags restored), and load_model reads any checkpoint of this repo, or a released snapshot, for the
-scripts that sample and measure.
+Checkpoint files and training folders: what train.py calls to keep every promise about files. A checkpoint holds
+only tensors and plain containers (configs, weights, optimizer, every rank's random state, step, args, a checksum),
+is written atomically and read with torch.load(weights_only=True), so opening one cannot run code. A training
+folder is claimed before any work (claim_out_dir); load_model reads a checkpoint or a released snapshot.
 """
 import argparse
 import contextlib
@@ -21,7 +15,7 @@ import sys
 import torch
 
 from cli import check_writable_dir, fail, folder_lock, write_atomic
-from tokenizer import DataError, same_tokenizer
+from tokenizer import DataError, get_tokenizer, same_tokenizer
 
 
 class CheckpointError(ValueError):
@@ -58,9 +52,12 @@ def save_checkpoint(path, obj):
                               f"{'the previous checkpoint is kept' if os.path.exists(path) else 'nothing was saved'}") from None
 
 
-def save_training_state(path, state, world=1, master=True):
+def save_training_state(path, state, world=1, master=True, if_not_finite="the weights hold NaN or Inf"):
     """A training checkpoint: the state plus every rank's random state (gathered, so that a resume continues every
-    stream), written by the master; every rank waits for it (the next stage reads the file on every rank)."""
+    stream), written by the master; every rank waits for it (the next stage reads the file on every rank). Weights
+    that are not finite (the same on every rank) are not saved: a TrainingError of `if_not_finite`."""
+    if not all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point()):
+        raise TrainingError(f"{if_not_finite}; not saved, {kept(path)} (try a lower --lr)")
     states = [rng_state()] * world
     if world > 1:
         import torch.distributed as dist
@@ -82,7 +79,9 @@ def kept(path):
 def load_checkpoint(path, kinds=None):
     """The checkpoint dict at `path`; `kinds` (e.g. ("cola",)) lists the model kinds the caller accepts."""
     if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path} not found")
+        stage1 = os.path.join(os.path.dirname(path), "vae.pt")
+        hint = f"; {stage1} is a stage-1 VAE: run `python train.py --stage joint`" if os.path.exists(stage1) else ""
+        raise CheckpointError(f"checkpoint {path} not found{hint}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -153,6 +152,20 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def resume_training(ckpt, opt, log_path, seed, env):
+    """Continue a run from its checkpoint: the optimizer, this rank's random stream (reseeded, with a warning,
+    when the world size changed), the log cut at the step -> the step."""
+    opt.load_state_dict(ckpt["optimizer"])
+    step, states = ckpt["step"], ckpt["rng"]
+    same_world = len(states) == env["world"]
+    set_rng_state(states[env["rank"]]) if same_world else torch.manual_seed(seed + env["rank"] * 1000 + step)
+    if env["master"]:
+        print(f"[resume] at step {step} of {ckpt['path']}" + ("" if same_world else
+              f"; warning: saved by {len(states)} processes, so the random streams are reseeded"), flush=True)
+        trim_log(log_path, step)
+    return step
+
+
 # ----------------------------------------------------------------------------------------------------
 # models from checkpoints
 
@@ -187,7 +200,16 @@ def load_model(path, device="cpu", kinds=("cola", "ar", "llada"), dtype=torch.fl
         model, info = release.load_snapshot(path, dtype)
         return model.to(device), info
     ckpt = load_checkpoint(path, kinds)
-    return model_from(ckpt).to(device).eval(), ckpt
+    model = model_from(ckpt)
+    vocab = (model.vae.cfg if ckpt["kind"] == "cola" else model.cfg).vocab_size
+    try:
+        n_vocab = get_tokenizer(ckpt["tokenizer"]).n_vocab
+    except DataError:  # a tokenizer not on this machine: the script that needs it refuses
+        n_vocab = 0
+    if n_vocab > vocab:
+        raise CheckpointError(f"{path} names tokenizer {ckpt['tokenizer']}, of more ids than the model's {vocab}: not "
+                              "the tokenizer it was trained with")
+    return model.to(device).eval(), ckpt
 
 
 def prompt_ids(info, enc, text):

@@ -1,8 +1,5 @@
-"""
-What every script shares: its argument parser, whose errors are one line; one check per kind of flag value,
-run before any work; the device and autocast it runs under; and files written so that a crash or a second
-writer never leaves a torn one behind.
-"""
+"""What every script shares: its argument parser (errors in one line), one check per kind of flag value, run
+before any work, the device and autocast it runs under, and files no crash or second writer leaves torn."""
 import argparse
 import contextlib
 import ctypes
@@ -24,6 +21,17 @@ class Parser(argparse.ArgumentParser):
         sys.stderr.write(f"error: {message}\n")
         sys.exit(2)
 
+    def parse_with_presets(self, argv, presets):
+        """parse_args over the defaults of the --preset asked for -> args, with args.given: the flags the command
+        line itself gave (parsed again with every default suppressed)."""
+        self.set_defaults(**presets[self.parse_known_args(argv)[0].preset])
+        args = self.parse_args(argv)
+        self._defaults.clear()
+        for a in self._actions:
+            a.default = argparse.SUPPRESS
+        args.given = sorted(vars(self.parse_args(argv)))
+        return args
+
 
 def fail(message):
     """End a script with one line on stderr."""
@@ -44,7 +52,6 @@ def int_at_least(low, high=2**63 - 1):
         if value > high:
             raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
         return value
-    check.__name__ = f"integer >= {low}"
     return check
 
 
@@ -61,7 +68,6 @@ def float_in(low=-math.inf, high=math.inf, low_open=False, high_open=False):
             span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
             raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {text}")
         return value
-    check.__name__ = "number"
     return check
 
 
@@ -71,26 +77,21 @@ nonneg_float = float_in(0.0)
 unit_float = float_in(0.0, 1.0)
 
 
-def int_list(text):
-    """'8,16,32' -> [8, 16, 32], each >= 1."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must list integers >= 1")
-    return values
+def number_list(cast, kind, valid, rule):
+    """A comma list of `cast` values ('8,16,32' -> [8, 16, 32]), each one `valid`, as `rule` says."""
+    def check(text):
+        try:
+            values = [cast(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of {kind}") from None
+        if not values or not all(map(valid, values)):
+            raise argparse.ArgumentTypeError(f"{text!r} must list {rule}")
+        return values
+    return check
 
 
-def float_list(text):
-    """'1,3,7' -> [1.0, 3.0, 7.0], each finite and > 0."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of numbers") from None
-    if not values or not all(math.isfinite(v) and v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r} must list finite numbers > 0")
-    return values
+int_list = number_list(int, "integers", lambda v: v >= 1, "integers >= 1")
+float_list = number_list(float, "numbers", lambda v: math.isfinite(v) and v > 0, "finite numbers > 0")
 
 
 def readable_file(text):
@@ -103,16 +104,15 @@ def readable_file(text):
 
 def read_prompt(prompt):
     """--prompt: the text itself, or FILE:path to read it from a UTF-8 file."""
-    if prompt.startswith("FILE:"):
-        path = prompt[5:]
-        if not os.path.isfile(path):
-            fail(f"prompt file {path} not found")
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.read()
-        except UnicodeDecodeError as e:
-            fail(f"prompt file {path} is not UTF-8 text (bad byte at offset {e.start})")
-    return prompt
+    if not prompt.startswith("FILE:"):
+        return prompt
+    try:
+        with open(prompt[5:], "rb") as f:
+            return f.read().decode("utf-8")
+    except OSError as e:
+        fail(f"prompt file {prompt[5:]} cannot be read ({e.strerror})")
+    except UnicodeDecodeError as e:
+        fail(f"prompt file {prompt[5:]} is not UTF-8 text (bad byte at offset {e.start})")
 
 
 def check_writable_dir(path, flag):
@@ -138,21 +138,20 @@ def check_writable_file(path, flag):
 
 
 @functools.lru_cache(maxsize=64)
-def _dry_run(script, flags):
+def _dry_run(script, flags):  # asked again with the same flags: answered once
     import subprocess
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
-    out = subprocess.run([sys.executable, path, "--dry_run", *flags], capture_output=True, text=True)
-    return out.returncode, out.stdout, out.stderr
+    return subprocess.run([sys.executable, path, "--dry_run", *flags], capture_output=True, text=True)
 
 
 def dry_run(script, flags):
-    """`script --dry_run flags` (train.py: its configs, parameters and FLOPs per step, as a dict; eval.py: nothing):
-    scripts check each other's flags through the command line, never by importing each other. A bad flag is one
-    line naming the script."""
-    code, stdout, stderr = _dry_run(script, tuple(flags))  # asked again with the same flags: answered once
-    if code:
-        fail(f"{script} {' '.join(flags)}: " + (stderr.strip().splitlines() or ["failed"])[-1].removeprefix("error: "))
-    return json.loads(stdout.strip().splitlines()[-1]) if stdout.strip() else None
+    """`script --dry_run flags` (train.py answers its configs, parameters and FLOPs per step): scripts check each
+    other's flags through the command line, never by importing each other; a bad flag is one line naming the script."""
+    out = _dry_run(script, tuple(flags))
+    if out.returncode:
+        last = (out.stderr.strip().splitlines() or ["failed"])[-1]
+        fail(f"{script} {' '.join(flags)}: {last.removeprefix('error: ')}")
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else None
 
 
 def train_dry_run(flags):
@@ -239,8 +238,7 @@ def pyplot():
 # files
 
 def write_atomic(path, write, mode="w"):
-    """write(f) into a temporary file unique to this process, then rename it to path: readers see the old
-    file or the new one, never a torn one, and two writers never share a temporary file."""
+    """write(f) into a temporary file of this process, renamed to path: readers never see a torn file."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:

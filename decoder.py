@@ -1,17 +1,12 @@
 """
 Cola DLM's block-by-block conditional decoding (docs/method.md §6): the paper's generation loop.
 
-Text is produced one block of `block_size` latents (block_size * patch_size tokens) at a time:
-  1. the prompt is encoded with the posterior mean and normalised; its full blocks prefill the DiT's
-     KV cache (at t = 0) and the VAE decoder's KV cache;
-  2. each new block starts from noise and takes `steps` guided Euler steps from t = 1 to 0; the
-     conditional pass reads the cache, the unconditional pass sees the block alone, and both run as one
-     batched forward; the known latents of a partial last prompt block stay pinned clean (t = 0) at every
-     step ("clean-condition repaint");
-  3. the VAE decoder turns the finished block into tokens in one parallel pass (its cache holds the
-     earlier blocks), a token is chosen per position, and the block is committed to the DiT cache at t = 0.
-Prompts of different lengths run together: each row is left-padded by whole blocks so all rows reach
-block boundaries together; padded keys are masked out, and RoPE only sees relative positions.
+  1. the prompt's posterior means, normalised, prefill the DiT's KV cache (at t = 0) and the decoder's;
+  2. each new block takes `steps` guided Euler steps from noise at t = 1 to 0 (the conditional pass reads the
+     cache, the unconditional one sees the block alone); known latents of a partial last prompt block stay
+     pinned clean ("clean-condition repaint");
+  3. the VAE decoder turns the block into tokens in one parallel pass, and the block joins both caches.
+Prompts of different lengths are left-padded by whole blocks, hidden by the masks; RoPE sees relative positions.
 """
 import math
 from dataclasses import dataclass
@@ -52,24 +47,14 @@ class BlockState:
     kept: list                      # per row, the new tokens this block added to its output
 
 
-# ----------------------------------------------------------------------------------------------------
 # token choice (pure)
 
-def apply_repetition_penalty(logits, seen, penalty):
-    """CTRL-style penalty: logits of tokens already in the text are divided by `penalty` when positive,
-    multiplied when negative. logits (B, T, V); seen (B, V) bool."""
-    if penalty == 1.0:
-        return logits
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen.unsqueeze(1), penalized, logits)
-
-
-def choose_tokens(logits, seen=None, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                  generator=None):
-    """Pick one token per position. logits (B, T, V) -> (B, T). temperature 0 = greedy."""
-    logits = logits.float()
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+def choose_tokens(logits, seen=None, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, generator=None):
+    """Pick one token per position. logits (B, T, V) -> (B, T). temperature 0 = greedy. The repetition penalty
+    (CTRL's) divides the positive logits of the tokens seen (B, V) by it, and multiplies the negative ones."""
+    logits, p = logits.float(), repetition_penalty
+    if seen is not None and p != 1.0:
+        logits = torch.where(seen.unsqueeze(1), torch.where(logits > 0, logits / p, logits * p), logits)
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -80,21 +65,18 @@ def choose_tokens(logits, seen=None, temperature=0.0, top_k=0, top_p=1.0, repeti
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = torch.softmax(sorted_logits, -1)
         drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest set reaching top_p
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        logits = torch.full_like(logits, -torch.inf).scatter(-1, order, sorted_logits.masked_fill(drop, -torch.inf))
     probs = torch.softmax(logits, -1)
     B, T, V = probs.shape
     return torch.multinomial(probs.reshape(B * T, V), 1, generator=generator).reshape(B, T)
 
 
-# ----------------------------------------------------------------------------------------------------
 # the pieces of the loop
 
 def prompt_layout(prompts, block_size, patch, pad_id, device):
-    """Lay a batch of prompts out in blocks. A prompt's partial last block is filled on the right with pad_id,
-    which the encoder reads (the release pads the same way); rows are then left-padded by whole blocks, hidden
-    from every pass, so that all rows reach block boundaries together. Returns tokens (B, Tp), the latents
-    every pass may attend to (B, Np), the number of full prompt blocks (common to all rows after padding), and
-    per row the number of tokens in its partial last block."""
+    """Lay prompts out in blocks: a partial last block is filled with pad_id (the encoder reads it, as in the
+    release), then rows are left-padded by whole blocks. Returns tokens (B, Tp), the latents a pass may attend to
+    (B, Np), the number of full prompt blocks (after padding), and per row the tokens of its partial block."""
     tpb = block_size * patch
     n_full = [len(p) // tpb for p in prompts]
     rem = [len(p) % tpb for p in prompts]
@@ -118,9 +100,8 @@ def encode_normalised(model, tokens, valid):
 
 
 def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin_z=None):
-    """Guided Euler steps for the next block along `grid` (from t = grid[0] down to grid[-1]), given the
-    committed history in the DiT cache. Latents marked in `pin` (B, bs) are held at pin_z at t = 0.
-    z (B, bs, d) normalised, at time grid[0]."""
+    """Guided Euler steps of the next block z (B, bs, d) along `grid` (t = grid[0] down to grid[-1]), after the
+    history in the DiT cache; latents marked in `pin` (B, bs) are held at pin_z, at t = 0."""
     B, bs, _ = z.shape
     pin = torch.zeros(B, bs, dtype=torch.bool, device=z.device) if pin is None else pin
     pin_z = z if pin_z is None else pin_z
@@ -133,8 +114,7 @@ def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin
 
 
 def check_request(model, prompts, max_new_tokens, rem):
-    """The number of blocks that give every row max_new_tokens new tokens; a request beyond the model's
-    context is a GenerationError."""
+    """The number of blocks that give every row max_new_tokens; beyond the model's context, a GenerationError."""
     if not prompts:
         raise GenerationError("no prompts given")
     tpb, context = model.block_size * model.vae.cfg.patch_size, model.vae.cfg.max_seq_len
@@ -146,7 +126,6 @@ def check_request(model, prompts, max_new_tokens, rem):
     return n_blocks
 
 
-# ----------------------------------------------------------------------------------------------------
 # the loop
 
 @torch.no_grad()
@@ -178,7 +157,7 @@ def generate(model, prompts, max_new_tokens, cfg=SamplerConfig(), generator=None
         z = cfg.noise_scale * (noise(k, shape) if noise else torch.randn(shape, device=device, generator=generator))
         z = denoise_block(model, z, grid, hist_valid, guidance if k == 0 else cfg.guidance, caches[0], pin, pin_z)
         if not torch.isfinite(z).all():
-            raise GenerationError(f"block {k}'s latents are not finite (NaN or Inf): lower the guidance or the noise scale")
+            raise GenerationError(f"block {k}'s latents are not finite: lower the guidance or the noise scale")
         logits = model.decode_and_commit(z, hist_valid, caches)  # (B, tpb, V)
         hist_valid = torch.cat([hist_valid, torch.ones_like(pin)], 1)
         decoded = choose_tokens(logits, seen, cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty, generator)
@@ -200,8 +179,7 @@ def generate(model, prompts, max_new_tokens, cfg=SamplerConfig(), generator=None
 
 
 def keep_until_stop(fresh, room, stop_ids):
-    """What a row keeps of a block's new tokens: at most `room`, before the first stop token; and whether
-    it stopped."""
+    """A row keeps at most `room` of a block's new tokens, before the first stop token -> (kept, stopped)."""
     for i, tok in enumerate(fresh[:room]):
         if tok in stop_ids:
             return fresh[:i], True

@@ -3,11 +3,8 @@ Flow matching over VAE latents, and the joint stage-2 objective of Cola DLM (doc
 
 Time convention, fixed for the whole codebase: t in [0, 1], t = 0 is data, t = 1 is noise.
     z_t = (1 - t) * z0 + t * eps,   eps ~ N(0, I),   velocity target v = eps - z0,
-and sampling integrates from t = 1 down to 0 with Euler steps z <- z - dt * v_hat.
-
-The file reads: the pure functions the tests pin (sample_t, flow_path, two_l_layout, fm_loss, euler_step,
-cfg_combine, latent_stats, ...), the stage-2 loss weights (LossConfig), then ColaDLM: the VAE and the DiT
-wired together, its training loss, and the three cached passes the block-wise sampler (decoder.py) runs.
+and sampling integrates from t = 1 down to 0 with Euler steps z <- z - dt * v_hat. The file reads: pure
+functions, the stage-2 loss weights (LossConfig), then ColaDLM: its loss and the three cached passes of sampling.
 """
 import copy
 from dataclasses import dataclass
@@ -20,12 +17,10 @@ from layers import KVCache, cached_block_masks, cached_causal_mask, prefix_mask,
 from vae import TextVAE, VAEConfig, gaussian_kl, vae_logsnr
 
 
-# ----------------------------------------------------------------------------------------------------
 # pure functions
 
 def sample_t(n, loc=1.0, scale=1.0, uniform=False, device="cpu", generator=None):
-    """n times in (0, 1): logit-normal t = sigmoid(u), u ~ N(loc, scale^2) (paper: loc 1.0 at d = 16),
-    or uniform."""
+    """n times in (0, 1): logit-normal, t = sigmoid(u) with u ~ N(loc, scale^2), or uniform."""
     if uniform:
         return torch.rand(n, device=device, generator=generator)
     u = torch.randn(n, device=device, generator=generator) * scale + loc
@@ -66,12 +61,9 @@ def time_grid(steps, device="cpu", t_max=1.0):
 
 
 def two_l_layout(z0, zt, t_tok, block_size):
-    """Build the BD3-LM style training input from clean latents z0 and noisy latents zt, both (B, L, d).
-
-    Returns seq (B, 2L - bs, d), t (B, 2L - bs) with t = 0 on the clean half, pos (2L - bs,) sharing RoPE
-    positions between a noisy latent and its clean counterpart, and the mask. The clean half is
-    stop-gradient: the prior's history is not a path for gradients into the encoder.
-    """
+    """The BD3-LM style training input of clean z0 and noisy zt (B, L, d): seq (B, 2L - bs, d), t (B, 2L - bs)
+    (0 on the clean half), pos (2L - bs,) (a noisy latent shares its clean twin's), mask. The clean half is
+    stop-gradient: the prior's history is no path for gradients into the encoder."""
     B, L, _ = z0.shape
     Lc = L - block_size
     seq = torch.cat([z0[:, :Lc].detach(), zt], dim=1)  # (B, 2L-bs, d)
@@ -81,9 +73,8 @@ def two_l_layout(z0, zt, t_tok, block_size):
 
 
 def partial_known_prefix(B, L, block_size, prob, device="cpu", generator=None):
-    """(B, L) bool: latents kept clean at t = 0 and left out of the loss. With probability `prob` per
-    block a random-length prefix (1 .. bs-1) of the noisy block is known, as when sampling continues a
-    prompt whose last block is partial."""
+    """(B, L) bool, latents kept clean (t = 0) and out of the loss: per block with probability `prob`, a prefix
+    of 1 .. bs-1 latents, as when sampling continues a partial prompt block."""
     nb = L // block_size
     pick = torch.rand(B, nb, device=device, generator=generator) < prob  # (B, nb)
     length = torch.randint(1, max(block_size, 2), (B, nb), device=device, generator=generator)  # (B, nb)
@@ -102,8 +93,8 @@ def fm_loss(v_pred, v_target, valid=None):
 
 
 def latent_stats(mu, logvar):
-    """Per-channel shift and scale so that (z - shift) * scale has zero mean and unit variance, where
-    z ~ q(z|x): Var[z] = Var[mu] + E[sigma^2]. mu, logvar (..., d). Deterministic (no sampling)."""
+    """Per-channel shift, scale making (z - shift) * scale zero-mean, unit-variance for z ~ q(z|x), mu and logvar
+    (..., d): Var[z] = Var[mu] + E[sigma^2]."""
     mu, var = mu.reshape(-1, mu.shape[-1]).double(), logvar.reshape(-1, logvar.shape[-1]).double().exp()
     shift = mu.mean(0)
     total_var = (mu - shift).pow(2).mean(0) + var.mean(0)
@@ -126,7 +117,6 @@ class LossConfig:
     decode_rows: int = 0            # > 0 (not the paper's): the decoder terms on the first rows only
 
 
-# ----------------------------------------------------------------------------------------------------
 # the joint model
 
 class ColaDLM(nn.Module):
@@ -144,14 +134,12 @@ class ColaDLM(nn.Module):
         self.decoder_reads_normalized = False  # the release's decoder reads normalised latents (release.py)
 
     @property
-    def block_size(self):
-        """Latents per generated block (the DiT's; the VAE's attention blocks may be finer)."""
+    def block_size(self):  # latents per generated block: the DiT's (the VAE's may be finer)
         return self.dit.cfg.block_size
 
     @torch.no_grad()
     def init_from_stage1(self, vae_state, batches):
-        """Start stage 2: the stage-1 VAE, its frozen copy as the reference encoder, and the latent
-        normalisation estimated on `batches` of training tokens (latent_stats of the posterior)."""
+        """Stage 2 starts from the stage-1 VAE, a frozen copy of its encoder, and latent_stats over `batches`."""
         self.vae.load_state_dict(vae_state)
         self.ref_enc.load_state_dict(self.vae.enc.state_dict())
         posts = [self.vae.eval().encode(x) for x in batches]
@@ -172,7 +160,6 @@ class ColaDLM(nn.Module):
     def denormalize(self, zn):
         return zn / self.latent_scale + self.latent_shift
 
-    # ------------------------------------------------------------------------------------------------
     # training
 
     def velocity_2l(self, z0n, zt, t_tok):
@@ -182,9 +169,8 @@ class ColaDLM(nn.Module):
         return self.dit(seq, t, pos, mask)[:, L - self.block_size:]  # (B, L, d)
 
     def encode_for_prior(self, tokens, cfg: LossConfig):
-        """The VAE terms of the loss and the posterior (mu, logvar, z), each (B, L, d). The decoder terms run on
-        the first cfg.decode_rows sequences only when that is set (its vocabulary head is the costly part at
-        small width; the prior then sees a larger batch than the decoder)."""
+        """The VAE terms and the posterior (mu, logvar, z), each (B, L, d). With cfg.decode_rows, the decoder runs on
+        those first rows only (its vocabulary head is the costly part at small width)."""
         n_dec = cfg.decode_rows if 0 < cfg.decode_rows < tokens.shape[0] else tokens.shape[0]
         if cfg.lam_vae == 0:  # a frozen VAE: no decoder at all
             zero = torch.zeros((), device=tokens.device)
@@ -221,7 +207,6 @@ class ColaDLM(nn.Module):
                        + cfg.lam_fm * out["fm"] + cfg.lam_ref * out["ref_kl"])
         return out
 
-    # ------------------------------------------------------------------------------------------------
     # the cached passes of block-wise generation (docs/method.md §6; decoder.generate is the loop)
 
     def new_caches(self):
@@ -229,24 +214,20 @@ class ColaDLM(nn.Module):
         return KVCache(self.dit.cfg.n_layers), KVCache(self.vae.cfg.n_dec_layers)
 
     def decoder_input(self, zn):
-        """What the decoder reads for normalised latents zn: the raw latents it was trained on (the release's
-        decoder reads zn itself)."""
+        """The decoder reads raw latents (the release's reads normalised ones)."""
         return zn if self.decoder_reads_normalized else self.denormalize(zn)
 
     def prefill(self, zn, key_valid, caches):
-        """Commit clean prompt blocks to both caches: the DiT at t = 0 and the decoder.
-        zn (B, Tc, d) normalised latents, Tc a whole number of blocks; key_valid (B, Tc) real latents."""
+        """Commit whole clean prompt blocks zn (B, Tc, d) to both caches (the DiT's at t = 0); key_valid (B, Tc)."""
         B, Tc, _ = zn.shape
         pos = torch.arange(Tc, device=zn.device)
         self.dit(zn, zn.new_zeros(B, Tc), pos, prefix_mask(key_valid, self.block_size), caches[0], commit=True)
         self.vae.decode(self.decoder_input(zn), pos, prefix_mask(key_valid, self.vae.cfg.block_size), caches[1])
 
     def guided_velocity(self, z, t_tok, hist_valid, guidance, dit_cache):
-        """v_u + s (v_c - v_u) for the next noisy block after the cached history, DiT's forward_with_cfg
-        pattern: the conditional rows (history + block, at the block's positions) and the unconditional
-        rows (the block alone at positions 0..bs-1) go through the DiT as one batch.
-        z (B, bs, d) normalised noisy latents; t_tok (B, bs); hist_valid (B, Tc) real cached latents;
-        guidance: a number or one per row (B,)."""
+        """v_u + s (v_c - v_u) of the noisy block z (B, bs, d) at t_tok (B, bs) after the cached history (real where
+        hist_valid (B, Tc)): the conditional rows (history + block) and the unconditional ones (the block alone, at
+        positions 0..bs-1) run as one batch, as DiT's forward_with_cfg. guidance: a number or one per row (B,)."""
         B, bs, _ = z.shape
         Tc = hist_valid.shape[1]
         pos = torch.arange(Tc, Tc + bs, device=z.device)  # (bs,)
@@ -260,8 +241,7 @@ class ColaDLM(nn.Module):
         return cfg_combine(v_cond, v_uncond, guidance)
 
     def decode_and_commit(self, z, hist_valid, caches):
-        """Decoder logits (B, bs * patch, V) of the finished block z (B, bs, d, normalised), which then joins
-        both caches: the decoder keeps its keys, the DiT commits the block at t = 0."""
+        """Decoder logits (B, bs * patch, V) of the finished block z (B, bs, d), which then joins both caches."""
         B, bs, _ = z.shape
         Tc = hist_valid.shape[1]
         pos = torch.arange(Tc, Tc + bs, device=z.device)

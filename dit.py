@@ -6,12 +6,9 @@ released one (docs/release.md), at every size:
 
     z (B, T, d) -> Linear -> N x [adaLN block] -> LN + adaLN shift/scale -> Linear -> v (B, T, d)
 
-The timestep: [sin | cos] features of 1000 t, then Linear, SiLU, Linear, SiLU, Linear. adaLN (DiT, Peebles &
-Xie): from SiLU(t_emb), one Linear gives the attention sublayer's shift and scale, one its gate, and two
-more the same for the MLP; x <- x + gate * sublayer(LN(x) * (1 + scale) + shift). adaLN-Zero (the default
-init here, DiT's) zero-initialises them with the output projection so every block starts as the identity.
-Attention has per-head QK LayerNorm and RoPE on 96 of 128 channels, pairs interleaved; a KV cache holds
-the clean context blocks during generation.
+The timestep: [sin | cos] features of 1000 t, then an MLP. adaLN (DiT, Peebles & Xie): Linear maps of
+SiLU(t_emb) give each sublayer's shift, scale and gate: x <- x + gate * sublayer(LN(x) * (1 + scale) + shift).
+Attention: per-head QK LayerNorm, RoPE on 96 of 128 channels, pairs interleaved.
 """
 import math
 from dataclasses import dataclass
@@ -113,8 +110,8 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """DiT's init: Xavier Linear, N(0, 0.02) timestep MLP, and zeros on every adaLN modulation and
-        the output projection (adaLN-Zero): each block starts as the identity and the output as 0."""
+        """Xavier Linear; adaLN-Zero adds DiT's N(0, 0.02) timestep MLP and zeros on every adaLN map and the output
+        projection: each block starts as the identity."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -125,11 +122,8 @@ class DiT(nn.Module):
         for m in self.t_embed.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
-        for blk in self.blocks:
-            for m in (blk.ada_attn, blk.gate_attn, blk.ada_mlp, blk.gate_mlp):
-                nn.init.zeros_(m.weight)
-                nn.init.zeros_(m.bias)
-        for m in (self.final.ada, self.final.out):
+        zeroed = [m for b in self.blocks for m in (b.ada_attn, b.gate_attn, b.ada_mlp, b.gate_mlp)]
+        for m in zeroed + [self.final.ada, self.final.out]:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 

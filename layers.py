@@ -1,21 +1,17 @@
 """
 Shared transformer pieces for the VAE, the DiT and the baselines (docs/method.md §3, §4, §8).
 
-- every attention pattern in one place: block-causal (bidirectional inside a block, causal across blocks),
-  the Cola rule for the DiT's clean/noisy training sequence, and the cached masks of sampling; True = may
-  attend, fed to SDPA as a bool mask with is_causal=False (a mask together with is_causal=True silently
+- every attention pattern: block-causal, the DiT's clean/noisy training rule, the cached masks of sampling;
+  True = may attend, fed to SDPA as a bool mask with is_causal=False (a mask with is_causal=True silently
   gives plain causal attention on CPU);
-- RoPE on all or part of each head's channels, pairing them half-split (the VAE, the baselines) or
-  interleaved (the DiT), as the authors' release does; attention with QK LayerNorm per head (the DiT,
-  the baselines) or over the whole width (the VAE); SwiGLU MLP;
-- a KV cache for block-wise decoding: a block's keys are appended only when it is committed.
+- RoPE, half-split (the VAE) or interleaved (the DiT) as in the release; attention with QK LayerNorm per head
+  or over the width (the VAE); SwiGLU; a KV cache that stores a block's keys only when it is committed.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ----------------------------------------------------------------------------------------------------
 # every attention pattern of the method (pure functions; docs/method.md §4 prints them)
 
 def block_causal_mask(q_block, k_block):
@@ -46,11 +42,8 @@ def two_l_mask(L, block_size, device="cpu"):
 
 
 def with_key_padding(mask, key_valid, query_valid=None):
-    """AND a (B, Tk) key-validity into a (Tq, Tk) or (B, Tq, Tk) mask -> (B, 1, Tq, Tk).
-
-    Invalid queries (padding) keep their rule so that no row is fully masked (a fully masked row
-    makes SDPA return NaN, which would then leak through V into valid rows).
-    """
+    """AND a (B, Tk) key-validity into a (Tq, Tk) or (B, Tq, Tk) mask -> (B, 1, Tq, Tk). Invalid queries keep
+    their rule: a fully masked row makes SDPA return NaN, which would leak into valid rows."""
     keep = key_valid.unsqueeze(-2)  # (B, 1, Tk)
     if query_valid is not None:
         keep = keep | ~query_valid.unsqueeze(-1)  # (B, Tq, Tk)
@@ -64,10 +57,8 @@ def prefix_mask(valid, block_size):
 
 
 def cached_block_masks(hist_valid, block_size):
-    """Sampling: the masks of a noisy block's queries over [cached history | the block itself], the rows of
-    cola_mask for that block. hist_valid (B, Tc) marks real cached latents. Returns (cond, uncond), each
-    (B, 1, bs, Tc + bs): the conditional pass sees the real history and its own block; the unconditional
-    pass its own block only."""
+    """Sampling: a noisy block's rows of cola_mask over [cached history (real where hist_valid (B, Tc)) | itself]
+    -> (cond, uncond), each (B, 1, bs, Tc + bs); the unconditional pass sees its own block only."""
     B = hist_valid.shape[0]
     own = torch.ones(B, block_size, dtype=torch.bool, device=hist_valid.device)
     cond = torch.cat([hist_valid, own], 1)[:, None, None, :].expand(B, 1, block_size, -1)
@@ -84,15 +75,12 @@ def cached_causal_mask(key_valid, n_new, block_size):
     return (rule & key_valid.unsqueeze(1)).unsqueeze(1)
 
 
-# ----------------------------------------------------------------------------------------------------
 # rotary position embedding
 
 class Rotary(nn.Module):
-    """RoPE on the first `rot_dim` channels of each head (the paper's DiT rotates 96 of 128); pair i turns by
-    pos * theta^(-2i/rot_dim). Pairs are (i, i + rot_dim/2) ("half-split", the VAE's) or (2i, 2i + 1)
-    ("interleaved", the DiT's in the release). Interleaved pairs are rotated as half-split ones after moving
-    channel 2i to i and 2i + 1 to i + rot_dim/2: q and k are moved alike, so q.k is what the release computes,
-    and the contiguous half-split form is several times faster under torch.compile."""
+    """RoPE on the first `rot_dim` channels of each head; pair i turns by pos * theta^(-2i/rot_dim). Pairs are
+    (i, i + rot_dim/2) ("half-split") or (2i, 2i + 1) ("interleaved"). Interleaved channels are first reordered
+    to half-split places, q and k alike, so q.k is unchanged and the faster contiguous form serves both."""
 
     def __init__(self, head_dim, theta=10000.0, fraction=1.0, interleaved=False):
         super().__init__()
@@ -119,7 +107,6 @@ class Rotary(nn.Module):
         return torch.cat([rotated, x[..., self.rot_dim:]], dim=-1)
 
 
-# ----------------------------------------------------------------------------------------------------
 # KV cache
 
 class LayerKV:
@@ -153,14 +140,10 @@ class KVCache:
         return 0 if k is None else k.shape[2]
 
 
-# ----------------------------------------------------------------------------------------------------
 # modules
 
 class Attention(nn.Module):
-    """Multi-head attention through SDPA with an explicit bool mask, QK LayerNorm and RoPE.
-
-    qk_norm: 'head' normalises q and k per head (the DiT, the baselines), 'width' over all heads at once
-    before the split (the release's VAE), None not at all."""
+    """Multi-head attention through SDPA with a bool mask, RoPE, and QK LayerNorm per 'head' or over the 'width'."""
 
     def __init__(self, width, n_heads, rope_theta=10000.0, rope_fraction=1.0, qk_norm="head", eps=1e-5,
                  out_bias=False, interleaved=False, dropout=0.0):

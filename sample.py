@@ -1,18 +1,13 @@
 """
-Sample from a trained model: Cola DLM, or the AR / LLaDA baselines. Needs no model flags: the
-checkpoint carries its kind and configuration.
+Sample from a trained model, Cola DLM or a baseline: the checkpoint carries its kind, configs and sampler.
 
-    python sample.py                                  # out/ckpt.pt, the default prompt
+    python sample.py                                  # out/ckpt.pt, prompt "\n"
     python sample.py --prompt "ROMEO:" --num_samples 3 --steps 8 --guidance 3
-    python sample.py --prompt FILE:prompt.txt --ckpt out/ckpt.pt
-    python sample.py --out_dir out_ar                 # AR: token by token with a KV cache
-    python sample.py --out_dir out_llada --steps 32 --block_length 16   # LLaDA, semi-autoregressive blocks
+    python sample.py --out_dir out_ar                 # AR (KV cache); LLaDA: --steps 32 --block_length 16
     python sample.py --init_from hf/Cola-DLM --prompt "Question: ... Answer:"   # the authors' released 2B model
 
-Cola DLM decodes block by block (decoder.generate, docs/method.md §6) with the sampler its checkpoint stores,
-and each block is printed as soon as it is decoded; a released snapshot samples as the release does
-(release.release_generate). AR prints each token; LLaDA unmasks the most confident positions over --steps
-passes (low-confidence remasking, docs/method.md §8) and prints the result.
+Cola decodes block by block (decoder.generate, docs/method.md §6) and prints each block as it is decoded; a
+released snapshot samples as the release does (release.release_generate).
 """
 import argparse
 import os
@@ -33,28 +28,26 @@ from tokenizer import get_tokenizer
 
 def get_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default=os.path.join(REPO_DIR, "out"), help="directory holding ckpt.pt")
-    p.add_argument("--ckpt", default=None, help="checkpoint path (overrides --out_dir)")
-    p.add_argument("--init_from", default=None, metavar="DIR",
-                   help="the authors' released snapshot (cola_vae/, cola_dit/, tokenizer.json) instead of a checkpoint")
-    p.add_argument("--prompt", default="\n", help="prompt text, or FILE:path to read it from a file")
-    p.add_argument("--num_samples", type=positive_int, default=8, help="number of samples")
-    p.add_argument("--max_new_tokens", type=positive_int, default=96, help="tokens to generate per sample")
+    add = p.add_argument
+    add("--out_dir", default=os.path.join(REPO_DIR, "out"), help="directory holding ckpt.pt")
+    add("--ckpt", help="checkpoint path (overrides --out_dir)")
+    add("--init_from", metavar="DIR", help="the authors' released snapshot (cola_vae/, cola_dit/, tokenizer.json)")
+    add("--prompt", default="\n", help="prompt text, or FILE:path to read it from a file")
+    add("--num_samples", type=positive_int, default=8, help="number of samples")
+    add("--max_new_tokens", type=positive_int, default=96, help="tokens to generate per sample")
     # the sampler: unset flags take the checkpoint's (decoder.SamplerConfig)
-    p.add_argument("--steps", type=positive_int, default=None, help="Cola: Euler steps per block; LLaDA: unmasking passes")
-    p.add_argument("--guidance", type=float_in(0.0, 1e3, low_open=True), default=None, help="Cola: guidance scale, 1 = off")
-    p.add_argument("--noise_scale", type=float_in(0.0, 1e3, low_open=True), default=None, help="Cola: std of each block's starting noise")
-    p.add_argument("--block_length", type=nonneg_int, default=0,
-                   help="LLaDA: semi-autoregressive block length in tokens (0 = one block of --max_new_tokens)")
-    p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_k", type=nonneg_int, default=0, help="Cola, AR: keep the k most likely tokens (0 = all)")
-    p.add_argument("--top_p", type=float_in(0.0, 1.0, low_open=True), default=1.0, help="Cola, AR: nucleus sampling mass (1 = off)")
-    p.add_argument("--repetition_penalty", type=positive_float, default=1.1, help="Cola, AR: CTRL-style penalty (1 = off)")
-    p.add_argument("--seed", type=int_at_least(0, 2**32 - 1), default=1337, help="random seed")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="autocast dtype; bfloat16 also keeps a released snapshot's weights in bf16 (half the memory)")
-    p.add_argument("--compile", action="store_true", help="Cola: torch.compile the DiT and the decoder")
+    add("--steps", type=positive_int, help="Cola: Euler steps per block; LLaDA: unmasking passes")
+    add("--guidance", type=float_in(0.0, 1e3, low_open=True), help="Cola: guidance scale, 1 = off")
+    add("--noise_scale", type=float_in(0.0, 1e3, low_open=True), help="Cola: std of each block's starting noise")
+    add("--block_length", type=nonneg_int, default=0, help="LLaDA: semi-autoregressive block length (0: all at once)")
+    add("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
+    add("--top_k", type=nonneg_int, default=0, help="Cola, AR: keep the k most likely tokens (0 = all)")
+    add("--top_p", type=float_in(0.0, 1.0, low_open=True), default=1.0, help="Cola, AR: nucleus mass (1 = off)")
+    add("--repetition_penalty", type=positive_float, default=1.1, help="Cola, AR: CTRL-style penalty (1 = off)")
+    add("--seed", type=int_at_least(0, 2**32 - 1), default=1337, help="random seed")
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    add("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast (bf16: a snapshot's weights too)")
+    add("--compile", action="store_true", help="Cola: torch.compile the DiT and the decoder")
     return p.parse_args(argv)
 
 
@@ -64,16 +57,8 @@ def main(argv=None):
     path = args.init_from or args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     try:
         text = read_prompt(args.prompt)
-        if not (args.init_from or args.ckpt) and not os.path.exists(path) and \
-                os.path.exists(os.path.join(args.out_dir, "vae.pt")):
-            raise DataError(f"{path} not found; {args.out_dir}/vae.pt is a stage-1 VAE, which cannot generate: "
-                            "run `python train.py --stage joint` first")
         model, info = load_model(path, device, dtype=getattr(torch, args.dtype))
         enc = get_tokenizer(info["tokenizer"])
-        vocab = (model.vae.cfg if info["kind"] == "cola" else model.cfg).vocab_size
-        if enc.n_vocab > vocab:
-            raise DataError(f"{path} names tokenizer {info['tokenizer']} of {enc.n_vocab} ids, more than the model's "
-                            f"{vocab}: not the tokenizer it was trained with")
         prompt = prompt_ids(info, enc, text)
     except (DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")
@@ -87,13 +72,10 @@ def main(argv=None):
     g = torch.Generator(device=device).manual_seed(args.seed)
     torch.manual_seed(args.seed)
     how = {"cola": f"steps {cfg.steps}, guidance {cfg.guidance}, noise scale {cfg.noise_scale}" +
-                   (", the release's sampler" if info.get("release") else ""),
-           "ar": "KV cache", "llada": f"steps {args.steps or 32}, block length {args.block_length or args.max_new_tokens}"}
-    print(f"# {path}: {kind}, step {info['step']}, {how[kind]}, prompt {len(prompt)} tokens", flush=True)
-    def show(tokens):
-        sys.stdout.write(enc.decode(tokens))
-        sys.stdout.flush()
-
+                   (", the release's sampler" if info.get("release") else ""), "ar": "KV cache",
+           "llada": f"steps {args.steps or 32}, block length {args.block_length or args.max_new_tokens}"}[kind]
+    print(f"# {path}: {kind}, step {info['step']}, {how}, prompt {len(prompt)} tokens", flush=True)
+    show = lambda tokens: print(enc.decode(tokens), end="", flush=True)
     total_tokens, total_time, samples = 0, 0.0, []
     for i in range(args.num_samples):
         print(f"--- sample {i}\n{enc.decode(prompt)}", end="", flush=True)
@@ -103,19 +85,19 @@ def main(argv=None):
                 if kind == "cola" and release_sampler(info):
                     out, _ = release_sampler(info)(model, [prompt], args.max_new_tokens, cfg, generator=g)
                     show(out[0])
-                elif kind == "cola":
+                elif kind == "cola":  # each block printed as soon as it is decoded
                     out, _ = generate(model, [prompt], args.max_new_tokens, cfg, g, on_block=lambda s: show(s.kept[0]))
                 elif kind == "ar":
                     out, _ = ar_generate(model, [prompt], args.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                                         cfg.repetition_penalty, cfg.stop_ids[0], g, lambda new: show([new[0]] if new[0] is not None else []))
+                                         cfg.repetition_penalty, cfg.stop_ids[0], g,
+                                         lambda new: show([new[0]] if new[0] is not None else []))
                 else:
                     out, _ = llada_generate(model, [prompt], args.max_new_tokens, args.steps or 32,
                                             args.block_length or None, cfg.temperature, cfg.stop_ids[0], g)
                     show(out[0])
         except GenerationError as e:
             sys.exit(f"\nerror: {e}")
-        total_time += time.time() - t0
-        total_tokens += len(out[0])
+        total_time, total_tokens = total_time + time.time() - t0, total_tokens + len(out[0])
         samples.append(out[0])
         print()
     print(f"# {total_tokens} tokens in {total_time:.2f} s ({total_tokens / max(total_time, 1e-9):.1f} tok/s)")

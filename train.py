@@ -8,9 +8,8 @@ Training for every stage of Cola DLM and for the baselines, nanoGPT style: one f
     python train.py --resume        # continue the run in --out_dir exactly as it was configured
     torchrun --standalone --nproc_per_node=8 train.py ...    # DDP: gloo on CPU, nccl on CUDA
 
-The file reads top to bottom: the flags with the paper's values and the presets over them, the model
-configs, stage 1, stage 2, the baselines, then the one training loop they share. Checkpoints are
-self-describing (model configs, sampler, args, step, optimizer, every rank's random state) and atomic.
+Top to bottom: the flags (the paper's values; presets override some), stage 1, stage 2, the baselines, and the
+training loop they share. Checkpoints hold configs, sampler, args, optimizer and random states; writes are atomic.
 """
 import argparse
 import contextlib
@@ -22,14 +21,13 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from baselines import TransformerLM, matched_lm_config
 from checkpoint import (CheckpointError, TrainingError, build, checkpoint_for, claim_out_dir, kept, model_from,
-                        resumable, save_training_state, set_rng_state, trim_log)
-from cli import (Parser, all_reduce_mean, autocast, cleanup_distributed, float_in, int_at_least, keep_freed_memory, nonneg_float,
-                 positive_float, positive_int, setup_distributed, unit_float)
+                        resumable, resume_training, save_training_state)
+from cli import (Parser, all_reduce_mean, autocast, cleanup_distributed, float_in, int_at_least, keep_freed_memory,
+                 nonneg_float, positive_float, positive_int, setup_distributed, unit_float)
 from decoder import SamplerConfig
 from diffusion import ColaDLM, LossConfig
 from dit import DiTConfig
@@ -38,15 +36,13 @@ from layers import n_params
 from prepare import DEFAULT_DATA_DIR, REPO_DIR, DataError, TokenData, batch_seed
 from vae import TextVAE, VAEConfig
 
-# ----------------------------------------------------------------------------------------------------
 # the flags: defaults are the paper's (docs/method.md §3-§5), a preset overrides some of them
 
 PRESETS = {
     "paper": {},  # the released model's sizes; its vocabulary (100,278) comes from the data
-    "tiny": dict(vae_width=64, vae_layers=1, vae_heads=2, vae_mlp=128, dit_width=64, dit_layers=2, dit_heads=2, dit_mlp=256,
-                 lr=3e-3, min_lr=3e-4, warmup_iters=50),
-    # the laptop default: a few hundred steps over ~0.3M tokens; what each change to the paper's recipe buys
-    # is measured in docs/results.md
+    "tiny": dict(vae_width=64, vae_layers=1, vae_heads=2, vae_mlp=128, dit_width=64, dit_layers=2, dit_heads=2,
+                 dit_mlp=256, lr=3e-3, min_lr=3e-4, warmup_iters=50),
+    # the laptop default; what each change to the paper's recipe buys is measured in docs/results.md
     "cpu": dict(vae_width=128, vae_layers=2, vae_heads=4, vae_mlp=384, dit_width=192, dit_layers=4, dit_heads=4,
                 dit_mlp=768, beta=1e-4, beta2=0.999, embed_lr_mult=10.0, lr=3e-3, min_lr=3e-4, warmup_iters=50,
                 fm_batch_mult=4, grad_clip_scope="network", noise_scale=0.5),
@@ -54,8 +50,7 @@ PRESETS = {
 
 
 def get_args(argv=None):
-    """The flags, each checked as it is read (cli.py): a bad value is one line, before any work.
-    args.given lists the flags the command line gave (a resume restores the others)."""
+    """The flags, each checked as it is read (a bad value is one line); args.given: those the command line gave."""
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     # what to train
@@ -101,8 +96,7 @@ def get_args(argv=None):
     add("--seq_len", type=positive_int, default=64, help="tokens per training sequence")
     add("--batch_size", type=positive_int, default=16, help="sequences per micro-batch per process")
     add("--grad_accum", type=positive_int, default=1, help="micro-batches per optimizer step")
-    # the main command's budget (9.9e13 FLOPs at the cpu preset), split 150 + 367: a short stage 1 leaves the
-    # prior more steps, which bought the most of any change at this budget (docs/results.md)
+    # the main command's budget (9.9e13 FLOPs at the cpu preset): a short stage 1 leaves the prior more steps
     add("--vae_iters", type=positive_int, default=150, help="optimizer steps of stage 1")
     add("--main_iters", type=positive_int, default=367, help="optimizer steps of stage 2 (or of a baseline)")
     add("--lr", type=positive_float, default=1.5e-4, help="peak learning rate (AdamW, linear warm-up, cosine decay)")
@@ -114,8 +108,8 @@ def get_args(argv=None):
     # changes to the paper's recipe for few tokens (docs/results.md): the cpu preset turns them on
     add("--embed_lr_mult", type=positive_float, default=1.0, help="lr multiplier of embeddings and output heads")
     add("--fm_batch_mult", type=positive_int, default=1, help="stage 2: the prior sees this x --batch_size")
-    add("--grad_clip_scope", default="global", choices=["global", "network"], help="stage 2: clip VAE+DiT together or apart")
-    add("--noise_scale", type=positive_float, default=1.0, help="the sampler's starting noise, stored in the checkpoint")
+    add("--grad_clip_scope", default="global", choices=["global", "network"], help="stage 2: clip the networks apart")
+    add("--noise_scale", type=positive_float, default=1.0, help="the stored sampler's start noise")
     # running
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     add("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="autocast dtype")
@@ -125,16 +119,10 @@ def get_args(argv=None):
     add("--eval_interval", type=positive_int, default=150, help="steps between validations and checkpoints")
     add("--eval_iters", type=positive_int, default=8, help="validation batches per evaluation")
     add("--stop_after", type=int_at_least(0), default=0, help="checkpoint and exit after this many steps (0: off)")
-    preset = p.parse_known_args(argv)[0].preset
-    p.set_defaults(**PRESETS[preset])
-    args = p.parse_args(argv)
+    args = p.parse_with_presets(argv, PRESETS)
     args.data_dir, args.out_dir = os.path.abspath(args.data_dir), os.path.abspath(args.out_dir)  # valid from any folder
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite contradict each other")
-    p._defaults.clear()  # parse again with no defaults (nor the preset's): what remains is what the command line gave
-    for a in p._actions:
-        a.default = argparse.SUPPRESS
-    args.given = sorted(vars(p.parse_args(argv)))
     return args
 
 
@@ -146,9 +134,6 @@ def check_args(args):
     if args.min_lr > args.lr:
         sys.exit(f"error: --min_lr {args.min_lr:g} is above --lr {args.lr:g}")
 
-
-# ----------------------------------------------------------------------------------------------------
-# the model configs of a set of flags
 
 def vae_config(args, vocab_size):
     return VAEConfig(vocab_size=vocab_size, latent_dim=args.latent_dim, width=args.vae_width,
@@ -174,7 +159,6 @@ def lm_config(args, vocab_size):
                              vcfg.max_seq_len, args.dropout, args.lm_layers), target
 
 
-# ----------------------------------------------------------------------------------------------------
 # what a stage hands the training loop
 
 @dataclass
@@ -201,7 +185,6 @@ def vocab_lr_groups(module, scale, vocab_mult):
     return [([p for p in module.parameters() if id(p) not in ids], scale), (vocab, scale * vocab_mult)]
 
 
-# ----------------------------------------------------------------------------------------------------
 # stage 1: the Text VAE (docs/method.md §3)
 
 def stage_vae(args, env, data):
@@ -224,7 +207,6 @@ def stage_vae(args, env, data):
                resume_from=ckpt, validate=validate)
 
 
-# ----------------------------------------------------------------------------------------------------
 # stage 2: the VAE and the block-causal DiT prior, jointly (docs/method.md §4, §5)
 
 def stage_joint(args, env, data):
@@ -267,7 +249,6 @@ def stage_joint(args, env, data):
                resume_from=ckpt, validate=validate)
 
 
-# ----------------------------------------------------------------------------------------------------
 # the baselines: AR and LLaDA (docs/method.md §8)
 
 def stage_lm(args, env, data):
@@ -286,7 +267,6 @@ def stage_lm(args, env, data):
                resume_from=ckpt, validate=validate)
 
 
-# ----------------------------------------------------------------------------------------------------
 # the training loop every stage shares
 
 def lr_at(step, args, max_iters):
@@ -318,17 +298,10 @@ def train(run, args, env, data):
     device, rank, world, master = env["device"], env["rank"], env["world"], env["master"]
     model = run.model.to(device)
     opt = make_optimizer(run.param_groups, args, device)
-    step, log_path = 0, os.path.join(args.out_dir, f"log_{run.name}.jsonl")
-    if run.resume_from:
-        opt.load_state_dict(run.resume_from["optimizer"])
-        step = run.resume_from["step"]
-        states = run.resume_from["rng"]  # every rank continues its own random stream
-        set_rng_state(states[rank]) if len(states) == world else torch.manual_seed(args.seed + rank * 1000 + step)
-        if master:
-            print(f"[{run.name}] resumed at step {step}" + ("" if len(states) == world else
-                  f"; warning: saved by {len(states)} processes, so the random streams are reseeded"), flush=True)
-            trim_log(log_path, step)
-    else:
+    log_path = os.path.join(args.out_dir, f"log_{run.name}.jsonl")
+    # a resumed run continues its optimizer and every rank's random stream; a fresh one seeds each rank apart
+    step = resume_training(run.resume_from, opt, log_path, args.seed, env) if run.resume_from else 0
+    if not run.resume_from:
         torch.manual_seed(args.seed + rank * 1000)  # different noise on every rank
     fwd = torch.compile(model) if args.compile else model
     if world > 1:
@@ -339,16 +312,13 @@ def train(run, args, env, data):
     flops = lambda: run.flops_before + step * tokens_per_step * run.flops_per_token
     halt = lambda what: TrainingError(f"[{run.name}] {what}, {kept(run.ckpt_path)} (try a lower --lr)")
 
-    def save():
-        if not all(torch.isfinite(p).all() for p in model.parameters()):  # the same on every rank (DDP)
-            raise halt(f"the weights hold NaN or Inf at step {step}; not saved")
-        save_training_state(run.ckpt_path, dict(**run.ckpt_fields, model=model.state_dict(), step=step,
-                                                optimizer=opt.state_dict(), args=vars(args),
-                                                tokenizer=data.meta["tokenizer"], train_flops=flops()), world, master)
+    save = lambda: save_training_state(run.ckpt_path, dict(**run.ckpt_fields, model=model.state_dict(), step=step,
+                                                         optimizer=opt.state_dict(), args=vars(args),
+                                                         tokenizer=data.meta["tokenizer"], train_flops=flops()),
+                                       world, master, f"[{run.name}] the weights hold NaN or Inf at step {step}")
 
     def validate():
-        """Metrics averaged over the validation batches and ranks, with fixed noise: comparable between
-        evaluations, and the training random stream is left as it was."""
+        """Metrics over the validation batches and ranks, with fixed noise (the training stream is left alone)."""
         model.eval()
         sums, rng_devices = {}, [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices), torch.no_grad(), amp:
@@ -410,11 +380,10 @@ def train(run, args, env, data):
     return True
 
 
-# ----------------------------------------------------------------------------------------------------
 # the stages a command asks for
 
 def run_stages(args, env):
-    """Train what the flags ask for: a baseline, or Cola's stage 1 and/or stage 2. Returns the last Run."""
+    """Train what the flags ask for: a baseline, or Cola's stage 1 and/or stage 2."""
     data = TokenData(args.data_dir, args.seq_len)
     os.makedirs(args.out_dir, exist_ok=True)
     runs = ([stage_lm] if args.model != "cola" else

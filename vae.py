@@ -8,13 +8,9 @@ architecture is the authors' released one (docs/release.md), at every size:
     decoder p_theta(x|z): Linear d -> width -> post-norm blocks -> Linear width -> p * width (unpatch)
                           -> LayerNorm -> Linear -> vocab
 
-A post-norm block reads its raw residual stream and normalises the stream itself after attention, and
-the MLP's output before adding it: x <- LN_a(x) + Attn(x); x <- x + LN_m(SwiGLU(x)). Linear layers have
-biases (but q, k, v); QK LayerNorm runs over the whole width; RoPE is half-split on every channel.
-
-Stage-1 loss: CE(decoder(z), x) + beta * KL(q || N(0, I)) + lambda_mask * CE(decoder(z~), x), where z~
-encodes the text with 15% of its tokens replaced by [MASK] and the original tokens are predicted at
-every position (a BERT-style term that keeps the encoder semantic).
+Post-norm blocks: x <- LN_a(x) + Attn(x); x <- x + LN_m(SwiGLU(x)). Stage-1 loss: CE(decoder(z), x)
++ beta * KL(q || N(0, I)) + lambda_mask * CE(decoder(z~), x), where z~ encodes the text with 15% of its tokens
+replaced by [MASK] (a BERT-style term that keeps the encoder semantic).
 """
 from dataclasses import dataclass
 
@@ -96,8 +92,7 @@ class Encoder(nn.Module):
         """tokens (B, T) -> mu, logvar (B, N, d) with N = T / patch_size."""
         cfg = self.cfg
         x = self.patch(self.embed(tokens).transpose(1, 2)).transpose(1, 2)  # (B, N, w)
-        N = x.shape[1]
-        pos = torch.arange(N, device=tokens.device)
+        pos = torch.arange(x.shape[1], device=tokens.device)
         if mask is None:
             blk = pos // cfg.block_size
             mask = block_causal_mask(blk, blk)
@@ -106,10 +101,8 @@ class Encoder(nn.Module):
         mu, logvar = self.to_latent(x).chunk(2, dim=-1)  # (B, N, d) each
         mu = F.layer_norm(mu, (cfg.latent_dim,), eps=cfg.norm_eps)  # no parameters: E[mu^2] = 1 per latent
         if cfg.fixed_logsnr > 0:
-            logvar = torch.full_like(logvar, -cfg.fixed_logsnr)
-        else:
-            logvar = logvar.clamp(cfg.logvar_min, cfg.logvar_max)
-        return mu, logvar
+            return mu, torch.full_like(logvar, -cfg.fixed_logsnr)
+        return mu, logvar.clamp(cfg.logvar_min, cfg.logvar_max)
 
 
 class Decoder(nn.Module):
@@ -164,23 +157,19 @@ class TextVAE(nn.Module):
         return torch.where(hide, torch.full_like(tokens, self.cfg.mask_id), tokens)
 
     def recon_terms(self, tokens, mask_prob, lam_mask):
-        """The terms both stages share: CE of the sampled latent, the masked branch, and the posterior.
-        The clean and the masked copies go through the encoder and decoder as one batch (one big head
-        matmul is cheaper than two on CPU)."""
+        """The terms both stages share: CE of a sampled latent, the masked branch, the posterior. The clean and the
+        masked copies run as one batch (one big head matmul is cheaper than two on CPU)."""
         B = tokens.shape[0]
         both = torch.cat([tokens, self.mask_tokens(tokens, mask_prob)]) if lam_mask > 0 else tokens  # (2B, T)
         mu, logvar = self.encode(both)  # (2B, N, d)
         z = self.reparameterize(mu, logvar)
         logits = self.decode(z)  # (2B, T, V)
         target = tokens.repeat(2, 1) if lam_mask > 0 else tokens
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none").view(-1, B, tokens.shape[1])
-        hit = (logits.argmax(-1) == target).float().view(-1, B, tokens.shape[1])
-        out = {"mu": mu[:B], "logvar": logvar[:B], "z": z[:B], "ce": ce[0].mean(), "acc": hit[0].mean()}
-        if lam_mask > 0:
-            out["mask_ce"], out["mask_acc"] = ce[1].mean(), hit[1].mean()
-        else:
-            out["mask_ce"] = out["mask_acc"] = torch.zeros((), device=tokens.device)
-        return out
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none").view(-1, *tokens.shape)
+        hit = (logits.argmax(-1) == target).float().view(-1, *tokens.shape)
+        masked = (ce[1].mean(), hit[1].mean()) if lam_mask > 0 else (torch.zeros((), device=tokens.device),) * 2
+        return {"mu": mu[:B], "logvar": logvar[:B], "z": z[:B], "ce": ce[0].mean(), "acc": hit[0].mean(),
+                "mask_ce": masked[0], "mask_acc": masked[1]}
 
     def forward(self, tokens, beta=1e-3, mask_prob=0.15, lam_mask=1.0):
         """Stage-1 loss (docs/method.md §3). tokens (B, T) -> dict with 'loss' and metrics."""
@@ -193,9 +182,7 @@ class TextVAE(nn.Module):
         return out
 
     @torch.no_grad()
-    def recon_accuracy(self, tokens, noise_t=0.0):
-        """Greedy token accuracy decoding the posterior mean (optionally along the flow path at t)."""
+    def recon_accuracy(self, tokens):
+        """Greedy token accuracy decoding the posterior mean."""
         mu, _ = self.encode(tokens)
-        if noise_t > 0:
-            mu = (1 - noise_t) * mu + noise_t * torch.randn_like(mu)
         return (self.decode(mu).argmax(-1) == tokens).float().mean()

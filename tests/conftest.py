@@ -2,6 +2,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from prepare import prepare
 from tokenizer import byte_alphabet
@@ -10,6 +11,10 @@ CL100K = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| 
           r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the tests' models are tiny: one thread is as fast as two on a quiet machine and several times faster on a busy
+# one; the scripts the tests start inherit it
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ a fresh run never overwrites a checkpoint, a log keeps no step twice after a res
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -320,8 +321,12 @@ def test_two_runs_never_share_a_folder(tmp_path, data_dir, root, capsys):
         if os.path.exists(os.path.join(out, "train.lock")):
             break
         time.sleep(0.05)
-    with pytest.raises(SystemExit) as e:  # the second run, while the first trains
-        train.main(argv)
+    os.kill(first.pid, signal.SIGSTOP)  # held mid-run, however fast this machine trains
+    try:
+        with pytest.raises(SystemExit) as e:  # the second run, while the first is live
+            train.main(argv)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert first.wait(timeout=300) == 0, first.stderr.read()
     lines = (capsys.readouterr().err + str(e.value.code)).strip().splitlines()
     assert len(lines) == 1 and "is being written by another training run" in lines[0]
@@ -439,11 +444,11 @@ prepare | --input {text} --out_dir {fresh} --val_fraction 0.9            | must 
 prepare | --input {broken} --out_dir {fresh}                              | is not a readable file (a broken link?)
 bench   | --vocab_size 1000000000000                                      | its embedding and head alone need
 bench   | --batches 100000000                                             | AR's keys and values alone need
-bench   | --train --batch_size 100000000 --preset tiny                    | AR's keys and values alone need
+bench   | --train --batch_size 100000000                                  | AR's keys and values alone need
 scaling | --levels 1e300 --judge {ar}/ckpt.pt --out_root {fresh}          | more than a million times
 scaling | --table_only --levels 1 --out_root {bad_results}                | is not an eval result (JSONDecodeError)
 scaling | --out_root {text} --judge {ar}/ckpt.pt --levels 1               | is a file, not a folder
-scaling | --train_args=--data_dir={bad_meta} --judge {ar}/ckpt.pt         | is not a valid meta.json
+scaling | --train_args=--data_dir={bad_meta} --judge {ar}/ckpt.pt --out_root {fresh} | is not a valid meta.json
 scaling | --ablations {abl_up} --judge {ar}/ckpt.pt --out_root {fresh}    | must be a plain folder name
 scaling | --ablations {abl_two} --judge {ar}/ckpt.pt --out_root {fresh}   | two runs share the name x
 scaling | --ablations {abl_from} --judge {ar}/ckpt.pt --out_root {fresh}  | from=nope names no run

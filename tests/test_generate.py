@@ -6,7 +6,7 @@ import decoder
 import diffusion
 from checkpoint import save_checkpoint
 from conftest import one_line_error
-from decoder import GenerationError, SamplerConfig, apply_repetition_penalty, choose_tokens, generate
+from decoder import GenerationError, SamplerConfig, choose_tokens, generate
 from diffusion import ColaDLM, cfg_combine
 from measures import velocity_uncond
 from dit import DiTConfig
@@ -250,8 +250,9 @@ def test_choose_tokens():
     seen = torch.tensor([[False, True, False, False]])
     # 3.0 / 2 = 1.5 < 2.0: the penalty moves greedy to token 2
     assert choose_tokens(logits, seen, repetition_penalty=2.0).tolist() == [[2]]
-    pen = apply_repetition_penalty(torch.tensor([[[2.0, -2.0]]]), torch.tensor([[True, True]]), 2.0)
-    assert pen.tolist() == [[[1.0, -4.0]]]
+    # a negative logit is multiplied: -2 * 2 = -4 < -3 moves greedy to token 1
+    negative = torch.tensor([[[-2.0, -3.0]]])
+    assert choose_tokens(negative, torch.tensor([[True, False]]), repetition_penalty=2.0).tolist() == [[1]]
     g = torch.Generator().manual_seed(0)
     many = torch.cat([choose_tokens(logits, temperature=1.0, top_k=2, generator=g) for _ in range(200)])
     assert set(many.flatten().tolist()) == {1, 2}

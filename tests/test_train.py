@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+import checkpoint
 import train
 from conftest import one_line_error
 
@@ -52,7 +53,7 @@ def test_resume_differs_without_rng_restore(tmp_path, data_dir, monkeypatch):
               "--dropout", "0.1"] + TINY
     train.main(common + ["--out_dir", str(tmp_path / "a")])
     train.main(common + ["--out_dir", str(tmp_path / "b"), "--stop_after", "2"])
-    monkeypatch.setattr(train, "set_rng_state", lambda s: torch.manual_seed(0))
+    monkeypatch.setattr(checkpoint, "set_rng_state", lambda s: torch.manual_seed(0))
     train.main(common + ["--out_dir", str(tmp_path / "b"), "--resume"])
     pa, pb = params(tmp_path / "a" / "vae.pt"), params(tmp_path / "b" / "vae.pt")
     assert any(not torch.equal(pa[k], pb[k]) for k in pa)
