@@ -1,10 +1,8 @@
-"""
-The baselines Cola DLM is matched against (docs/method.md §8), from the same transformer pieces: AR, a LLaMA-style
+"""The baselines Cola DLM is matched against (docs/method.md §8), from the same transformer pieces: AR, a LLaMA-style
 causal transformer on next-token CE, decoded with a KV cache; LLaDA, the same network with bidirectional attention
 trained as a masked diffusion model (per sequence t ~ U(0, 1), each token masked with probability t, CE on the
 masked tokens divided by t), sampled from all [MASK] by unmasking the most confident predictions over `steps`
-passes (low-confidence remasking), optionally block by block. The network, its losses, then the two samplers.
-"""
+passes (low-confidence remasking), optionally block by block. The network, its losses, then the two samplers."""
 import math
 from dataclasses import dataclass
 
@@ -85,9 +83,7 @@ class TransformerLM(nn.Module):
     def llada_loss(self, tokens, t=None, eps=1e-3):
         """Masked-diffusion loss: an upper bound on the NLL per token (LLaDA eq. 3)."""
         B, T = tokens.shape
-        if t is None:
-            t = torch.rand(B, device=tokens.device)
-        t = (1 - eps) * t + eps  # (B,) never exactly 0
+        t = (1 - eps) * (torch.rand(B, device=tokens.device) if t is None else t) + eps  # (B,) never exactly 0
         masked = torch.rand(B, T, device=tokens.device) < t.unsqueeze(1)  # (B, T)
         noisy = torch.where(masked, torch.full_like(tokens, self.cfg.mask_id), tokens)
         logits = self.logits(noisy)
@@ -133,9 +129,8 @@ def left_pad(model, prompts, max_new_tokens, pad_id):
 @torch.no_grad()
 def ar_generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                 eos_id=50256, generator=None, on_token=None):
-    """Token-by-token decoding of a batch with a KV cache, left-padded, the padded keys masked out (RoPE sees only
-    relative positions), so each row gets what it would get alone. Returns (new-token lists, {'passes': batched
-    passes}); on_token(tokens) gets each row's new token (None once the row has stopped)."""
+    """KV-cached decoding of a left-padded batch, padded keys masked (RoPE sees relative positions: each row gets what
+    it would alone) -> (new-token lists, {'passes': n}); on_token gets each row's new token (None once stopped)."""
     tokens, key_valid = left_pad(model, prompts, max_new_tokens, eos_id)
     (B, P), device = tokens.shape, tokens.device
     pos = torch.arange(P, device=device)
@@ -161,9 +156,8 @@ def ar_generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=
 @torch.no_grad()
 def llada_generate(model, prompts, max_new_tokens, steps=32, block_length=None, temperature=0.0, eos_id=50256,
                    generator=None):
-    """LLaDA sampling with low-confidence remasking for a batch of prompts (left-padded, padded keys masked).
-    block_length < max_new_tokens gives semi-autoregressive blocks, each unmasked over
-    steps * block_length / max_new_tokens steps. Returns (new-token lists, {'passes': batched passes})."""
+    """LLaDA sampling with low-confidence remasking (left-padded, padded keys masked); block_length < max_new_tokens:
+    semi-autoregressive blocks of steps * block_length / max_new_tokens steps -> (new-token lists, {'passes': n})."""
     prompt, prompt_valid = left_pad(model, prompts, max_new_tokens, eos_id)
     (B, P), device, mask_id = prompt.shape, prompt.device, model.cfg.mask_id
     x = torch.cat([prompt, torch.full((B, max_new_tokens), mask_id, dtype=torch.long, device=device)], 1)  # (B, T)

@@ -1,5 +1,4 @@
-"""
-Evaluate one checkpoint (Cola DLM, AR or LLaDA) and write <run>/eval.json plus PNG plots.
+"""Evaluate one checkpoint (Cola DLM, AR or LLaDA) and write <run>/eval.json plus PNG plots.
 
     python eval.py                                    # out/ckpt.pt on the held-out split it was trained on
     python eval.py --out_dir out_ar --tasks tasks/comedies.jsonl
@@ -8,10 +7,9 @@ Evaluate one checkpoint (Cola DLM, AR or LLaDA) and write <run>/eval.json plus P
     python eval.py --init_from hf/Cola-DLM --tasks eval_output/lambada.jsonl   # the released model (-> out_release)
 
 Cola DLM's own measures (docs/method.md §3-§7): the VAE, the prior's use of its history, likelihood through
-the CNF of the prior, the generation diagnostics (diagnostics.py). For every kind: bits per token, tasks scored
+the CNF of the prior, the generation diagnostics (measures.py). For every kind: bits per token, tasks scored
 by the paper's rules (generations written back in the paper's task schema), samples (seen n-gram rates in the
-training split, distinct-n, judge perplexity, speed). A released snapshot without --data_dir: tasks and samples.
-"""
+training split, distinct-n, judge perplexity, speed). A released snapshot without --data_dir: tasks and samples."""
 import argparse
 import json
 from dataclasses import replace
@@ -20,17 +18,14 @@ import time
 
 import torch
 
-from checkpoint import CheckpointError, load_model, stored_sampler
+from checkpoint import CheckpointError, load_model, prompt_ids, stored_sampler
 from cli import Parser, check_writable_dir, check_writable_file, fail, float_list, int_at_least, int_list, \
-    nonneg_float, nonneg_int, pick_device, positive_float, positive_int, pyplot, readable_file, write_json
+    nonneg_float, nonneg_int, pick_device, positive_float, positive_int, readable_file, write_json
 from decoder import GenerationError
-from diagnostics import (eval_history_drift, eval_latent_fit, eval_prefix_prediction, eval_sdedit,
-                         plot_diagnostics, save_figure)
-from measures import (builtin_tasks, eval_history_gap, eval_likelihood, eval_vae, make_generator, run_tasks,
-                      sample_quality)
-from prepare import REPO_DIR, DataError, TokenData, batch_seed
-from tokenizer import get_tokenizer, same_tokenizer
-from release import encode_prompt
+from measures import (builtin_tasks, eval_history_drift, eval_history_gap, eval_latent_fit, eval_likelihood,
+                      eval_prefix_prediction, eval_sdedit, eval_vae, make_generator, plot_diagnostics, plot_lines,
+                      run_tasks, sample_quality)
+from prepare import REPO_DIR, DataError, TokenData, batch_seed, get_tokenizer, same_tokenizer
 from scoring import TaskError, TrainNgrams, ngram_metrics, read_tasks, score_file
 
 
@@ -56,30 +51,13 @@ def training_curves(run_dir, keys=("loss", "recon_acc", "fm", "fm_cond", "fm_unc
     return curves
 
 
-def plot_lines(panels, path):
-    """One row of line plots saved to path; each panel (title, x label, y label, {label: [(x, y), ...]})."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
-    for ax, (title, xlabel, ylabel, lines) in zip(axes[0], panels):
-        for label, pts in lines.items():
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
-        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-        if len(lines) > 1:
-            ax.legend(fontsize=7)
-    return save_figure(plt, fig, path)
-
-
-# -------------------------------------------------------------------------------- the script
-
 def get_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     arg = p.add_argument
     arg("--out_dir", help="run folder of ckpt.pt (default: out); with --init_from, where results go (out_release)")
     arg("--ckpt", help="checkpoint path (overrides --out_dir)")
     arg("--init_from", metavar="DIR", help="the authors' released snapshot instead of a checkpoint")
-    arg("--score", nargs="+", type=readable_file, metavar="FILE",
-        help="score the 'generate' fields of task files by the paper's rules and exit (no model)")
+    arg("--score", nargs="+", type=readable_file, metavar="FILE", help="score task files' generations, no model needed")
     arg("--data_dir", help="prepared data (default: the one the run trained on)")
     arg("--results", help="JSON output path (default: <run dir>/eval.json)")
     arg("--batches", type=positive_int, default=4, help="held-out batches for losses and likelihood")
@@ -137,8 +115,7 @@ def setup(args):
     path = args.init_from or args.ckpt or os.path.join(out_dir, "ckpt.pt")
     run_dir = out_dir if args.init_from else os.path.dirname(os.path.abspath(path))
     out_path = check_results(args.results or os.path.join(run_dir, "eval.json"))
-    tasks, files = read_task_files(args.tasks, os.path.join(run_dir, "generations"))
-    check_run_dir(run_dir, [*tasks, "lambada_style", "ending_choice"])
+    tasks, files = read_task_files(args.tasks, run_dir)
     model, info = load_model(path, device)
     enc, tok = get_tokenizer(info["tokenizer"]), info["tokenizer"]
     judge, jinfo = load_model(args.judge, device, kinds=("ar",)) if args.judge else (None, None)
@@ -151,7 +128,7 @@ def setup(args):
     context = (model.vae.cfg if info["kind"] == "cola" else model.cfg).max_seq_len
     for name, items in tasks.items():
         for t in items:
-            n = len(encode_prompt(info, enc, t["prompt"]))
+            n = len(prompt_ids(info, enc, t["prompt"]))
             if n + args.task_max_new > context:
                 raise TaskError(f"task {name} item {t['id']}: prompt of {n} tokens + --task_max_new "
                                 f"{args.task_max_new} exceed the model's context of {context} tokens")
@@ -178,20 +155,10 @@ def check_results(path):
     return path
 
 
-def check_run_dir(run_dir, task_names):
-    """The run folder and its generations folder are writable and hold no folder where eval.py writes a file."""
-    gen_dir = os.path.join(check_writable_dir(run_dir, "run folder"), "generations")
-    if os.path.exists(gen_dir):
-        check_writable_dir(gen_dir, "generations folder")
-    plots = ["training_curves.png", "diagnostics.png", "sweep_steps.png", "sweep_guidance.png", "sweep_noise_scale.png"]
-    for f in plots + [os.path.join("generations", f"{name}.jsonl") for name in task_names]:
-        if os.path.isdir(os.path.join(run_dir, f)):
-            fail(f"{os.path.join(run_dir, f)} is a folder, where eval.py writes a file")
-
-
-def read_task_files(paths, gen_dir):
-    """{name: tasks}, {name: file}: one file per name, and never a file its own generations would replace."""
-    tasks, files = {}, {}
+def read_task_files(paths, run_dir):
+    """{name: tasks}, {name: file} of the task files (one per name, none that its own generations would replace); the
+    run folder and its generations folder checked writable, with no folder where eval.py writes a file."""
+    tasks, files, gen_dir = {}, {}, os.path.join(run_dir, "generations")
     for f in paths:
         name, items = read_tasks(f)
         if name in files:
@@ -200,6 +167,13 @@ def read_task_files(paths, gen_dir):
         if os.path.exists(out) and os.path.samefile(f, out):
             raise TaskError(f"task file {f} is where its generations go; move it out of {gen_dir}")
         tasks[name], files[name] = items, f
+    check_writable_dir(run_dir, "run folder")
+    if os.path.exists(gen_dir):
+        check_writable_dir(gen_dir, "generations folder")
+    plots = ["training_curves.png", "diagnostics.png", "sweep_steps.png", "sweep_guidance.png", "sweep_noise_scale.png"]
+    for f in plots + [f"generations/{name}.jsonl" for name in [*tasks, "lambada_style", "ending_choice"]]:
+        if os.path.isdir(os.path.join(run_dir, f)):
+            fail(f"{os.path.join(run_dir, f)} is a folder, where eval.py writes a file")
     return tasks, files
 
 
@@ -240,7 +214,7 @@ def evaluate(args):
         print(f"[eval] generation diagnostics: {time.time() - t0:.1f} s", flush=True)
     res.update(generation(args, env, train_ngrams))
     if env["curves"]:
-        plot_lines([(stage, "step", "", c) for stage, c in env["curves"].items()],
+        plot_lines([(c, dict(title=stage, xlabel="step")) for stage, c in env["curves"].items()],
                    os.path.join(run_dir, "training_curves.png"))
     write_json(env["out_path"], res)
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
@@ -260,14 +234,13 @@ def generation(args, env, train_ngrams):
     if args.builtin_n and data is not None:
         tasks.update(builtin_tasks(enc.decode(data.tokens("val", limit=200_000).tolist()), args.builtin_n, args.seed))
     os.makedirs(gen_dir, exist_ok=True)
-    prompt_ids = lambda text: encode_prompt(info, enc, text)
-    res = {"tasks": {name: run_tasks(gen, enc, prompt_ids, name, ts, args.task_max_new, args.task_batch,
-                                     os.path.join(gen_dir, f"{name}.jsonl"),
-                                     args.item_noise_seed if kind == "cola" else None)
-                     for name, ts in tasks.items()}}
+    ids = lambda text: prompt_ids(info, enc, text)
+    noise_seed = args.item_noise_seed if kind == "cola" else None
+    res = {"tasks": {name: run_tasks(gen, enc, ids, name, ts, args.task_max_new, args.task_batch,
+                                     os.path.join(gen_dir, f"{name}.jsonl"), noise_seed) for name, ts in tasks.items()}}
     if res["tasks"]:
         res["task_accuracy"] = sum(res["tasks"].values()) / len(res["tasks"])
-    prompts = [prompt_ids("\n")] * args.n_samples
+    prompts = [ids("\n")] * args.n_samples
     res["sample_temperature"] = temperature = args.sample_temperature if kind != "cola" else 0.0
     t1 = time.time()
     samples, passes = make(args.seed, temperature)(prompts, args.sample_len)
@@ -287,7 +260,7 @@ def generation(args, env, train_ngrams):
             if values and kind == "cola":
                 res[f"sweep_{key}"] = sweep = [{key: v, **quality(**{key: v})} for v in values]
                 metrics = [m for m in ("judge_ppl", "seen_2gram_rate", "seen_3gram_rate", "distinct_2") if m in res]
-                plot_lines([("", key, m, {m: [(r[key], r[m]) for r in sweep]}) for m in metrics],
+                plot_lines([({m: [(r[key], r[m]) for r in sweep]}, dict(xlabel=key, ylabel=m)) for m in metrics],
                            os.path.join(env["run_dir"], f"sweep_{key}.png"))
     res["samples"] = [enc.decode(p) + " ||| " + enc.decode(s) for p, s in zip(prompts, samples)]
     return res

@@ -1,24 +1,24 @@
-"""
-The measures eval.py reports for one model (docs/method.md §3-§9): Cola's VAE and its prior's use of the history,
-likelihood (Cola's ELBO / IWAE bounds through the CNF of its prior, AR's exact NLL, LLaDA's Monte-Carlo ELBO),
-samplers with the paper's task settings, sample quality over rounds, built-in tasks and task files.
-"""
+"""The measures eval.py reports for one model (docs/method.md §3-§9): Cola's VAE and its prior's use of the history,
+likelihood (Cola's ELBO / IWAE bounds through the CNF of its prior, AR's exact NLL, LLaDA's Monte-Carlo ELBO), samplers
+with the paper's task settings, sample quality over rounds, built-in tasks and task files; last, the diagnostics of
+where block generation breaks (§6: the real sampler after the true clean history), and eval's and scaling's plots."""
 import json
 import math
 import random
 import re
 import zlib
+from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import write_atomic
+from cli import pyplot, save_figure, write_atomic
 from baselines import ar_generate, llada_generate
-from decoder import generate
+from decoder import denoise_block, encode_normalised, generate
 from release import release_generate
-from diffusion import flow_path, sample_t
+from diffusion import flow_path, sample_t, time_grid
 from prepare import batch_seed
 from scoring import ngram_metrics, score
 
@@ -26,6 +26,11 @@ LN2 = math.log(2)
 
 
 # -------------------------------------------------------------------------------- 1. the VAE
+
+def reencode(model, tokens):
+    """Normalised posterior means of a token window (B, T) -> (B, T / patch, d)."""
+    return model.normalize(model.vae.encode(tokens)[0].float())
+
 
 @torch.no_grad()
 def eval_vae(model, batches, beta, mask_prob, generator, ts=(0.0, 0.1, 0.25, 0.5, 0.75, 1.0)):
@@ -36,7 +41,7 @@ def eval_vae(model, batches, beta, mask_prob, generator, ts=(0.0, 0.1, 0.25, 0.5
         out = vae(x, beta=beta, mask_prob=mask_prob, lam_mask=1.0)
         res["mask_acc"] += float(out["mask_acc"]) / len(batches)
         res["logsnr"] += float(out["logsnr"]) / len(batches)
-        zn = model.normalize(vae.encode(x)[0].float())
+        zn = reencode(model, x)
         for i, t in enumerate(ts):
             noise = torch.randn(zn.shape, device=zn.device, generator=generator)
             logits = vae.decode(model.denormalize(flow_path(zn, noise, torch.tensor(t, device=zn.device))))
@@ -57,8 +62,7 @@ def training_t_density(n_bins, loc, scale, uniform):
 
 
 def velocity_uncond(model, zt, t_tok):
-    """The unconditional pass on the training layout: each noisy block alone at positions 0..bs-1 (what
-    ColaDLM.guided_velocity's unconditional rows compute from the cache). zt (B, L, d), t_tok (B, L)."""
+    """The unconditional pass, as guided_velocity computes it: each noisy block alone at positions 0..bs-1."""
     (B, L, d), bs = zt.shape, model.block_size
     pos = torch.arange(bs, device=zt.device)
     mask = torch.ones(bs, bs, dtype=torch.bool, device=zt.device)
@@ -69,7 +73,7 @@ def velocity_uncond(model, zt, t_tok):
 def fm_with_and_without_history(model, tokens, generator=None, targs=None):
     """The prior's FM loss per block (B, n_blocks) with and without its clean history, same noise, t ~ U(0, 1) (with
     targs: as training draws it, no uncond pass) -> (t (B,), cond, uncond). Block 0 has no history."""
-    z0n = model.normalize(model.vae.encode(tokens)[0].float())  # (B, L, d)
+    z0n = reencode(model, tokens)  # (B, L, d)
     B, L, _ = z0n.shape
     eps = torch.randn(z0n.shape, device=z0n.device, generator=generator)
     t = torch.rand(B, device=z0n.device, generator=generator) if targs is None else \
@@ -261,8 +265,8 @@ def item_seed(base, item_id):
     return base + sid * 1000
 
 
-def run_tasks(gen, enc, prompt_ids, name, tasks, max_new, batch, out_path=None, noise_seed=None):
-    """Accuracy (percent) of the answers; with out_path, the generations written there in the paper's task schema
+def run_tasks(gen, enc, prompt_ids, name, tasks, max_new, batch, out_path, noise_seed=None):
+    """Accuracy (percent) of the answers, the generations written to out_path in the paper's task schema
     (re-scorable); with noise_seed (Cola), each item's noise from item_seed, as the release's benchmark script."""
     rows = []
     for i in tqdm(range(0, len(tasks), batch), desc=f"task {name}", leave=False, disable=None):
@@ -270,10 +274,165 @@ def run_tasks(gen, enc, prompt_ids, name, tasks, max_new, batch, out_path=None, 
         seeds = None if noise_seed is None else [item_seed(noise_seed, t["id"]) for t in chunk]
         outs, _ = gen([prompt_ids(t["prompt"]) for t in chunk], max_new, seeds)
         rows += [(t, enc.decode(o)) for t, o in zip(chunk, outs)]
-    if out_path:
-        write_atomic(out_path, lambda f: f.writelines(
-            json.dumps({"id": t["id"], "prompt": t["prompt"], "generate": text, "ground_truth": t["ground_truth"],
-                        "choices": t["choices"]}, ensure_ascii=False) + "\n" for t, text in rows))
+    write_atomic(out_path, lambda f: f.writelines(
+        json.dumps({"id": t["id"], "prompt": t["prompt"], "generate": text, "ground_truth": t["ground_truth"],
+                    "choices": t["choices"]}, ensure_ascii=False) + "\n" for t, text in rows))
     return 100.0 * sum(score(text, t) for t, text in rows) / max(len(rows), 1)
 
 
+# -------------------------------------------------------------------------------- generation diagnostics
+
+def prefilled(model, hist):
+    """Fresh caches holding the clean history hist (B, Tc, d) -> (caches, validity of the history)."""
+    caches = model.new_caches()
+    valid = torch.ones(hist.shape[:2], dtype=torch.bool, device=hist.device)
+    if hist.shape[1]:
+        model.prefill(hist, valid, caches)
+    return caches, valid
+
+
+def denoise_from(model, hist, start, t0, steps, guidance, pin=None, pin_z=None):
+    """The sampler's guided Euler steps for the block after history hist from `start` at t0 to 0, round(steps * t0) of
+    them (the sampler's step size); latents in `pin` held at pin_z."""
+    caches, valid = prefilled(model, hist)
+    grid = time_grid(max(1, round(steps * t0)), start.device, t_max=t0)
+    return denoise_block(model, start, grid, valid, guidance, caches[0], pin, pin_z)
+
+
+def decode_after(model, hist, z):
+    """Decoder logits (B, tpb, V) of block z after the clean history hist."""
+    caches, valid = prefilled(model, hist)
+    return model.decode_and_commit(z, valid, caches)
+
+
+def true_block(model, x, j):
+    """Normalised posterior means of windows x (B, T): the history before block j, and block j."""
+    zn, bs = reencode(model, x), model.block_size
+    return zn[:, :j * bs], zn[:, j * bs:(j + 1) * bs]
+
+
+@torch.no_grad()
+def eval_sdedit(model, x, j, steps, guidance, generator, t0s=(0.25, 0.5, 0.75, 1.0)):
+    """Token accuracy of block j of windows x (B, T) generated after the true history from the true latents noised to t0
+    (t0 = 1: from noise), beside that of decoding the noisy start itself."""
+    tokens_per_block = model.block_size * model.vae.cfg.patch_size
+    target = x[:, j * tokens_per_block:(j + 1) * tokens_per_block]
+    hist, true = true_block(model, x, j)
+    acc = lambda z: float((decode_after(model, hist, z).argmax(-1) == target).float().mean())
+    res = {}
+    for t0 in t0s:
+        start = flow_path(true, torch.randn(true.shape, device=x.device, generator=generator),
+                          torch.tensor(t0, device=x.device))
+        res[f"after_dit_{t0}"] = acc(denoise_from(model, hist, start, t0, steps, guidance))
+        if t0 < 1:
+            res[f"noisy_{t0}"] = acc(start)
+    return res
+
+
+@torch.no_grad()
+def eval_prefix_prediction(model, x, j, steps, guidance, generator, known=(0, 8, 15)):
+    """Token accuracy of block j generated from noise after the true history with its first k latents known and pinned,
+    on the other positions (k = 15: next-token prediction with the whole context)."""
+    tokens_per_block, bs = model.block_size * model.vae.cfg.patch_size, model.block_size
+    target = x[:, j * tokens_per_block:(j + 1) * tokens_per_block]
+    hist, true = true_block(model, x, j)
+    res = {}
+    for k in known:
+        pin = (torch.arange(bs, device=x.device) < k).expand(x.shape[0], bs)
+        z = torch.randn(true.shape, device=x.device, generator=generator)
+        out = denoise_from(model, hist, z, 1.0, steps, guidance, pin, true)
+        hit = decode_after(model, hist, out).argmax(-1) == target
+        res[f"known_{k}"] = float(hit[:, k * model.vae.cfg.patch_size:].float().mean())
+    return res
+
+
+@torch.no_grad()
+def eval_latent_fit(model, x, j, steps, guidance, generator):
+    """The decoder's max probability and entropy on generated latents of block j (true history, from noise) and on
+    posterior ones, each latent's distance to the re-encoding of what it decodes to, and between neighbours."""
+    hist, true = true_block(model, x, j)
+    noise = torch.randn(true.shape, device=x.device, generator=generator)
+    res = {}
+    for name, z in (("generated", denoise_from(model, hist, noise, 1.0, steps, guidance)), ("posterior", true)):
+        p = torch.softmax(decode_after(model, hist, z).float(), -1)  # (B, tpb, V)
+        res[f"maxprob_{name}"] = float(p.max(-1).values.mean())
+        res[f"entropy_{name}"] = float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean())
+        decoded = torch.cat([x[:, :j * model.block_size * model.vae.cfg.patch_size], p.argmax(-1)], 1)
+        res[f"dist_to_reencoded_{name}"] = float((z - reencode(model, decoded)[:, hist.shape[1]:]).norm(dim=-1).mean())
+    res["dist_between_neighbours"] = float((true[:, 1:] - true[:, :-1]).norm(dim=-1).mean())
+    return res
+
+
+def history_drift(model, drift, reencode_history=False):
+    """An on_block hook of decoder.generate recording how far each block's latents sit from the re-encoded text;
+    with reencode_history, the caches are refilled from it: later blocks read re-encoded latents as history."""
+    def hook(s):
+        zr = encode_normalised(model, s.tokens, s.hist_valid)  # (B, N, d)
+        drift.append(float((zr[:, -model.block_size:] - s.z).norm(dim=-1).mean()))
+        if reencode_history:
+            fresh = model.new_caches()
+            model.prefill(zr, s.hist_valid, fresh)
+            for cache, new in zip(s.caches, fresh):
+                cache.layers[:] = new.layers
+    return hook
+
+
+def eval_history_drift(model, prompts, n_tokens, sampler, generator, train_ngrams):
+    """n-gram metrics and drift per block of free generation with generated and with re-encoded history."""
+    res = {}
+    for name, flag in (("generated", False), ("reencoded", True)):
+        drift = []
+        outs, _ = generate(model, prompts, n_tokens, replace(sampler, stop_ids=()), generator,
+                           on_block=history_drift(model, drift, flag))
+        res[f"{name}_history"] = {**ngram_metrics(outs, train_ngrams), "drift_per_block": drift}
+    return res
+
+
+def plot_diagnostics(res, path):
+    """The diagnostics' five panels (SDEdit, FM per t-bin, latent fit, drift, known prefix) drawn to path."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 5, figsize=(23, 3.6))
+    sd = res["sdedit"]
+    t0s = sorted(float(k.split("_")[-1]) for k in sd if k.startswith("after_dit_"))
+    noisy = [t for t in t0s if f"noisy_{t}" in sd]
+    axes[0].plot(t0s, [sd[f"after_dit_{t}"] for t in t0s], marker="o", label="after the DiT")
+    axes[0].plot(noisy, [sd[f"noisy_{t}"] for t in noisy], marker="s", label="decoding the noisy start")
+    axes[0].set(xlabel="t0 (1 = from noise)", ylabel="token accuracy of the block")
+    n = len(res["fm_cond_per_t_bin"])
+    centers = [(i + 0.5) / n for i in range(n)]
+    axes[1].plot(centers, res["fm_cond_per_t_bin"], marker="o", label="FM loss, with history")
+    axes[1].plot(centers, res["fm_uncond_per_t_bin"], marker="s", label="FM loss, without")
+    axes[1].set(xlabel="t")
+    ax2 = axes[1].twinx()
+    ax2.bar(centers, res["train_t_density_per_bin"], width=0.8 / n, alpha=0.25, color="gray")
+    ax2.set(ylabel="training share of t (bars)")
+    fit, names = res["latent_fit"], ["maxprob", "entropy", "dist_to_reencoded"]
+    for i, (src, color) in enumerate((("posterior", "tab:orange"), ("generated", "tab:blue"))):
+        axes[2].bar([j + 0.4 * i for j in range(3)], [fit[f"{n}_{src}"] for n in names], width=0.4,
+                    color=color, label=f"{src} latents")
+    axes[2].axhline(fit["dist_between_neighbours"], color="gray", ls="--", lw=1, label="distance between tokens")
+    axes[2].set_xticks([j + 0.2 for j in range(3)], ["max prob", "entropy", "|z - re-encoded|"])
+    axes[2].set_title("the decoder on the block's latents", fontsize=9)
+    for name, r in res["history_drift"].items():
+        axes[3].plot(r["drift_per_block"], marker="o", label=name)
+    axes[3].set(xlabel="generated block", ylabel="|generated latent - re-encoded|")
+    for ax in axes[:4]:
+        ax.legend(fontsize=7)
+    ks = sorted(int(k.split("_")[1]) for k in res["prefix_prediction"])
+    axes[4].bar([str(k) for k in ks], [res["prefix_prediction"][f"known_{k}"] for k in ks], color="tab:blue")
+    axes[4].set(xlabel="known latents (true history before the block)", ylabel="token accuracy, the other positions")
+    return save_figure(plt, fig, path)
+
+
+def plot_lines(panels, path):
+    """One row of line plots saved to path; a panel is ({label: [(x, y), ...]}, its Axes.set settings)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    for ax, (lines, settings) in zip(axes[0], panels):
+        for label, pts in lines.items():
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set(**settings)
+        if len(lines) > 1:
+            ax.legend(fontsize=7)
+    return save_figure(plt, fig, path)

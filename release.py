@@ -1,10 +1,8 @@
-"""
-The authors' released model (docs/release.md): the Hugging Face snapshot of ByteDance-Seed/Cola-DLM (DIR/cola_vae/,
+"""The authors' released model (docs/release.md): the Hugging Face snapshot of ByteDance-Seed/Cola-DLM (DIR/cola_vae/,
 DIR/cola_dit/: config.json + safetensors; tokenizer.json in DIR or DIR/..) read into ColaDLM, any config value,
 tensor or shape this code does not implement refused in one line; and the release's sampler over decoder.generate:
 bf16-rounded DiT inputs (BF16InputDiT), normalised latents into the decoder, whole blocks all kept
-(release_generate), per-row noise seeds (row_noise).
-"""
+(release_generate), per-row noise seeds (row_noise)."""
 import json
 import math
 import os
@@ -13,20 +11,20 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from checkpoint import CheckpointError as SnapshotError
 from decoder import SamplerConfig, generate
 from diffusion import ColaDLM
 from dit import DiT, DiTConfig
-from tokenizer import get_tokenizer, template_ids
+from prepare import get_tokenizer, template_ids
 from vae import VAEConfig
 
 
 # configs: release key -> the only value this code implements (the release's own defaults)
 VAE_FIXED = dict(model_type="cola_text_vae", shared_heads_kv=1, encoder_last_ln=True, layer_norm_type="layer_norm",
-                 layer_norm_affine=True, post_norm=True, qk_bias=False, qk_norm=True, qk_norm_affine=True,
-                 clip_qkv=None, bias=True, act="swiglu", causal=False, block_causal=True, use_variation=True,
-                 use_emb=True)
+                 layer_norm_affine=True, post_norm=True, qk_bias=False, qk_norm=True, qk_norm_affine=True, bias=True,
+                 clip_qkv=None, act="swiglu", causal=False, block_causal=True, use_variation=True, use_emb=True)
 DIT_FIXED = dict(model_type="cola_dit", qk_bias=False, patch_size=1)
 REAL_KEYS = ("rope_theta", "layer_norm_eps", "norm_eps")
 
@@ -48,8 +46,8 @@ def read_config(folder, required, fixed):
             raise SnapshotError(f"{path}: key {key!r} is missing")
         value, real = cfg[key], key in REAL_KEYS  # sizes and counts are integers; eps and theta real numbers
         if not isinstance(value, (int, float) if real else int) or isinstance(value, bool) or not 0 < value < 1e7:
-            raise SnapshotError(f"{path}: {key} = {value!r} must be a positive {'number' if real else 'integer'}"
-                                f"{'' if real else ' below 10^7'}")
+            raise SnapshotError(f"{path}: {key} = {value!r} must be a positive "
+                                f"{'number' if real else 'integer below 10^7'}")
     for key, want in fixed.items():
         if key in cfg and cfg[key] != want:
             raise SnapshotError(f"{path}: {key} = {cfg[key]!r} is not supported (this code implements {want!r})")
@@ -119,7 +117,6 @@ def release_name(name):
 
 def safetensors_files(folder):
     """{tensor name: file} of a module's safetensors weights, one file or the shards of an index."""
-    from safetensors import safe_open
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
         try:
@@ -139,7 +136,6 @@ def safetensors_files(folder):
 
 
 def read_tensor(path, name):
-    from safetensors import safe_open
     try:
         with safe_open(path, framework="pt") as f:
             return f.get_tensor(name)
@@ -235,10 +231,7 @@ def load_snapshot(path, dtype=torch.float32):
 
 
 def encode_prompt(info, enc, text):
-    """Token ids of a prompt: a snapshot's tokenizer reads special tokens in the text and wraps it in its
-    post-processor's template, as the release's Tokenizer.encode does; this repo's models get plain BPE."""
-    if "prompt_template" not in info:
-        return enc.encode_ordinary(text)
+    """A snapshot's prompt ids: special tokens read, wrapped in its template (as the release's Tokenizer.encode)."""
     prefix, suffix = info["prompt_template"]
     return prefix + enc.encode(text, allowed_special="all") + suffix
 

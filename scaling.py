@@ -1,5 +1,4 @@
-"""
-The comparison studies, each scored by eval.py against one fixed judge (--judge: an AR model trained once per
+"""The comparison studies, each scored by eval.py against one fixed judge (--judge: an AR model trained once per
 corpus, `train.py --model ar --out_dir out_judge --main_iters 3000`; trained here first if missing):
 - compute levels, the small-scale version of the paper's (docs/method.md §8-9, RQ4): Cola DLM, AR and LLaDA at
   one preset and recipe, at matched training FLOPs (train.py --dry_run): level 1 is the default Cola run, level
@@ -12,8 +11,7 @@ A run that has its ckpt.pt / eval.json is not trained / evaluated again (e.g. ou
 
     python scaling.py --tasks tasks/comedies.jsonl     # levels 0.25,0.5,1 at the cpu preset, one run at a time
     OMP_NUM_THREADS=1 python scaling.py --ablations ablations.txt --jobs 2   # two runs at a time on 2 cores
-    python scaling.py --device cuda --jobs 12 --train_args=--no-compile     # one GPU, all runs at once
-"""
+    python scaling.py --device cuda --jobs 12 --train_args=--no-compile     # one GPU, all runs at once"""
 import argparse
 import json
 import os
@@ -24,9 +22,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from cli import (Parser, check_writable_dir, dry_run, fail, float_list, positive_int, pyplot, readable_file,
-                 train_dry_run, write_json)
-from diagnostics import save_figure
+from cli import (Parser, check_writable_dir, dry_run, fail, float_list, positive_int, readable_file, train_dry_run,
+                 write_atomic, write_json)
+from measures import plot_lines
 from prepare import REPO_DIR, DataError
 
 NAMES = {"cola": "Cola DLM", "ar": "AR", "llada": "LLaDA"}
@@ -38,18 +36,17 @@ COLUMNS = [  # (header, eval.json key, format); next-token acc.: Cola's prior, 1
     ("seen 3-gram", "seen_3gram_rate", "{:.2f}"), ("distinct-2", "distinct_2", "{:.2f}"),
     ("judge ppl", "judge_ppl", "{:,.0f}"), ("tok/s", "gen_tokens_per_s", "{:.1f}"),
     ("passes/token", "passes_per_token", "{:.3f}")]
-PANELS = [("next_token_acc", "next-token accuracy", False), ("judge_ppl", "judge perplexity", True),
-          ("seen_3gram_rate", "seen 3-gram rate", False), ("distinct_2", "distinct-2", False)]
-ABLATION_EVAL = ["--builtin_n", "0", "--batches", "1", "--fm_batches", "8", "--ll_steps", "2", "--iwae_k", "1",
-                 "--steps", "16", "--guidance", "7", "--noise_scale", "1", "--sweep_noise", "1,0.5",
-                 "--sample_repeats", "3"]  # the paper's sampler, and starting noise 0.5
+PANELS = [("next_token_acc", "next-token accuracy", "linear"), ("judge_ppl", "judge perplexity", "log"),
+          ("seen_3gram_rate", "seen 3-gram rate", "linear"), ("distinct_2", "distinct-2", "linear")]
+ABLATION_EVAL = ("--builtin_n 0 --batches 1 --fm_batches 8 --ll_steps 2 --iwae_k 1 --steps 16 --guidance 7 "
+                 "--noise_scale 1 --sweep_noise 1,0.5 --sample_repeats 3").split()  # the paper's sampler; noise 0.5 too
 
 
 def get_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     arg = p.add_argument
     arg("--levels", type=float_list, default="0.25,0.5,1", help="comma list of levels (1: the default Cola run)")
-    arg("--out_root", default=None, help="one run folder per model and level (default out_scaling; out_ablations)")
+    arg("--out_root", help="one run folder per model and level (default out_scaling; out_ablations)")
     arg("--judge", default=os.path.join(REPO_DIR, "out_judge", "ckpt.pt"),
         help="AR checkpoint that judges every run's samples (trained with --judge_iters steps if missing)")
     arg("--judge_iters", type=positive_int, default=3000, help="steps of the judge, if it is trained")
@@ -59,8 +56,7 @@ def get_args(argv=None):
     arg("--eval_args", default="", help="extra eval.py flags of every run, e.g. --eval_args='--builtin_n 64'")
     arg("--tasks", nargs="*", type=readable_file, default=[], help="JSONL task files eval.py scores for every run")
     arg("--ablations", type=readable_file, help="a file of recipe ablations (name + train.py flags per line)")
-    arg("--table_only", action="store_true",
-        help="train and evaluate nothing: tabulate the runs that have an eval.json, list the others")
+    arg("--table_only", action="store_true", help="train nothing: tabulate the runs with an eval.json, list the others")
     a = p.parse_args(argv)
     a.levels = sorted(a.levels)
     if a.levels[-1] > 1e6:
@@ -176,15 +172,10 @@ def table(rows):
 
 def plot_scaling(rows, path):
     """The ladder's measures vs training FLOPs, one panel per measure, one series per model kind."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
-    for ax, (metric, label, log_y) in zip(axes, PANELS):
-        for kind in sorted({r["kind"] for r in rows}):
-            pts = sorted((r["train_flops"], r[metric]) for r in rows if r["kind"] == kind and r.get(metric) is not None)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kind)
-        ax.set(xscale="log", yscale="log" if log_y else "linear", xlabel="training FLOPs", title=label)
-    axes[0].legend()
-    return save_figure(plt, fig, path)
+    series = lambda m: {k: sorted((r["train_flops"], r[m]) for r in rows if r["kind"] == k and r.get(m) is not None)
+                        for k in sorted({r["kind"] for r in rows})}
+    return plot_lines([(series(m), dict(title=label, xlabel="training FLOPs", xscale="log", yscale=y_scale))
+                       for m, label, y_scale in PANELS], path)
 
 
 def load_result(run_dir):
@@ -283,8 +274,7 @@ def main(argv=None):
         rows.append({**res, "level": level, **res.get("tasks", {}), "next_token_acc": acc,
                      "user_tasks": sum(user) / len(user) if user else None})
     md = (ablation_table if a.ablations else table)(rows)
-    with open(os.path.join(a.out_root, "table.md"), "w") as f:
-        f.write(md + "\n")
+    write_atomic(os.path.join(a.out_root, "table.md"), lambda f: f.write(md + "\n"))
     if not a.ablations:
         write_json(os.path.join(a.out_root, "results.json"), rows, indent=1)
         print("wrote", plot_scaling(rows, os.path.join(a.out_root, "scaling.png")))

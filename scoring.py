@@ -1,11 +1,10 @@
-"""
-How generations are scored (pure functions): task answers by the rules of the paper's benchmark evaluation
+"""How generations are scored (pure functions): task answers by the rules of the paper's benchmark evaluation
 (docs/method.md §9, the release's scripts/acc_calc.py; README "Tasks are scored as the paper scores"): cut at
 the first newline after a word character, normalised; lambada compares first words, mmlu, obqa, race and siqa
 map the answer to a choice letter (choice_of), every other task needs equality. Task files: the paper's JSONL
-format or this repo's (read_tasks). Free samples: judge-free n-gram metrics (ngram_metrics).
-"""
+format or this repo's (read_tasks). Free samples: judge-free n-gram metrics (ngram_metrics)."""
 import difflib
+import functools
 import json
 import math
 import os
@@ -23,8 +22,6 @@ class TaskError(ValueError):
     """A bad task file; the message is one line meant for the user."""
 
 
-# -------------------------------------------------------------------------------- text rules
-
 def cut_generation(text):
     """Everything before the first newline that has a word character in front of it."""
     m = re.search(r"\w[^\n]*", text)
@@ -33,8 +30,7 @@ def cut_generation(text):
 
 def normalize(text):
     """Lower-case, strip, delete punctuation (anything neither word character nor space), collapse spaces."""
-    text = re.sub(r"[^\w\s]", "", str(text or "").lower().strip())
-    return " ".join(text.split())
+    return " ".join(re.sub(r"[^\w\s]", "", str(text or "").lower()).split())
 
 
 def similarity(a, b):
@@ -58,11 +54,8 @@ _ANSWER_PREFIX = re.compile(r"(?i)^(the\s+)?(correct\s+)?(final\s+)?(answer|opti
 def answer_segment(text):
     """What follows "answer (is)" on the last line that has it; else the whole stripped text."""
     raw = str(text or "").strip()
-    for line in reversed([ln.strip() for ln in raw.splitlines() if ln.strip()]):
-        m = _ANSWER_LINE.search(line)
-        if m and m.group(1).strip():
-            return m.group(1).strip()
-    return raw
+    found = [m for m in map(_ANSWER_LINE.search, map(str.strip, raw.splitlines())) if m]
+    return found[-1].group(1) if found else raw
 
 
 def letter_in(text, n_choices):
@@ -70,14 +63,9 @@ def letter_in(text, n_choices):
     A letter past the last choice does not count, and the next form is tried."""
     raw = str(text or "").strip()
     m = _BARE_LETTER.fullmatch(raw)
-    candidates = [m.group(1)] if m else []
-    candidates += _KEYWORD_LETTER.findall(raw)[-1:]
-    if len(raw) <= 40:
-        candidates += _BRACKET_LETTER.findall(raw)[-1:]
-    for c in candidates:
-        if 0 <= ord(c.upper()) - 65 < n_choices:
-            return c.upper()
-    return ""
+    candidates = ([m.group(1)] if m else []) + _KEYWORD_LETTER.findall(raw)[-1:]
+    candidates += _BRACKET_LETTER.findall(raw)[-1:] if len(raw) <= 40 else []
+    return next((c.upper() for c in candidates if 0 <= ord(c.upper()) - 65 < n_choices), "")
 
 
 def choice_by_text(text, choices):
@@ -102,13 +90,8 @@ def choice_by_text(text, choices):
 def choice_of(text, choices):
     """The choice letter a generation maps to, or '' (unmapped): a letter written as such (letter_in), else the
     choice its words name (choice_by_text); the last "answer is ..." line is tried before the whole reply."""
-    if not choices:
-        return ""
-    for candidate in (answer_segment(text), text):
-        letter = letter_in(candidate, min(len(choices), 26)) or choice_by_text(candidate, choices)
-        if letter:
-            return letter
-    return ""
+    seg, n = answer_segment(text), min(len(choices), 26)
+    return letter_in(seg, n) or choice_by_text(seg, choices) or letter_in(text, n) or choice_by_text(text, choices)
 
 
 def score(generation, task):
@@ -118,15 +101,11 @@ def score(generation, task):
         return float(first_word(gen) == first_word(truth))
     if rule == "choice":
         choices = task.get("choices") or []
-        n = min(len(choices), 26)
         predicted = choice_of(gen, choices)
-        truth_letter = (letter_in(truth, n) or choice_by_text(truth, choices)) if n else ""
-        if predicted and predicted == truth_letter:
+        if predicted and predicted == (letter_in(truth, min(len(choices), 26)) or choice_by_text(truth, choices)):
             return 1.0
     return float(similarity(gen, truth) >= 1.0)
 
-
-# -------------------------------------------------------------------------------- task files
 
 def task_rule(name, scoring=None):
     """The rule of a task by its name (file-name stem), else by the line's own `scoring`."""
@@ -136,9 +115,8 @@ def task_rule(name, scoring=None):
 
 
 def parse_task(obj, name, where, index):
-    """One task {id, prompt, ground_truth, choices, rule} from the paper's format (id, prompt, ground_truth, choices,
-    few_shot_prefix: put before the prompt) or this repo's (prompt, answer, options, scoring); TaskError names where.
-    A line without an id gets its index; a 'generate' field (a generation to score) is kept."""
+    """One task {id, prompt, ground_truth, choices, rule, [generate]} from the paper's format (few_shot_prefix put
+    before the prompt; no id: its index) or this repo's (prompt, answer, options, scoring); TaskError names where."""
     if not isinstance(obj, dict):
         raise TaskError(f"{where}: each line must be a JSON object")
     truth_key = "ground_truth" if "ground_truth" in obj else "answer"
@@ -168,8 +146,6 @@ def parse_task(obj, name, where, index):
 
 def read_tasks(path):
     """Parse and check a JSONL task file -> (task name, [task]); a bad line raises TaskError with its number."""
-    if not os.path.isfile(path):
-        raise TaskError(f"task file {path} not found")
     name = os.path.splitext(os.path.basename(path))[0]
     tasks = []
     try:
@@ -200,8 +176,6 @@ def score_file(path):
     return {"task": name, "n": len(tasks), "accuracy": 100.0 * sum(score(t["generate"], t) for t in tasks) / len(tasks)}
 
 
-# -------------------------------------------------------------------------------- sample metrics
-
 def grams(s, n):
     """The n-grams of one token list, as tuples."""
     return [tuple(s[i:i + n]) for i in range(len(s) - n + 1)]
@@ -221,10 +195,7 @@ class TrainNgrams:
 
     def code(self, columns):
         """One int64 per n-gram from its n token columns: the n-gram read as a number in base V."""
-        code = columns[0]
-        for c in columns[1:]:
-            code = code * self.V + c
-        return code
+        return functools.reduce(lambda code, c: code * self.V + c, columns)
 
     def seen_rate(self, samples, n):
         g = np.asarray([x for s in samples for x in grams(s, n)], dtype=np.int64).reshape(-1, n)

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import diagnostics as dg
 import eval as ev
 import measures as ms
 import scoring as sc
@@ -286,11 +285,11 @@ def test_sdedit_with_an_oracle_prior_recovers_the_true_block():
     model = tiny_model()
     x = torch.randint(0, 100, (6, 16))
     fit_vae(model, x)  # so that decoding the true latents gets the tokens right, and the noisy start does not
-    hist, true = dg.true_block(model, x, 2)
+    hist, true = ms.true_block(model, x, 2)
     target = x[:, 8:12]
-    exact = float((dg.decode_after(model, hist, true).argmax(-1) == target).float().mean())
+    exact = float((ms.decode_after(model, hist, true).argmax(-1) == target).float().mean())
     assert exact > 0.5
-    res = dg.eval_sdedit(oracle(model, true), x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0))
+    res = ms.eval_sdedit(oracle(model, true), x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0))
     for t0 in (0.25, 0.5, 0.75, 1.0):
         assert res[f"after_dit_{t0}"] == pytest.approx(exact)
     assert res["noisy_0.75"] != pytest.approx(exact)  # decoding the noisy start is not the same
@@ -305,11 +304,11 @@ def test_sdedit_starts_from_the_noised_truth_at_t0(monkeypatch):
     c = 0.3
     model.guided_velocity = lambda z, t_tok, hist_valid, guidance, cache, hint=None, **kw: torch.full_like(z, c)
     decoded = []
-    real = dg.decode_after
-    monkeypatch.setattr(dg, "decode_after", lambda m, hist, z: (decoded.append(z.clone()), real(m, hist, z))[1])
+    real = ms.decode_after
+    monkeypatch.setattr(ms, "decode_after", lambda m, hist, z: (decoded.append(z.clone()), real(m, hist, z))[1])
     x = torch.randint(0, 100, (3, 16))
-    _, true = dg.true_block(model, x, 2)
-    dg.eval_sdedit(model, x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(1), t0s=(0.5, 0.75))
+    _, true = ms.true_block(model, x, 2)
+    ms.eval_sdedit(model, x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(1), t0s=(0.5, 0.75))
     g = torch.Generator().manual_seed(1)
     for i, t0 in enumerate((0.5, 0.75)):
         start = flow_path(true, torch.randn(true.shape, generator=g), torch.tensor(t0))
@@ -325,11 +324,11 @@ def test_prefix_prediction_pins_the_known_latents(monkeypatch):
     model = tiny_model()
     model.guided_velocity = lambda z, t_tok, hist_valid, guidance, cache, hint=None, **kw: z / t_tok.unsqueeze(-1).clamp(min=1e-6)
     decoded = []
-    real = dg.decode_after
-    monkeypatch.setattr(dg, "decode_after", lambda m, hist, z: (decoded.append(z.clone()), real(m, hist, z))[1])
+    real = ms.decode_after
+    monkeypatch.setattr(ms, "decode_after", lambda m, hist, z: (decoded.append(z.clone()), real(m, hist, z))[1])
     x = torch.randint(0, 100, (5, 16))
-    hist, true = dg.true_block(model, x, 2)
-    res = dg.eval_prefix_prediction(model, x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0),
+    hist, true = ms.true_block(model, x, 2)
+    res = ms.eval_prefix_prediction(model, x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0),
                                     known=(0, 3))
     z = decoded[1]  # the known = 3 run: 3 true latents, then what the sampler made of the rest (zeros)
     assert torch.allclose(z[:, :3], true[:, :3]) and z[:, 3:].abs().max() < 1e-5
@@ -341,8 +340,8 @@ def test_latent_fit_of_an_oracle_prior_equals_the_posterior():
     from test_generate import tiny_model
     model = tiny_model()
     x = torch.randint(0, 100, (6, 16))
-    _, true = dg.true_block(model, x, 2)
-    res = dg.eval_latent_fit(oracle(model, true), x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0))
+    _, true = ms.true_block(model, x, 2)
+    res = ms.eval_latent_fit(oracle(model, true), x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0))
     for k in ("maxprob", "entropy", "dist_to_reencoded"):
         assert res[f"{k}_generated"] == pytest.approx(res[f"{k}_posterior"], abs=1e-4), k
     assert res["dist_between_neighbours"] > 0
@@ -363,13 +362,13 @@ def test_reencoded_history_is_what_the_caches_hold():
     drift = []
     cfg = SamplerConfig(steps=4, guidance=3.0, stop_ids=())
     g = lambda: torch.Generator().manual_seed(0)
-    out, _ = generate(model, [[5, 6, 7, 8]], 8, cfg, g(), on_block=dg.history_drift(model, drift, True))
+    out, _ = generate(model, [[5, 6, 7, 8]], 8, cfg, g(), on_block=ms.history_drift(model, drift, True))
     text = torch.tensor([[5, 6, 7, 8] + out[0][:4]])
     fresh = model.new_caches()
-    model.prefill(dg.reencode(model, text), torch.ones(1, 8, dtype=torch.bool), fresh)
+    model.prefill(ms.reencode(model, text), torch.ones(1, 8, dtype=torch.bool), fresh)
     assert all(torch.allclose(a, b.k, atol=1e-5) for a, b in zip(seen[8], fresh[0].layers))
     drift_plain = []
-    generate(model, [[5, 6, 7, 8]], 8, cfg, g(), on_block=dg.history_drift(model, drift_plain))
+    generate(model, [[5, 6, 7, 8]], 8, cfg, g(), on_block=ms.history_drift(model, drift_plain))
     assert drift[0] == pytest.approx(drift_plain[0]) and len(drift) == 2
 
 

@@ -7,11 +7,11 @@ What free generation showed here (docs/results.md): a prior that recovers 99% of
 derails within two or three blocks when its history is its own generated latents, though it decodes them to the
 right tokens: the generated latents sit 0.5-1.5 (in norm) from the re-encoding of their own tokens, off the
 posterior latents the prior was trained to read. Re-encoding each finished block's tokens before it becomes
-history (diagnostics.history_drift) continues the passage without an error."""
+history (measures.history_drift) continues the passage without an error."""
 import pytest
 import torch
 
-import diagnostics as dg
+import measures as dg
 from baselines import LMConfig, TransformerLM, ar_generate
 from decoder import SamplerConfig, generate
 from diffusion import ColaDLM, LossConfig
