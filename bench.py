@@ -17,8 +17,7 @@ import time
 import torch
 
 from baselines import LMConfig, TransformerLM, ar_generate, llada_generate
-from cli import (Parser, autocast, fail, int_list, nonneg_float, number_list, pick_device, positive_float, positive_int,
-                 train_dry_run)
+from cli import Parser, autocast, fail, int_list, number_list, pick_device, positive_float, positive_int, train_dry_run
 from decoder import SamplerConfig, generate
 from diffusion import ColaDLM
 from dit import DiTConfig
@@ -31,8 +30,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor
 
 
 def preset_config(args, model):
-    """The config train.py builds for model at --preset (train.py --dry_run), at --vocab_size (the baselines'
-    depth stays matched at GPT-2's vocabulary)."""
+    """train.py --dry_run's config of model at --preset, at --vocab_size (baselines' depth matched at GPT-2's)."""
     cfg = train_dry_run(["--preset", args.preset, "--model", model, "--data_dir", "/nonexistent", "--seq_len",
                          str(args.seq_len)])  # generation widens max_seq_len to its prompts
     cfg["vae_config" if model == "cola" else "lm_config"]["vocab_size"] = args.vocab_size
@@ -97,10 +95,10 @@ def bench_training(args, cfgs, device):
     """One optimizer step of each stage, the baselines too, at --batch_size x --seq_len tokens."""
     vcfg, dcfg = VAEConfig(**cfgs["cola"]["vae_config"]), DiTConfig(**cfgs["cola"]["dit_config"])
     B, L = args.batch_size, args.seq_len
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.startswith("cuda")
-                                     and k in torch.cuda.get_device_name()), 0.0)
-    print(f"device {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}), {args.dtype}, "
-          f"compile {args.compile}, {B} x {L} tokens per step, peak {peak or '?'} TFLOP/s")
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), 0.0)
+    print(f"device {device} ({gpu}), {args.dtype}, compile {args.compile}, {B} x {L} tokens per step, "
+          f"peak {peak or '?'} TFLOP/s")
     print("| stage | params | ms / step | tok/s | TFLOP/s (repo) | MFU (repo) | TFLOP/s (6N) | MFU (6N) |")
     print("|---|---|---|---|---|---|---|---|")
     for stage in ("vae", "joint", "ar", "llada"):
@@ -152,7 +150,6 @@ def main(argv=None):
     arg("--seq_len", type=positive_int, default=512, help="training: tokens per sequence")
     arg("--compile", action="store_true", help="training: torch.compile the models")
     arg("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="autocast dtype")
-    arg("--peak_tflops", type=nonneg_float, default=0.0, help="the device's peak for MFU (default: known GPUs)")
     arg("--repeats", type=positive_int, default=3, help="timed repetitions (best is reported)")
     arg("--device", default="auto", help="auto, cpu, cuda")
     args = p.parse_args(argv)

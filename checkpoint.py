@@ -1,9 +1,7 @@
-"""
-Checkpoint files and training folders: what train.py calls to keep every promise about files. A checkpoint holds
+"""Checkpoint files and training folders: what train.py calls to keep every promise about files. A checkpoint holds
 only tensors and plain containers (configs, weights, optimizer, every rank's random state, step, args, a checksum),
 is written atomically and read with torch.load(weights_only=True), so opening one cannot run code. A training
-folder is claimed before any work (claim_out_dir); load_model reads a checkpoint or a released snapshot.
-"""
+folder is claimed before any work (claim_out_dir); load_model reads a checkpoint or a released snapshot."""
 import argparse
 import contextlib
 import hashlib
@@ -13,9 +11,10 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 from cli import check_writable_dir, fail, folder_lock, write_atomic
-from tokenizer import DataError, get_tokenizer, same_tokenizer
+from prepare import DataError, get_tokenizer, same_tokenizer
 
 
 class CheckpointError(ValueError):
@@ -30,9 +29,8 @@ def tensor_digest(obj):
         if torch.is_tensor(o):
             h.update(o.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         elif isinstance(o, dict):
-            for k in sorted(o, key=str):
-                if k != "checksum":
-                    walk(o[k])
+            for k in sorted((k for k in o if k != "checksum"), key=str):
+                walk(o[k])
         elif isinstance(o, (list, tuple)):
             for v in o:
                 walk(v)
@@ -41,26 +39,24 @@ def tensor_digest(obj):
 
 
 def save_checkpoint(path, obj):
-    """Write to a temporary file of this process, then rename: a crash never leaves a truncated checkpoint
-    behind, an error while writing (a full disk) leaves the previous checkpoint as it was, and two writers never
-    mix. The checkpoint carries a checksum of its tensors, checked on load."""
+    """Write atomically (a crash or a full disk leaves the previous checkpoint as it was; two writers never mix),
+    with a checksum of the tensors that load_checkpoint checks."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
         write_atomic(path, lambda f: torch.save({**obj, "checksum": tensor_digest(obj)}, f), mode="wb")
     except (OSError, RuntimeError) as e:  # a full disk: OSError, or torch's zip writer failing after it
-        raise CheckpointError(f"cannot write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:80]}); "
-                              f"{'the previous checkpoint is kept' if os.path.exists(path) else 'nothing was saved'}") from None
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0][:80]
+        left = "the previous checkpoint is kept" if os.path.exists(path) else "nothing was saved"
+        raise CheckpointError(f"cannot write {path} ({why}); {left}") from None
 
 
 def save_training_state(path, state, world=1, master=True, if_not_finite="the weights hold NaN or Inf"):
-    """A training checkpoint: the state plus every rank's random state (gathered, so that a resume continues every
-    stream), written by the master; every rank waits for it (the next stage reads the file on every rank). Weights
-    that are not finite (the same on every rank) are not saved: a TrainingError of `if_not_finite`."""
+    """The state plus every rank's random state (so that a resume continues every stream), written by the master
+    while every rank waits (the next stage reads it); weights not finite are a TrainingError of `if_not_finite`."""
     if not all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point()):
         raise TrainingError(f"{if_not_finite}; not saved, {kept(path)} (try a lower --lr)")
     states = [rng_state()] * world
     if world > 1:
-        import torch.distributed as dist
         dist.all_gather_object(states, rng_state())
     if master:
         save_checkpoint(path, {**state, "rng": states})
@@ -100,8 +96,7 @@ def load_checkpoint(path, kinds=None):
 
 
 def build(cls, cfg_fields, ckpt):
-    """cls(**fields) of a config stored in a checkpoint. Fields this code does not know, or values of the wrong
-    type or out of range (a hand-edited 64.0, 0, 1e12, null or "abc") are one line."""
+    """cls(**fields) of a config stored in a checkpoint; a value of a wrong type or out of range is one line."""
     import dataclasses
     where = f"{ckpt.get('path', 'the checkpoint')}: its {cls.__name__}"
     if not isinstance(cfg_fields, dict):
@@ -132,18 +127,15 @@ def load_weights(model, state, ckpt):
         model.load_state_dict(state)
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise CheckpointError(f"{path}: its weights do not fit its config ({lines[1] if len(lines) > 1 else lines[0]})") from None
+        raise CheckpointError(f"{path}: its weights do not fit its config ({(lines[1:] or lines)[0]})") from None
 
 
-# ----------------------------------------------------------------------------------------------------
 # random state (training draws from torch's generators only)
 
 def rng_state():
     """This process's random streams: torch CPU, and CUDA when present."""
-    s = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
+    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    return {"torch": torch.get_rng_state(), **cuda}
 
 
 def set_rng_state(s):
@@ -153,8 +145,7 @@ def set_rng_state(s):
 
 
 def resume_training(ckpt, opt, log_path, seed, env):
-    """Continue a run from its checkpoint: the optimizer, this rank's random stream (reseeded, with a warning,
-    when the world size changed), the log cut at the step -> the step."""
+    """Resume: the optimizer, this rank's random stream (reseeded if the world size changed), the log cut -> step."""
     opt.load_state_dict(ckpt["optimizer"])
     step, states = ckpt["step"], ckpt["rng"]
     same_world = len(states) == env["world"]
@@ -166,12 +157,10 @@ def resume_training(ckpt, opt, log_path, seed, env):
     return step
 
 
-# ----------------------------------------------------------------------------------------------------
 # models from checkpoints
 
 def model_from(ckpt):
-    """The model a checkpoint dict holds (a stage-1 VAE, Cola DLM or a baseline), built from its configs, with its
-    weights; configs or weights that do not fit this code are a one-line CheckpointError."""
+    """The model a checkpoint dict holds (VAE, Cola DLM or a baseline) with its weights; misfits: CheckpointError."""
     from baselines import LMConfig, TransformerLM
     from diffusion import ColaDLM
     from dit import DiTConfig
@@ -190,17 +179,15 @@ def model_from(ckpt):
 
 
 def load_model(path, device="cpu", kinds=("cola", "ar", "llada"), dtype=torch.float32):
-    """A model from this repo's checkpoint file, or from the authors' released snapshot directory
-    (release.load_snapshot) -> (model in eval mode on device, the checkpoint dict: what the scripts read).
-    dtype: the weights' dtype (a snapshot's; this repo's checkpoints load as they were trained, in fp32)."""
+    """(model in eval mode on device, checkpoint dict) of this repo's checkpoint file or the authors' released
+    snapshot directory (release.load_snapshot, in `dtype`; this repo's checkpoints load as trained, in fp32)."""
     if os.path.isdir(path):
         if "cola" not in kinds:
             raise CheckpointError(f"{path} is a released Cola DLM snapshot, expected {' or '.join(kinds)}")
         import release
         model, info = release.load_snapshot(path, dtype)
         return model.to(device), info
-    ckpt = load_checkpoint(path, kinds)
-    model = model_from(ckpt)
+    model = model_from(ckpt := load_checkpoint(path, kinds))
     vocab = (model.vae.cfg if ckpt["kind"] == "cola" else model.cfg).vocab_size
     try:
         n_vocab = get_tokenizer(ckpt["tokenizer"]).n_vocab
@@ -214,30 +201,24 @@ def load_model(path, device="cpu", kinds=("cola", "ar", "llada"), dtype=torch.fl
 
 def prompt_ids(info, enc, text):
     """A prompt's token ids: plain BPE for this repo's models, the release's template for a snapshot."""
-    if not info.get("release"):
-        return enc.encode_ordinary(text)
     import release
-    return release.encode_prompt(info, enc, text)
+    return release.encode_prompt(info, enc, text) if info.get("release") else enc.encode_ordinary(text)
 
 
 def release_sampler(info):
     """release.release_generate for a released snapshot (its budget and semantics), None for this repo's models."""
-    if not info.get("release"):
-        return None
     import release
-    return release.release_generate
+    return release.release_generate if info.get("release") else None
 
 
 def stored_sampler(info, eot_id, **flags):
-    """The sampler a checkpoint stores (decoder.SamplerConfig; <|endoftext|> ends rows and pads prompts where it
-    stores none), with the flags given that are not None."""
+    """The decoder.SamplerConfig a checkpoint stores (default: <|endoftext|> stops and pads), with flags not None."""
     from decoder import SamplerConfig
     stored = dict(info.get("sampler") or dict(stop_ids=(eot_id,), pad_id=eot_id))
     stored["stop_ids"] = tuple(stored.get("stop_ids", (eot_id,)))
     return build(SamplerConfig, {**stored, **{k: v for k, v in flags.items() if v is not None}}, info)
 
 
-# ----------------------------------------------------------------------------------------------------
 # a training folder, claimed before any work
 
 # flags a resumed run cannot change: the model, the data windows, and which parameters the optimizer holds
@@ -257,8 +238,7 @@ def stage_files(args):
 
 
 def restore_run_flags(args, ckpt):
-    """--resume: every flag not given again takes the run's own value from its checkpoint; a given flag that
-    would change the model or its data is a one-line refusal."""
+    """--resume: flags not given again take the saved values; one that would change the model or data is refused."""
     show = lambda v: f"{v:g}" if isinstance(v, float) else v
     saved, given = ckpt["args"], set(args.given)
     for flag in RESUME_FIXED:
@@ -271,8 +251,7 @@ def restore_run_flags(args, ckpt):
 
 
 def check_out_dir(args):
-    """Before any work: what the folder holds fits the flags. Without --resume or --overwrite an existing
-    checkpoint is never replaced; --resume needs something to resume, of the kind asked for."""
+    """Before any work: an existing checkpoint is never replaced without --resume or --overwrite; --resume needs one."""
     files = stage_files(args)
     found = [(path, kind) for path, kind in files if os.path.exists(path)]
     if args.resume and not found:
@@ -284,22 +263,18 @@ def check_out_dir(args):
             held = load_checkpoint(path)
             fail(f"{path} holds a {held['kind']} checkpoint (step {held['step']}); add --resume to continue it, "
                  "--overwrite to replace it, or pick another --out_dir")
-    if args.model == "cola" and args.stage == "joint" and not found and \
-            not os.path.exists(os.path.join(args.out_dir, "vae.pt")):
-        fail(f"--stage joint starts from {os.path.join(args.out_dir, 'vae.pt')}, which does not exist: "
-             "train stage 1 first (--stage vae)")
-    for name in os.listdir(args.out_dir):
-        if name.endswith(".tmp") and name.split(".")[0] in ("vae", "ckpt"):  # temporary files of killed runs
-            os.remove(os.path.join(args.out_dir, name))
-        if name.startswith("log_") and not args.resume:  # a fresh or --overwrite run starts new logs
+    vae = os.path.join(args.out_dir, "vae.pt")
+    if args.model == "cola" and args.stage == "joint" and not found and not os.path.exists(vae):
+        fail(f"--stage joint starts from {vae}, which does not exist: train stage 1 first (--stage vae)")
+    for name in os.listdir(args.out_dir):  # killed runs' temporary files; a fresh or --overwrite run's old logs
+        if name.endswith(".tmp") and name.startswith(("vae.", "ckpt.")) or name.startswith("log_") and not args.resume:
             os.remove(os.path.join(args.out_dir, name))
 
 
 @contextlib.contextmanager
 def claim_out_dir(args, world=1, master=True, check_args=lambda args: None):
-    """The one call train.py makes before any work. The master checks the folder is writable, holds its lock for
-    the run, checks what it holds (check_out_dir), restores a resumed run's flags and runs check_args; every rank
-    gets the verdict (one line) or the flags to train with."""
+    """train.py's first call: the master checks the folder (writable, locked for the run, check_out_dir) and runs
+    check_args; every rank gets the verdict (one line) or the flags to train with."""
     verdict = [None, vars(args)]
     with contextlib.ExitStack() as held:
         if master:
@@ -313,7 +288,6 @@ def claim_out_dir(args, world=1, master=True, check_args=lambda args: None):
             except CheckpointError as e:
                 verdict[0] = f"error: {e}"
         if world > 1:
-            import torch.distributed as dist
             dist.broadcast_object_list(verdict, src=0)
         if verdict[0]:
             sys.exit(verdict[0])

@@ -38,7 +38,6 @@ def fail(message):
     sys.exit(f"error: {message}")
 
 
-# ----------------------------------------------------------------------------------------------------
 # one check per kind of value: argparse `type=` functions whose message names what is wrong
 
 def int_at_least(low, high=2**63 - 1):
@@ -154,11 +153,9 @@ def dry_run(script, flags):
     return json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else None
 
 
-def train_dry_run(flags):
-    return dry_run("train.py", flags)
+train_dry_run = functools.partial(dry_run, "train.py")
 
 
-# ----------------------------------------------------------------------------------------------------
 # device and precision
 
 def pick_device(name):
@@ -208,9 +205,8 @@ def cleanup_distributed():
 
 
 def keep_freed_memory():
-    """glibc returns large freed buffers (the logits) to the OS after every step and maps them again; on CPU
-    that costs 15-60% of a step. Keep them: no mmap for big blocks, no trimming (M_MMAP_MAX = -4,
-    M_TRIM_THRESHOLD = -1 in mallopt)."""
+    """glibc returns large freed buffers (the logits) to the OS after every step and maps them again, 15-60% of a
+    CPU step; keep them: no mmap for big blocks, no trimming (mallopt M_MMAP_MAX = -4, M_TRIM_THRESHOLD = -1)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)
@@ -221,9 +217,8 @@ def keep_freed_memory():
 
 def autocast(device, dtype):
     """bf16 autocast on the device's type for dtype 'bfloat16', else nothing."""
-    if dtype != "bfloat16":
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    on = dtype == "bfloat16"
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
 def pyplot():
@@ -234,7 +229,14 @@ def pyplot():
     return plt
 
 
-# ----------------------------------------------------------------------------------------------------
+def save_figure(plt, fig, path):
+    """Write the figure to path and free it -> path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 # files
 
 def write_atomic(path, write, mode="w"):
@@ -255,8 +257,7 @@ def write_json(path, obj, indent=2):
 
 @contextlib.contextmanager
 def folder_lock(out_dir):
-    """One writer per folder (a training run): a lock file holding our pid. A live writer's lock is a
-    one-line refusal; a dead one's is taken over."""
+    """One writer per folder, by a lock file of its pid: a live writer's is a one-line refusal, a dead one's taken."""
     path = os.path.join(out_dir, "train.lock")
     for _ in range(2):
         try:

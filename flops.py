@@ -67,10 +67,8 @@ def vae_frozen(args):
 
 
 def dry_run(args, vae_config, dit_config, lm_config):
-    """train.py --dry_run: configs, parameters and training FLOPs per optimizer step of its flags (train.py's config
-    builders), on the meta device, at the vocabulary of --data_dir (GPT-2's where it holds no data)."""
-    has_data = os.path.exists(os.path.join(args.data_dir, "meta.json"))
-    vocab = load_meta(args.data_dir)["vocab_size"] if has_data else 50257
+    """train.py --dry_run: configs, parameters, training FLOPs per step (meta device, --data_dir's vocab or GPT-2's)."""
+    vocab = load_meta(args.data_dir)["vocab_size"] if os.path.exists(f"{args.data_dir}/meta.json") else 50257
     tokens, L = args.batch_size * args.seq_len * args.grad_accum, args.seq_len
     with torch.device("meta"):
         if args.model != "cola":

@@ -10,26 +10,149 @@ The input is streamed (blocks of --block_bytes cut where the BPE cannot straddle
 --workers processes, shards of --shard_tokens tokens), so memory stays bounded whatever the corpus size.
 Documents are separated by <|endoftext|>; tokens are uint16 when the vocabulary fits, else uint32 (nanoGPT).
 TokenData reads the shards back as random windows from memmaps, each batch a pure function of (seed, index, step).
+Tokenizers are tiktoken Encodings (docs/method.md §2): the vendored GPT-2 BPE (offline, hash-checked), cl100k_base
+where tiktoken can load it, and any byte-level BPE tokenizer.json (the release's format), read without `tokenizers`.
 """
 import argparse
+import base64
 import codecs
 import contextlib
 import functools
+import hashlib
 import json
 import multiprocessing
 import os
 import re
 
 import numpy as np
+import tiktoken
 import torch
+from tiktoken_ext.openai_public import r50k_pat_str
 from tqdm import tqdm
 
-from cli import Parser, check_writable_dir, fail, positive_int, write_json
-from tokenizer import REPO_DIR, DataError, get_tokenizer, sha256_of
+from cli import Parser, check_writable_dir, fail, float_in, positive_int, write_json
 
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "data", "shakespeare")
 DEFAULT_CORPUS = os.path.join(REPO_DIR, "data", "shakespeare_tiny.txt")
+GPT2_BPE_FILE = os.path.join(REPO_DIR, "data", "gpt2.tiktoken")
+GPT2_BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 
+
+class DataError(ValueError):
+    """Bad input data; the message is one line meant for the user."""
+
+
+def sha256_of(*paths):
+    """The sha256 of the files' bytes, one after the other."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 16), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# tokenizers
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer(name="gpt2"):
+    """A tiktoken Encoding: gpt2 (from the vendored file, never the network), cl100k_base or a tokenizer.json."""
+    if name.endswith(".json"):  # a released model's tokenizer.json
+        return tokenizer_from_json(name)
+    if name == "gpt2":
+        if not os.path.exists(GPT2_BPE_FILE):
+            raise DataError(f"tokenizer file {GPT2_BPE_FILE} is missing")
+        if sha256_of(GPT2_BPE_FILE) != GPT2_BPE_SHA256:
+            raise DataError(f"tokenizer file {GPT2_BPE_FILE} has the wrong sha256 (corrupted?)")
+        with open(GPT2_BPE_FILE, "rb") as f:
+            ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
+        return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+    if name == "cl100k_base":
+        try:
+            return tiktoken.get_encoding("cl100k_base")
+        except Exception as e:  # no network and no cache: say so in one line
+            raise DataError(f"tokenizer cl100k_base cannot be loaded here ({type(e).__name__}); "
+                            "it needs tiktoken's download or a TIKTOKEN_CACHE_DIR holding it") from None
+    raise DataError(f"unknown tokenizer {name!r} (choose gpt2, cl100k_base or a tokenizer.json path)")
+
+
+def same_tokenizer(a, b):
+    """Whether two tokenizer names (gpt2, cl100k_base, or a tokenizer.json path) are the same tokenizer."""
+    return a == b or all(x.endswith(".json") and os.path.isfile(x) for x in (a, b)) and sha256_of(a) == sha256_of(b)
+
+
+def byte_alphabet():
+    """Byte -> its character in tokenizer.json's byte-level alphabet (printable Latin-1 itself, others chr(256 + n))."""
+    own = {*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)}
+    others = iter(range(256, 512))
+    return {b: chr(b if b in own else next(others)) for b in range(256)}
+
+
+def _split_pattern(pre):
+    """The pre-tokenizer's regex from a tokenizer.json 'pre_tokenizer' (a Split, or a Sequence holding one)."""
+    for p in [pre] + list((pre or {}).get("pretokenizers") or []):
+        if p and p.get("type") == "Split" and "Regex" in (p.get("pattern") or {}):
+            return p["pattern"]["Regex"]
+        if p and p.get("type") == "ByteLevel" and p.get("use_regex"):
+            return r50k_pat_str
+
+
+def template_ids(path):
+    """(prefix ids, suffix ids) the tokenizer.json's TemplateProcessing wraps around an encoded text, if any."""
+    with open(path, encoding="utf-8") as f:
+        post = json.load(f).get("post_processor") or {}
+    for p in [post] + list(post.get("processors") or []):
+        if p.get("type") == "TemplateProcessing":
+            ids = {name: tok["ids"] for name, tok in (p.get("special_tokens") or {}).items()}
+            parts = [("A", None) if "Sequence" in item else ("S", ids[item["SpecialToken"]["id"]])
+                     for item in p.get("single", [])]
+            cut = [k for k, _ in parts].index("A") if ("A", None) in parts else len(parts)
+            return ([i for _, v in parts[:cut] for i in v], [i for _, v in parts[cut + 1:] for i in v])
+    return [], []
+
+
+def tokenizer_from_json(path):
+    """A byte-level BPE tokenizer.json as a tiktoken Encoding (vocabulary ids as mergeable ranks, added tokens
+    special): the same tokenizer when the merges' results have increasing ids (as OLMo 2's), which is checked."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+        model, specials = spec["model"], {t["content"]: int(t["id"]) for t in spec.get("added_tokens", [])}
+        vocab, merges = model["vocab"], model.get("merges", [])
+        if not isinstance(vocab, dict) or not isinstance(merges, list):
+            raise TypeError("model.vocab must be an object, model.merges a list")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path} is not a readable tokenizer.json ({type(e).__name__}: {e})") from None
+    if model.get("type") != "BPE":
+        raise DataError(f"{path}: model type {model.get('type')!r} is not a byte-level BPE")
+    pattern = _split_pattern(spec.get("pre_tokenizer"))
+    if pattern is None:
+        raise DataError(f"{path}: pre_tokenizer has no Split regex to read")
+    to_byte = {c: b for b, c in byte_alphabet().items()}
+    special_ids = set(specials.values())
+    try:
+        ranks = {bytes(to_byte[c] for c in tok): int(i) for tok, i in vocab.items() if int(i) not in special_ids}
+    except (KeyError, ValueError, TypeError) as e:
+        raise DataError(f"{path}: vocabulary entry with {e} is not a byte-level token with an integer id") from None
+    if len(set(ranks.values())) != len(ranks) or any(bytes([b]) not in ranks for b in range(256)):
+        raise DataError(f"{path}: the vocabulary must hold every single byte once")
+    try:
+        merged = [int(vocab["".join(m.split(" ") if isinstance(m, str) else m)]) for m in merges]
+    except (KeyError, ValueError, TypeError):
+        merged = [1, 0]  # a merge that is no pair of vocabulary strings: refused below
+    if any(a >= b for a, b in zip(merged, merged[1:])):
+        raise DataError(f"{path}: the merges are not in the order of their tokens' ids, so tiktoken cannot "
+                        "reproduce this BPE")
+    try:
+        return tiktoken.Encoding(name=os.path.basename(path), pat_str=pattern, mergeable_ranks=ranks,
+                                 special_tokens=specials)
+    except Exception as e:  # a pattern the regex engine rejects, say
+        raise DataError(f"{path}: tiktoken cannot build this tokenizer ({type(e).__name__}: {e})") from None
+
+
+# splitting and streaming: files -> text pieces -> tokens -> train / val shards
 
 def held_out(at, total, val_fraction, split, chunk):
     """Which tokens are validation ones, by position `at` in a stream of `total`: 'chunks', every k-th chunk, so
@@ -50,9 +173,6 @@ def chunk_size(n_tokens, every, min_chunk):
     """2,048-token validation chunks, fewer for a small corpus, so that validation gets about ten."""
     return int(max(min_chunk, min(2048, n_tokens // (every * 10))))
 
-
-# ----------------------------------------------------------------------------------------------------
-# streaming: files -> text pieces -> tokens -> train / val shards
 
 def list_sources(path):
     """The input's files: one text or JSONL file, or every .txt file under a folder; each must be readable."""
@@ -93,8 +213,7 @@ def split_document(text, block_chars):
 
 
 def read_pieces(files, block_bytes):
-    """(text, starts_a_later_document, input bytes read so far), holding about 2 x block_bytes of text at most
-    (unless a document has no safe cut at all)."""
+    """(text, starts_a_later_document, input bytes read so far); about 2 x block_bytes of text held at most."""
     done, docs = 0, 0
     for n, path in enumerate(files):
         with open(path, "rb") as f:
@@ -133,13 +252,11 @@ def encode_piece(tokenizer, piece):
     """(ids, bytes read, whether it holds text) of a read_pieces piece; a later document starts with EOT."""
     text, new_document, done = piece
     enc = get_tokenizer(tokenizer)  # loaded once per process
-    ids = enc.encode_ordinary(text)
-    return ([enc.eot_token] + ids if new_document else ids), done, bool(text.strip())
+    return ([enc.eot_token] if new_document else []) + enc.encode_ordinary(text), done, bool(text.strip())
 
 
 class Shards:
-    """The train and val tokens, appended in order to shards of at most shard_tokens tokens, as .tmp files until
-    close(keep=True) names them (close(keep=False), a failed run's, removes them)."""
+    """The train and val tokens, appended in order to shards of at most shard_tokens tokens (.tmp until close)."""
 
     def __init__(self, out_dir, dtype, shard_tokens):
         self.out_dir, self.dtype, self.shard_tokens = out_dir, dtype, shard_tokens
@@ -173,8 +290,6 @@ def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64,
             block_bytes=8 << 20, shard_tokens=1 << 28):
     """Tokenize input_path (a file, a folder of .txt files, or JSONL) into out_dir's shards and meta.json. A corpus
     of one block is split exactly; a larger one as it streams (chunks sized from the first piece, 'tail' by bytes)."""
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"--val_fraction must be in (0, 1), got {val_fraction}")
     if split == "chunks" and abs(val_fraction * round(1 / val_fraction) - 1) > 0.01:
         raise DataError(f"--split chunks holds out one chunk in k: --val_fraction must be 1/k (0.5, 0.25, 0.1, ...), "
                         f"got {val_fraction}; or use --split tail")
@@ -197,9 +312,8 @@ def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64,
                     continue
                 if split == "chunks":
                     chunk = chunk or chunk_size(len(ids) * total_bytes / max(done, 1), every, seq_len)
-                val = held_out(np.full(len(ids), before) if split == "tail" else np.arange(pos, pos + len(ids)),
-                               total_bytes, val_fraction, split, chunk)  # 'tail' by input bytes
-                out.write(ids, val)
+                out.write(ids, held_out(np.full(len(ids), before) if split == "tail" else pos + np.arange(len(ids)),
+                                        total_bytes, val_fraction, split, chunk))  # 'tail' by input bytes
                 pos, before = pos + len(ids), done
         if small:
             chunk = chunk_size(len(held), every, seq_len) if split == "chunks" else None
@@ -225,7 +339,6 @@ def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64,
     return meta
 
 
-# ----------------------------------------------------------------------------------------------------
 # reading: meta.json and the shards, checked, as random windows
 
 def load_meta(data_dir):
@@ -264,8 +377,7 @@ def open_shard(data_dir, shard, dtype, vocab_size):
 
 
 class TokenData:
-    """Random windows of seq_len tokens from a prepared directory's shards, memmapped (memory stays bounded); a
-    window never crosses a shard. Opening checks every shard against meta.json."""
+    """Random seq_len windows, never across a shard, from a prepared folder's memmapped shards (checked on opening)."""
 
     def __init__(self, data_dir, seq_len):
         self.meta, self.data_dir, self.seq_len = load_meta(data_dir), data_dir, seq_len
@@ -311,7 +423,7 @@ def main(argv=None):
                    help="a UTF-8 text file, a folder of .txt files or JSONL of 'text' fields (default: Shakespeare)")
     p.add_argument("--out_dir", default=DEFAULT_DATA_DIR, help="where the shards and meta.json go")
     p.add_argument("--tokenizer", default="gpt2", help="gpt2 (vendored), cl100k_base, or a model's tokenizer.json")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="fraction of tokens held out")
+    p.add_argument("--val_fraction", type=float_in(0, 1, True, True), default=0.1, help="fraction of tokens held out")
     p.add_argument("--split", default="chunks", choices=["chunks", "tail"],
                    help="chunks: every k-th 2048-token chunk is validation; tail: the end of the file (nanoGPT)")
     p.add_argument("--min_seq_len", type=positive_int, default=64, help="each split must hold one sequence this long")
