@@ -8,7 +8,9 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -39,15 +41,21 @@ def tensor_digest(obj):
 
 
 def save_checkpoint(path, obj):
-    """Write atomically (a crash or a full disk leaves the previous checkpoint as it was; two writers never mix),
-    with a checksum of the tensors that load_checkpoint checks."""
+    """Write atomically (a crash or a full disk keeps the last checkpoint; two writers never mix), with a checksum
+    load_checkpoint checks; a Ctrl-C waits for the whole file (torch's zip writer, interrupted, fails as if full)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    main, interrupted = threading.current_thread() is threading.main_thread(), []
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if main else None
     try:
         write_atomic(path, lambda f: torch.save({**obj, "checksum": tensor_digest(obj)}, f), mode="wb")
     except (OSError, RuntimeError) as e:  # a full disk: OSError, or torch's zip writer failing after it
         why = getattr(e, "strerror", None) or str(e).splitlines()[0][:80]
         left = "the previous checkpoint is kept" if os.path.exists(path) else "nothing was saved"
         raise CheckpointError(f"cannot write {path} ({why}); {left}") from None
+    finally:
+        signal.signal(signal.SIGINT, previous) if main else None
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def save_training_state(path, state, world=1, master=True, if_not_finite="the weights hold NaN or Inf"):
@@ -189,13 +197,10 @@ def load_model(path, device="cpu", kinds=("cola", "ar", "llada"), dtype=torch.fl
         return model.to(device), info
     model = model_from(ckpt := load_checkpoint(path, kinds))
     vocab = (model.vae.cfg if ckpt["kind"] == "cola" else model.cfg).vocab_size
-    try:
-        n_vocab = get_tokenizer(ckpt["tokenizer"]).n_vocab
-    except DataError:  # a tokenizer not on this machine: the script that needs it refuses
-        n_vocab = 0
-    if n_vocab > vocab:
-        raise CheckpointError(f"{path} names tokenizer {ckpt['tokenizer']}, of more ids than the model's {vocab}: not "
-                              "the tokenizer it was trained with")
+    with contextlib.suppress(DataError):  # a tokenizer not on this machine: the script that needs it refuses
+        if get_tokenizer(ckpt["tokenizer"]).n_vocab > vocab:
+            raise CheckpointError(f"{path} names tokenizer {ckpt['tokenizer']}, of more ids than the model's {vocab}: "
+                                  "not the tokenizer it was trained with")
     return model.to(device).eval(), ckpt
 
 
