@@ -18,6 +18,7 @@ from diffusion import ColaDLM, LossConfig
 from dit import DiTConfig
 from vae import VAEConfig
 
+pytestmark = pytest.mark.xdist_group("learning")  # one worker trains the module's Cola model once
 P, BS, L, V = 64, 4, 32, 64  # passage length, block size, window length, vocabulary
 PASSAGE = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(0))
 
