@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from cli import check_writable_dir, fail, folder_lock, write_atomic
-from prepare import DataError, get_tokenizer, same_tokenizer
+from tokenizer import DataError, get_tokenizer, same_tokenizer
 
 
 class CheckpointError(ValueError):
@@ -58,11 +58,11 @@ def save_checkpoint(path, obj):
         raise KeyboardInterrupt
 
 
-def save_training_state(path, state, world=1, master=True, if_not_finite="the weights hold NaN or Inf"):
+def save_training_state(path, state, world=1, master=True, name="run"):
     """The state plus every rank's random state (so that a resume continues every stream), written by the master
-    while every rank waits (the next stage reads it); weights not finite are a TrainingError of `if_not_finite`."""
+    while every rank waits (the next stage reads it); weights not finite stop the run (halted)."""
     if not all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point()):
-        raise TrainingError(f"{if_not_finite}; not saved, {kept(path)} (try a lower --lr)")
+        raise halted(name, path, f"the weights hold NaN or Inf at step {state['step']}; not saved")
     states = [rng_state()] * world
     if world > 1:
         dist.all_gather_object(states, rng_state())
@@ -76,8 +76,10 @@ class TrainingError(RuntimeError):
     """The run cannot go on (a NaN loss, say); the message is one line meant for the user."""
 
 
-def kept(path):
-    return f"{path} keeps the last good checkpoint" if os.path.exists(path) else f"no checkpoint was written to {path}"
+def halted(name, path, what):
+    """The one-line TrainingError of run `name` stopping: what happened, and what its checkpoint file `path` holds."""
+    held = f"{path} keeps the last good checkpoint" if os.path.exists(path) else f"no checkpoint was written to {path}"
+    return TrainingError(f"[{name}] {what}, {held} (try a lower --lr)")
 
 
 def load_checkpoint(path, kinds=None):

@@ -24,7 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from baselines import TransformerLM, matched_lm_config
-from checkpoint import (CheckpointError, TrainingError, build, checkpoint_for, claim_out_dir, kept, model_from,
+from checkpoint import (CheckpointError, TrainingError, build, checkpoint_for, claim_out_dir, halted, model_from,
                         resumable, resume_training, save_training_state)
 from cli import (Parser, all_reduce_mean, autocast, cleanup_distributed, float_in, int_at_least, keep_freed_memory,
                  nonneg_float, positive_float, positive_int, setup_distributed, unit_float)
@@ -310,12 +310,12 @@ def train(run, args, env, data):
     micro_batch = run.micro_batch or args.batch_size
     tokens_per_step = micro_batch * args.seq_len * args.grad_accum * world
     flops = lambda: run.flops_before + step * tokens_per_step * run.flops_per_token
-    halt = lambda what: TrainingError(f"[{run.name}] {what}, {kept(run.ckpt_path)} (try a lower --lr)")
+    halt = lambda what: halted(run.name, run.ckpt_path, what)
 
     save = lambda: save_training_state(run.ckpt_path, dict(**run.ckpt_fields, model=model.state_dict(), step=step,
                                                          optimizer=opt.state_dict(), args=vars(args),
                                                          tokenizer=data.meta["tokenizer"], train_flops=flops()),
-                                       world, master, f"[{run.name}] the weights hold NaN or Inf at step {step}")
+                                       world, master, run.name)
 
     def validate():
         """Metrics over the validation batches and ranks, with fixed noise (the training stream is left alone)."""
