@@ -1,5 +1,4 @@
-"""
-Speed tables, random weights at a preset's sizes (train.py --dry_run builds the configs); asserts nothing.
+"""Speed tables, random weights at a preset's sizes (train.py --dry_run builds the configs); asserts nothing.
 Generation: tokens/s and model passes per new token, every model batched alike (Cola: guided DiT passes, commit
 and decoder passes; AR: one pass per token, KV cache; LLaDA: unmasking passes in blocks of 16 tokens). Training:
 ms per optimizer step, tokens/s, FLOP utilisation by flops.py's convention and by 6 N (N: non-embedding params).
@@ -7,8 +6,7 @@ ms per optimizer step, tokens/s, FLOP utilisation by flops.py's convention and b
     python bench.py                                    # generation: Cola (8, 16 steps), AR, LLaDA at batch 1 and 32
     python bench.py --train --preset paper --device cuda --compile --dtype bfloat16   # training: tok/s and MFU
     python bench.py --preset paper --vocab_size 100278 --models cola --batches 1 --new_tokens 16 --cola_steps 16 \
-        --repeats 1 --dtype float32   # the released model's size on this machine: tok/s and peak memory
-"""
+        --repeats 1 --dtype float32   # the released model's size on this machine: tok/s and peak memory"""
 import argparse
 import os
 import resource

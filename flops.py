@@ -1,10 +1,8 @@
-"""
-Training compute, counted the same way for Cola DLM and the baselines (the ladder's x axis, docs/results.md).
+"""Training compute, counted the same way for Cola DLM and the baselines (the ladder's x axis, docs/results.md).
 
 6 FLOPs per matmul weight per position trained on (forward 2, backward 4), 2 for a forward-only pass;
 embedding lookups are free; attention scores and values cost 2 * 2 * keys * width per query and layer in the
-forward pass, at the full key length (SDPA with a bool mask computes every key).
-"""
+forward pass, at the full key length (SDPA with a bool mask computes every key)."""
 import os
 from dataclasses import asdict
 

@@ -1,5 +1,4 @@
-"""
-Data preparation: UTF-8 text -> token shards (train_00000.bin, ..., val_00000.bin, ...) + meta.json.
+"""Data preparation: UTF-8 text -> token shards (train_00000.bin, ..., val_00000.bin, ...) + meta.json.
 
     python prepare.py                                         # the embedded default corpus (Shakespeare)
     python prepare.py --input my.txt --out_dir data/my        # one UTF-8 text file
@@ -9,147 +8,25 @@ Data preparation: UTF-8 text -> token shards (train_00000.bin, ..., val_00000.bi
 The input is streamed (blocks of --block_bytes cut where the BPE cannot straddle the cut, tokenized by
 --workers processes, shards of --shard_tokens tokens), so memory stays bounded whatever the corpus size.
 Documents are separated by <|endoftext|>; tokens are uint16 when the vocabulary fits, else uint32 (nanoGPT).
-TokenData reads the shards back as random windows from memmaps, each batch a pure function of (seed, index, step).
-Tokenizers are tiktoken Encodings (docs/method.md §2): the vendored GPT-2 BPE (offline, hash-checked), cl100k_base
-where tiktoken can load it, and any byte-level BPE tokenizer.json (the release's format), read without `tokenizers`.
-"""
+TokenData reads the shards back as random windows from memmaps, each batch a pure function of (seed, index, step)."""
 import argparse
-import base64
 import codecs
 import contextlib
 import functools
-import hashlib
 import json
 import multiprocessing
 import os
 import re
 
 import numpy as np
-import tiktoken
 import torch
-from tiktoken_ext.openai_public import r50k_pat_str
 from tqdm import tqdm
 
 from cli import Parser, check_writable_dir, fail, float_in, positive_int, write_json
+from tokenizer import REPO_DIR, DataError, get_tokenizer, sha256_of
 
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "data", "shakespeare")
 DEFAULT_CORPUS = os.path.join(REPO_DIR, "data", "shakespeare_tiny.txt")
-GPT2_BPE_FILE = os.path.join(REPO_DIR, "data", "gpt2.tiktoken")
-GPT2_BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-
-
-class DataError(ValueError):
-    """Bad input data; the message is one line meant for the user."""
-
-
-def sha256_of(*paths):
-    """The sha256 of the files' bytes, one after the other."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 16), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-# tokenizers
-
-@functools.lru_cache(maxsize=None)
-def get_tokenizer(name="gpt2"):
-    """A tiktoken Encoding: gpt2 (from the vendored file, never the network), cl100k_base or a tokenizer.json."""
-    if name.endswith(".json"):  # a released model's tokenizer.json
-        return tokenizer_from_json(name)
-    if name == "gpt2":
-        if not os.path.exists(GPT2_BPE_FILE):
-            raise DataError(f"tokenizer file {GPT2_BPE_FILE} is missing")
-        if sha256_of(GPT2_BPE_FILE) != GPT2_BPE_SHA256:
-            raise DataError(f"tokenizer file {GPT2_BPE_FILE} has the wrong sha256 (corrupted?)")
-        with open(GPT2_BPE_FILE, "rb") as f:
-            ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
-        return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                                 special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
-    if name == "cl100k_base":
-        try:
-            return tiktoken.get_encoding("cl100k_base")
-        except Exception as e:  # no network and no cache: say so in one line
-            raise DataError(f"tokenizer cl100k_base cannot be loaded here ({type(e).__name__}); "
-                            "it needs tiktoken's download or a TIKTOKEN_CACHE_DIR holding it") from None
-    raise DataError(f"unknown tokenizer {name!r} (choose gpt2, cl100k_base or a tokenizer.json path)")
-
-
-def same_tokenizer(a, b):
-    """Whether two tokenizer names (gpt2, cl100k_base, or a tokenizer.json path) are the same tokenizer."""
-    return a == b or all(x.endswith(".json") and os.path.isfile(x) for x in (a, b)) and sha256_of(a) == sha256_of(b)
-
-
-def byte_alphabet():
-    """Byte -> its character in tokenizer.json's byte-level alphabet (printable Latin-1 itself, others chr(256 + n))."""
-    own = {*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)}
-    others = iter(range(256, 512))
-    return {b: chr(b if b in own else next(others)) for b in range(256)}
-
-
-def _split_pattern(pre):
-    """The pre-tokenizer's regex from a tokenizer.json 'pre_tokenizer' (a Split, or a Sequence holding one)."""
-    for p in [pre] + list((pre or {}).get("pretokenizers") or []):
-        if p and p.get("type") == "Split" and "Regex" in (p.get("pattern") or {}):
-            return p["pattern"]["Regex"]
-        if p and p.get("type") == "ByteLevel" and p.get("use_regex"):
-            return r50k_pat_str
-
-
-def template_ids(path):
-    """(prefix ids, suffix ids) the tokenizer.json's TemplateProcessing wraps around an encoded text, if any."""
-    with open(path, encoding="utf-8") as f:
-        post = json.load(f).get("post_processor") or {}
-    for p in [post] + list(post.get("processors") or []):
-        if p.get("type") == "TemplateProcessing":
-            ids = {name: tok["ids"] for name, tok in (p.get("special_tokens") or {}).items()}
-            parts = [("A", None) if "Sequence" in item else ("S", ids[item["SpecialToken"]["id"]])
-                     for item in p.get("single", [])]
-            cut = [k for k, _ in parts].index("A") if ("A", None) in parts else len(parts)
-            return ([i for _, v in parts[:cut] for i in v], [i for _, v in parts[cut + 1:] for i in v])
-    return [], []
-
-
-def tokenizer_from_json(path):
-    """A byte-level BPE tokenizer.json as a tiktoken Encoding (vocabulary ids as mergeable ranks, added tokens
-    special): the same tokenizer when the merges' results have increasing ids (as OLMo 2's), which is checked."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
-        model, specials = spec["model"], {t["content"]: int(t["id"]) for t in spec.get("added_tokens", [])}
-        vocab, merges = model["vocab"], model.get("merges", [])
-        if not isinstance(vocab, dict) or not isinstance(merges, list):
-            raise TypeError("model.vocab must be an object, model.merges a list")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise DataError(f"{path} is not a readable tokenizer.json ({type(e).__name__}: {e})") from None
-    if model.get("type") != "BPE":
-        raise DataError(f"{path}: model type {model.get('type')!r} is not a byte-level BPE")
-    pattern = _split_pattern(spec.get("pre_tokenizer"))
-    if pattern is None:
-        raise DataError(f"{path}: pre_tokenizer has no Split regex to read")
-    to_byte = {c: b for b, c in byte_alphabet().items()}
-    special_ids = set(specials.values())
-    try:
-        ranks = {bytes(to_byte[c] for c in tok): int(i) for tok, i in vocab.items() if int(i) not in special_ids}
-    except (KeyError, ValueError, TypeError) as e:
-        raise DataError(f"{path}: vocabulary entry with {e} is not a byte-level token with an integer id") from None
-    if len(set(ranks.values())) != len(ranks) or any(bytes([b]) not in ranks for b in range(256)):
-        raise DataError(f"{path}: the vocabulary must hold every single byte once")
-    try:
-        merged = [int(vocab["".join(m.split(" ") if isinstance(m, str) else m)]) for m in merges]
-    except (KeyError, ValueError, TypeError):
-        merged = [1, 0]  # a merge that is no pair of vocabulary strings: refused below
-    if any(a >= b for a, b in zip(merged, merged[1:])):
-        raise DataError(f"{path}: the merges are not in the order of their tokens' ids, so tiktoken cannot "
-                        "reproduce this BPE")
-    try:
-        return tiktoken.Encoding(name=os.path.basename(path), pat_str=pattern, mergeable_ranks=ranks,
-                                 special_tokens=specials)
-    except Exception as e:  # a pattern the regex engine rejects, say
-        raise DataError(f"{path}: tiktoken cannot build this tokenizer ({type(e).__name__}: {e})") from None
 
 
 # splitting and streaming: files -> text pieces -> tokens -> train / val shards
@@ -419,19 +296,18 @@ def batch_seed(base, index, step):
 
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", default=DEFAULT_CORPUS,
-                   help="a UTF-8 text file, a folder of .txt files or JSONL of 'text' fields (default: Shakespeare)")
-    p.add_argument("--out_dir", default=DEFAULT_DATA_DIR, help="where the shards and meta.json go")
-    p.add_argument("--tokenizer", default="gpt2", help="gpt2 (vendored), cl100k_base, or a model's tokenizer.json")
-    p.add_argument("--val_fraction", type=float_in(0, 1, True, True), default=0.1, help="fraction of tokens held out")
-    p.add_argument("--split", default="chunks", choices=["chunks", "tail"],
-                   help="chunks: every k-th 2048-token chunk is validation; tail: the end of the file (nanoGPT)")
-    p.add_argument("--min_seq_len", type=positive_int, default=64, help="each split must hold one sequence this long")
-    p.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 2) - 1),
-                   help="tokenizing processes")
-    p.add_argument("--block_bytes", type=positive_int, default=8 << 20, help="input bytes read (and held) at a time")
-    p.add_argument("--shard_tokens", type=int, default=1 << 28, help="tokens per shard file")
-    p.add_argument("--overwrite", action="store_true", help="replace the shards and meta.json in --out_dir")
+    add = p.add_argument
+    add("--input", default=DEFAULT_CORPUS, help="a UTF-8 text file, a folder of .txt files, or JSONL of 'text' fields")
+    add("--out_dir", default=DEFAULT_DATA_DIR, help="where the shards and meta.json go")
+    add("--tokenizer", default="gpt2", help="gpt2 (vendored), cl100k_base, or a model's tokenizer.json")
+    add("--val_fraction", type=float_in(0, 1, True, True), default=0.1, help="fraction of tokens held out")
+    add("--split", default="chunks", choices=["chunks", "tail"],
+        help="chunks: every k-th 2048-token chunk is validation; tail: the end of the file (nanoGPT)")
+    add("--min_seq_len", type=positive_int, default=64, help="each split must hold one sequence this long")
+    add("--workers", type=positive_int, default=max(1, (os.cpu_count() or 2) - 1), help="tokenizing processes")
+    add("--block_bytes", type=positive_int, default=8 << 20, help="input bytes read (and held) at a time")
+    add("--shard_tokens", type=int, default=1 << 28, help="tokens per shard file")
+    add("--overwrite", action="store_true", help="replace the shards and meta.json in --out_dir")
     a = p.parse_args(argv)
     if a.workers > 4 * (os.cpu_count() or 1):
         p.error(f"--workers {a.workers} is more than 4 per CPU core of this machine ({os.cpu_count()} cores)")

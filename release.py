@@ -17,7 +17,7 @@ from checkpoint import CheckpointError as SnapshotError
 from decoder import SamplerConfig, generate
 from diffusion import ColaDLM
 from dit import DiT, DiTConfig
-from prepare import get_tokenizer, template_ids
+from tokenizer import get_tokenizer, template_ids
 from vae import VAEConfig
 
 

@@ -21,7 +21,7 @@ from checkpoint import CheckpointError, load_model, prompt_ids, release_sampler,
 from cli import (Parser, autocast, float_in, int_at_least, nonneg_float, nonneg_int, pick_device, positive_float,
                  positive_int, read_prompt)
 from decoder import GenerationError, generate
-from prepare import REPO_DIR, DataError, get_tokenizer
+from tokenizer import REPO_DIR, DataError, get_tokenizer
 from scoring import seen_ngrams_line
 
 

@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-from prepare import byte_alphabet, prepare
+from prepare import prepare
+from tokenizer import byte_alphabet
 
 CL100K = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
           r"""\s*[\r\n]+|\s+(?!\S)|\s+""")

@@ -548,7 +548,7 @@ def test_sample_streams_every_block_of_a_cola_run(runs, capsys):
     on_block hook whose return value (the printing) is taken as 'stop' ends every sample after its first block."""
     from checkpoint import load_model, stored_sampler
     from decoder import generate
-    from prepare import get_tokenizer
+    from tokenizer import get_tokenizer
     path = os.path.join(runs["cola"], "ckpt.pt")
     sample.main(["--ckpt", path, "--num_samples", "1", "--max_new_tokens", "12", "--steps", "2", "--prompt", "ROMEO:"])
     printed = capsys.readouterr().out.split("--- sample 0\n")[1].split("\n# ")[0]

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from layers import Attention, KVCache, block_causal_mask, cola_mask, with_key_padding
-from prepare import DataError, get_tokenizer, load_meta, prepare
+from prepare import load_meta, prepare
+from tokenizer import DataError, get_tokenizer
 from vae import TextVAE, VAEConfig, gaussian_kl, gaussian_kl_std_normal
 
 TINY_VAE = dict(vocab_size=300, latent_dim=8, width=32, n_enc_layers=1, n_dec_layers=1, n_heads=2,

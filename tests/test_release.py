@@ -17,7 +17,7 @@ from release import encode_prompt, release_generate
 from diffusion import ColaDLM
 from dit import DiTConfig
 from conftest import MERGES, SPECIALS, one_line_error, write_tokenizer_json
-from prepare import DataError, byte_alphabet, get_tokenizer, tokenizer_from_json
+from tokenizer import DataError, byte_alphabet, get_tokenizer, tokenizer_from_json
 from vae import VAEConfig
 
 
@@ -249,7 +249,7 @@ def test_tokenizer_json_as_tiktoken(tmp_path):
     text = "Ünïcode\n\n  and\ttabs 123456 — the end"
     assert enc.decode(enc.encode_ordinary(text)) == text
     assert enc.encode_single_token("<|pad|>") == n - 2 and vocab["a"] == ord("a")
-    from prepare import template_ids
+    from tokenizer import template_ids
     assert template_ids(path) == ([n - 3], [])
 
 

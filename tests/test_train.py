@@ -92,7 +92,7 @@ def test_sample_cli_runs_every_kind(tmp_path, data_dir, capsys):
     remasking result; both equal a direct call of the generator."""
     import sample
     from baselines import ar_generate, llada_generate
-    from prepare import get_tokenizer
+    from tokenizer import get_tokenizer
     for kind in ("ar", "llada"):
         out = tmp_path / kind
         train.main(["--model", kind, "--data_dir", data_dir, "--main_iters", "2", "--eval_interval", "2",
