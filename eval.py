@@ -203,11 +203,12 @@ def evaluate(args):
     if kind == "cola" and args.diag_windows and data is not None:
         t0 = time.time()
         x = data.batch("val", args.diag_windows, batch_seed(args.seed + 97, 0, 0), device)
-        j = min(2, x.shape[1] // (model.block_size * model.vae.cfg.patch_size) - 1)  # a block with history
+        j = min(47, x.shape[1] - 1) // (model.block_size * model.vae.cfg.patch_size)  # token 47's block, any block size
         res["sdedit"] = eval_sdedit(model, x, j, args.steps, args.guidance, g)
         res["latent_fit"] = eval_latent_fit(model, x, j, args.steps, args.guidance, g)
         xp = data.batch("val", args.prefix_windows, batch_seed(args.seed + 95, 0, 0), device)
         res["prefix_prediction"] = eval_prefix_prediction(model, xp, j, args.steps, args.guidance, g)
+        res["next_token_acc"] = res["prefix_prediction"][f"known_{model.block_size - 1}"]
         res["prefix_windows"] = args.prefix_windows
         res["history_drift"] = eval_history_drift(model, [x[i, :16].tolist() for i in range(args.n_samples)],
                                                   args.sample_len, env["sampler"], g, train_ngrams)

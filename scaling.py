@@ -28,7 +28,7 @@ from measures import plot_lines
 from prepare import REPO_DIR, DataError
 
 NAMES = {"cola": "Cola DLM", "ar": "AR", "llada": "LLaDA"}
-COLUMNS = [  # (header, eval.json key, format); next-token acc.: Cola's prior, 15 latents known; the baselines' val_acc
+COLUMNS = [  # (header, eval.json key, format); next-token acc.: Cola's prior, bs - 1 latents known; baselines' val_acc
     ("params", "params", "{:.2f}M"), ("train FLOPs", "train_flops", "{:.2e}"),
     ("bits/token", "bits_per_token", "{:.2f}"), ("next-token acc.", "next_token_acc", "{:.3f}"),
     ("LAMBADA-style", "lambada_style", "{:.1f}"), ("ending choice", "ending_choice", "{:.1f}"),
@@ -84,8 +84,7 @@ def check_judge(judge):
 
 
 def plan(a):
-    """[(model, level, run_dir, train.py argv, planned FLOPs)] with the baselines' steps matched to Cola's
-    (--table_only: the run folders alone)."""
+    """[(model, level, run_dir, train.py argv, planned FLOPs)], baselines' steps matched (--table_only: dirs only)."""
     if a.table_only:
         return [(m, level, os.path.join(a.out_root, f"{m}_{level:g}"), [], None) for level in a.levels for m in NAMES]
     cola, *lms = (train_dry_run(["--model", m, *a.train_args.split()]) for m in NAMES)
@@ -133,7 +132,7 @@ def plan_ablations(a):
 def ablation_table(rows):
     """One line per run: the diagnostics, then the sample metrics (mean over rounds) at noise 1 and 0.5."""
     lines = ["| run | flags | train FLOPs | FM with / without history | block accuracy from t0 = 0.5 / 0.75 / 1 "
-             "| next token, 15 known | seen 2-gram / 3-gram, distinct-2, judge ppl (noise 1) | the same, noise 0.5 |",
+             "| next token, the rest known | seen 2-gram / 3-gram, distinct-2, judge ppl (noise 1) | the same, noise 0.5 |",
              "|---|---|---|---|---|---|---|---|"]
     pm = lambda s, k, f: f"{s[k]:{f}} ± {s.get(k + '_se', 0.0):{f}}"
     cell = lambda s: (f"{pm(s, 'seen_2gram_rate', '.2f')} / {pm(s, 'seen_3gram_rate', '.2f')}, "
@@ -143,7 +142,7 @@ def ablation_table(rows):
         lines.append(f"| {r['name']} | `{' '.join(r['flags']) or '(defaults)'}` | {r['train_flops']:.2e} | "
                      f"{r['fm_cond']:.3f} / {r['fm_uncond']:.3f} | {sd.get('after_dit_0.5', 0):.3f} / "
                      f"{sd.get('after_dit_0.75', 0):.3f} / {sd.get('after_dit_1.0', 0):.3f} | "
-                     f"{r.get('prefix_prediction', {}).get('known_15', 0):.3f} | {cell(sweep.get(1.0))} | "
+                     f"{r.get('next_token_acc') or 0:.3f} | {cell(sweep.get(1.0))} | "
                      f"{cell(sweep.get(0.5))} |")
     return "\n".join(lines) + judges_line(rows)
 
@@ -154,8 +153,7 @@ def judges_line(rows):
 
 
 def table(rows):
-    """The ladder's table, its judge, the held-out text's own seen n-gram rates and distinct-2 (windows of the
-    samples' length), and the first sample of every run (prompt ||| continuation)."""
+    """The ladder's table, its judge, held-out text's seen n-grams and distinct-2, each run's first sample."""
     lines = ["| model | level | " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
     for r in rows:
         vals = [r.get(key, r.get("tasks", {}).get(key)) for _, key, _ in COLUMNS]
@@ -187,6 +185,7 @@ def load_result(run_dir):
         assert isinstance(res, dict)
     except (OSError, ValueError, AssertionError) as e:
         fail(f"{path} is not an eval result ({type(e).__name__}); delete it to evaluate the run again")
+    res.setdefault("next_token_acc", res.get("prefix_prediction", {}).get("known_15"))  # eval.json of before 2026-12
     return res
 
 
@@ -270,7 +269,7 @@ def main(argv=None):
             rows.append({**res, "name": m, "flags": flags if m == "base" else flags[n_base:]})
             continue
         user = [v for k, v in res.get("tasks", {}).items() if k not in ("lambada_style", "ending_choice")]
-        acc = res.get("prefix_prediction", {}).get("known_15") if m == "cola" else res.get("val_acc")
+        acc = res["next_token_acc"] if m == "cola" else res.get("val_acc")
         rows.append({**res, "level": level, **res.get("tasks", {}), "next_token_acc": acc,
                      "user_tasks": sum(user) / len(user) if user else None})
     md = (ablation_table if a.ablations else table)(rows)

@@ -160,6 +160,7 @@ def test_eval_json_keys(tmp_path, data_dir):
               "train_t_density_per_bin", "sdedit", "latent_fit", "history_drift", "prefix_prediction",
               "seen_2gram_rate_se", "sweep_noise_scale"):
         assert k in saved, k
+    assert saved["next_token_acc"] == max(saved["prefix_prediction"].items(), key=lambda kv: int(kv[0][6:]))[1]
     assert set(saved["tasks"]) == {"t", "lambada_style", "ending_choice"} and saved["judge"] == judge
     written = [json.loads(line) for line in open(tmp_path / "cola" / "generations" / "t.jsonl")]
     assert [set(w) for w in written] == [{"id", "prompt", "generate", "ground_truth", "choices"}] * 2
@@ -334,6 +335,9 @@ def test_prefix_prediction_pins_the_known_latents(monkeypatch):
     assert torch.allclose(z[:, :3], true[:, :3]) and z[:, 3:].abs().max() < 1e-5
     expected = (real(model, hist, z).argmax(-1)[:, 3:] == x[:, 11:12]).float().mean()
     assert res["known_3"] == pytest.approx(float(expected))
+    # the default prefixes follow the block size (4 here): none pins the whole block (a NaN accuracy)
+    res = ms.eval_prefix_prediction(model, x, 2, steps=2, guidance=1.0, generator=torch.Generator().manual_seed(0))
+    assert set(res) == {"known_0", "known_2", "known_3"} and all(math.isfinite(v) for v in res.values())
 
 
 def test_latent_fit_of_an_oracle_prior_equals_the_posterior():
