@@ -330,16 +330,17 @@ def eval_sdedit(model, x, j, steps, guidance, generator, t0s=(0.25, 0.5, 0.75, 1
 
 
 @torch.no_grad()
-def eval_prefix_prediction(model, x, j, steps, guidance, generator, known=None):
+def eval_prefix_prediction(model, x, j, steps, guidance, generator, known=None, noise_scale=1.0):
     """Token accuracy of block j generated from noise after the true history with its first k latents known and pinned,
-    on the other positions (k = bs - 1: next-token prediction with the whole context); known: default 0, bs/2, bs-1."""
+    on the other positions (k = bs - 1: next-token prediction with the whole context); known: default 0, bs/2, bs-1.
+    noise_scale 1 scores a sample (not an argmax, as AR's accuracy is); 0 the ODE from the origin, a point estimate."""
     tokens_per_block, bs = model.block_size * model.vae.cfg.patch_size, model.block_size
     target = x[:, j * tokens_per_block:(j + 1) * tokens_per_block]
     hist, true = true_block(model, x, j)
     res = {}
     for k in (0, bs // 2, bs - 1) if known is None else known:
         pin = (torch.arange(bs, device=x.device) < k).expand(x.shape[0], bs)
-        z = torch.randn(true.shape, device=x.device, generator=generator)
+        z = torch.randn(true.shape, device=x.device, generator=generator) * noise_scale
         out = denoise_from(model, hist, z, 1.0, steps, guidance, pin, true)
         hit = decode_after(model, hist, out).argmax(-1) == target
         res[f"known_{k}"] = float(hit[:, k * model.vae.cfg.patch_size:].float().mean())

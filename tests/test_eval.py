@@ -158,7 +158,7 @@ def test_eval_json_keys(tmp_path, data_dir):
               "distinct_2", "repetition_4", "unigram_entropy_bits", "judge_ppl", "gen_tokens_per_s",
               "passes_per_token", "train_flops", "sweep_steps", "seen_2gram_rate", "seen_3gram_rate",
               "train_t_density_per_bin", "sdedit", "latent_fit", "history_drift", "prefix_prediction",
-              "seen_2gram_rate_se", "sweep_noise_scale"):
+              "seen_2gram_rate_se", "sweep_noise_scale", "next_token_acc_point", "next_token_acc_point_no_history"):
         assert k in saved, k
     assert saved["next_token_acc"] == max(saved["prefix_prediction"].items(), key=lambda kv: int(kv[0][6:]))[1]
     assert set(saved["tasks"]) == {"t", "lambada_style", "ending_choice"} and saved["judge"] == judge
@@ -338,6 +338,11 @@ def test_prefix_prediction_pins_the_known_latents(monkeypatch):
     # the default prefixes follow the block size (4 here): none pins the whole block (a NaN accuracy)
     res = ms.eval_prefix_prediction(model, x, 2, steps=2, guidance=1.0, generator=torch.Generator().manual_seed(0))
     assert set(res) == {"known_0", "known_2", "known_3"} and all(math.isfinite(v) for v in res.values())
+    # noise_scale 0: the ODE starts at the origin (a constant velocity moves every row alike; mutation: noise ignored)
+    model.guided_velocity = lambda z, t_tok, *a, **kw: torch.ones_like(z)
+    decoded.clear()
+    ms.eval_prefix_prediction(model, x, 2, 4, 1.0, torch.Generator().manual_seed(0), known=(1,), noise_scale=0.0)
+    assert torch.allclose(decoded[0][:, 1:], torch.full_like(decoded[0][:, 1:], -1.0))
 
 
 def test_latent_fit_of_an_oracle_prior_equals_the_posterior():
