@@ -208,11 +208,10 @@ def evaluate(args):
         res["latent_fit"] = eval_latent_fit(model, x, j, args.steps, args.guidance, g)
         xp = data.batch("val", args.prefix_windows, batch_seed(args.seed + 95, 0, 0), device)
         res["prefix_prediction"] = eval_prefix_prediction(model, xp, j, args.steps, args.guidance, g)
-        res["next_token_acc"] = res["prefix_prediction"][f"known_{model.block_size - 1}"]
-        for name, guidance in (("next_token_acc_point", 1.0), ("next_token_acc_point_no_history", 0.0)):  # v_u alone
-            res[name] = eval_prefix_prediction(model, xp, j, args.steps, guidance, g, (model.block_size - 1,), 0.0)[
-                f"known_{model.block_size - 1}"]
-        res["prefix_windows"] = args.prefix_windows
+        k = model.block_size - 1  # next-token prediction: the block's other latents known
+        res.update(prefix_windows=args.prefix_windows, next_token_acc=res["prefix_prediction"][f"known_{k}"])
+        for name, guidance in (("next_token_acc_point", 1.0), ("next_token_acc_point_no_history", 0.0)):  # 0: v_u
+            res[name] = eval_prefix_prediction(model, xp, j, args.steps, guidance, g, (k,), 0.0)[f"known_{k}"]
         res["history_drift"] = eval_history_drift(model, [x[i, :16].tolist() for i in range(args.n_samples)],
                                                   args.sample_len, env["sampler"], g, train_ngrams)
         plot_diagnostics(res, os.path.join(run_dir, "diagnostics.png"))
