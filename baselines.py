@@ -130,7 +130,8 @@ def left_pad(model, prompts, max_new_tokens, pad_id):
 def ar_generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                 eos_id=50256, generator=None, on_token=None):
     """KV-cached decoding of a left-padded batch, padded keys masked (RoPE sees relative positions: each row gets what
-    it would alone) -> (new-token lists, {'passes': n}); on_token gets each row's new token (None once stopped)."""
+    it would alone) -> (new-token lists, {'passes': n}); on_token(new, probs) gets each row's new token (None once
+    stopped) and the model's probability of the token it chose (B,)."""
     tokens, key_valid = left_pad(model, prompts, max_new_tokens, eos_id)
     (B, P), device = tokens.shape, tokens.device
     pos = torch.arange(P, device=device)
@@ -144,7 +145,7 @@ def ar_generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=
         done, outs = [t is None for t in new], [o if t is None else o + [t] for o, t in zip(outs, new)]
         seen[torch.arange(B, device=device), tok[:, 0]] = True
         if on_token is not None:
-            on_token(new)
+            on_token(new, torch.softmax(logits[:, -1].float(), -1).gather(1, tok)[:, 0])
         if all(done) or n == max_new_tokens - 1:
             break
         key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
@@ -155,9 +156,11 @@ def ar_generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=
 
 @torch.no_grad()
 def llada_generate(model, prompts, max_new_tokens, steps=32, block_length=None, temperature=0.0, eos_id=50256,
-                   generator=None):
+                   generator=None, on_step=None):
     """LLaDA sampling with low-confidence remasking (left-padded, padded keys masked); block_length < max_new_tokens:
-    semi-autoregressive blocks of steps * block_length / max_new_tokens steps -> (new-token lists, {'passes': n})."""
+    semi-autoregressive blocks of steps * block_length / max_new_tokens steps -> (new-token lists, {'passes': n}).
+    on_step(x, conf) after each pass: the new tokens so far (B, N; mask_id where still masked) and the
+    probability each was unmasked with (B, N)."""
     prompt, prompt_valid = left_pad(model, prompts, max_new_tokens, eos_id)
     (B, P), device, mask_id = prompt.shape, prompt.device, model.cfg.mask_id
     x = torch.cat([prompt, torch.full((B, max_new_tokens), mask_id, dtype=torch.long, device=device)], 1)  # (B, T)
@@ -168,7 +171,7 @@ def llada_generate(model, prompts, max_new_tokens, steps=32, block_length=None, 
     block_length = block_length or max_new_tokens
     n_blocks = math.ceil(max_new_tokens / block_length)
     steps_per_block = max(1, steps // n_blocks)
-    passes = 0
+    passes, unmasked_conf = 0, torch.zeros(B, T, device=device)
     for blk in range(n_blocks):
         lo, hi = P + blk * block_length, min(P + (blk + 1) * block_length, T)
         for i in range(steps_per_block):
@@ -184,4 +187,6 @@ def llada_generate(model, prompts, max_new_tokens, steps=32, block_length=None, 
             conf = torch.where((x == mask_id) & (pos >= lo) & (pos < hi), conf, -1.0)  # only this block's masks
             pick = torch.topk(conf, k, dim=-1).indices  # (B, k): the k most confident masked positions per row
             x.scatter_(1, pick, pred.gather(1, pick))
+            if on_step is not None:
+                on_step(x[:, P:], unmasked_conf.scatter_(1, pick, conf.gather(1, pick))[:, P:])
     return [row[:row.index(eos_id)] if eos_id in row else row for row in x[:, P:].tolist()], {"passes": passes}

@@ -15,12 +15,8 @@ import threading
 import torch
 import torch.distributed as dist
 
-from cli import check_writable_dir, fail, folder_lock, write_atomic
+from cli import CheckpointError, check_writable_dir, fail, folder_lock, write_atomic
 from tokenizer import DataError, get_tokenizer, same_tokenizer
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message is one line meant for the user."""
 
 
 def tensor_digest(obj):

@@ -14,6 +14,10 @@ import torch
 import torch.distributed as dist
 
 
+class CheckpointError(ValueError):
+    """A checkpoint or released snapshot that cannot be used; the message is one line meant for the user."""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with every error as one line on stderr ('error: ...') and exit status 2, no usage dump."""
 

@@ -7,6 +7,7 @@ Cola DLM's block-by-block conditional decoding (docs/method.md §6): the paper's
      pinned clean ("clean-condition repaint");
   3. the VAE decoder turns the block into tokens in one parallel pass, and the block joins both caches.
 Prompts of different lengths are left-padded by whole blocks, hidden by the masks; RoPE sees relative positions.
+The loop is generate(); the pieces above it lay out the prompt (start) and run one block's steps (denoise_block).
 """
 import math
 from dataclasses import dataclass
@@ -45,6 +46,18 @@ class BlockState:
     hist_valid: torch.Tensor        # (B, N) which latents of the caches are real (not left padding)
     caches: tuple                   # (DiT cache, decoder cache); a hook may refill them in place
     kept: list                      # per row, the new tokens this block added to its output
+
+
+@dataclass
+class StepState:
+    """What on_step(state) sees after each Euler step of a block: the hook of watch.py's views."""
+    k: int                          # the block's index among the generated ones
+    i: int                          # the step's index, 0 .. steps - 1
+    t: torch.Tensor                 # () the step's time, from 1 down to 1 / steps
+    x0: torch.Tensor                # (B, bs, d) the step's estimate of the clean block, normalised
+    hist_valid: torch.Tensor        # (B, Tc) which latents of the caches are real
+    caches: tuple                   # (DiT cache, decoder cache): read them only (decode_block(commit=False))
+    seen: torch.Tensor              # (B, V) the tokens decoded so far (the repetition penalty's)
 
 
 # token choice (pure)
@@ -99,9 +112,10 @@ def encode_normalised(model, tokens, valid):
     return model.normalize(mu.float())
 
 
-def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin_z=None):
+def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin_z=None, on_step=None):
     """Guided Euler steps of the next block z (B, bs, d) along `grid` (t = grid[0] down to grid[-1]), after the
-    history in the DiT cache; latents marked in `pin` (B, bs) are held at pin_z, at t = 0."""
+    history in the DiT cache; latents marked in `pin` (B, bs) are held at pin_z, at t = 0. on_step(i, x0) sees
+    step i's estimate of the clean block, x0 = z_t - t v (B, bs, d): at the last step, the block itself."""
     B, bs, _ = z.shape
     pin = torch.zeros(B, bs, dtype=torch.bool, device=z.device) if pin is None else pin
     pin_z = z if pin_z is None else pin_z
@@ -109,8 +123,16 @@ def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin
         z = torch.where(pin.unsqueeze(-1), pin_z, z)
         t_tok = torch.where(pin, torch.zeros_like(z[..., 0]), grid[i].expand(B, bs))  # (B, bs)
         v = model.guided_velocity(z, t_tok, hist_valid, guidance, dit_cache).float()
+        if on_step is not None:
+            on_step(i, torch.where(pin.unsqueeze(-1), pin_z, z - t_tok.unsqueeze(-1) * v))
         z = euler_step(z, v, grid[i] - grid[i + 1])
     return torch.where(pin.unsqueeze(-1), pin_z, z)
+
+
+def row_guidance(hist_valid, guidance):
+    """The guidance scale, off (1) for a row with no history: its two passes are the same (B,) or a number."""
+    has_history = hist_valid.any(1)  # (B,)
+    return guidance if guidance == 1.0 or bool(has_history.all()) else torch.where(has_history, guidance, 1.0)
 
 
 def check_request(model, prompts, max_new_tokens, rem):
@@ -126,54 +148,74 @@ def check_request(model, prompts, max_new_tokens, rem):
     return n_blocks
 
 
-# the loop
+@dataclass
+class PartialBlock:
+    """The prompt's partial last block, which the first generated block completes; empty for the blocks after."""
+    pin: torch.Tensor               # (B, bs) latents known from the prompt, held clean while denoising
+    pin_z: torch.Tensor             # (B, bs, d) their normalised posterior means (None: no partial block)
+    given: torch.Tensor             # (B, bs * patch) which tokens of the block are the prompt's
+    tokens: torch.Tensor            # (B, bs * patch) the prompt's tokens there
 
-@torch.no_grad()
-def generate(model, prompts, max_new_tokens, cfg=SamplerConfig(), generator=None, noise=None, on_block=None):
-    """Continue token-id `prompts` (a list of lists, any lengths, may be empty) by max_new_tokens tokens each,
-    block by block. Returns (per row the new tokens, cut before its first stop token; {'blocks': generated}).
-    noise(k, shape) gives block k's starting noise (default: N(0, I) from `generator`); on_block(BlockState)
-    runs after each block, and generation ends early if it returns True."""
-    B, bs, d, patch = len(prompts), model.block_size, model.vae.cfg.latent_dim, model.vae.cfg.patch_size
-    device = model.latent_shift.device
-    tokens, valid, n_full, rem = prompt_layout(prompts, bs, patch, cfg.pad_id, device)
+    def emptied(self):
+        return PartialBlock(torch.zeros_like(self.pin), None, torch.zeros_like(self.given), self.tokens)
+
+
+def start(model, prompts, max_new_tokens, pad_id):
+    """Lay out and encode the prompts, prefill both caches with their full blocks -> (tokens of those blocks
+    (B, Tc * patch), which cached latents are real (B, Tc), the caches, the PartialBlock, the number of blocks)."""
+    bs, patch = model.block_size, model.vae.cfg.patch_size
+    tokens, valid, n_full, rem = prompt_layout(prompts, bs, patch, pad_id, model.latent_shift.device)
     n_blocks = check_request(model, prompts, max_new_tokens, rem)
     Tc = n_full * bs  # latents of the full prompt blocks
     prompt_zn = encode_normalised(model, tokens, valid)  # (B, Np, d)
-    caches, hist_valid = model.new_caches(), valid[:, :Tc]  # (B, Tc): real latents among the committed ones
+    caches, hist_valid = model.new_caches(), valid[:, :Tc]  # (B, Tc)
     if Tc > 0:
         model.prefill(prompt_zn[:, :Tc], hist_valid, caches)
-    pin = torch.tensor([[i < math.ceil(r / patch) for i in range(bs)] for r in rem], device=device)  # (B, bs)
-    pin_z = prompt_zn[:, Tc:] if prompt_zn.shape[1] > Tc else None  # repaint: the partial block's known latents
-    given = torch.arange(bs * patch, device=device) < torch.tensor(rem, device=device)[:, None]  # (B, tpb)
-    prompt_part, tokens = tokens[:, Tc * patch:], tokens[:, :Tc * patch]
-    guidance = cfg.guidance  # a row with no history has equal conditional and unconditional passes: no guidance
-    if guidance != 1.0 and not bool(hist_valid.any(1).all()):
-        guidance = torch.where(hist_valid.any(1), guidance, 1.0)  # (B,)
-    seen = torch.zeros(B, model.vae.cfg.vocab_size, dtype=torch.bool, device=device)  # every token decoded so far
-    outputs, ended, grid = [[] for _ in range(B)], [False] * B, time_grid(cfg.steps, device)
+    rem, idx = torch.tensor(rem, device=tokens.device)[:, None], torch.arange(bs * patch, device=tokens.device)
+    partial = prompt_zn.shape[1] > Tc
+    part = PartialBlock(idx[:bs] < (rem + patch - 1) // patch, prompt_zn[:, Tc:] if partial else None, idx < rem,
+                        tokens[:, Tc * patch:] if partial else torch.zeros_like(idx < rem, dtype=torch.long))
+    return tokens[:, :Tc * patch], hist_valid, caches, part, n_blocks
+
+
+# the loop
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, sampler=SamplerConfig(), generator=None, noise=None, on_block=None,
+             on_step=None):
+    """Continue token-id `prompts` (a list of lists, any lengths, may be empty) by max_new_tokens tokens each,
+    block by block: noise -> denoise -> decode -> commit. Returns (per row the new tokens, cut before its first
+    stop token; {'blocks': generated}). noise(k, shape) gives block k's starting noise (default: N(0, I) from
+    `generator`; the release's per-row seeds use it, release.py). on_block(BlockState) runs after each block, and
+    generation ends early if it returns True; on_step(StepState) after each Euler step (watch.py draws them)."""
+    B, bs, d = len(prompts), model.block_size, model.vae.cfg.latent_dim
+    tokens, hist_valid, caches, part, n_blocks = start(model, prompts, max_new_tokens, sampler.pad_id)
+    seen = torch.zeros(B, model.vae.cfg.vocab_size, dtype=torch.bool, device=tokens.device)  # tokens decoded so far
+    outputs, ended, grid = [[] for _ in range(B)], [False] * B, time_grid(sampler.steps, tokens.device)
     for k in range(n_blocks):
         shape = (B, bs, d)
-        z = cfg.noise_scale * (noise(k, shape) if noise else torch.randn(shape, device=device, generator=generator))
-        z = denoise_block(model, z, grid, hist_valid, guidance if k == 0 else cfg.guidance, caches[0], pin, pin_z)
+        z = noise(k, shape) if noise else torch.randn(shape, device=tokens.device, generator=generator)
+        step_hook = on_step and (lambda i, x0: on_step(StepState(k, i, grid[i], x0, hist_valid, caches, seen)))
+        z = denoise_block(model, sampler.noise_scale * z, grid, hist_valid, row_guidance(hist_valid, sampler.guidance),
+                          caches[0], part.pin, part.pin_z, step_hook)
         if not torch.isfinite(z).all():
             raise GenerationError(f"block {k}'s latents are not finite: lower the guidance or the noise scale")
-        logits = model.decode_and_commit(z, hist_valid, caches)  # (B, tpb, V)
-        hist_valid = torch.cat([hist_valid, torch.ones_like(pin)], 1)
-        decoded = choose_tokens(logits, seen, cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty, generator)
+        logits = model.decode_block(z, hist_valid, caches)  # (B, tpb, V)
+        hist_valid = torch.cat([hist_valid, torch.ones_like(part.pin)], 1)
+        decoded = choose_tokens(logits, seen, sampler.temperature, sampler.top_k, sampler.top_p,
+                                sampler.repetition_penalty, generator)  # (B, tpb)
         seen.scatter_(1, decoded, True)
-        tokens = torch.cat([tokens, torch.where(given, prompt_part, decoded) if k == 0 and Tc < valid.shape[1]
-                            else decoded], 1)  # the prompt's own tokens as given
+        tokens = torch.cat([tokens, torch.where(part.given, part.tokens, decoded)], 1)  # the prompt's own as given
         kept = []
         for b in range(B):
-            fresh, stop = keep_until_stop(decoded[b, rem[b] if k == 0 else 0:].tolist(),
-                                          0 if ended[b] else max_new_tokens - len(outputs[b]), cfg.stop_ids)
+            room = 0 if ended[b] else max_new_tokens - len(outputs[b])
+            fresh, stop = keep_until_stop(decoded[b, int(part.given[b].sum()):].tolist(), room, sampler.stop_ids)
             outputs[b] += fresh
             ended[b] = ended[b] or stop or len(outputs[b]) >= max_new_tokens
             kept.append(fresh)
-        pin, pin_z = torch.zeros_like(pin), None
-        state = BlockState(k, z, decoded, tokens, hist_valid, caches, kept)
-        if (on_block is not None and on_block(state) is True) or all(ended):
+        part = part.emptied()
+        if (on_block is not None and on_block(BlockState(k, z, decoded, tokens, hist_valid, caches, kept)) is True
+                or all(ended)):
             return outputs, dict(blocks=k + 1)
     return outputs, dict(blocks=n_blocks)
 

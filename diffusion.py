@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from dit import DiT, DiTConfig
-from layers import KVCache, cached_block_masks, cached_causal_mask, prefix_mask, two_l_mask
+from layers import KVCache, cached_block_masks, cached_causal_mask, cola_mask, prefix_mask, two_l_positions
 from vae import TextVAE, VAEConfig, gaussian_kl, vae_logsnr
 
 
@@ -44,7 +44,7 @@ def euler_step(z, v, dt):
     return z - dt * v
 
 
-def cfg_combine(v_cond, v_uncond, scale):
+def apply_guidance(v_cond, v_uncond, scale):
     """Classifier-free guidance on the whole velocity prediction: v_u + s (v_c - v_u); s = 1 is off.
     scale: a number, or one per row (B,) (the release turns guidance off for a row with no history)."""
     if not torch.is_tensor(scale):
@@ -62,14 +62,14 @@ def time_grid(steps, device="cpu", t_max=1.0):
 
 def two_l_layout(z0, zt, t_tok, block_size):
     """The BD3-LM style training input of clean z0 and noisy zt (B, L, d): seq (B, 2L - bs, d), t (B, 2L - bs)
-    (0 on the clean half), pos (2L - bs,) (a noisy latent shares its clean twin's), mask. The clean half is
-    stop-gradient: the prior's history is no path for gradients into the encoder."""
+    (0 on the clean half), pos (2L - bs,) (layers.two_l_positions), mask. The clean half is stop-gradient: the
+    prior's history is no path for gradients into the encoder."""
     B, L, _ = z0.shape
     Lc = L - block_size
     seq = torch.cat([z0[:, :Lc].detach(), zt], dim=1)  # (B, 2L-bs, d)
     t = torch.cat([torch.zeros(B, Lc, device=zt.device, dtype=t_tok.dtype), t_tok], dim=1)  # (B, 2L-bs)
-    pos = torch.cat([torch.arange(Lc), torch.arange(L)]).to(zt.device)
-    return seq, t, pos, two_l_mask(L, block_size, zt.device)
+    pos, noisy = two_l_positions(L, block_size, zt.device)
+    return seq, t, pos, cola_mask(pos // block_size, noisy, pos // block_size, noisy)
 
 
 def partial_known_prefix(B, L, block_size, prob, device="cpu", generator=None):
@@ -114,7 +114,7 @@ class LossConfig:
     t_scale: float = 1.0            # logit-normal scale of t
     t_uniform: bool = False         # t ~ U(0, 1) instead
     partial_prob: float = 0.05      # per block: a known clean prefix of random length (as a partial prompt block)
-    decode_rows: int = 0            # > 0 (not the paper's): the decoder terms on the first rows only
+    fm_batch_mult: int = 1          # > 1 (not the paper's): the decoder terms on the first 1/fm_batch_mult of the rows
 
 
 # the joint model
@@ -168,15 +168,15 @@ class ColaDLM(nn.Module):
         seq, t, pos, mask = two_l_layout(z0n, zt, t_tok, self.block_size)
         return self.dit(seq, t, pos, mask)[:, L - self.block_size:]  # (B, L, d)
 
-    def encode_for_prior(self, tokens, cfg: LossConfig):
-        """The VAE terms and the posterior (mu, logvar, z), each (B, L, d). With cfg.decode_rows, the decoder runs on
-        those first rows only (its vocabulary head is the costly part at small width)."""
-        n_dec = cfg.decode_rows if 0 < cfg.decode_rows < tokens.shape[0] else tokens.shape[0]
-        if cfg.lam_vae == 0:  # a frozen VAE: no decoder at all
+    def encode_for_prior(self, tokens, objective: LossConfig):
+        """The VAE terms and the posterior (mu, logvar, z), each (B, L, d). With fm_batch_mult > 1 the decoder runs on
+        the first 1/fm_batch_mult of the rows only (its vocabulary head is the costly part at small width)."""
+        n_dec = max(1, tokens.shape[0] // objective.fm_batch_mult)
+        if objective.lam_vae == 0:  # a frozen VAE: no decoder at all
             zero = torch.zeros((), device=tokens.device)
             out, n_dec, posts = dict(ce=zero, acc=zero, mask_ce=zero, mask_acc=zero), 0, []
         else:
-            out = self.vae.recon_terms(tokens[:n_dec], cfg.mask_prob, cfg.lam_mask)
+            out = self.vae.recon_terms(tokens[:n_dec], objective.mask_prob, objective.lam_mask)
             posts = [(out.pop("mu"), out.pop("logvar"), out.pop("z"))]
         if n_dec < tokens.shape[0]:  # the other sequences: encoder only
             mu, logvar = self.vae.encode(tokens[n_dec:])
@@ -184,13 +184,13 @@ class ColaDLM(nn.Module):
         mu, logvar, z = (torch.cat(parts) for parts in zip(*posts))
         return out, mu, logvar, z
 
-    def forward(self, tokens, cfg=LossConfig()):
+    def forward(self, tokens, objective=LossConfig()):
         """Stage-2 loss (docs/method.md §5). tokens (B, T) -> dict with 'loss' and its parts."""
-        out, mu, logvar, z = self.encode_for_prior(tokens, cfg)  # (B, L, d) each
+        out, mu, logvar, z = self.encode_for_prior(tokens, objective)  # (B, L, d) each
         # beta * E_q log q(z|x) = -beta * entropy: keeps the posterior from shrinking to a point
         out["neg_entropy"] = (-0.5 * (logvar.float() + 1.0 + 1.8378770664093453)).sum(-1).mean()
         out["ref_kl"] = torch.zeros((), device=tokens.device)
-        if cfg.lam_ref > 0:
+        if objective.lam_ref > 0:
             with torch.no_grad():
                 mu_ref, logvar_ref = self.ref_enc(tokens)
             out["ref_kl"] = gaussian_kl(mu.float(), logvar.float(), mu_ref.float(), logvar_ref.float()).mean()
@@ -198,13 +198,14 @@ class ColaDLM(nn.Module):
         z0n = self.normalize(z.float())  # (B, L, d): flow matching on normalised latents
         B, L, _ = z0n.shape
         eps = torch.randn_like(z0n)
-        t_tok = sample_t(B, cfg.t_loc, cfg.t_scale, cfg.t_uniform, tokens.device).unsqueeze(1).expand(B, L)  # (B, L)
-        known = partial_known_prefix(B, L, self.block_size, cfg.partial_prob, tokens.device)  # (B, L)
+        t = sample_t(B, objective.t_loc, objective.t_scale, objective.t_uniform, tokens.device)  # (B,)
+        t_tok = t.unsqueeze(1).expand(B, L)  # (B, L)
+        known = partial_known_prefix(B, L, self.block_size, objective.partial_prob, tokens.device)  # (B, L)
         t_tok = torch.where(known, torch.zeros_like(t_tok), t_tok)
         zt = flow_path(z0n, eps, t_tok)  # the FM gradient reaches the encoder through z_t
         out["fm"] = fm_loss(self.velocity_2l(z0n, zt, t_tok), velocity_target(z0n.detach(), eps), ~known)
-        out["loss"] = (cfg.lam_vae * (out["ce"] + cfg.beta * out["neg_entropy"] + cfg.lam_mask * out["mask_ce"])
-                       + cfg.lam_fm * out["fm"] + cfg.lam_ref * out["ref_kl"])
+        vae_terms = out["ce"] + objective.beta * out["neg_entropy"] + objective.lam_mask * out["mask_ce"]
+        out["loss"] = objective.lam_vae * vae_terms + objective.lam_fm * out["fm"] + objective.lam_ref * out["ref_kl"]
         return out
 
     # the cached passes of block-wise generation (docs/method.md §6; decoder.generate is the loop)
@@ -238,15 +239,17 @@ class ColaDLM(nn.Module):
         v = self.dit(torch.cat([z, z]), torch.cat([t_tok, t_tok]), both_pos, torch.cat([cond_mask, uncond_mask]),
                      dit_cache)  # (2B, bs, d)
         v_cond, v_uncond = v.chunk(2)
-        return cfg_combine(v_cond, v_uncond, guidance)
+        return apply_guidance(v_cond, v_uncond, guidance)
 
-    def decode_and_commit(self, z, hist_valid, caches):
-        """Decoder logits (B, bs * patch, V) of the finished block z (B, bs, d), which then joins both caches."""
+    def decode_block(self, z, hist_valid, caches, commit=True):
+        """Decoder logits (B, bs * patch, V) of the finished block z (B, bs, d), which then joins both caches
+        (commit=False: the logits only, both caches unchanged; watch.py reads each step's estimate so)."""
         B, bs, _ = z.shape
         Tc = hist_valid.shape[1]
         pos = torch.arange(Tc, Tc + bs, device=z.device)
         key_valid = torch.cat([hist_valid, hist_valid.new_ones(B, bs)], 1)  # (B, Tc + bs)
         logits = self.vae.decode(self.decoder_input(z), pos, cached_causal_mask(key_valid, bs, self.vae.cfg.block_size),
-                                 caches[1])
-        self.dit(z, z.new_zeros(B, bs), pos, cached_block_masks(hist_valid, bs)[0], caches[0], commit=True)
+                                 caches[1], commit)
+        if commit:
+            self.dit(z, z.new_zeros(B, bs), pos, cached_block_masks(hist_valid, bs)[0], caches[0], commit=True)
         return logits

@@ -31,14 +31,19 @@ def cola_mask(q_block, q_noisy, k_block, k_noisy):
     return clean_key | noisy_key
 
 
-def two_l_mask(L, block_size, device="cpu"):
-    """(2L - bs, 2L - bs) mask of the DiT's training sequence [clean 0..L-bs-1 | noisy 0..L-1] (the "2L"
-    layout of BD3-LM): cola_mask over it. The last clean block is left out: no noisy block reads it."""
+def two_l_positions(L, block_size, device="cpu"):
+    """The DiT's training sequence [clean 0..L-bs-1 | noisy 0..L-1] (the "2L" layout of BD3-LM): each entry's
+    position (2L - bs,) (a noisy latent shares its clean twin's) and whether it is noisy (2L - bs,). The last clean
+    block is left out: no noisy block reads it."""
     Lc = L - block_size
     pos = torch.cat([torch.arange(Lc), torch.arange(L)]).to(device)
-    noisy = torch.cat([torch.zeros(Lc, dtype=torch.bool), torch.ones(L, dtype=torch.bool)]).to(device)
-    blk = pos // block_size
-    return cola_mask(blk, noisy, blk, noisy)
+    return pos, torch.cat([torch.zeros(Lc, dtype=torch.bool), torch.ones(L, dtype=torch.bool)]).to(device)
+
+
+def two_l_mask(L, block_size, device="cpu"):
+    """(2L - bs, 2L - bs) mask of the 2L training sequence: cola_mask over two_l_positions."""
+    pos, noisy = two_l_positions(L, block_size, device)
+    return cola_mask(pos // block_size, noisy, pos // block_size, noisy)
 
 
 def with_key_padding(mask, key_valid, query_valid=None):
@@ -130,14 +135,10 @@ class LayerKV:
 
 
 class KVCache:
-    """One LayerKV per layer plus the length of what is stored."""
+    """One LayerKV per layer."""
 
     def __init__(self, n_layers):
         self.layers = [LayerKV() for _ in range(n_layers)]
-
-    def __len__(self):
-        k = self.layers[0].k
-        return 0 if k is None else k.shape[2]
 
 
 # modules

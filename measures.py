@@ -302,7 +302,7 @@ def denoise_from(model, hist, start, t0, steps, guidance, pin=None, pin_z=None):
 def decode_after(model, hist, z):
     """Decoder logits (B, tpb, V) of block z after the clean history hist."""
     caches, valid = prefilled(model, hist)
-    return model.decode_and_commit(z, valid, caches)
+    return model.decode_block(z, valid, caches)
 
 
 def true_block(model, x, j):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from checkpoint import CheckpointError as SnapshotError
+from cli import CheckpointError as SnapshotError
 from decoder import SamplerConfig, generate
 from diffusion import ColaDLM
 from dit import DiT, DiTConfig
@@ -244,7 +244,7 @@ def row_noise(shape, device, row_seeds, k):
                         for s in row_seeds])
 
 
-def release_generate(model, prompts, max_new_tokens, cfg, row_seeds=None, generator=None):
+def release_generate(model, prompts, max_new_tokens, sampler, row_seeds=None, generator=None):
     """generate() with the release's budget: ceil(max_new_tokens / tokens per block) blocks counting the prompt's
     share (one if its partial block alone needs more latents), all their new tokens kept, stop tokens included,
     until every row's block has held a stop token. row_seeds: a noise seed per row (row_noise), else `generator`."""
@@ -257,10 +257,10 @@ def release_generate(model, prompts, max_new_tokens, cfg, row_seeds=None, genera
     def keep_all(state):
         for b, row in enumerate(state.decoded.tolist()):
             outs[b] += row[rem[b] if state.k == 0 else 0:]
-            done[b] = done[b] or any(t in cfg.stop_ids for t in row)
+            done[b] = done[b] or any(t in sampler.stop_ids for t in row)
         return all(done)
 
     noise = None if row_seeds is None else (lambda k, shape: row_noise(shape, model.latent_shift.device, row_seeds, k))
-    _, stats = generate(model, prompts, n_blocks * bs * patch - max(rem, default=0), replace(cfg, stop_ids=()),
+    _, stats = generate(model, prompts, n_blocks * bs * patch - max(rem, default=0), replace(sampler, stop_ids=()),
                         generator, noise, keep_all)
     return outs, stats

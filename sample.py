@@ -18,11 +18,12 @@ import torch
 
 from baselines import ar_generate, llada_generate
 from checkpoint import CheckpointError, load_model, prompt_ids, release_sampler, stored_sampler
-from cli import (Parser, autocast, float_in, int_at_least, nonneg_float, nonneg_int, pick_device, positive_float,
-                 positive_int, read_prompt)
+from cli import (Parser, autocast, check_writable_file, float_in, int_at_least, nonneg_float, nonneg_int, pick_device,
+                 positive_float, positive_int, read_prompt)
 from decoder import GenerationError, generate
 from tokenizer import REPO_DIR, DataError, get_tokenizer
 from scoring import seen_ngrams_line
+import watch
 
 
 def get_args(argv=None):
@@ -39,19 +40,27 @@ def get_args(argv=None):
     add("--guidance", type=float_in(0.0, 1e3, low_open=True), help="Cola: guidance scale, 1 = off")
     add("--noise_scale", type=float_in(0.0, 1e3, low_open=True), help="Cola: std of each block's starting noise")
     add("--block_length", type=nonneg_int, default=0, help="LLaDA: semi-autoregressive block length (0: all at once)")
-    add("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
-    add("--top_k", type=nonneg_int, default=0, help="Cola, AR: keep the k most likely tokens (0 = all)")
-    add("--top_p", type=float_in(0.0, 1.0, low_open=True), default=1.0, help="Cola, AR: nucleus mass (1 = off)")
-    add("--repetition_penalty", type=positive_float, default=1.1, help="Cola, AR: CTRL-style penalty (1 = off)")
+    add("--temperature", type=nonneg_float, help="0 = greedy (stored: 0)")
+    add("--top_k", type=nonneg_int, help="Cola, AR: keep the k most likely tokens, 0 = all (stored: 0)")
+    add("--top_p", type=float_in(0.0, 1.0, low_open=True), help="Cola, AR: nucleus mass, 1 = off (stored: 1)")
+    add("--repetition_penalty", type=positive_float, help="Cola, AR: CTRL-style penalty, 1 = off (stored: 1.1)")
     add("--seed", type=int_at_least(0, 2**32 - 1), default=1337, help="random seed")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     add("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast (bf16: a snapshot's weights too)")
     add("--compile", action="store_true", help="Cola: torch.compile the DiT and the decoder")
-    return p.parse_args(argv)
+    add("--show_steps", action="store_true", help="print every step: Cola's block per Euler step, AR's tokens, LLaDA's "
+        "passes (watch.py)")
+    add("--animate", metavar="PATH", help="draw the first sample's steps: an animation (.gif) or a still (.png)")
+    args = p.parse_args(argv)
+    if args.animate and not args.animate.endswith((".gif", ".png")):
+        p.error(f"--animate {args.animate}: the file must end in .gif or .png")
+    return args
 
 
 def main(argv=None):
     args = get_args(argv)
+    if args.animate:
+        check_writable_file(args.animate, "--animate")
     device = pick_device(args.device)
     path = args.init_from or args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     try:
@@ -62,15 +71,14 @@ def main(argv=None):
     except (DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     kind = info["kind"]
-    cfg = stored_sampler(info, enc.eot_token, steps=args.steps, guidance=args.guidance, noise_scale=args.noise_scale,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         repetition_penalty=args.repetition_penalty)
+    flags = ("steps", "guidance", "noise_scale", "temperature", "top_k", "top_p", "repetition_penalty")
+    sampler = stored_sampler(info, enc.eot_token, **{k: getattr(args, k) for k in flags})
     if args.compile and kind == "cola":
         model.dit = torch.compile(model.dit, dynamic=True)
         model.vae.dec = torch.compile(model.vae.dec, dynamic=True)
     g = torch.Generator(device=device).manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    how = {"cola": f"steps {cfg.steps}, guidance {cfg.guidance}, noise scale {cfg.noise_scale}" +
+    how = {"cola": f"steps {sampler.steps}, guidance {sampler.guidance}, noise scale {sampler.noise_scale}" +
                    (", the release's sampler" if info.get("release") else ""), "ar": "KV cache",
            "llada": f"steps {args.steps or 32}, block length {args.block_length or args.max_new_tokens}"}[kind]
     print(f"# {path}: {kind}, step {info['step']}, {how}, prompt {len(prompt)} tokens", flush=True)
@@ -81,18 +89,22 @@ def main(argv=None):
         t0 = time.time()
         try:
             with autocast(device, args.dtype):
-                if kind == "cola" and release_sampler(info):
-                    out, _ = release_sampler(info)(model, [prompt], args.max_new_tokens, cfg, generator=g)
+                if args.show_steps or args.animate and i == 0:  # every step of the sampler (watch.py)
+                    out = [watch.run(kind, model, prompt, sampler, g, enc, args, i, f"{kind}: {how}")]
+                    show(out[0])
+                elif kind == "cola" and release_sampler(info):
+                    out, _ = release_sampler(info)(model, [prompt], args.max_new_tokens, sampler, generator=g)
                     show(out[0])
                 elif kind == "cola":  # each block printed as soon as it is decoded
-                    out, _ = generate(model, [prompt], args.max_new_tokens, cfg, g, on_block=lambda s: show(s.kept[0]))
+                    out, _ = generate(model, [prompt], args.max_new_tokens, sampler, g,
+                                      on_block=lambda s: show(s.kept[0]))
                 elif kind == "ar":
-                    out, _ = ar_generate(model, [prompt], args.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                                         cfg.repetition_penalty, cfg.stop_ids[0], g,
-                                         lambda new: show([new[0]] if new[0] is not None else []))
+                    out, _ = ar_generate(model, [prompt], args.max_new_tokens, sampler.temperature, sampler.top_k,
+                                         sampler.top_p, sampler.repetition_penalty, sampler.stop_ids[0], g,
+                                         lambda new, _: show([new[0]] if new[0] is not None else []))
                 else:
                     out, _ = llada_generate(model, [prompt], args.max_new_tokens, args.steps or 32,
-                                            args.block_length or None, cfg.temperature, cfg.stop_ids[0], g)
+                                            args.block_length or None, sampler.temperature, sampler.stop_ids[0], g)
                     show(out[0])
         except GenerationError as e:
             sys.exit(f"\nerror: {e}")

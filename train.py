@@ -18,22 +18,23 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from baselines import TransformerLM, matched_lm_config
+from baselines import TransformerLM, ar_generate, llada_generate, matched_lm_config
 from checkpoint import (CheckpointError, TrainingError, build, checkpoint_for, claim_out_dir, halted, model_from,
                         resumable, resume_training, save_training_state)
 from cli import (Parser, all_reduce_mean, autocast, cleanup_distributed, float_in, int_at_least, keep_freed_memory,
                  nonneg_float, positive_float, positive_int, setup_distributed, unit_float)
-from decoder import SamplerConfig
+from decoder import GenerationError, SamplerConfig, generate
 from diffusion import ColaDLM, LossConfig
 from dit import DiTConfig
 from flops import dry_run, joint_train_flops, lm_train_flops, vae_frozen, vae_train_flops
 from layers import n_params
 from prepare import DEFAULT_DATA_DIR, REPO_DIR, DataError, TokenData, batch_seed
+from tokenizer import get_tokenizer
 from vae import TextVAE, VAEConfig
 
 # the flags: defaults are the paper's (docs/method.md §3-§5), a preset overrides some of them
@@ -118,6 +119,8 @@ def get_args(argv=None):
     add("--log_interval", type=positive_int, default=25, help="steps between log lines")
     add("--eval_interval", type=positive_int, default=150, help="steps between validations and checkpoints")
     add("--eval_iters", type=positive_int, default=8, help="validation batches per evaluation")
+    add("--eval_sample", type=int_at_least(0), default=32, help="tokens of the sample printed at each validation "
+        "(0: none)")
     add("--stop_after", type=int_at_least(0), default=0, help="checkpoint and exit after this many steps (0: off)")
     args = p.parse_with_presets(argv, PRESETS)
     args.data_dir, args.out_dir = os.path.abspath(args.data_dir), os.path.abspath(args.out_dir)  # valid from any folder
@@ -172,10 +175,11 @@ class Run:
     ckpt_fields: dict              # kind, configs and anything else the checkpoint must hold
     flops_per_token: float         # training FLOPs per token of data (flops.py)
     flops_before: float = 0.0      # FLOPs of earlier stages (stage 1 for stage 2)
-    micro_batch: int = 0           # sequences per micro-batch (0: --batch_size)
+    fm_batch_mult: int = 1         # stage 2: micro-batches of fm_batch_mult x --batch_size sequences
     clip_groups: dict = field(default_factory=dict)  # {log suffix: params} clipped separately; empty: one norm
     resume_from: dict = None       # the checkpoint to continue
     validate: object = None        # validate(x) -> {metric: value} on one validation batch (no grad)
+    sample: object = None          # sample(prompt ids, n, generator) -> n new token ids (a learner watches it learn)
 
 
 def vocab_lr_groups(module, scale, vocab_mult):
@@ -230,23 +234,23 @@ def stage_joint(args, env, data):
     # the VAE trains at exactly the DiT's lr times --vae_lr_ratio (the paper's "Joint x1")
     groups = [(model.dit.parameters(), 1.0), (model.vae.parameters(), args.vae_lr_ratio)]
     loss = LossConfig(**{f.name: getattr(args, f.name) for f in fields(LossConfig) if hasattr(args, f.name)})
-    loss.decode_rows = args.batch_size if args.fm_batch_mult > 1 else 0
     clip_groups = ({"_dit": list(model.dit.parameters()), "_vae": list(model.vae.parameters())}
                    if args.grad_clip_scope == "network" else {})
 
-    def validate(x):
-        out = model(x, loss)
+    def validate(x):  # the decoder terms over the whole validation batch
+        out = model(x, replace(loss, fm_batch_mult=1))
         out["recon_acc"] = model.vae.recon_accuracy(x)
         return {k: out[k] for k in ("loss", "ce", "mask_acc", "recon_acc", "fm", "ref_kl", "logsnr")}
 
     eot = data.meta["eot_id"]  # ends a row and pads a prompt's partial block
     sampler = SamplerConfig(noise_scale=args.noise_scale, stop_ids=(eot,), pad_id=eot)
+    sample = lambda prompt, n, g: generate(model, [prompt], n, sampler, g)[0][0]
     return Run("joint", model, groups, (loss,), args.main_iters, path,
                dict(kind="cola", vae_config=asdict(model.vae.cfg), dit_config=asdict(model.dit.cfg),
                     stage1_flops=stage1_flops, sampler=asdict(sampler)),
-               joint_train_flops(model, args.seq_len, 1 / args.fm_batch_mult, args.lam_mask, vae_frozen(args)),
-               stage1_flops, micro_batch=args.batch_size * args.fm_batch_mult, clip_groups=clip_groups,
-               resume_from=ckpt, validate=validate)
+               joint_train_flops(model, args.seq_len, args.fm_batch_mult, args.lam_mask, vae_frozen(args)),
+               stage1_flops, fm_batch_mult=args.fm_batch_mult, clip_groups=clip_groups,
+               resume_from=ckpt, validate=validate, sample=sample)
 
 
 # the baselines: AR and LLaDA (docs/method.md §8)
@@ -262,9 +266,12 @@ def stage_lm(args, env, data):
         print(f"[{args.model}] {n_params(model) / 1e6:.2f}M parameters ({cfg.n_layers} layers x {cfg.width}) "
               f"matched to Cola's {target / 1e6:.2f}M (VAE + DiT)", flush=True)
     validate = lambda x: {k: v for k, v in model(x).items() if k in ("loss", "acc")}
+    eot = data.meta["eot_id"]
+    sample = (lambda p, n, g: ar_generate(model, [p], n, 0.0, 0, 1.0, 1.1, eot, g)[0][0]) if args.model == "ar" else \
+        (lambda p, n, g: llada_generate(model, [p], n, 32, None, 0.0, eot, g)[0][0])
     return Run(args.model, model, [(model.parameters(), 1.0)], (), args.main_iters, path,
                dict(kind=args.model, lm_config=asdict(cfg)), lm_train_flops(model, args.seq_len),
-               resume_from=ckpt, validate=validate)
+               resume_from=ckpt, validate=validate, sample=sample)
 
 
 # the training loop every stage shares
@@ -307,20 +314,23 @@ def train(run, args, env, data):
     if world > 1:
         fwd = DDP(fwd, device_ids=[torch.device(device).index] if str(device).startswith("cuda") else None)
     amp = autocast(device, args.dtype)
-    micro_batch = run.micro_batch or args.batch_size
+    micro_batch = args.batch_size * run.fm_batch_mult
     tokens_per_step = micro_batch * args.seq_len * args.grad_accum * world
     flops = lambda: run.flops_before + step * tokens_per_step * run.flops_per_token
     halt = lambda what: halted(run.name, run.ckpt_path, what)
+    enc = get_tokenizer(data.meta["tokenizer"])
 
     save = lambda: save_training_state(run.ckpt_path, dict(**run.ckpt_fields, model=model.state_dict(), step=step,
                                                          optimizer=opt.state_dict(), args=vars(args),
                                                          tokenizer=data.meta["tokenizer"], train_flops=flops()),
                                        world, master, run.name)
 
+    rng_devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+
     def validate():
         """Metrics over the validation batches and ranks, with fixed noise (the training stream is left alone)."""
         model.eval()
-        sums, rng_devices = {}, [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+        sums = {}
         with torch.random.fork_rng(devices=rng_devices), torch.no_grad(), amp:
             torch.manual_seed(args.seed + 7)
             for i in range(args.eval_iters):
@@ -329,6 +339,18 @@ def train(run, args, env, data):
                     sums[k] = sums.get(k, 0.0) + float(v) / args.eval_iters
         model.train()
         return {**all_reduce_mean(sums, env), "train_flops": flops()}
+
+    def sample():
+        """A short sample from "\n", as text: a learner watches the model learn (the training stream is left alone)."""
+        model.eval()
+        with torch.random.fork_rng(devices=rng_devices), torch.no_grad(), amp:
+            try:
+                text = repr(enc.decode(run.sample(enc.encode_ordinary("\n"), args.eval_sample,
+                                                  torch.Generator(device).manual_seed(args.seed))))
+            except GenerationError as e:
+                text = f"none ({e})"
+        model.train()
+        return text
 
     t0, start, acc, n, steps_here = time.time(), time.time(), {}, 0, 0
     while step < run.max_iters:
@@ -376,6 +398,8 @@ def train(run, args, env, data):
                 with open(log_path, "a") as f:
                     f.write(json.dumps({"step": step, **val}) + "\n")
             save()
+            if master and run.sample and args.eval_sample:
+                print(f"[{run.name}] sample: {sample()}", flush=True)
             t0 = time.time()
     return True
 

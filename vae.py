@@ -116,8 +116,8 @@ class Decoder(nn.Module):
         self.ln_f = nn.LayerNorm(w, eps=cfg.norm_eps)
         self.head = nn.Linear(w, cfg.vocab_size)  # untied from the encoder embedding
 
-    def forward(self, z, pos=None, mask=None, cache=None):
-        """z (B, N, d) -> logits (B, N * patch_size, V). With a cache, z is the next block(s) and is committed."""
+    def forward(self, z, pos=None, mask=None, cache=None, commit=True):
+        """z (B, N, d) -> logits (B, N * patch_size, V). With a cache, z is the next block(s), committed if `commit`."""
         cfg = self.cfg
         B, N, _ = z.shape
         if pos is None:
@@ -127,7 +127,7 @@ class Decoder(nn.Module):
             mask = block_causal_mask(blk, blk)
         x = self.from_latent(z)  # (B, N, w)
         for i, block in enumerate(self.blocks):
-            x = block(x, pos, mask, None if cache is None else cache.layers[i], commit=True)
+            x = block(x, pos, mask, None if cache is None else cache.layers[i], commit)
         # unpatch: channel c of token j of a latent is output c * p + j (the release's layout)
         x = self.unpatch(x).view(B, N, cfg.width, cfg.patch_size).transpose(2, 3).reshape(B, N * cfg.patch_size, -1)
         return self.head(self.ln_f(x))  # (B, T, V)
@@ -144,8 +144,8 @@ class TextVAE(nn.Module):
     def encode(self, tokens, mask=None):
         return self.enc(tokens, mask)
 
-    def decode(self, z, pos=None, mask=None, cache=None):
-        return self.dec(z, pos, mask, cache)
+    def decode(self, z, pos=None, mask=None, cache=None, commit=True):
+        return self.dec(z, pos, mask, cache, commit)
 
     @staticmethod
     def reparameterize(mu, logvar):

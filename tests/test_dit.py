@@ -3,11 +3,11 @@ import math
 
 import torch
 
-from diffusion import (ColaDLM, LossConfig, cfg_combine, euler_step, flow_path, fm_loss, latent_stats, partial_known_prefix,
-                       sample_t, time_grid, two_l_layout, two_l_mask, velocity_target)
+from diffusion import (ColaDLM, LossConfig, apply_guidance, euler_step, flow_path, fm_loss, latent_stats,
+                       partial_known_prefix, sample_t, time_grid, two_l_layout, velocity_target)
 from measures import velocity_uncond
 from dit import DiT, DiTConfig
-from layers import KVCache
+from layers import KVCache, two_l_mask
 from vae import VAEConfig
 
 TINY_DIT = dict(latent_dim=4, width=32, n_layers=2, n_heads=2, block_size=2)
@@ -138,11 +138,11 @@ def test_euler_with_exact_velocity_lands_on_target():
     assert torch.allclose(z, z0, atol=1e-5)
 
 
-def test_cfg_combine():
+def test_apply_guidance():
     vc, vu = torch.randn(2, 3), torch.randn(2, 3)
-    assert torch.equal(cfg_combine(vc, vu, 1.0), vc)
-    assert torch.equal(cfg_combine(vc, vu, 0.0), vu)
-    assert torch.allclose(cfg_combine(vc, vu, 3.0), vu + 3 * (vc - vu))
+    assert torch.equal(apply_guidance(vc, vu, 1.0), vc)
+    assert torch.equal(apply_guidance(vc, vu, 0.0), vu)
+    assert torch.allclose(apply_guidance(vc, vu, 3.0), vu + 3 * (vc - vu))
 
 
 def test_sample_t_moments():
@@ -250,8 +250,8 @@ def test_prior_learns_to_read_its_history():
     assert (cond[1:] < 0.5 * uncond[1:]).all(), (cond, uncond)
 
 
-def test_decode_rows_limits_the_decoder_terms():
-    """decode_rows: the decoder terms come from the first rows only; the FM term uses every row."""
+def test_fm_batch_mult_limits_the_decoder_terms():
+    """fm_batch_mult: the decoder terms come from the first 1/fm_batch_mult of the rows only; the FM term uses every row."""
     torch.manual_seed(0)
     model = tiny_cola()
     model.ref_enc.load_state_dict(model.vae.enc.state_dict())
@@ -260,7 +260,7 @@ def test_decode_rows_limits_the_decoder_terms():
     torch.manual_seed(3)
     full = model(x[:2], LossConfig(**kw))
     torch.manual_seed(3)
-    part = model(x, LossConfig(decode_rows=2, **kw))
+    part = model(x, LossConfig(fm_batch_mult=2, **kw))
     assert torch.allclose(full["ce"], part["ce"])  # same rows, same posterior draw
     # the FM term sees all 4 rows: it differs from the 2-row value (different batch)
     assert not torch.allclose(full["fm"], part["fm"])

@@ -7,7 +7,7 @@ import diffusion
 from checkpoint import save_checkpoint
 from conftest import one_line_error
 from decoder import GenerationError, SamplerConfig, choose_tokens, generate
-from diffusion import ColaDLM, cfg_combine
+from diffusion import ColaDLM, apply_guidance
 from measures import velocity_uncond
 from dit import DiTConfig
 from layers import block_causal_mask, cola_mask, with_key_padding
@@ -66,9 +66,9 @@ class Uncached:
         mask = with_key_padding(cola_mask(pos // bs, noisy, pos // bs, noisy),
                                 torch.cat([hist_valid, torch.ones(B, bs, dtype=torch.bool)], 1))
         v_cond = m.dit(torch.cat([hist, z], 1), torch.cat([torch.zeros(B, Tc), t_tok], 1), pos, mask)[:, Tc:]
-        return cfg_combine(v_cond, velocity_uncond(m, z, t_tok), guidance)
+        return apply_guidance(v_cond, velocity_uncond(m, z, t_tok), guidance)
 
-    def decode_and_commit(self, z, hist_valid, caches):
+    def decode_block(self, z, hist_valid, caches):
         m = self.model
         self.hist = torch.cat([self._history(z), z], 1)
         B, T, bs, vbs = z.shape[0], self.hist.shape[1], z.shape[1], m.vae.cfg.block_size
@@ -135,7 +135,7 @@ def test_guidance_one_is_conditional_pass(monkeypatch):
     out1, _ = run(model, PROMPTS, guidance=1.0)
     assert max(calls) == len(PROMPTS)  # no unconditional half was run
     # and it equals combining the cond and uncond halves at scale 1 inside the batched pass
-    monkeypatch.setattr(diffusion, "cfg_combine", lambda vc, vu, s: vc)
+    monkeypatch.setattr(diffusion, "apply_guidance", lambda vc, vu, s: vc)
     calls.clear()
     out3, _ = run(model, PROMPTS, guidance=3.0)
     assert max(calls) == 2 * len(PROMPTS)
@@ -307,8 +307,8 @@ def test_guided_euler_step_with_a_stubbed_dit(monkeypatch):
     monkeypatch.setattr(model.dit, "forward", stub)
     start = torch.randn(2, 4, 4)
     seen = []
-    real = model.decode_and_commit
-    monkeypatch.setattr(model, "decode_and_commit", lambda z, *a, **k: (seen.append(z.clone()), real(z, *a, **k))[1])
+    real = model.decode_block
+    monkeypatch.setattr(model, "decode_block", lambda z, *a, **k: (seen.append(z.clone()), real(z, *a, **k))[1])
     run(model, [[1, 2, 3, 4], []], max_new_tokens=4, steps=steps, guidance=s, stop_ids=(), noise=lambda k, shape: start.clone())
     # dt sums to 1 over the uniform grid
     assert torch.allclose(seen[0][0], start[0] - 1.0 * (u + s * (c - u)), atol=1e-6)

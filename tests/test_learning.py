@@ -69,7 +69,7 @@ def test_cola_prior_reads_its_history(cola):
     """Block 3 generated from noise after its true clean history (the real sampler, no guidance) is decoded to
     the true tokens far above the constant answer; generated with the history hidden (the unconditional pass)
     it stays near the constant answer. Mutation: a training mask that hides the clean history from the noisy
-    blocks (layers.two_l_mask) leaves both near the constant answer."""
+    blocks (in diffusion.two_l_layout's mask) leaves both near the constant answer."""
     x, j, g = windows(64, 7), 3, torch.Generator().manual_seed(1)
     target = x[:, j * BS:(j + 1) * BS]
     hist, true = dg.true_block(cola, x, j)
