@@ -97,6 +97,16 @@ int_list = number_list(int, "integers", lambda v: v >= 1, "integers >= 1")
 float_list = number_list(float, "numbers", lambda v: math.isfinite(v) and v > 0, "finite numbers > 0")
 
 
+def output_file(flag, *endings):
+    """An output file's path with one of these endings, in a folder that can be written to, checked as the flag is
+    read (before any work)."""
+    def check(path):
+        if not path.endswith(endings):
+            raise argparse.ArgumentTypeError(f"{path}: the file must end in {' or '.join(endings)}")
+        return check_writable_file(path, flag)
+    return check
+
+
 def readable_file(text):
     if not os.path.isfile(text):
         raise argparse.ArgumentTypeError(f"{text} is not a file")

@@ -86,24 +86,6 @@ def choose_tokens(logits, seen=None, temperature=0.0, top_k=0, top_p=1.0, repeti
 
 # the pieces of the loop
 
-def prompt_layout(prompts, block_size, patch, pad_id, device):
-    """Lay prompts out in blocks: a partial last block is filled with pad_id (the encoder reads it, as in the
-    release), then rows are left-padded by whole blocks. Returns tokens (B, Tp), the latents a pass may attend to
-    (B, Np), the number of full prompt blocks (after padding), and per row the tokens of its partial block."""
-    tpb = block_size * patch
-    n_full = [len(p) // tpb for p in prompts]
-    rem = [len(p) % tpb for p in prompts]
-    n_blocks = max(n_full) + (1 if any(rem) else 0)
-    tokens = torch.full((len(prompts), n_blocks * tpb), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(prompts), n_blocks * block_size, dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        start = (max(n_full) - n_full[b]) * tpb
-        tokens[b, start:start + len(p)] = torch.tensor(p, dtype=torch.long)
-        n_lat = (n_full[b] + (rem[b] > 0)) * block_size  # the partial block whole, its pads included
-        valid[b, start // patch:start // patch + n_lat] = True
-    return tokens.to(device), valid.to(device), max(n_full), rem
-
-
 def encode_normalised(model, tokens, valid):
     """Normalised posterior means (B, N, d) of token rows (B, N * patch), latents marked invalid hidden."""
     if tokens.shape[1] == 0:
@@ -161,17 +143,24 @@ class PartialBlock:
 
 
 def start(model, prompts, max_new_tokens, pad_id):
-    """Lay out and encode the prompts, prefill both caches with their full blocks -> (tokens of those blocks
-    (B, Tc * patch), which cached latents are real (B, Tc), the caches, the PartialBlock, the number of blocks)."""
-    bs, patch = model.block_size, model.vae.cfg.patch_size
-    tokens, valid, n_full, rem = prompt_layout(prompts, bs, patch, pad_id, model.latent_shift.device)
-    n_blocks = check_request(model, prompts, max_new_tokens, rem)
-    Tc = n_full * bs  # latents of the full prompt blocks
+    """Lay the prompts out in blocks (a partial last block filled with pad_id, which the encoder reads as in the
+    release; rows left-padded by whole blocks), encode them, prefill both caches with the full blocks -> (their
+    tokens (B, Tc * patch), which cached latents are real (B, Tc), the caches, the PartialBlock, blocks to make)."""
+    bs, patch, device = model.block_size, model.vae.cfg.patch_size, model.latent_shift.device
+    tpb = bs * patch
+    n_full, rem = [len(p) // tpb for p in prompts], [len(p) % tpb for p in prompts]
+    n_blocks, Tc = check_request(model, prompts, max_new_tokens, rem), max(n_full) * bs  # Tc: the full blocks' latents
+    tokens = torch.full((len(prompts), (max(n_full) + any(rem)) * tpb), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros(len(prompts), tokens.shape[1] // patch, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        first = (max(n_full) - n_full[b]) * tpb
+        tokens[b, first:first + len(p)] = torch.tensor(p, dtype=torch.long)
+        valid[b, first // patch:first // patch + (n_full[b] + (rem[b] > 0)) * bs] = True  # a partial block whole
     prompt_zn = encode_normalised(model, tokens, valid)  # (B, Np, d)
     caches, hist_valid = model.new_caches(), valid[:, :Tc]  # (B, Tc)
     if Tc > 0:
         model.prefill(prompt_zn[:, :Tc], hist_valid, caches)
-    rem, idx = torch.tensor(rem, device=tokens.device)[:, None], torch.arange(bs * patch, device=tokens.device)
+    rem, idx = torch.tensor(rem, device=device)[:, None], torch.arange(tpb, device=device)
     partial = prompt_zn.shape[1] > Tc
     part = PartialBlock(idx[:bs] < (rem + patch - 1) // patch, prompt_zn[:, Tc:] if partial else None, idx < rem,
                         tokens[:, Tc * patch:] if partial else torch.zeros_like(idx < rem, dtype=torch.long))

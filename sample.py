@@ -18,7 +18,7 @@ import torch
 
 from baselines import ar_generate, llada_generate
 from checkpoint import CheckpointError, load_model, prompt_ids, release_sampler, stored_sampler
-from cli import (Parser, autocast, check_writable_file, float_in, int_at_least, nonneg_float, nonneg_int, pick_device,
+from cli import (Parser, autocast, float_in, int_at_least, nonneg_float, nonneg_int, output_file, pick_device,
                  positive_float, positive_int, read_prompt)
 from decoder import GenerationError, generate
 from tokenizer import REPO_DIR, DataError, get_tokenizer
@@ -50,17 +50,13 @@ def get_args(argv=None):
     add("--compile", action="store_true", help="Cola: torch.compile the DiT and the decoder")
     add("--show_steps", action="store_true", help="print every step: Cola's block per Euler step, AR's tokens, LLaDA's "
         "passes (watch.py)")
-    add("--animate", metavar="PATH", help="draw the first sample's steps: an animation (.gif) or a still (.png)")
-    args = p.parse_args(argv)
-    if args.animate and not args.animate.endswith((".gif", ".png")):
-        p.error(f"--animate {args.animate}: the file must end in .gif or .png")
-    return args
+    add("--animate", type=output_file("--animate", ".gif", ".png"), metavar="PATH",
+        help="draw the first sample's steps: an animation (.gif) or a still (.png)")
+    return p.parse_args(argv)
 
 
 def main(argv=None):
     args = get_args(argv)
-    if args.animate:
-        check_writable_file(args.animate, "--animate")
     device = pick_device(args.device)
     path = args.init_from or args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     try:
