@@ -1,13 +1,8 @@
 """
-Cola DLM's block-by-block conditional decoding (docs/method.md §6): the paper's generation loop.
-
-  1. the prompt's posterior means, normalised, prefill the DiT's KV cache (at t = 0) and the decoder's;
-  2. each new block takes `steps` guided Euler steps from noise at t = 1 to 0 (the conditional pass reads the
-     cache, the unconditional one sees the block alone); known latents of a partial last prompt block stay
-     pinned clean ("clean-condition repaint");
-  3. the VAE decoder turns the block into tokens in one parallel pass, and the block joins both caches.
-Prompts of different lengths are left-padded by whole blocks, hidden by the masks; RoPE sees relative positions.
-The loop is generate(); the pieces above it lay out the prompt (start) and run one block's steps (denoise_block).
+Cola DLM's block-by-block conditional decoding (docs/method.md §6), the generation loop generate(): the prompt
+prefills the DiT's and the decoder's KV caches (start); each new block takes guided Euler steps from noise at t = 1
+to 0 (denoise_block; known latents of a partial prompt block pinned clean), the VAE decoder turns it into tokens in
+one parallel pass, and it joins both caches. Prompts are left-padded by whole blocks, hidden by the masks.
 """
 import math
 from dataclasses import dataclass
@@ -112,9 +107,9 @@ def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin
 
 
 def row_guidance(hist_valid, guidance):
-    """The guidance scale, off (1) for a row with no history: its two passes are the same (B,) or a number."""
+    """The guidance scale, off (1) for a row with no history, whose two passes are the same: (B,) or a number."""
     has_history = hist_valid.any(1)  # (B,)
-    return guidance if guidance == 1.0 or bool(has_history.all()) else torch.where(has_history, guidance, 1.0)
+    return guidance if guidance == 1.0 or has_history.all() else torch.where(has_history, guidance, 1.0)
 
 
 def check_request(model, prompts, max_new_tokens, rem):
@@ -124,7 +119,7 @@ def check_request(model, prompts, max_new_tokens, rem):
     tpb, context = model.block_size * model.vae.cfg.patch_size, model.vae.cfg.max_seq_len
     longest = max(len(p) for p in prompts)
     n_blocks = max(math.ceil((r + max_new_tokens) / tpb) for r in rem)
-    if (longest // tpb) * tpb + n_blocks * tpb > context:
+    if (longest // tpb + n_blocks) * tpb > context:
         raise GenerationError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
                               f"context of {context} tokens; ask for fewer new tokens")
     return n_blocks
@@ -175,7 +170,7 @@ def generate(model, prompts, max_new_tokens, sampler=SamplerConfig(), generator=
     """Continue token-id `prompts` (a list of lists, any lengths, may be empty) by max_new_tokens tokens each,
     block by block: noise -> denoise -> decode -> commit. Returns (per row the new tokens, cut before its first
     stop token; {'blocks': generated}). noise(k, shape) gives block k's starting noise (default: N(0, I) from
-    `generator`; the release's per-row seeds use it, release.py). on_block(BlockState) runs after each block, and
+    `generator`; a hook for release.py's per-row seeds). on_block(BlockState) runs after each block, and
     generation ends early if it returns True; on_step(StepState) after each Euler step (watch.py draws them)."""
     B, bs, d = len(prompts), model.block_size, model.vae.cfg.latent_dim
     tokens, hist_valid, caches, part, n_blocks = start(model, prompts, max_new_tokens, sampler.pad_id)

@@ -1,10 +1,7 @@
 """
-Flow matching over VAE latents, and the joint stage-2 objective of Cola DLM (docs/method.md §2, §4, §5).
-
-Time convention, fixed for the whole codebase: t in [0, 1], t = 0 is data, t = 1 is noise.
-    z_t = (1 - t) * z0 + t * eps,   eps ~ N(0, I),   velocity target v = eps - z0,
-and sampling integrates from t = 1 down to 0 with Euler steps z <- z - dt * v_hat. The file reads: pure
-functions, the stage-2 loss weights (LossConfig), then ColaDLM: its loss and the three cached passes of sampling.
+Flow matching over VAE latents and the joint stage-2 objective of Cola DLM (docs/method.md §2, §4, §5). Time, for
+the whole codebase: t = 0 is data, t = 1 is noise; z_t = (1 - t) z0 + t eps, velocity target v = eps - z0, Euler
+steps from t = 1 down to 0. Pure functions, the stage-2 LossConfig, then ColaDLM: its loss and the cached passes.
 """
 import copy
 from dataclasses import dataclass
@@ -131,7 +128,7 @@ class ColaDLM(nn.Module):
         self.ref_enc = copy.deepcopy(self.vae.enc).requires_grad_(False) if reference else None  # q_phi_ref
         self.register_buffer("latent_shift", torch.zeros(vae_cfg.latent_dim))
         self.register_buffer("latent_scale", torch.ones(vae_cfg.latent_dim))
-        self.decoder_reads_normalized = False  # the release's decoder reads normalised latents (release.py)
+        self.decoder_reads_normalized = False  # a hook for release.py only: its decoder reads normalised latents
 
     @property
     def block_size(self):  # latents per generated block: the DiT's (the VAE's may be finer)

@@ -1,14 +1,9 @@
 """
-The block-causal DiT of Cola DLM: the prior p_psi(z0) over VAE latents, a velocity network trained by
-flow matching (docs/method.md §4). Bidirectional attention inside a block of `block_size` latents, causal across
-blocks; one timestep per latent (clean context latents carry t = 0). The architecture is the authors'
-released one (docs/release.md), at every size:
-
+The block-causal DiT of Cola DLM (docs/method.md §4): the prior p_psi(z0) over VAE latents, a velocity network
+trained by flow matching, bidirectional inside a block of `block_size` latents and causal across blocks, one t per
+latent (clean context at t = 0); the authors' released architecture at every size (docs/release.md):
     z (B, T, d) -> Linear -> N x [adaLN block] -> LN + adaLN shift/scale -> Linear -> v (B, T, d)
-
-The timestep: [sin | cos] features of 1000 t, then an MLP. adaLN (DiT, Peebles & Xie): Linear maps of
-SiLU(t_emb) give each sublayer's shift, scale and gate: x <- x + gate * sublayer(LN(x) * (1 + scale) + shift).
-Attention: per-head QK LayerNorm, RoPE on 96 of 128 channels, pairs interleaved.
+adaLN (DiT, Peebles & Xie): SiLU of the timestep embedding (of 1000 t) gives each sublayer's shift, scale and gate.
 """
 import math
 from dataclasses import dataclass
@@ -41,11 +36,11 @@ class DiTConfig:
         return self.mlp_hidden or 4 * self.width
 
 
-def timestep_embedding(steps, dim, max_period=10000.0):
-    """[sin | cos] features of the network's time `steps` = 1000 t (docs/method.md §2). (...,) -> (..., dim)."""
+def timestep_embedding(t1000, dim, max_period=10000.0):
+    """[sin | cos] features of the network's time t1000 = 1000 t (docs/method.md §2). (...,) -> (..., dim)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=steps.device) / half)
-    args = steps.float().unsqueeze(-1) * freqs  # (..., half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t1000.device) / half)
+    args = t1000.float().unsqueeze(-1) * freqs  # (..., half)
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
@@ -60,8 +55,8 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
                                  nn.Linear(width, width))
 
-    def forward(self, steps):  # (B, T) -> (B, T, width)
-        return self.mlp(timestep_embedding(steps, self.freq_dim))
+    def forward(self, t1000):  # (B, T) -> (B, T, width)
+        return self.mlp(timestep_embedding(t1000, self.freq_dim))
 
 
 class DiTBlock(nn.Module):
@@ -129,7 +124,7 @@ class DiT(nn.Module):
 
     def embed(self, z, t):
         """The stream x (B, T, w) of the latents and what every adaLN Linear reads, c = SiLU(t_emb) (B, T, w);
-        the network's time is 1000 t."""
+        the network's time is 1000 t. A method of its own only for release.py, whose DiT rounds these inputs."""
         return self.inp(z), F.silu(self.t_embed(1000.0 * t.float()))
 
     def forward(self, z, t, pos, mask, cache=None, commit=False):

@@ -1,11 +1,7 @@
 """
-Shared transformer pieces for the VAE, the DiT and the baselines (docs/method.md §3, §4, §8).
-
-- every attention pattern: block-causal, the DiT's clean/noisy training rule, the cached masks of sampling;
-  True = may attend, fed to SDPA as a bool mask with is_causal=False (a mask with is_causal=True silently
-  gives plain causal attention on CPU);
-- RoPE, half-split (the VAE) or interleaved (the DiT) as in the release; attention with QK LayerNorm per head
-  or over the width (the VAE); SwiGLU; a KV cache that stores a block's keys only when it is committed.
+Shared transformer pieces for the VAE, the DiT and the baselines (docs/method.md §3, §4, §8): every attention pattern
+(drawn in docs/method.md §4; True = may attend, fed to SDPA as a bool mask with is_causal=False), RoPE in the
+release's two layouts, attention with QK LayerNorm, SwiGLU, and a KV cache that keeps only committed blocks.
 """
 import torch
 import torch.nn as nn

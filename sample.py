@@ -1,13 +1,11 @@
 """
 Sample from a trained model, Cola DLM or a baseline: the checkpoint carries its kind, configs and sampler.
-
     python sample.py                                  # out/ckpt.pt, prompt "\n"
     python sample.py --prompt "ROMEO:" --num_samples 3 --steps 8 --guidance 3
+    python sample.py --show_steps --animate out/denoise.gif   # every Euler step, as text and as a picture
     python sample.py --out_dir out_ar                 # AR (KV cache); LLaDA: --steps 32 --block_length 16
     python sample.py --init_from hf/Cola-DLM --prompt "Question: ... Answer:"   # the authors' released 2B model
-
-Cola decodes block by block (decoder.generate, docs/method.md §6) and prints each block as it is decoded; a
-released snapshot samples as the release does (release.release_generate).
+Cola prints each block as it is decoded (decoder.generate); a released snapshot samples as the release does.
 """
 import argparse
 import os

@@ -1,15 +1,12 @@
 """
 Training for every stage of Cola DLM and for the baselines, nanoGPT style: one file, argparse flags, DDP.
-
     python train.py --stage vae     # stage 1: Text VAE pretraining (docs/method.md §3)       -> out/vae.pt
     python train.py --stage joint   # stage 2: joint VAE + block-causal DiT, from out/vae.pt  -> out/ckpt.pt
     python train.py                 # --stage all: stage 1 then stage 2
     python train.py --model ar      # a matched baseline (ar or llada)                        -> out/ckpt.pt
     python train.py --resume        # continue the run in --out_dir exactly as it was configured
     torchrun --standalone --nproc_per_node=8 train.py ...    # DDP: gloo on CPU, nccl on CUDA
-
-Top to bottom: the flags (the paper's values; presets override some), stage 1, stage 2, the baselines, and the
-training loop they share. Checkpoints hold configs, sampler, args, optimizer and random states; writes are atomic.
+Top to bottom: the flags (the paper's values; presets override some), stage 1, stage 2, the baselines, the loop.
 """
 import argparse
 import contextlib
@@ -26,8 +23,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from baselines import TransformerLM, ar_generate, llada_generate, matched_lm_config
 from checkpoint import (CheckpointError, TrainingError, build, checkpoint_for, claim_out_dir, halted, model_from,
                         resumable, resume_training, save_training_state)
-from cli import (Parser, all_reduce_mean, autocast, cleanup_distributed, float_in, int_at_least, keep_freed_memory,
-                 nonneg_float, positive_float, positive_int, setup_distributed, unit_float)
+from cli import (Parser, all_reduce_mean, autocast, cleanup_distributed, fail, float_in, int_at_least,
+                 keep_freed_memory, nonneg_float, positive_float, positive_int, setup_distributed, unit_float)
 from decoder import GenerationError, SamplerConfig, generate
 from diffusion import ColaDLM, LossConfig
 from dit import DiTConfig
@@ -131,11 +128,11 @@ def get_args(argv=None):
 
 def check_args(args):
     """Checks across flags (after a resume has restored the run's own)."""
-    if args.seq_len % (args.block_size * args.patch_size):
-        sys.exit(f"error: --seq_len {args.seq_len} must be a multiple of block_size * patch_size = "
-                 f"{args.block_size * args.patch_size}")
+    tokens_per_block = args.block_size * args.patch_size
+    if args.seq_len % tokens_per_block:
+        fail(f"--seq_len {args.seq_len} must be a multiple of block_size * patch_size = {tokens_per_block}")
     if args.min_lr > args.lr:
-        sys.exit(f"error: --min_lr {args.min_lr:g} is above --lr {args.lr:g}")
+        fail(f"--min_lr {args.min_lr:g} is above --lr {args.lr:g}")
 
 
 def vae_config(args, vocab_size):
@@ -266,9 +263,8 @@ def stage_lm(args, env, data):
         print(f"[{args.model}] {n_params(model) / 1e6:.2f}M parameters ({cfg.n_layers} layers x {cfg.width}) "
               f"matched to Cola's {target / 1e6:.2f}M (VAE + DiT)", flush=True)
     validate = lambda x: {k: v for k, v in model(x).items() if k in ("loss", "acc")}
-    eot = data.meta["eot_id"]
-    sample = (lambda p, n, g: ar_generate(model, [p], n, 0.0, 0, 1.0, 1.1, eot, g)[0][0]) if args.model == "ar" else \
-        (lambda p, n, g: llada_generate(model, [p], n, 32, None, 0.0, eot, g)[0][0])
+    eot, lm_generate = data.meta["eot_id"], ar_generate if args.model == "ar" else llada_generate
+    sample = lambda prompt, n, g: lm_generate(model, [prompt], n, eos_id=eot, generator=g)[0][0]
     return Run(args.model, model, [(model.parameters(), 1.0)], (), args.main_iters, path,
                dict(kind=args.model, lm_config=asdict(cfg)), lm_train_flops(model, args.seq_len),
                resume_from=ckpt, validate=validate, sample=sample)

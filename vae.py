@@ -1,16 +1,10 @@
 """
-The Text VAE of Cola DLM (docs/method.md §3): tokens <-> one continuous latent of dimension d per `patch_size`
-tokens, through block-causal transformers (so a prompt can be encoded and decoded block by block). The
-architecture is the authors' released one (docs/release.md), at every size:
-
-    encoder q_phi(z|x): embed -> patch (Conv1d, stride p) -> post-norm blocks -> Linear -> (mu, logvar);
-                        mu -> LayerNorm without parameters, logvar clamped (or fixed at a given logSNR)
-    decoder p_theta(x|z): Linear d -> width -> post-norm blocks -> Linear width -> p * width (unpatch)
-                          -> LayerNorm -> Linear -> vocab
-
-Post-norm blocks: x <- LN_a(x) + Attn(x); x <- x + LN_m(SwiGLU(x)). Stage-1 loss: CE(decoder(z), x)
-+ beta * KL(q || N(0, I)) + lambda_mask * CE(decoder(z~), x), where z~ encodes the text with 15% of its tokens
-replaced by [MASK] (a BERT-style term that keeps the encoder semantic).
+The Text VAE of Cola DLM (docs/method.md §3): tokens <-> one continuous latent of d channels per `patch_size`
+tokens, through block-causal transformers (a prompt is encoded and decoded block by block); the authors' released
+architecture at every size (docs/release.md):
+    encoder q_phi(z|x): embed -> patch (Conv1d) -> post-norm blocks -> Linear -> (mu: LayerNorm, logvar: clamped)
+    decoder p_theta(x|z): Linear -> post-norm blocks -> unpatch -> LayerNorm -> Linear -> vocab
+Stage 1: CE(decoder(z), x) + beta KL(q || N(0, I)) + lambda_mask CE(decoder(z~), x), z~ from 15% [MASK]ed text.
 """
 from dataclasses import dataclass
 
