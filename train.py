@@ -190,7 +190,7 @@ def vocab_lr_groups(module, scale, vocab_mult):
 
 def stage_vae(args, env, data):
     path = os.path.join(args.out_dir, "vae.pt")
-    ckpt = resumable(path, "vae", args, data)
+    ckpt = resumable(path, "vae", args, data)  # with --resume: the checkpoint, of the data's tokenizer; else None
     torch.manual_seed(args.seed)  # the same init on every rank
     model = model_from(ckpt) if ckpt else TextVAE(vae_config(args, data.meta["vocab_size"]))
     cfg = model.cfg
@@ -213,7 +213,7 @@ def stage_vae(args, env, data):
 def stage_joint(args, env, data):
     path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = resumable(path, "cola", args, data)
-    vae_ckpt = ckpt or checkpoint_for(os.path.join(args.out_dir, "vae.pt"), "vae", data)
+    vae_ckpt = ckpt or checkpoint_for(os.path.join(args.out_dir, "vae.pt"), "vae", data)  # checksummed, same tokenizer
     torch.manual_seed(args.seed)  # the same DiT init on every rank
     if ckpt:
         model = model_from(ckpt)
@@ -316,6 +316,8 @@ def train(run, args, env, data):
     halt = lambda what: halted(run.name, run.ckpt_path, what)
     enc = get_tokenizer(data.meta["tokenizer"])
 
+    # atomic (temp file + rename; a Ctrl-C waits for it), checksummed, with every rank's random stream; weights
+    # that are not finite stop the run instead (the last good checkpoint stays)
     save = lambda: save_training_state(run.ckpt_path, dict(**run.ckpt_fields, model=model.state_dict(), step=step,
                                                          optimizer=opt.state_dict(), args=vars(args),
                                                          tokenizer=data.meta["tokenizer"], train_flops=flops()),
@@ -424,7 +426,8 @@ def main(argv=None):
         rank, world, device = setup_distributed(args.device)
         env = dict(rank=rank, world=world, device=device, master=rank == 0)
         keep_freed_memory()
-        # the master holds the folder, checks it, restores a resumed run's flags, and tells every rank
+        # the master locks the folder (a second run stops), refuses to replace a checkpoint without --resume or
+        # --overwrite, restores a resumed run's flags (refusing contradicting ones), and tells every rank
         with claim_out_dir(args, world, env["master"], check_args) as args:
             run_stages(args, env)
     except (DataError, CheckpointError, TrainingError) as e:
