@@ -190,3 +190,14 @@ def llada_generate(model, prompts, max_new_tokens, steps=32, block_length=None, 
             if on_step is not None:
                 on_step(x[:, P:], unmasked_conf.scatter_(1, pick, conf.gather(1, pick))[:, P:])
     return [row[:row.index(eos_id)] if eos_id in row else row for row in x[:, P:].tolist()], {"passes": passes}
+
+
+def lm_generate(kind, model, prompts, max_new_tokens, sampler, generator=None, steps=32, block_length=None,
+                on_token=None):
+    """AR or LLaDA ("kind") under a decoder.SamplerConfig; LLaDA takes `steps` passes and reads the temperature only,
+    AR streams through on_token."""
+    if kind == "ar":
+        return ar_generate(model, prompts, max_new_tokens, sampler.temperature, sampler.top_k, sampler.top_p,
+                           sampler.repetition_penalty, sampler.stop_ids[0], generator, on_token)
+    return llada_generate(model, prompts, max_new_tokens, steps, block_length, sampler.temperature, sampler.stop_ids[0],
+                          generator)

@@ -106,25 +106,6 @@ def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin
     return torch.where(pin.unsqueeze(-1), pin_z, z)
 
 
-def row_guidance(hist_valid, guidance):
-    """The guidance scale, off (1) for a row with no history, whose two passes are the same: (B,) or a number."""
-    has_history = hist_valid.any(1)  # (B,)
-    return guidance if guidance == 1.0 or has_history.all() else torch.where(has_history, guidance, 1.0)
-
-
-def check_request(model, prompts, max_new_tokens, rem):
-    """The number of blocks that give every row max_new_tokens; beyond the model's context, a GenerationError."""
-    if not prompts:
-        raise GenerationError("no prompts given")
-    tpb, context = model.block_size * model.vae.cfg.patch_size, model.vae.cfg.max_seq_len
-    longest = max(len(p) for p in prompts)
-    n_blocks = max(math.ceil((r + max_new_tokens) / tpb) for r in rem)
-    if (longest // tpb + n_blocks) * tpb > context:
-        raise GenerationError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
-                              f"context of {context} tokens; ask for fewer new tokens")
-    return n_blocks
-
-
 @dataclass
 class PartialBlock:
     """The prompt's partial last block, which the first generated block completes; empty for the blocks after."""
@@ -133,18 +114,21 @@ class PartialBlock:
     given: torch.Tensor             # (B, bs * patch) which tokens of the block are the prompt's
     tokens: torch.Tensor            # (B, bs * patch) the prompt's tokens there
 
-    def emptied(self):
-        return PartialBlock(torch.zeros_like(self.pin), None, torch.zeros_like(self.given), self.tokens)
-
 
 def start(model, prompts, max_new_tokens, pad_id):
     """Lay the prompts out in blocks (a partial last block filled with pad_id, which the encoder reads as in the
     release; rows left-padded by whole blocks), encode them, prefill both caches with the full blocks -> (their
-    tokens (B, Tc * patch), which cached latents are real (B, Tc), the caches, the PartialBlock, blocks to make)."""
+    tokens (B, Tc * patch), which cached latents are real (B, Tc), the caches, the PartialBlock, the number of
+    blocks that give every row max_new_tokens). Beyond the model's context: a GenerationError."""
     bs, patch, device = model.block_size, model.vae.cfg.patch_size, model.latent_shift.device
     tpb = bs * patch
+    if not prompts:
+        raise GenerationError("no prompts given")
     n_full, rem = [len(p) // tpb for p in prompts], [len(p) % tpb for p in prompts]
-    n_blocks, Tc = check_request(model, prompts, max_new_tokens, rem), max(n_full) * bs  # Tc: the full blocks' latents
+    n_blocks, Tc = max(math.ceil((r + max_new_tokens) / tpb) for r in rem), max(n_full) * bs  # Tc: full blocks
+    if (max(n_full) + n_blocks) * tpb > model.vae.cfg.max_seq_len:
+        raise GenerationError(f"prompt ({max(map(len, prompts))} tokens) + max_new_tokens ({max_new_tokens}) exceed "
+                              f"the model's context of {model.vae.cfg.max_seq_len} tokens; ask for fewer new tokens")
     tokens = torch.full((len(prompts), (max(n_full) + any(rem)) * tpb), pad_id, dtype=torch.long, device=device)
     valid = torch.zeros(len(prompts), tokens.shape[1] // patch, dtype=torch.bool, device=device)
     for b, p in enumerate(prompts):
@@ -180,8 +164,10 @@ def generate(model, prompts, max_new_tokens, sampler=SamplerConfig(), generator=
         shape = (B, bs, d)
         z = noise(k, shape) if noise else torch.randn(shape, device=tokens.device, generator=generator)
         step_hook = on_step and (lambda i, x0: on_step(StepState(k, i, grid[i], x0, hist_valid, caches, seen)))
-        z = denoise_block(model, sampler.noise_scale * z, grid, hist_valid, row_guidance(hist_valid, sampler.guidance),
-                          caches[0], part.pin, part.pin_z, step_hook)
+        scale, has_history = sampler.guidance, hist_valid.any(1)  # (B,): a row with none has equal passes: unguided
+        guidance = scale if scale == 1.0 or has_history.all() else torch.where(has_history, scale, 1.0)
+        z = denoise_block(model, sampler.noise_scale * z, grid, hist_valid, guidance, caches[0], part.pin, part.pin_z,
+                          step_hook)
         if not torch.isfinite(z).all():
             raise GenerationError(f"block {k}'s latents are not finite: lower the guidance or the noise scale")
         logits = model.decode_block(z, hist_valid, caches)  # (B, tpb, V)
@@ -197,7 +183,7 @@ def generate(model, prompts, max_new_tokens, sampler=SamplerConfig(), generator=
             outputs[b] += fresh
             ended[b] = ended[b] or stop or len(outputs[b]) >= max_new_tokens
             kept.append(fresh)
-        part = part.emptied()
+        part = PartialBlock(part.pin & False, None, part.given & False, part.tokens)  # only the first block has one
         if (on_block is not None and on_block(BlockState(k, z, decoded, tokens, hist_valid, caches, kept)) is True
                 or all(ended)):
             return outputs, dict(blocks=k + 1)

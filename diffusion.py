@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from dit import DiT, DiTConfig
-from layers import KVCache, cached_block_masks, cached_causal_mask, cola_mask, prefix_mask, two_l_positions
+from layers import KVCache, cached_block_masks, cached_causal_mask, prefix_mask, two_l_mask
 from vae import TextVAE, VAEConfig, gaussian_kl, vae_logsnr
 
 
@@ -59,14 +59,14 @@ def time_grid(steps, device="cpu", t_max=1.0):
 
 def two_l_layout(z0, zt, t_tok, block_size):
     """The BD3-LM style training input of clean z0 and noisy zt (B, L, d): seq (B, 2L - bs, d), t (B, 2L - bs)
-    (0 on the clean half), pos (2L - bs,) (layers.two_l_positions), mask. The clean half is stop-gradient: the
+    (0 on the clean half), pos (2L - bs,), mask (layers.two_l_mask). The clean half is stop-gradient: the
     prior's history is no path for gradients into the encoder."""
     B, L, _ = z0.shape
     Lc = L - block_size
     seq = torch.cat([z0[:, :Lc].detach(), zt], dim=1)  # (B, 2L-bs, d)
     t = torch.cat([torch.zeros(B, Lc, device=zt.device, dtype=t_tok.dtype), t_tok], dim=1)  # (B, 2L-bs)
-    pos, noisy = two_l_positions(L, block_size, zt.device)
-    return seq, t, pos, cola_mask(pos // block_size, noisy, pos // block_size, noisy)
+    mask, pos = two_l_mask(L, block_size, zt.device)
+    return seq, t, pos, mask
 
 
 def partial_known_prefix(B, L, block_size, prob, device="cpu", generator=None):

@@ -27,19 +27,14 @@ def cola_mask(q_block, q_noisy, k_block, k_noisy):
     return clean_key | noisy_key
 
 
-def two_l_positions(L, block_size, device="cpu"):
-    """The DiT's training sequence [clean 0..L-bs-1 | noisy 0..L-1] (the "2L" layout of BD3-LM): each entry's
-    position (2L - bs,) (a noisy latent shares its clean twin's) and whether it is noisy (2L - bs,). The last clean
-    block is left out: no noisy block reads it."""
+def two_l_mask(L, block_size, device="cpu"):
+    """The DiT's training sequence [clean 0..L-bs-1 | noisy 0..L-1] (the "2L" layout of BD3-LM) -> its mask
+    (2L - bs, 2L - bs), cola_mask, and its positions (2L - bs,): a noisy latent shares its clean twin's. The last
+    clean block is left out: no noisy block reads it."""
     Lc = L - block_size
     pos = torch.cat([torch.arange(Lc), torch.arange(L)]).to(device)
-    return pos, torch.cat([torch.zeros(Lc, dtype=torch.bool), torch.ones(L, dtype=torch.bool)]).to(device)
-
-
-def two_l_mask(L, block_size, device="cpu"):
-    """(2L - bs, 2L - bs) mask of the 2L training sequence: cola_mask over two_l_positions."""
-    pos, noisy = two_l_positions(L, block_size, device)
-    return cola_mask(pos // block_size, noisy, pos // block_size, noisy)
+    noisy = torch.cat([torch.zeros(Lc, dtype=torch.bool), torch.ones(L, dtype=torch.bool)]).to(device)
+    return cola_mask(pos // block_size, noisy, pos // block_size, noisy), pos
 
 
 def with_key_padding(mask, key_valid, query_valid=None):

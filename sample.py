@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from baselines import ar_generate, llada_generate
+from baselines import lm_generate
 from checkpoint import CheckpointError, load_model, prompt_ids, release_sampler, stored_sampler
 from cli import (Parser, autocast, float_in, int_at_least, nonneg_float, nonneg_int, output_file, pick_device,
                  positive_float, positive_int, read_prompt)
@@ -46,8 +46,7 @@ def get_args(argv=None):
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     add("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast (bf16: a snapshot's weights too)")
     add("--compile", action="store_true", help="Cola: torch.compile the DiT and the decoder")
-    add("--show_steps", action="store_true", help="print every step: Cola's block per Euler step, AR's tokens, LLaDA's "
-        "passes (watch.py)")
+    add("--show_steps", action="store_true", help="print every step: Cola's Euler steps, AR's tokens, LLaDA's passes")
     add("--animate", type=output_file("--animate", ".gif", ".png"), metavar="PATH",
         help="draw the first sample's steps: an animation (.gif) or a still (.png)")
     return p.parse_args(argv)
@@ -92,14 +91,11 @@ def main(argv=None):
                 elif kind == "cola":  # each block printed as soon as it is decoded
                     out, _ = generate(model, [prompt], args.max_new_tokens, sampler, g,
                                       on_block=lambda s: show(s.kept[0]))
-                elif kind == "ar":
-                    out, _ = ar_generate(model, [prompt], args.max_new_tokens, sampler.temperature, sampler.top_k,
-                                         sampler.top_p, sampler.repetition_penalty, sampler.stop_ids[0], g,
-                                         lambda new, _: show([new[0]] if new[0] is not None else []))
-                else:
-                    out, _ = llada_generate(model, [prompt], args.max_new_tokens, args.steps or 32,
-                                            args.block_length or None, sampler.temperature, sampler.stop_ids[0], g)
-                    show(out[0])
+                else:  # AR streams its tokens, LLaDA's come at the end
+                    stream = lambda new, _: show([t for t in new if t is not None])
+                    out, _ = lm_generate(kind, model, [prompt], args.max_new_tokens, sampler, g, args.steps or 32,
+                                         args.block_length or None, stream)
+                    show(out[0] if kind == "llada" else [])
         except GenerationError as e:
             sys.exit(f"\nerror: {e}")
         total_time, total_tokens = total_time + time.time() - t0, total_tokens + len(out[0])

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from baselines import TransformerLM, ar_generate, llada_generate, matched_lm_config
+from baselines import TransformerLM, lm_generate, matched_lm_config
 from checkpoint import (CheckpointError, TrainingError, build, checkpoint_for, claim_out_dir, halted, model_from,
                         resumable, resume_training, save_training_state)
 from cli import (Parser, all_reduce_mean, autocast, cleanup_distributed, fail, float_in, int_at_least,
@@ -116,8 +116,7 @@ def get_args(argv=None):
     add("--log_interval", type=positive_int, default=25, help="steps between log lines")
     add("--eval_interval", type=positive_int, default=150, help="steps between validations and checkpoints")
     add("--eval_iters", type=positive_int, default=8, help="validation batches per evaluation")
-    add("--eval_sample", type=int_at_least(0), default=32, help="tokens of the sample printed at each validation "
-        "(0: none)")
+    add("--eval_sample", type=int_at_least(0), default=32, help="tokens sampled after each validation (0: none)")
     add("--stop_after", type=int_at_least(0), default=0, help="checkpoint and exit after this many steps (0: off)")
     args = p.parse_with_presets(argv, PRESETS)
     args.data_dir, args.out_dir = os.path.abspath(args.data_dir), os.path.abspath(args.out_dir)  # valid from any folder
@@ -263,8 +262,8 @@ def stage_lm(args, env, data):
         print(f"[{args.model}] {n_params(model) / 1e6:.2f}M parameters ({cfg.n_layers} layers x {cfg.width}) "
               f"matched to Cola's {target / 1e6:.2f}M (VAE + DiT)", flush=True)
     validate = lambda x: {k: v for k, v in model(x).items() if k in ("loss", "acc")}
-    eot, lm_generate = data.meta["eot_id"], ar_generate if args.model == "ar" else llada_generate
-    sample = lambda prompt, n, g: lm_generate(model, [prompt], n, eos_id=eot, generator=g)[0][0]
+    sampler = SamplerConfig(stop_ids=(data.meta["eot_id"],))
+    sample = lambda prompt, n, g: lm_generate(args.model, model, [prompt], n, sampler, g)[0][0]
     return Run(args.model, model, [(model.parameters(), 1.0)], (), args.main_iters, path,
                dict(kind=args.model, lm_config=asdict(cfg)), lm_train_flops(model, args.seq_len),
                resume_from=ckpt, validate=validate, sample=sample)
@@ -325,30 +324,24 @@ def train(run, args, env, data):
 
     rng_devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
 
-    def validate():
-        """Metrics over the validation batches and ranks, with fixed noise (the training stream is left alone)."""
+    @contextlib.contextmanager
+    def evaluating():
+        """Eval mode, no gradients, a forked random stream: the training stream is left as it was."""
         model.eval()
-        sums = {}
         with torch.random.fork_rng(devices=rng_devices), torch.no_grad(), amp:
+            yield
+        model.train()
+
+    def validate():
+        """Metrics over the validation batches and ranks, with fixed noise."""
+        sums = {}
+        with evaluating():
             torch.manual_seed(args.seed + 7)
             for i in range(args.eval_iters):
                 x = data.batch("val", args.batch_size, batch_seed(args.seed + 1, rank * args.eval_iters + i, 0), device)
                 for k, v in run.validate(x).items():
                     sums[k] = sums.get(k, 0.0) + float(v) / args.eval_iters
-        model.train()
         return {**all_reduce_mean(sums, env), "train_flops": flops()}
-
-    def sample():
-        """A short sample from "\n", as text: a learner watches the model learn (the training stream is left alone)."""
-        model.eval()
-        with torch.random.fork_rng(devices=rng_devices), torch.no_grad(), amp:
-            try:
-                text = repr(enc.decode(run.sample(enc.encode_ordinary("\n"), args.eval_sample,
-                                                  torch.Generator(device).manual_seed(args.seed))))
-            except GenerationError as e:
-                text = f"none ({e})"
-        model.train()
-        return text
 
     t0, start, acc, n, steps_here = time.time(), time.time(), {}, 0, 0
     while step < run.max_iters:
@@ -396,8 +389,11 @@ def train(run, args, env, data):
                 with open(log_path, "a") as f:
                     f.write(json.dumps({"step": step, **val}) + "\n")
             save()
-            if master and run.sample and args.eval_sample:
-                print(f"[{run.name}] sample: {sample()}", flush=True)
+            if master and run.sample and args.eval_sample:  # a learner watches the model learn, from "\n"
+                with evaluating(), contextlib.suppress(GenerationError):
+                    g = torch.Generator(device).manual_seed(args.seed)
+                    new = run.sample(enc.encode_ordinary("\n"), args.eval_sample, g)
+                    print(f"[{run.name}] sample: {enc.decode(new)!r}", flush=True)
             t0 = time.time()
     return True
 

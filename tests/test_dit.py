@@ -43,7 +43,7 @@ def test_two_l_mask_hand_written():
         "11111100000011",  # n7
     ]
     expected = torch.tensor([[c == "1" for c in r] for r in rows])
-    assert torch.equal(two_l_mask(8, 2), expected)
+    assert torch.equal(two_l_mask(8, 2)[0], expected)
 
 
 def make_2l_inputs(B=2, L=8, d=4, bs=2, seed=0):
