@@ -55,8 +55,6 @@ class StepState:
     seen: torch.Tensor              # (B, V) the tokens decoded so far (the repetition penalty's)
 
 
-# token choice (pure)
-
 def choose_tokens(logits, seen=None, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, generator=None):
     """Pick one token per position. logits (B, T, V) -> (B, T). temperature 0 = greedy. The repetition penalty
     (CTRL's) divides the positive logits of the tokens seen (B, V) by it, and multiplies the negative ones."""
@@ -80,7 +78,6 @@ def choose_tokens(logits, seen=None, temperature=0.0, top_k=0, top_p=1.0, repeti
 
 
 # the pieces of the loop
-
 def encode_normalised(model, tokens, valid):
     """Normalised posterior means (B, N, d) of token rows (B, N * patch), latents marked invalid hidden."""
     if tokens.shape[1] == 0:
@@ -147,7 +144,6 @@ def start(model, prompts, max_new_tokens, pad_id):
 
 
 # the loop
-
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, sampler=SamplerConfig(), generator=None, noise=None, on_block=None,
              on_step=None):

@@ -15,7 +15,6 @@ from vae import TextVAE, VAEConfig, gaussian_kl, vae_logsnr
 
 
 # pure functions
-
 def sample_t(n, loc=1.0, scale=1.0, uniform=False, device="cpu", generator=None):
     """n times in (0, 1): logit-normal, t = sigmoid(u) with u ~ N(loc, scale^2), or uniform."""
     if uniform:
@@ -115,7 +114,6 @@ class LossConfig:
 
 
 # the joint model
-
 class ColaDLM(nn.Module):
     """Text VAE + block-causal DiT prior + frozen reference encoder + latent normalisation."""
 

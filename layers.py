@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 
 # every attention pattern of the method (pure functions; docs/method.md §4 prints them)
-
 def block_causal_mask(q_block, k_block):
     """(..., Tq, Tk) bool: a query in block i sees keys in blocks <= i. Inputs are block ids (..., T).
     Block size 1 is plain causal attention (the AR baseline)."""
@@ -71,8 +70,6 @@ def cached_causal_mask(key_valid, n_new, block_size):
     return (rule & key_valid.unsqueeze(1)).unsqueeze(1)
 
 
-# rotary position embedding
-
 class Rotary(nn.Module):
     """RoPE on the first `rot_dim` channels of each head; pair i turns by pos * theta^(-2i/rot_dim). Pairs are
     (i, i + rot_dim/2) ("half-split") or (2i, 2i + 1) ("interleaved"). Interleaved channels are first reordered
@@ -103,8 +100,6 @@ class Rotary(nn.Module):
         return torch.cat([rotated, x[..., self.rot_dim:]], dim=-1)
 
 
-# KV cache
-
 class LayerKV:
     """Keys/values of the committed blocks for one attention layer."""
 
@@ -131,8 +126,6 @@ class KVCache:
     def __init__(self, n_layers):
         self.layers = [LayerKV() for _ in range(n_layers)]
 
-
-# modules
 
 class Attention(nn.Module):
     """Multi-head attention through SDPA with a bool mask, RoPE, and QK LayerNorm per 'head' or over the 'width'."""

@@ -35,7 +35,6 @@ from tokenizer import get_tokenizer
 from vae import TextVAE, VAEConfig
 
 # the flags: defaults are the paper's (docs/method.md §3-§5), a preset overrides some of them
-
 PRESETS = {
     "paper": {},  # the released model's sizes; its vocabulary (100,278) comes from the data
     "tiny": dict(vae_width=64, vae_layers=1, vae_heads=2, vae_mlp=128, dit_width=64, dit_layers=2, dit_heads=2,
@@ -159,7 +158,6 @@ def lm_config(args, vocab_size):
 
 
 # what a stage hands the training loop
-
 @dataclass
 class Run:
     name: str                      # log prefix and log file: vae, joint, ar, llada
@@ -186,7 +184,6 @@ def vocab_lr_groups(module, scale, vocab_mult):
 
 
 # stage 1: the Text VAE (docs/method.md §3)
-
 def stage_vae(args, env, data):
     path = os.path.join(args.out_dir, "vae.pt")
     ckpt = resumable(path, "vae", args, data)  # with --resume: the checkpoint, of the data's tokenizer; else None
@@ -208,7 +205,6 @@ def stage_vae(args, env, data):
 
 
 # stage 2: the VAE and the block-causal DiT prior, jointly (docs/method.md §4, §5)
-
 def stage_joint(args, env, data):
     path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = resumable(path, "cola", args, data)
@@ -250,7 +246,6 @@ def stage_joint(args, env, data):
 
 
 # the baselines: AR and LLaDA (docs/method.md §8)
-
 def stage_lm(args, env, data):
     path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = resumable(path, args.model, args, data)
@@ -270,7 +265,6 @@ def stage_lm(args, env, data):
 
 
 # the training loop every stage shares
-
 def lr_at(step, args, max_iters):
     """Linear warm-up to --lr, then cosine decay to --min_lr at max_iters."""
     if step < args.warmup_iters:
@@ -399,7 +393,6 @@ def train(run, args, env, data):
 
 
 # the stages a command asks for
-
 def run_stages(args, env):
     """Train what the flags ask for: a baseline, or Cola's stage 1 and/or stage 2."""
     data = TokenData(args.data_dir, args.seq_len)
