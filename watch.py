@@ -24,7 +24,7 @@ class Frame:
     label: str                      # which step of which block, for the text line and the picture's title
     tokens: list                    # the generated tokens shown, one per position (None: masked / not yet written)
     conf: list                      # per position, the model's probability of its token (0 where None)
-    row: int                        # the drawn row this step changed (the block being denoised)
+    start: int                      # where the row this step changed starts (Cola: the block being denoised)
 
 
 def cola_view(model, prompt, max_new_tokens, sampler, generator):
@@ -40,11 +40,11 @@ def cola_view(model, prompt, max_new_tokens, sampler, generator):
         conf = torch.softmax(logits[0].float(), -1).gather(1, toks[:, None])[:, 0]  # (tpb,)
         skip = n_given if s.k == 0 else 0  # the prompt's positions show the prompt
         frames.append(Frame(f"block {s.k} step {s.i + 1}/{sampler.steps} t={float(s.t):.2f}",
-                            done + toks[skip:].tolist(), [1.0] * len(done) + conf[skip:].tolist(), s.k))
+                            done + toks[skip:].tolist(), [1.0] * len(done) + conf[skip:].tolist(), s.k * tpb))
 
     def on_block(s):
         done.extend(s.decoded[0, n_given if s.k == 0 else 0:].tolist())
-        frames.append(Frame(f"block {s.k} decoded", list(done), frames[-1].conf[:len(done)], s.k))
+        frames.append(Frame(f"block {s.k} decoded", list(done), frames[-1].conf[:len(done)], s.k * tpb))
 
     out, _ = generate(model, [prompt], max_new_tokens, sampler, generator, on_block=on_block, on_step=on_step)
     return out[0], frames
@@ -58,7 +58,7 @@ def ar_view(model, prompt, max_new_tokens, sampler, generator):
         if new[0] is not None:
             toks.append(new[0])
             conf.append(float(probs[0]))
-            frames.append(Frame(f"token {len(toks)}", list(toks), list(conf), (len(toks) - 1) // ROW))
+            frames.append(Frame(f"token {len(toks)}", list(toks), list(conf), (len(toks) - 1) // ROW * ROW))
 
     out, _ = ar_generate(model, [prompt], max_new_tokens, sampler.temperature, sampler.top_k, sampler.top_p,
                          sampler.repetition_penalty, sampler.stop_ids[0], generator, on_token)
@@ -71,9 +71,9 @@ def llada_view(model, prompt, max_new_tokens, steps, block_length, sampler, gene
 
     def on_step(x, conf):
         toks = [None if t == model.cfg.mask_id else t for t in x[0].tolist()]
-        changed = [i for i, (t, f) in enumerate(zip(toks, frames[-1].tokens if frames else [None] * len(toks)))
-                   if t != f]
-        frames.append(Frame(f"pass {len(frames) + 1}", toks, conf[0].tolist(), changed[0] // ROW if changed else 0))
+        before = frames[-1].tokens if frames else [None] * len(toks)
+        first = next((i for i, (t, f) in enumerate(zip(toks, before)) if t != f), 0)  # the first position unmasked
+        frames.append(Frame(f"pass {len(frames) + 1}", toks, conf[0].tolist(), first // ROW * ROW))
 
     out, _ = llada_generate(model, [prompt], max_new_tokens, steps, block_length, sampler.temperature,
                             sampler.stop_ids[0], generator, on_step)
@@ -109,8 +109,8 @@ def cell_text(enc, tok):
 
 
 def line(enc, frame):
-    """A frame as one line of text."""
-    return "".join(cell_text(enc, t) if t is not None else "_" for t in frame.tokens)
+    """A frame as one line of text, from the row it changed on (Cola: the block being denoised); masked: '_'."""
+    return "".join(cell_text(enc, t) if t is not None else "_" for t in frame.tokens[frame.start:])
 
 
 def show(enc, frames, out=print):
@@ -142,11 +142,11 @@ def draw(enc, frames, path, title="", fps=4):
     plt = pyplot()
     if path.endswith(".png"):
         shown = frames[:40]
-        rows = [(f.tokens[f.row * ROW:(f.row + 1) * ROW] + [None] * ROW)[:ROW] for f in shown]
-        confs = [(f.conf[f.row * ROW:(f.row + 1) * ROW] + [0.0] * ROW)[:ROW] for f in shown]
+        rows = [(f.tokens[f.start:f.start + ROW] + [None] * ROW)[:ROW] for f in shown]
+        confs = [(f.conf[f.start:f.start + ROW] + [0.0] * ROW)[:ROW] for f in shown]
         fig, ax = plt.subplots(figsize=(12, 0.9 + 0.22 * len(rows)))
         draw_grid(ax, enc, sum(rows, []), sum(confs, []), [f.label for f in shown])
-        ax.set_title(title, fontsize=9)
+        ax.set_title(f"{title}\ncolour: the model's probability of each token (dark: low, yellow: high)", fontsize=9)
         return save_figure(plt, fig, path)
     from matplotlib.animation import FuncAnimation, PillowWriter
     n_rows = max(-(-len(f.tokens) // ROW) for f in frames)
