@@ -554,6 +554,6 @@ def test_sample_streams_every_block_of_a_cola_run(runs, capsys):
     printed = capsys.readouterr().out.split("--- sample 0\n")[1].split("\n# ")[0]
     model, info = load_model(path)
     enc = get_tokenizer(info["tokenizer"])
-    cfg = stored_sampler(info, enc.eot_token, steps=2, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.1)
-    out, stats = generate(model, [enc.encode_ordinary("ROMEO:")], 12, cfg, torch.Generator().manual_seed(1337))
+    sampler = stored_sampler(info, enc.eot_token, steps=2, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.1)
+    out, stats = generate(model, [enc.encode_ordinary("ROMEO:")], 12, sampler, torch.Generator().manual_seed(1337))
     assert printed == "ROMEO:" + enc.decode(out[0]) and stats["blocks"] > 1

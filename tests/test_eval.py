@@ -369,15 +369,15 @@ def test_reencoded_history_is_what_the_caches_hold():
         return real(z, t_tok, hist_valid, guidance, cache)
     model.guided_velocity = spy
     drift = []
-    cfg = SamplerConfig(steps=4, guidance=3.0, stop_ids=())
+    sampler = SamplerConfig(steps=4, guidance=3.0, stop_ids=())
     g = lambda: torch.Generator().manual_seed(0)
-    out, _ = generate(model, [[5, 6, 7, 8]], 8, cfg, g(), on_block=ms.history_drift(model, drift, True))
+    out, _ = generate(model, [[5, 6, 7, 8]], 8, sampler, g(), on_block=ms.history_drift(model, drift, True))
     text = torch.tensor([[5, 6, 7, 8] + out[0][:4]])
     fresh = model.new_caches()
     model.prefill(ms.reencode(model, text), torch.ones(1, 8, dtype=torch.bool), fresh)
     assert all(torch.allclose(a, b.k, atol=1e-5) for a, b in zip(seen[8], fresh[0].layers))
     drift_plain = []
-    generate(model, [[5, 6, 7, 8]], 8, cfg, g(), on_block=ms.history_drift(model, drift_plain))
+    generate(model, [[5, 6, 7, 8]], 8, sampler, g(), on_block=ms.history_drift(model, drift_plain))
     assert drift[0] == pytest.approx(drift_plain[0]) and len(drift) == 2
 
 

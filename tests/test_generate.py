@@ -80,11 +80,11 @@ class Uncached:
 
 def run(model, prompts, seed=0, max_new_tokens=12, budget="tokens", row_seeds=None, noise=None, **kw):
     """generate() with the tests' sampler; budget 'blocks' or row seeds: the release's (release_generate)."""
-    cfg = SamplerConfig(**{**dict(steps=4, guidance=3.0, stop_ids=(EOS,), pad_id=EOS), **kw})
+    sampler = SamplerConfig(**{**dict(steps=4, guidance=3.0, stop_ids=(EOS,), pad_id=EOS), **kw})
     g = torch.Generator().manual_seed(seed)
     if budget == "blocks" or row_seeds is not None:
-        return release_generate(model, prompts, max_new_tokens, cfg, row_seeds, g)
-    return generate(model, prompts, max_new_tokens, cfg, g, noise)
+        return release_generate(model, prompts, max_new_tokens, sampler, row_seeds, g)
+    return generate(model, prompts, max_new_tokens, sampler, g, noise)
 
 
 def capture_latents(monkeypatch):
