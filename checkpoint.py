@@ -273,9 +273,12 @@ def check_out_dir(args):
     vae = os.path.join(args.out_dir, "vae.pt")
     if args.model == "cola" and args.stage == "joint" and not found and not os.path.exists(vae):
         fail(f"--stage joint starts from {vae}, which does not exist: train stage 1 first (--stage vae)")
-    for name in os.listdir(args.out_dir):  # killed runs' temporary files; a fresh or --overwrite run's old logs
-        if name.endswith(".tmp") and name.startswith(("vae.", "ckpt.")) or name.startswith("log_") and not args.resume:
-            os.remove(os.path.join(args.out_dir, name))
+    stale = [n for n in os.listdir(args.out_dir) if n.endswith(".tmp") and n.startswith(("vae.", "ckpt."))]
+    # killed saves' temporary files, and the log of each stage that starts afresh: nothing else is removed
+    stale += [f"log_{ {'vae': 'vae', 'cola': 'joint'}.get(kind, kind)}.jsonl" for path, kind in files
+              if not (args.resume and os.path.exists(path))]
+    for path in (os.path.join(args.out_dir, n) for n in stale):
+        os.remove(path) if os.path.isfile(path) else None
 
 
 @contextlib.contextmanager

@@ -366,13 +366,21 @@ def test_resume_keeps_each_logged_step_once(tmp_path, data_dir):
 
 
 def test_a_fresh_or_overwrite_run_starts_new_logs(tmp_path, data_dir):
-    """Logs belong to one run: --overwrite (and a fresh run after a failed one) does not append to the old log.
-    Mutation: keeping the old log gives steps 1, 2, 1, 2."""
+    """Logs belong to one run: --overwrite (and a fresh run after a failed one) does not append to the old log, and
+    a run removes only its own stages' logs: the README's `--stage vae` then `--stage joint` keeps stage 1's log,
+    `--stage vae --overwrite` keeps stage 2's, and a user's log_notes.txt and log_old/ stay. Mutations: keeping
+    the old log gives steps 1, 2, 1, 2; removing every log_* loses log_vae.jsonl (and log_old/ is a traceback)."""
     out = str(tmp_path / "o")
-    common = ["--data_dir", data_dir, "--out_dir", out, "--stage", "vae", "--vae_iters", "2", "--eval_interval", "1"] + TINY
-    train.main(common)
-    train.main(common + ["--overwrite"])
-    assert [json.loads(line)["step"] for line in open(os.path.join(out, "log_vae.jsonl"))] == [1, 2]
+    common = ["--data_dir", data_dir, "--out_dir", out, "--vae_iters", "2", "--main_iters", "1", "--eval_interval", "1"] + TINY
+    train.main(common + ["--stage", "vae"])
+    os.makedirs(os.path.join(out, "log_old"))
+    open(os.path.join(out, "log_notes.txt"), "w").write("mine")
+    train.main(common + ["--stage", "joint"])
+    logged = lambda stage: [json.loads(line)["step"] for line in open(os.path.join(out, f"log_{stage}.jsonl"))]
+    assert logged("vae") == [1, 2] and logged("joint") == [1]
+    train.main(common + ["--stage", "vae", "--overwrite"])
+    assert logged("vae") == [1, 2] and logged("joint") == [1]
+    assert open(os.path.join(out, "log_notes.txt")).read() == "mine" and os.path.isdir(os.path.join(out, "log_old"))
 
 
 def test_overwrite_replaces_a_checkpoint_of_another_kind(tmp_path, runs, data_dir):
