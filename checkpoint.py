@@ -231,9 +231,9 @@ def stored_sampler(info, eot_id, **flags):
 # flags a resumed run cannot change: the model, the data windows, and which parameters the optimizer holds
 RESUME_FIXED = ("model", "preset", "latent_dim", "block_size", "patch_size", "vae_width", "vae_layers", "vae_heads",
                 "vae_mlp", "dit_width", "dit_layers", "dit_heads", "dit_mlp", "rope_fraction", "lm_width", "lm_layers",
-                "fixed_logsnr", "dit_init", "vae_lr_ratio", "seq_len")
+                "fixed_logsnr", "dit_init", "vae_lr_ratio", "seq_len", "dropout", "seed", "batch_size", "grad_accum")
 # flags that say how to run this invocation, never restored from the checkpoint
-RUN_ONLY = ("resume", "overwrite", "dry_run", "stop_after", "device", "compile", "out_dir", "given")
+RUN_ONLY = ("resume", "overwrite", "dry_run", "stop_after", "device", "out_dir", "given")
 
 
 def stage_files(args):
@@ -265,7 +265,11 @@ def check_out_dir(args):
         fail(f"--resume: {args.out_dir} holds no {' or '.join(os.path.basename(p) for p, _ in files)} to resume")
     for path, kind in found:
         if args.resume:
-            restore_run_flags(args, load_checkpoint(path, (kind,)))
+            restore_run_flags(args, ckpt := load_checkpoint(path, (kind,)))
+            flag = "vae_iters" if kind == "vae" else "main_iters"
+            if flag in args.given and (path, kind) == files[-1] and getattr(args, flag) <= ckpt["step"]:
+                fail(f"--{flag} {getattr(args, flag)} is not above the step of {path} ({ckpt['step']}): "
+                     "nothing left to train; give more steps")
         elif not args.overwrite:
             held = load_checkpoint(path)
             fail(f"{path} holds a {held['kind']} checkpoint (step {held['step']}); add --resume to continue it, "
@@ -314,8 +318,12 @@ def checkpoint_for(path, kind, data):
 
 
 def resumable(path, kind, args, data):
-    """The checkpoint to continue, or None for a fresh run."""
-    return checkpoint_for(path, kind, data) if args.resume and os.path.exists(path) else None
+    """The checkpoint to continue (trained on this very text, by its hash), or None for a fresh run."""
+    ckpt = checkpoint_for(path, kind, data) if args.resume and os.path.exists(path) else None
+    if ckpt and ckpt.get("data_sha256") not in (None, data.meta.get("source_sha256")):
+        raise DataError(f"{data.data_dir} holds other text than {path} was trained on (its source_sha256 differs); "
+                        "pass the run's own --data_dir, prepared from its own text")
+    return ckpt
 
 
 def trim_log(path, step):

@@ -104,6 +104,11 @@ def materials(tmp, runs, data_dir):
                                         encoding="utf-8").read()[:20000], encoding="utf-8")
     prepare_data(str(tmp / "other.txt"), str(tmp / "data_other"), tokenizer=str(other), seq_len=16)
     m["data_other"] = str(tmp / "data_other")
+    (tmp / "text2.txt").write_text(open(os.path.join(ROOT, "data", "shakespeare_tiny.txt"), encoding="utf-8").read()
+                                   [20000:30000], encoding="utf-8")  # other text, the run's own tokenizer
+    prepare_data(str(tmp / "text2.txt"), str(tmp / "data_text2"), os.path.join(os.path.dirname(data_dir),
+                                                                                "tokenizer.json"), seq_len=16)
+    m["data_text2"] = str(tmp / "data_text2")
     shutil.copytree(data_dir, tmp / "data_metatok")  # meta.json hand-edited to another tokenizer
     meta = json.load(open(tmp / "data_metatok" / "meta.json"))
     json.dump({**meta, "tokenizer": "gpt2"}, open(tmp / "data_metatok" / "meta.json", "w"))
@@ -143,6 +148,13 @@ train   | --out_dir {cola} --resume --preset cpu                         | --pre
 train   | --out_dir {cola} --resume --latent_dim 4                       | --latent_dim 4 contradicts
 train   | --out_dir {cola} --resume --stage joint --vae_lr_ratio 0       | --vae_lr_ratio 0 contradicts
 train   | --out_dir {empty_dir} --resume                                 | holds no vae.pt or ckpt.pt to resume
+train   | --out_dir {cola} --resume --seed 7                             | --seed 7 contradicts
+train   | --out_dir {cola} --resume --batch_size 4                       | --batch_size 4 contradicts
+train   | --out_dir {cola} --resume --grad_accum 2                       | --grad_accum 2 contradicts
+train   | --out_dir {cola} --resume --dropout 0.3                        | --dropout 0.3 contradicts
+train   | --out_dir {cola} --resume --data_dir {data_text2}              | holds other text than
+train   | --out_dir {cola} --resume --main_iters 2                       | --main_iters 2 is not above the step
+train   | --out_dir {cola} --resume --stage vae --vae_iters 1            | --vae_iters 1 is not above the step
 train   | --out_dir {cola}                                               | add --resume to continue it, --overwrite to replace it
 train   | --out_dir {cola} --model ar                                    | holds a cola checkpoint (step
 train   | --out_dir {ar} --resume                                        | holds a 'ar' model, expected cola
@@ -219,20 +231,24 @@ def test_bad_input_from_the_shell(tmp_path, runs, root):
 # ---------------------------------------------------------------------------------------------------- work never lost
 
 def test_resume_alone_continues_the_run_as_configured(tmp_path, data_dir):
-    """A --stage all run with flags of its own (tiny sizes, --lr, the step counts), stopped inside stage 2, then
-    `--resume` with no other flag but how to run (--no-compile): it continues stage 2 with the run's own flags,
-    leaves vae.pt as it was, and ends bit-exactly where the uninterrupted run ends. Mutation: taking defaults for
-    the flags not repeated (the cpu preset's sizes are refused as a misfit, its step counts re-run stage 1)."""
-    flags = ["--data_dir", data_dir, *TINY, "--vae_iters", "2", "--main_iters", "4", "--eval_interval", "2", "--lr", "2e-3"]
+    """A --stage all run with flags of its own (tiny sizes, --lr, --dropout 0.1, --no-compile, the step counts),
+    stopped inside stage 2 after a validation, then `--resume` alone: it continues stage 2 with the run's own flags
+    (compile off), leaves vae.pt as it was, and ends bit-exactly where the uninterrupted run ends. Mutations: taking
+    defaults for the flags not repeated (the cpu preset's sizes are refused as a misfit, its step counts re-run
+    stage 1); compile not restored; the frozen reference encoder left in train mode (dropout) until the first
+    validation, which the resumed run's steps then draw and the uninterrupted run's do not."""
+    flags = ["--data_dir", data_dir, *TINY, "--vae_iters", "2", "--main_iters", "4", "--eval_interval", "2", "--lr", "2e-3",
+             "--dropout", "0.1"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     train.main(flags + ["--out_dir", full])
-    train.main(flags + ["--out_dir", part, "--stop_after", "2"])
-    assert load_checkpoint(os.path.join(part, "ckpt.pt"))["step"] == 2
+    train.main(flags + ["--out_dir", part, "--stop_after", "3"])
+    assert load_checkpoint(os.path.join(part, "ckpt.pt"))["step"] == 3
     vae_before = tree_hashes([part])[os.path.join(part, "vae.pt")]
-    train.main(["--out_dir", part, "--resume", "--no-compile"])
+    train.main(["--out_dir", part, "--resume"])
     assert tree_hashes([part])[os.path.join(part, "vae.pt")] == vae_before
     a, b = (load_checkpoint(os.path.join(d, "ckpt.pt")) for d in (full, part))
     assert a["step"] == b["step"] == 4 and b["args"]["lr"] == 2e-3 and b["args"]["preset"] == "tiny"
+    assert b["args"]["compile"] is False and b["args"]["dropout"] == 0.1
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     steps = [json.loads(line)["step"] for line in open(os.path.join(part, "log_joint.jsonl"))]
     assert steps == [2, 4]
