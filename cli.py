@@ -230,10 +230,12 @@ def pyplot():
 
 
 def save_figure(plt, fig, path):
-    """Write the figure to path and free it -> path."""
+    """Write the figure to path (atomically: a kill or a full disk keeps the earlier plot) and free it -> path."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, dpi=100, format=os.path.splitext(path)[1][1:] or "png"), "wb")
+    finally:
+        plt.close(fig)
     return path
 
 

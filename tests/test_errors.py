@@ -2,6 +2,7 @@
 one line 'error: ...' on stderr, no traceback, with every checkpoint and data file as it was. Then the cases
 that could lose work: a non-finite step never replaces a good checkpoint, two runs never share a folder,
 a fresh run never overwrites a checkpoint, a log keeps no step twice after a resume."""
+import contextlib
 import json
 import os
 import shutil
@@ -581,3 +582,22 @@ def test_sample_streams_every_block_of_a_cola_run(runs, capsys):
     cfg = stored_sampler(info, enc.eot_token, steps=2, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.1)
     out, stats = generate(model, [enc.encode_ordinary("ROMEO:")], 12, cfg, torch.Generator().manual_seed(1337))
     assert printed == "ROMEO:" + enc.decode(out[0]) and stats["blocks"] > 1
+
+
+def test_a_failed_plot_keeps_the_earlier_one(tmp_path, monkeypatch):
+    """A plot written over an earlier one fails midway (a kill, a full disk): the earlier file is as it was, with no
+    temporary file left (every plot goes through cli.save_figure). Mutation: savefig straight to the path tears it."""
+    import matplotlib.figure
+    from cli import pyplot, save_figure
+    plt, path = pyplot(), str(tmp_path / "diagnostics.png")
+    save_figure(plt, plt.figure(), path)
+    before = open(path, "rb").read()
+
+    def torn(self, target, **kw):
+        with open(target, "wb") if isinstance(target, str) else contextlib.nullcontext(target) as f:
+            f.write(b"half a plot")
+        raise OSError("disk full")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", torn)
+    with pytest.raises(OSError):
+        save_figure(plt, plt.figure(), path)
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["diagnostics.png"]
