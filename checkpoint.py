@@ -40,12 +40,16 @@ def tensor_digest(obj):
     return h.hexdigest()
 
 
+STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what stops a run as Ctrl-C does (cli.script)
+
+
 def save_checkpoint(path, obj):
     """Write atomically (a crash or a full disk keeps the last checkpoint; two writers never mix), with a checksum
-    load_checkpoint checks; a Ctrl-C waits for the whole file (torch's zip writer, interrupted, fails as if full)."""
+    load_checkpoint checks; a Ctrl-C (or STOPS) waits for the whole file (torch's zip writer, interrupted, fails
+    as if full)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     main, interrupted = threading.current_thread() is threading.main_thread(), []
-    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if main else None
+    previous = {s: signal.signal(s, lambda *_: interrupted.append(1)) for s in STOPS} if main else {}
     try:
         write_atomic(path, lambda f: torch.save({**obj, "checksum": tensor_digest(obj)}, f), mode="wb")
     except (OSError, RuntimeError) as e:  # a full disk: OSError, or torch's zip writer failing after it
@@ -53,7 +57,8 @@ def save_checkpoint(path, obj):
         left = "the previous checkpoint is kept" if os.path.exists(path) else "nothing was saved"
         raise CheckpointError(f"cannot write {path} ({why}); {left}") from None
     finally:
-        signal.signal(signal.SIGINT, previous) if main else None
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if interrupted:
         raise KeyboardInterrupt
 

@@ -8,7 +8,9 @@ import gc
 import json
 import math
 import os
+import signal
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -36,6 +38,30 @@ class Parser(argparse.ArgumentParser):
 def fail(message):
     """End a script with one line on stderr."""
     sys.exit(f"error: {message}")
+
+
+def script(main):
+    """A script's main: SIGTERM and SIGHUP stop it as Ctrl-C does, which ends it in one line (unless main says
+    more); a closed stdout (`| head`) ends it quietly, exit status 1."""
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        def interrupt(*_):
+            raise KeyboardInterrupt
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)} if main_thread else {}
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            fail("interrupted")
+        except BrokenPipeError:  # stdout to nowhere, so that the exit's flush does not complain again
+            if sys.stdout is sys.__stdout__:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.stdout = open(os.devnull, "w")
+            sys.exit(1)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    return run
 
 
 # one check per kind of value: argparse `type=` functions whose message names what is wrong

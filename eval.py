@@ -20,7 +20,7 @@ import torch
 
 from checkpoint import CheckpointError, load_model, prompt_ids, stored_sampler
 from cli import Parser, check_writable_dir, check_writable_file, fail, float_list, int_at_least, int_list, \
-    nonneg_float, nonneg_int, pick_device, positive_float, positive_int, readable_file, write_json
+    nonneg_float, nonneg_int, pick_device, positive_float, positive_int, readable_file, script, write_json
 from decoder import GenerationError
 from measures import (builtin_tasks, eval_history_drift, eval_history_gap, eval_latent_fit, eval_likelihood,
                       eval_prefix_prediction, eval_sdedit, eval_vae, make_generator, plot_diagnostics, plot_lines,
@@ -91,6 +91,7 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+@script
 def main(argv=None):
     args = get_args(argv)
     if args.dry_run:

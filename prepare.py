@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import Parser, check_writable_dir, fail, float_in, positive_int, write_json
+from cli import Parser, check_writable_dir, fail, float_in, positive_int, script, write_json
 from tokenizer import REPO_DIR, DataError, get_tokenizer, sha256_of
 
 DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "data", "shakespeare")
@@ -294,6 +294,7 @@ def batch_seed(base, index, step):
     return (base * 1_000_003 + step * 104_729 + index) % (2 ** 63)
 
 
+@script
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument

@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from cli import (Parser, check_writable_dir, dry_run, fail, float_list, positive_int, readable_file, train_dry_run,
-                 write_atomic, write_json)
+                 script, write_atomic, write_json)
 from measures import plot_lines
 from prepare import REPO_DIR, DataError
 
@@ -244,6 +244,7 @@ def train_and_evaluate(a, runs):
         list(ex.map(lambda r: eval_one(a, r), runs))
 
 
+@script
 def main(argv=None):
     a = get_args(argv)
     check_writable_dir(a.out_root, "--out_root")

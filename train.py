@@ -27,7 +27,7 @@ from baselines import TransformerLM, matched_lm_config
 from checkpoint import (CheckpointError, TrainingError, build, checkpoint_for, claim_out_dir, halted, model_from,
                         resumable, resume_training, save_training_state)
 from cli import (Parser, all_reduce_mean, autocast, cleanup_distributed, float_in, int_at_least, keep_freed_memory,
-                 nonneg_float, positive_float, positive_int, setup_distributed, unit_float)
+                 nonneg_float, positive_float, positive_int, script, setup_distributed, unit_float)
 from decoder import SamplerConfig
 from diffusion import ColaDLM, LossConfig
 from dit import DiTConfig
@@ -396,6 +396,7 @@ def run_stages(args, env):
     return run
 
 
+@script
 def main(argv=None):
     args = get_args(argv)
     try:
