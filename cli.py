@@ -284,9 +284,9 @@ def write_json(path, obj, indent=2):
 
 
 @contextlib.contextmanager
-def folder_lock(out_dir):
+def folder_lock(out_dir, name="train.lock", writer="training run"):
     """One writer per folder, by a lock file of its pid: a live writer's is a one-line refusal, a dead one's taken."""
-    path = os.path.join(out_dir, "train.lock")
+    path = os.path.join(out_dir, name)
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -300,7 +300,7 @@ def folder_lock(out_dir):
             except (ValueError, ProcessLookupError, OSError):
                 os.remove(path)  # stale: its run is gone
                 continue
-            fail(f"{out_dir} is being written by another training run (pid {pid}); use another --out_dir")
+            fail(f"{out_dir} is being written by another {writer} (pid {pid}); use another --out_dir")
     else:
         fail(f"cannot take the lock {path}")
     os.write(fd, str(os.getpid()).encode())

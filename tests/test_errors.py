@@ -458,7 +458,9 @@ def safe(tmp_path_factory, runs, data_dir):
     os.makedirs(t / "bad_meta")
     open(t / "bad_results" / "cola_1" / "eval.json", "w").write("{")
     open(t / "bad_meta" / "meta.json", "w").write("{")
-    m["root"] = str(t)
+    os.makedirs(t / "locked")  # a prepared folder that a live prepare.py (this process stands in) is writing
+    open(t / "locked" / "prepare.lock", "w").write(str(os.getpid()))
+    m["locked"], m["root"] = str(t / "locked"), str(t)
     return m
 
 
@@ -493,6 +495,7 @@ scaling | --ablations {abl_up} --judge {ar}/ckpt.pt --out_root {fresh}    | must
 scaling | --ablations {abl_two} --judge {ar}/ckpt.pt --out_root {fresh}   | two runs share the name x
 scaling | --ablations {abl_from} --judge {ar}/ckpt.pt --out_root {fresh}  | from=nope names no run
 prepare | --input {text} --out_dir {fresh} --workers 100000                | more than 4 per CPU core
+prepare | --input {text} --out_dir {locked} --tokenizer {tok}             | is being written by another prepare.py
 scaling | --eval_args=--nonsense --judge {ar}/ckpt.pt --out_root {fresh}   | unrecognized arguments: --nonsense
 """.strip().splitlines()]
 
@@ -550,6 +553,42 @@ def test_prepare_overwrite_replaces(tmp_path, safe, data_dir):
     assert tree_hashes([str(tmp_path / "p")]) == before
     prepare.main(argv + ["--overwrite"])
     assert tree_hashes([str(tmp_path / "p")]) != before
+
+
+def test_prepare_overwrite_replaces_the_folder_whole_or_not_at_all(tmp_path, safe, monkeypatch, capsys):
+    """prepare.py --overwrite with other text: stopped at its last moment before meta.json is written (the commit),
+    the folder on disk is the old one, whole (what a kill there leaves), and the stop is one line with every file
+    as it was; finished, it is the new one, without the old shards. Mutation: new shards under the old names (the
+    old meta.json then refuses them as truncated or changed)."""
+    out = str(tmp_path / "p")
+    argv = ["--tokenizer", safe["tok"], "--min_seq_len", "16", "--workers", "1", "--out_dir", out, "--overwrite"]
+    prepare.main(argv + ["--input", safe["text"]])
+    old = prepare.load_meta(out)
+    other = tmp_path / "other.txt"
+    other.write_text(open(os.path.join(ROOT, "data", "shakespeare_tiny.txt")).read()[20000:30000])
+    real_write = prepare.write_json
+
+    def killed_before_commit(path, obj):
+        assert prepare.TokenData(out, 16).meta == old  # the old folder loads, as it was
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prepare, "write_json", killed_before_commit)
+    bad_input_is_one_line(prepare.main, argv + ["--input", str(other)], "interrupted", [out], capsys)
+    monkeypatch.setattr(prepare, "write_json", real_write)
+    prepare.main(argv + ["--input", str(other)])
+    new = prepare.TokenData(out, 16).meta
+    assert new["source"] == str(other) and new["train_tokens"] != old["train_tokens"]
+    assert sorted(os.listdir(out)) == sorted(["meta.json"] + [s["file"] for k in ("train", "val") for s in new["shards"][k]])
+
+
+def test_input_without_a_cut_point_is_read_in_bounded_pieces(tmp_path):
+    """Text with no place where the BPE allows a cut (NUL bytes, or one endless word) is still read in pieces of at
+    most 2 x block_bytes, and nothing is lost. Mutation: waiting for a natural cut holds the whole input."""
+    for name, text in (("nul.txt", "\x00" * 50_000), ("word.txt", "x" * 50_000)):
+        (tmp_path / name).write_text(text)
+        pieces = [p for p, _, _ in prepare.read_pieces([str(tmp_path / name)], 1024)]
+        assert "".join(pieces) == text and max(map(len, pieces)) <= 2048
+    doc = list(prepare.split_document("y" * 50_000, 1024))
+    assert "".join(doc) == "y" * 50_000 and max(map(len, doc)) <= 1024
 
 
 def test_ablations_file_still_plans():
