@@ -15,7 +15,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-from cli import check_writable_dir, fail, folder_lock, write_atomic
+from cli import check_memory, check_writable_dir, fail, folder_lock, write_atomic
 from tokenizer import DataError, get_tokenizer, same_tokenizer
 
 
@@ -23,21 +23,36 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line meant for the user."""
 
 
-def tensor_digest(obj):
-    """sha256 over every tensor in a checkpoint (in key order): one flipped bit in a weight changes it."""
-    h = hashlib.sha256()
+def digest(obj, tensors_only=False):
+    """'sha256:' + a sha256 over all that a checkpoint holds but its checksum: every key, plain value and type,
+    every tensor's dtype, shape and bytes (tensors_only: the bare hex of checkpoints written before 2026-12-08,
+    over their tensors' bytes alone). Each container is walked once, so that any structure takes linear time; a
+    list or dict met twice (shared, or inside itself) is refused."""
+    h, seen = hashlib.sha256(), {}  # id -> (order of its first visit, holds a tensor); None while it is walked
+    add = lambda text: h.update(b"" if tensors_only else text.encode())
 
     def walk(o):
         if torch.is_tensor(o):
+            add(f"tensor {o.dtype} {tuple(o.shape)}")
             h.update(o.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(o, dict):
-            for k in sorted((k for k in o if k != "checksum"), key=str):
-                walk(o[k])
-        elif isinstance(o, (list, tuple)):
-            for v in o:
-                walk(v)
-    walk(obj)
-    return h.hexdigest()
+            return True
+        if not isinstance(o, (dict, list, tuple)):
+            return add(f"{type(o).__name__} {o!r}")
+        if id(o) in seen:  # only a tuple may be shared (the optimizer's betas are): hashed as a reference
+            if seen[id(o)] is None or not isinstance(o, tuple) or tensors_only and seen[id(o)][1]:
+                raise CheckpointError("holds a list or dict in two places or inside itself: not a checkpoint")
+            return add(f"ref {seen[id(o)][0]}")
+        seen[id(o)] = None
+        keys = sorted((k for k in o if k != "checksum"), key=str if tensors_only else repr) \
+            if isinstance(o, dict) else range(len(o))
+        add(f"{type(o).__name__} {[*keys] if isinstance(o, dict) else len(o)!r}")
+        seen[id(o)] = (len(seen), any([walk(o[k]) for k in keys]))
+        return seen[id(o)][1]
+    try:
+        walk(obj)
+    except RecursionError:
+        raise CheckpointError("is nested too deeply to read") from None
+    return h.hexdigest() if tensors_only else "sha256:" + h.hexdigest()
 
 
 STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what stops a run as Ctrl-C does (cli.script)
@@ -51,7 +66,7 @@ def save_checkpoint(path, obj):
     main, interrupted = threading.current_thread() is threading.main_thread(), []
     previous = {s: signal.signal(s, lambda *_: interrupted.append(1)) for s in STOPS} if main else {}
     try:
-        write_atomic(path, lambda f: torch.save({**obj, "checksum": tensor_digest(obj)}, f), mode="wb")
+        write_atomic(path, lambda f: torch.save({**obj, "checksum": digest(obj)}, f), mode="wb")
     except (OSError, RuntimeError) as e:  # a full disk: OSError, or torch's zip writer failing after it
         why = getattr(e, "strerror", None) or str(e).splitlines()[0][:80]
         left = "the previous checkpoint is kept" if os.path.exists(path) else "nothing was saved"
@@ -102,8 +117,18 @@ def load_checkpoint(path, kinds=None):
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this project")
-    if "checksum" in ckpt and ckpt["checksum"] != tensor_digest(ckpt):
-        raise CheckpointError(f"{path} is corrupt: its tensors do not match their checksum")
+    if not isinstance(ckpt.get("checksum"), str):
+        raise CheckpointError(f"{path} has no checksum: not a checkpoint this project wrote")
+    try:
+        same = ckpt["checksum"] == digest(ckpt, tensors_only=not ckpt["checksum"].startswith("sha256:"))
+    except CheckpointError as e:
+        raise CheckpointError(f"{path} {e}") from None
+    except ValueError:  # an int too long to print
+        same = False
+    if not same:
+        raise CheckpointError(f"{path} is corrupt: its contents do not match their checksum")
+    if not isinstance(ckpt.get("step", 0), int) or ckpt.get("step", 0) < 0:
+        raise CheckpointError(f"{path} has step {ckpt['step']!r}, not a step count")
     if kinds is not None and ckpt["kind"] not in kinds:
         raise CheckpointError(f"{path} holds a '{ckpt['kind']}' model, expected {' or '.join(kinds)}")
     ckpt["path"] = path  # for messages; not saved
@@ -174,18 +199,31 @@ def resume_training(ckpt, opt, log_path, seed, env):
 
 # models from checkpoints
 
+def weight_bytes(cfg):
+    """fp32 bytes of a config's weights, an upper estimate from its sizes alone (nothing built): per block
+    attention, adaLN and MLP, then the embeddings and heads."""
+    get = lambda *names: sum(getattr(cfg, n, 0) for n in names)
+    w, blocks = cfg.width, get("n_layers", "n_enc_layers", "n_dec_layers")
+    return 4 * (blocks * (10 * w * w + 3 * w * (get("mlp_hidden") or 4 * w)) + 2 * w * (get("vocab_size") + 1)
+                + w * get("latent_dim", "freq_dim", "max_seq_len"))
+
+
 def model_from(ckpt):
     """The model a checkpoint dict holds (VAE, Cola DLM or a baseline) with its weights; misfits: CheckpointError."""
     from baselines import LMConfig, TransformerLM
     from diffusion import ColaDLM
     from dit import DiTConfig
     from vae import TextVAE, VAEConfig
-    if ckpt["kind"] in ("ar", "llada"):
-        model = TransformerLM(build(LMConfig, ckpt["lm_config"], ckpt))
-    elif ckpt["kind"] == "vae":
-        model = TextVAE(build(VAEConfig, ckpt["vae_config"], ckpt))
+    kind, where = ckpt["kind"], ckpt.get("path", "the checkpoint")
+    names = {"ar": ["lm"], "llada": ["lm"], "vae": ["vae"]}.get(kind, ["vae", "dit"])
+    cfgs = [build({"lm": LMConfig, "vae": VAEConfig, "dit": DiTConfig}[n], ckpt[f"{n}_config"], ckpt) for n in names]
+    check_memory(sum(map(weight_bytes, cfgs)), "cpu", f"{where}: the weights its configs ask for")  # before building
+    if kind in ("ar", "llada"):
+        model = TransformerLM(cfgs[0])
+    elif kind == "vae":
+        model = TextVAE(cfgs[0])
     else:
-        vae_cfg, dit_cfg = build(VAEConfig, ckpt["vae_config"], ckpt), build(DiTConfig, ckpt["dit_config"], ckpt)
+        vae_cfg, dit_cfg = cfgs
         if vae_cfg.latent_dim != dit_cfg.latent_dim or dit_cfg.block_size % vae_cfg.block_size:
             raise CheckpointError(f"{ckpt.get('path')}: its VAE and DiT configs do not fit together")
         model = ColaDLM(vae_cfg, dit_cfg)

@@ -202,6 +202,14 @@ def pick_device(name):
     return name
 
 
+def check_memory(need, device, what):
+    """Refuse, before any model is built or run, sizes whose `need` bytes alone outgrow the device's memory."""
+    mem = torch.cuda.get_device_properties(device).total_memory if str(device).startswith("cuda") else \
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > mem:
+        fail(f"{what} alone need {need / 2 ** 30:,.0f} GiB, more than the {mem / 2 ** 30:,.0f} GiB of {device}")
+
+
 def setup_distributed(device):
     """Returns (rank, world, device). Works with or without torchrun."""
     device = pick_device(device)

@@ -82,13 +82,24 @@ def materials(tmp, runs, data_dir):
     del ar["path"]
     save_checkpoint(str(tmp / "judge_cl100k.pt"), {**ar, "tokenizer": "cl100k_base"})
     m.update(nan_ckpt=str(tmp / "nan.pt"), misfit_ckpt=str(tmp / "misfit.pt"), other_judge=str(tmp / "judge_cl100k.pt"))
-    # hand edits that keep the checksum: one flipped exponent bit in a weight, and config values of the wrong kind
+    # hand edits that keep the old checksum: one flipped exponent bit in a weight; the step; no checksum at all
     flipped = {**ck, "model": {k: v.clone() for k, v in ck["model"].items()}}
     flipped["model"]["dit.inp.weight"].view(-1).view(torch.int32)[0] ^= 1 << 30
     torch.save(flipped, str(tmp / "bitflip.pt"))
-    m["bitflip"] = str(tmp / "bitflip.pt")
-    for name, value in (("float", 64.0), ("zero", 0), ("huge", 10**12), ("null", None), ("text", "abc")):
-        torch.save({**ck, "dit_config": {**ck["dit_config"], "width": value}}, str(tmp / f"cfg_{name}.pt"))
+    torch.save({**ck, "step": -1000000}, str(tmp / "step_edit.pt"))
+    torch.save({k: v for k, v in ck.items() if k != "checksum"}, str(tmp / "no_checksum.pt"))
+    looped, dag = [1], [0]  # a list inside itself; 24 levels of shared lists (2^24 paths, 25 lists)
+    looped.append(looped)
+    for _ in range(24):
+        dag = [dag, dag]
+    torch.save({**ck, "extra": looped}, str(tmp / "looped.pt"))
+    torch.save({**ck, "extra": dag}, str(tmp / "dag.pt"))
+    m.update({n: str(tmp / f"{n}.pt") for n in ("bitflip", "step_edit", "no_checksum", "looped", "dag")})
+    # config values of the wrong kind, or of a size no machine holds, checksummed as a writer that checks nothing
+    for name, field, value in (("float", "width", 64.0), ("zero", "width", 0), ("huge", "width", 10**12),
+                               ("null", "width", None), ("text", "width", "abc"), ("wide", "width", 99_999_998),
+                               ("deep", "n_layers", 99_999_999)):
+        save_checkpoint(str(tmp / f"cfg_{name}.pt"), {**ck, "dit_config": {**ck["dit_config"], field: value}})
         m[f"cfg_{name}"] = str(tmp / f"cfg_{name}.pt")
     long_task = tmp / "long.jsonl"
     long_task.write_text(json.dumps({"prompt": "word " * 1100, "ground_truth": "x"}) + "\n")
@@ -114,8 +125,11 @@ def materials(tmp, runs, data_dir):
     meta = json.load(open(tmp / "data_metatok" / "meta.json"))
     json.dump({**meta, "tokenizer": "gpt2"}, open(tmp / "data_metatok" / "meta.json", "w"))
     m["data_metatok"] = str(tmp / "data_metatok")
-    torch.save({**ck, "tokenizer": "gpt2"}, str(tmp / "tok_edit.pt"))  # a checkpoint naming another tokenizer
+    save_checkpoint(str(tmp / "tok_edit.pt"), {**ck, "tokenizer": "gpt2"})  # a checkpoint naming another tokenizer
     m["tok_edit"] = str(tmp / "tok_edit.pt")
+    os.makedirs(tmp / "dag_run")
+    shutil.copy(tmp / "dag.pt", tmp / "dag_run" / "ckpt.pt")
+    m["dag_run"] = str(tmp / "dag_run")
     os.makedirs(tmp / "vae_only")
     shutil.copy(os.path.join(runs["cola"], "vae.pt"), tmp / "vae_only" / "vae.pt")
     m["vae_only"] = str(tmp / "vae_only")
@@ -194,7 +208,14 @@ bench   | --new_tokens 0                                                 | argum
 prepare | --shard_tokens 1 --out_dir {fresh}                             | --shard_tokens must be >= 1024
 prepare | --out_dir {a_file}                                             | is a file, not a folder
 prepare | --input {nonutf8} --out_dir {fresh}                            | is not UTF-8 text
-sample  | --ckpt {bitflip}                                               | is corrupt: its tensors do not match their checksum
+sample  | --ckpt {bitflip}                                               | is corrupt: its contents do not match their checksum
+sample  | --ckpt {step_edit}                                             | is corrupt: its contents do not match their checksum
+sample  | --ckpt {no_checksum}                                           | has no checksum
+sample  | --ckpt {looped}                                                | holds a list or dict in two places or inside itself
+sample  | --ckpt {dag}                                                   | holds a list or dict in two places or inside itself
+sample  | --ckpt {cfg_wide}                                              | the weights its configs ask for alone need
+sample  | --ckpt {cfg_deep}                                              | the weights its configs ask for alone need
+train   | --out_dir {dag_run}                                            | holds a list or dict in two places
 train   | --out_dir {cola} --resume --data_dir {data_other}              | was trained on
 train   | --data_dir {data_metatok}                                      | has 50257 ids, not its vocab_size 265
 sample  | --ckpt {tok_edit}                                              | not the tokenizer it was trained with
