@@ -5,7 +5,6 @@ folder is claimed before any work (claim_out_dir); load_model reads a checkpoint
 import argparse
 import contextlib
 import hashlib
-import json
 import math
 import os
 import signal
@@ -15,7 +14,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-from cli import check_memory, check_writable_dir, fail, folder_lock, write_atomic
+from cli import check_memory, check_writable_dir, fail, folder_lock, json_loads, write_atomic
 from tokenizer import DataError, get_tokenizer, same_tokenizer
 
 
@@ -375,7 +374,7 @@ def trim_log(path, step):
         lines = []
         for ln in open(path, encoding="utf-8", errors="replace"):
             try:
-                lines += [ln] if json.loads(ln)["step"] <= step else []
+                lines += [ln] if json_loads(ln)["step"] <= step else []
             except (ValueError, KeyError, TypeError):
                 pass  # a line torn by a kill
         write_atomic(path, lambda f: f.writelines(lines))

@@ -287,6 +287,15 @@ def write_atomic(path, write, mode="w"):
             os.remove(tmp)
 
 
+def json_loads(text):
+    """json.loads, where JSON nested deeper than the parser recurses (a hostile file) is a JSONDecodeError as any
+    malformed JSON is, not a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
+
+
 def write_json(path, obj, indent=2):
     write_atomic(path, lambda f: json.dump(obj, f, indent=indent))
 

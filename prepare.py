@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import Parser, check_writable_dir, fail, float_in, folder_lock, positive_int, script, write_json
+from cli import Parser, check_writable_dir, fail, float_in, folder_lock, json_loads, positive_int, script, write_json
 from tokenizer import REPO_DIR, DataError, get_tokenizer, sha256_of
 
 DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "data", "shakespeare")
@@ -102,7 +102,7 @@ def read_pieces(files, block_bytes):
                     if not line.strip():
                         continue
                     try:
-                        text = json.loads(line.decode("utf-8"))["text"]
+                        text = json_loads(line.decode("utf-8"))["text"]
                         assert isinstance(text, str)
                     except (ValueError, KeyError, TypeError, AssertionError):
                         raise DataError(f"{path}:{line_no}: not a JSON object with a string 'text'") from None
@@ -233,12 +233,13 @@ def load_meta(data_dir):
         raise DataError(f"{path} not found: run `python prepare.py` (or --input FILE --out_dir {data_dir}) first")
     try:
         with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-        np.dtype(meta["dtype"])
-        assert isinstance(meta["vocab_size"], int) and isinstance(meta["tokenizer"], str)
+            meta = json_loads(f.read())
+        assert meta["dtype"] in ("uint16", "uint32") and isinstance(meta["tokenizer"], str)  # what prepare writes
+        assert type(meta["vocab_size"]) is type(meta["eot_id"]) is int and 0 <= meta["eot_id"] < meta["vocab_size"]
         for split in ("train", "val"):
-            shards = meta["shards"][split]
-            assert all(isinstance(s["file"], str) and isinstance(s["tokens"], int) for s in shards)
+            shards = meta["shards"][split]  # a shard is a file of this folder, named as prepare names it
+            assert all(isinstance(s["file"], str) and SHARD.fullmatch(s["file"]) and isinstance(s["tokens"], int)
+                       for s in shards)
             assert sum(s["tokens"] for s in shards) == meta[f"{split}_tokens"]  # the shards add up to the count
     except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
         raise DataError(f"{path} is not a valid meta.json ({type(e).__name__}); prepare the data again") from None

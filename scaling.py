@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from cli import (Parser, check_writable_dir, dry_run, fail, float_list, positive_int, readable_file, train_dry_run,
-                 script, write_atomic, write_json)
+                 json_loads, script, write_atomic, write_json)
 from measures import plot_lines
 from prepare import REPO_DIR, DataError
 
@@ -181,7 +181,7 @@ def load_result(run_dir):
     path = os.path.join(run_dir, "eval.json")
     try:
         with open(path, encoding="utf-8") as f:
-            res = json.load(f)
+            res = json_loads(f.read())
         assert isinstance(res, dict)
     except (OSError, ValueError, AssertionError) as e:
         fail(f"{path} is not an eval result ({type(e).__name__}); delete it to evaluate the run again")

@@ -26,6 +26,7 @@ from conftest import ROOT, bad_input_is_one_line, one_line_error, tree_hashes
 
 TINY = ["--preset", "tiny", "--latent_dim", "8", "--block_size", "4", "--seq_len", "16", "--batch_size", "2",
         "--no-compile", "--dtype", "float32", "--log_interval", "1", "--eval_iters", "1", "--warmup_iters", "2"]
+DEEP = "[" * 100_000 + "]" * 100_000  # JSON nested deeper than Python's parser recurses
 SCRIPTS = {"train": train, "sample": sample, "eval": ev, "bench": bench, "prepare": prepare, "scaling": scaling}
 
 
@@ -53,6 +54,13 @@ def corrupt_data(src, dst, how):
         open(shard, "wb").write(data[:len(data) // 2])
     elif how == "meta":
         open(os.path.join(dst, "meta.json"), "w").write('{"dtype": "uint16", "shards": ')
+    elif how in ("dtype", "eot", "path"):  # hand edits of meta.json: ids read as int16, an EOT outside the
+        meta = json.load(open(os.path.join(dst, "meta.json")))  # vocabulary, a shard named by a path elsewhere
+        meta.update(dtype="int16") if how == "dtype" else meta.update(eot_id=10**9) if how == "eot" else \
+            meta["shards"]["train"][0].update(file=os.path.join(os.path.abspath(src), meta["shards"]["train"][0]["file"]))
+        json.dump(meta, open(os.path.join(dst, "meta.json"), "w"))
+    elif how == "deep":
+        open(os.path.join(dst, "meta.json"), "w").write(DEEP)
     elif how == "oov":
         ids = np.frombuffer(data, dtype=np.uint16).copy()
         ids[5] = 60000  # the data's vocabulary has 265 ids
@@ -133,7 +141,7 @@ def materials(tmp, runs, data_dir):
     os.makedirs(tmp / "vae_only")
     shutil.copy(os.path.join(runs["cola"], "vae.pt"), tmp / "vae_only" / "vae.pt")
     m["vae_only"] = str(tmp / "vae_only")
-    for how in ("odd", "empty", "half", "meta", "oov"):
+    for how in ("odd", "empty", "half", "meta", "oov", "dtype", "eot", "path", "deep"):
         m[f"data_{how}"] = corrupt_data(data_dir, str(tmp / f"data_{how}"), how)
     return m
 
@@ -179,6 +187,10 @@ train   | --out_dir {fresh} --data_dir {data_empty}                      | holds
 train   | --out_dir {fresh} --data_dir {data_half}                       | truncated or changed
 train   | --out_dir {fresh} --data_dir {data_meta}                       | is not a valid meta.json
 train   | --out_dir {fresh} --data_dir {data_oov}                        | outside the vocabulary of 265
+train   | --out_dir {fresh} --data_dir {data_dtype}                      | is not a valid meta.json
+train   | --out_dir {fresh} --data_dir {data_eot}                        | is not a valid meta.json
+train   | --out_dir {fresh} --data_dir {data_path}                       | is not a valid meta.json
+train   | --out_dir {fresh} --data_dir {data_deep}                       | is not a valid meta.json (JSONDecodeError)
 sample  | --ckpt {cola}/ckpt.pt --steps 0                                | argument --steps: must be >= 1
 sample  | --ckpt {cola}/ckpt.pt --guidance nan                           | argument --guidance: must be a finite number
 sample  | --ckpt {cola}/ckpt.pt --repetition_penalty nan                 | argument --repetition_penalty
@@ -395,7 +407,7 @@ def test_resume_keeps_each_logged_step_once(tmp_path, data_dir):
     common = ["--data_dir", data_dir, "--out_dir", out, "--stage", "vae", "--vae_iters", "4", "--eval_interval", "2"] + TINY
     train.main(common + ["--stop_after", "2"])
     with open(os.path.join(out, "log_vae.jsonl"), "a") as f:  # the line of a step whose checkpoint never came
-        f.write(json.dumps({"step": 4, "loss": 1.0}) + "\n" + '{"step": 5, "lo')  # and a line torn by the kill
+        f.write(json.dumps({"step": 4, "loss": 1.0}) + "\n" + DEEP + "\n" + '{"step": 5, "lo')  # a torn line
     open(os.path.join(out, "vae.pt.999999.tmp"), "wb").write(b"a save killed halfway")
     train.main(common + ["--resume"])
     steps = [json.loads(line)["step"] for line in open(os.path.join(out, "log_vae.jsonl"))]
@@ -479,6 +491,12 @@ def safe(tmp_path_factory, runs, data_dir):
     os.makedirs(t / "bad_meta")
     open(t / "bad_results" / "cola_1" / "eval.json", "w").write("{")
     open(t / "bad_meta" / "meta.json", "w").write("{")
+    for name in ("deep.jsonl", "deep_tok.json", "deep_task.jsonl"):  # JSON nested 100,000 deep, wherever it is read
+        open(t / name, "w").write(json.dumps({"text": "x", "prompt": "x", "answer": "y", "deep": 0})[:-2] + DEEP + "}\n")
+        m[name.split(".")[0]] = str(t / name)
+    os.makedirs(t / "deep_results" / "cola_1")
+    open(t / "deep_results" / "cola_1" / "eval.json", "w").write('{"kind": ' + DEEP + "}")
+    m["deep_results"] = str(t / "deep_results")
     os.makedirs(t / "locked")  # a prepared folder that a live prepare.py (this process stands in) is writing
     open(t / "locked" / "prepare.lock", "w").write(str(os.getpid()))
     m["locked"], m["root"] = str(t / "locked"), str(t)
@@ -517,6 +535,11 @@ scaling | --ablations {abl_two} --judge {ar}/ckpt.pt --out_root {fresh}   | two 
 scaling | --ablations {abl_from} --judge {ar}/ckpt.pt --out_root {fresh}  | from=nope names no run
 prepare | --input {text} --out_dir {fresh} --workers 100000                | more than 4 per CPU core
 prepare | --input {text} --out_dir {locked} --tokenizer {tok}             | is being written by another prepare.py
+prepare | --input {deep} --out_dir {fresh} --tokenizer {tok}              | not a JSON object with a string 'text'
+prepare | --input {text} --out_dir {fresh} --tokenizer {deep_tok}         | is not a readable tokenizer.json
+eval    | --score {deep_task}                                             | not valid JSON (nested too deeply)
+scaling | --table_only --levels 1 --out_root {deep_results}               | is not an eval result (JSONDecodeError)
+eval    | --ckpt {cola}/ckpt.pt --results {deep_results}/cola_1/eval.json | exists and is not an eval result
 scaling | --eval_args=--nonsense --judge {ar}/ckpt.pt --out_root {fresh}   | unrecognized arguments: --nonsense
 """.strip().splitlines()]
 
