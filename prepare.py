@@ -179,6 +179,8 @@ def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64,
     enc = get_tokenizer(tokenizer)
     dtype = np.uint16 if enc.n_vocab <= 65536 else np.uint32
     os.makedirs(out_dir, exist_ok=True)
+    for f in os.listdir(out_dir):  # killed runs' shard temporaries (prepare.py holds the folder's lock)
+        os.remove(os.path.join(out_dir, f)) if re.fullmatch(SHARD.pattern + r"\.\d+\.tmp", f) else None
     first = 1 + max((int(m[1]) for f in os.listdir(out_dir) if (m := SHARD.fullmatch(f))), default=-1)
     out, every = Shards(out_dir, dtype, shard_tokens, first), max(2, round(1 / val_fraction))
     encode, pieces = functools.partial(encode_piece, tokenizer), read_pieces(files, block_bytes)

@@ -604,7 +604,7 @@ def test_prepare_overwrite_replaces_the_folder_whole_or_not_at_all(tmp_path, saf
     the folder on disk is the old one, whole (what a kill there leaves), and the stop is one line with every file
     as it was; finished, it is the new one, without the old shards. Mutation: new shards under the old names (the
     old meta.json then refuses them as truncated or changed)."""
-    out = str(tmp_path / "p")
+    out = str(tmp_path / "p")  # (a killed run's shard temporary is cleared by the next run, which holds the lock)
     argv = ["--tokenizer", safe["tok"], "--min_seq_len", "16", "--workers", "1", "--out_dir", out, "--overwrite"]
     prepare.main(argv + ["--input", safe["text"]])
     old = prepare.load_meta(out)
@@ -618,6 +618,7 @@ def test_prepare_overwrite_replaces_the_folder_whole_or_not_at_all(tmp_path, saf
     monkeypatch.setattr(prepare, "write_json", killed_before_commit)
     bad_input_is_one_line(prepare.main, argv + ["--input", str(other)], "interrupted", [out], capsys)
     monkeypatch.setattr(prepare, "write_json", real_write)
+    open(os.path.join(out, "train_00007.bin.999999.tmp"), "wb").write(b"a SIGKILLed run's shard")  # cleared
     prepare.main(argv + ["--input", str(other)])
     new = prepare.TokenData(out, 16).meta
     assert new["source"] == str(other) and new["train_tokens"] != old["train_tokens"]
