@@ -25,9 +25,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from baselines import TransformerLM, matched_lm_config
 from checkpoint import (CheckpointError, TrainingError, build, checkpoint_for, claim_out_dir, halted, model_from,
-                        resumable, resume_training, save_training_state)
-from cli import (Parser, all_reduce_mean, autocast, cleanup_distributed, float_in, int_at_least, keep_freed_memory,
-                 nonneg_float, positive_float, positive_int, script, setup_distributed, unit_float)
+                        resumable, resume_training, save_training_state, weight_bytes)
+from cli import (Parser, all_reduce_mean, autocast, check_memory, cleanup_distributed, float_in, int_at_least,
+                 keep_freed_memory, nonneg_float, positive_float, positive_int, script, setup_distributed, unit_float)
 from decoder import SamplerConfig
 from diffusion import ColaDLM, LossConfig
 from dit import DiTConfig
@@ -133,6 +133,9 @@ def check_args(args):
                  f"{args.block_size * args.patch_size}")
     if args.min_lr > args.lr:
         sys.exit(f"error: --min_lr {args.min_lr:g} is above --lr {args.lr:g}")
+    if not args.dry_run:  # sizes no machine holds, before anything is built (the vocabulary comes with the data)
+        vae = vae_config(args, 0)
+        check_memory(weight_bytes(vae) + weight_bytes(dit_config(args, vae)), "cpu", "the weights these flags ask for")
 
 
 def vae_config(args, vocab_size):

@@ -164,6 +164,8 @@ train   | --dropout 2                                                    | argum
 train   | --dit_width 0                                                  | argument --dit_width: must be >= 1
 train   | --vae_width 0                                                  | argument --vae_width: must be >= 1
 train   | --main_iters 0                                                 | argument --main_iters: must be >= 1
+train   | --dit_width 99999998                                           | the weights these flags ask for alone need
+train   | --vae_layers 99999999                                          | the weights these flags ask for alone need
 train   | --seq_len 18                                                   | must be a multiple of block_size
 train   | --resume --overwrite                                           | contradict each other
 train   | --out_dir {cola} --resume --dit_width 96                       | --dit_width 96 contradicts
