@@ -14,7 +14,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-from cli import check_memory, check_writable_dir, fail, folder_lock, json_loads, write_atomic
+from cli import check_memory, check_writable_dir, fail, folder_lock, json_loads, stop_signals, write_atomic
 from tokenizer import DataError, get_tokenizer, same_tokenizer
 
 
@@ -316,6 +316,9 @@ def check_out_dir(args):
             held = load_checkpoint(path)
             fail(f"{path} holds a {held['kind']} checkpoint (step {held['step']}); add --resume to continue it, "
                  "--overwrite to replace it, or pick another --out_dir")
+    sizes = [argparse.Namespace(width=getattr(args, f"{n}_width"), mlp_hidden=getattr(args, f"{n}_mlp"),
+                                n_layers=getattr(args, f"{n}_layers") * (1 + (n == "vae"))) for n in ("vae", "dit")]
+    check_memory(sum(map(weight_bytes, sizes)), "cpu", "the weights these flags ask for")  # before anything is built
     vae = os.path.join(args.out_dir, "vae.pt")
     if args.model == "cola" and args.stage == "joint" and not found and not os.path.exists(vae):
         fail(f"--stage joint starts from {vae}, which does not exist: train stage 1 first (--stage vae)")
@@ -333,6 +336,7 @@ def claim_out_dir(args, world=1, master=True, check_args=lambda args: None):
     check_args; every rank gets the verdict (one line) or the flags to train with."""
     verdict = [None, vars(args)]
     with contextlib.ExitStack() as held:
+        held.enter_context(stop_signals())  # SIGTERM and SIGHUP stop the run as Ctrl-C does
         if master:
             try:
                 check_writable_dir(args.out_dir, "--out_dir")

@@ -40,27 +40,35 @@ def fail(message):
     sys.exit(f"error: {message}")
 
 
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM and SIGHUP stop the work inside as Ctrl-C does (KeyboardInterrupt); a closed stdout (`| head`) ends
+    it quietly, exit status 1."""
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)} if main_thread else {}
+    try:
+        yield
+    except BrokenPipeError:  # stdout to nowhere, so that the exit's flush does not complain again
+        if sys.stdout is sys.__stdout__:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.stdout = open(os.devnull, "w")
+        sys.exit(1)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def script(main):
-    """A script's main: SIGTERM and SIGHUP stop it as Ctrl-C does, which ends it in one line (unless main says
-    more); a closed stdout (`| head`) ends it quietly, exit status 1."""
+    """A script's main under stop_signals, where Ctrl-C ends it in one line."""
     @functools.wraps(main)
     def run(*args, **kwargs):
-        def interrupt(*_):
-            raise KeyboardInterrupt
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)} if main_thread else {}
         try:
-            return main(*args, **kwargs)
+            with stop_signals():
+                return main(*args, **kwargs)
         except KeyboardInterrupt:
             fail("interrupted")
-        except BrokenPipeError:  # stdout to nowhere, so that the exit's flush does not complain again
-            if sys.stdout is sys.__stdout__:
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.stdout = open(os.devnull, "w")
-            sys.exit(1)
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
     return run
 
 

@@ -25,9 +25,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from baselines import TransformerLM, matched_lm_config
 from checkpoint import (CheckpointError, TrainingError, build, checkpoint_for, claim_out_dir, halted, model_from,
-                        resumable, resume_training, save_training_state, weight_bytes)
-from cli import (Parser, all_reduce_mean, autocast, check_memory, cleanup_distributed, float_in, int_at_least,
-                 keep_freed_memory, nonneg_float, positive_float, positive_int, script, setup_distributed, unit_float)
+                        resumable, resume_training, save_training_state)
+from cli import (Parser, all_reduce_mean, autocast, cleanup_distributed, float_in, int_at_least, keep_freed_memory,
+                 nonneg_float, positive_float, positive_int, setup_distributed, unit_float)
 from decoder import SamplerConfig
 from diffusion import ColaDLM, LossConfig
 from dit import DiTConfig
@@ -133,9 +133,6 @@ def check_args(args):
                  f"{args.block_size * args.patch_size}")
     if args.min_lr > args.lr:
         sys.exit(f"error: --min_lr {args.min_lr:g} is above --lr {args.lr:g}")
-    if not args.dry_run:  # sizes no machine holds, before anything is built (the vocabulary comes with the data)
-        vae = vae_config(args, 0)
-        check_memory(weight_bytes(vae) + weight_bytes(dit_config(args, vae)), "cpu", "the weights these flags ask for")
 
 
 def vae_config(args, vocab_size):
@@ -315,11 +312,10 @@ def train(run, args, env, data):
     flops = lambda: run.flops_before + step * tokens_per_step * run.flops_per_token
     halt = lambda what: halted(run.name, run.ckpt_path, what)
 
-    save = lambda: save_training_state(run.ckpt_path, dict(**run.ckpt_fields, model=model.state_dict(), step=step,
-                                                         optimizer=opt.state_dict(), args=vars(args),
-                                                         tokenizer=data.meta["tokenizer"], train_flops=flops(),
-                                                         data_sha256=data.meta.get("source_sha256")),
-                                       world, master, run.name)
+    save = lambda: save_training_state(run.ckpt_path, dict(
+        **run.ckpt_fields, model=model.state_dict(), step=step, optimizer=opt.state_dict(), args=vars(args),
+        tokenizer=data.meta["tokenizer"], data_sha256=data.meta.get("source_sha256"), train_flops=flops()),
+        world, master, run.name)
 
     def validate():
         """Metrics over the validation batches and ranks, with fixed noise (the training stream is left alone)."""
@@ -399,7 +395,6 @@ def run_stages(args, env):
     return run
 
 
-@script
 def main(argv=None):
     args = get_args(argv)
     try:
