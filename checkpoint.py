@@ -54,7 +54,7 @@ def digest(obj, tensors_only=False):
     return h.hexdigest() if tensors_only else "sha256:" + h.hexdigest()
 
 
-STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what stops a run as Ctrl-C does (cli.script)
+STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what stops a run as Ctrl-C does (cli.stop_signals)
 
 
 def save_checkpoint(path, obj):
