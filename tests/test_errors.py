@@ -1,7 +1,9 @@
 """Bad input, as a new (and careless) user gives it: every row is one script with one bad value, and must end in
 one line 'error: ...' on stderr, no traceback, with every checkpoint and data file as it was. Then the cases
 that could lose work: a non-finite step never replaces a good checkpoint, two runs never share a folder,
-a fresh run never overwrites a checkpoint, a log keeps no step twice after a resume."""
+a fresh run never overwrites a checkpoint or another stage's log, a log keeps no step twice after a resume,
+--resume continues exactly as configured, plots and prepared folders are replaced whole or not at all, and
+Ctrl-C, SIGTERM, SIGHUP and a closed pipe end every script cleanly."""
 import contextlib
 import json
 import os
