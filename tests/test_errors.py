@@ -746,3 +746,17 @@ def test_sigterm_and_sighup_stop_training_as_ctrl_c_does(sig, tmp_path, data_dir
         signal.signal(sig, previous)
     assert line == "error: interrupted; the last checkpoint is kept (continue with --resume)"
     assert load_checkpoint(os.path.join(out, "vae.pt"))["step"] == 1 and not os.path.exists(os.path.join(out, "train.lock"))
+
+
+def test_scaling_stops_its_children_when_stopped(tmp_path):
+    """Ctrl-C (or SIGTERM, which stops it the same way) while scaling.py waits on runs in parallel: every child
+    process stops too, at once. Mutation: without in_parallel's terminate the pool waits the children out (30 s)."""
+    import argparse
+    import threading
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+    t0 = time.time()
+    threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()  # Ctrl-C while both sleep
+    with pytest.raises(KeyboardInterrupt):
+        scaling.in_parallel(argparse.Namespace(jobs=2), lambda i: scaling.run(sleeper, str(tmp_path / f"{i}.log"), "-"),
+                            [0, 1])
+    assert time.time() - t0 < 15 and not scaling.CHILDREN
