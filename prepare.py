@@ -120,7 +120,7 @@ def read_pieces(files, block_bytes):
                     offset = f.tell() - len(raw) - pending + e.start
                     raise DataError(f"input file {path} is not UTF-8 text (bad byte at offset {offset})") from None
                 cut = last_cut(text, len(text) // 2) if raw else len(text)
-                cut = cut or (block_bytes if len(text) >= 2 * block_bytes else None)  # none: cut anyway (split_document)
+                cut = cut or (block_bytes if len(text) >= 2 * block_bytes else None)  # none: cut anyway
                 if cut:
                     yield text[:cut], new_doc, done
                     text, new_doc = text[cut:], False
