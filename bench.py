@@ -8,14 +8,14 @@ ms per optimizer step, tokens/s, FLOP utilisation by flops.py's convention and b
     python bench.py --preset paper --vocab_size 100278 --models cola --batches 1 --new_tokens 16 --cola_steps 16 \
         --repeats 1 --dtype float32   # the released model's size on this machine: tok/s and peak memory"""
 import argparse
-import os
 import resource
 import time
 
 import torch
 
 from baselines import LMConfig, TransformerLM, ar_generate, llada_generate
-from cli import Parser, autocast, fail, int_list, number_list, pick_device, positive_float, positive_int, train_dry_run
+from cli import Parser, autocast, check_memory, int_list, number_list, pick_device, positive_float, positive_int, \
+    train_dry_run
 from decoder import SamplerConfig, generate
 from diffusion import ColaDLM
 from dit import DiTConfig
@@ -33,14 +33,6 @@ def preset_config(args, model):
                          str(args.seq_len)])  # generation widens max_seq_len to its prompts
     cfg["vae_config" if model == "cola" else "lm_config"]["vocab_size"] = args.vocab_size
     return cfg
-
-
-def check_memory(need, device, what):
-    """Refuse, before any model is built or run, sizes whose `need` bytes alone outgrow the device's memory."""
-    mem = torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda") else \
-        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > mem:
-        fail(f"{what} alone need {need / 2 ** 30:,.0f} GiB, more than the {mem / 2 ** 30:,.0f} GiB of {device}")
 
 
 def timed(fn, device, repeats):

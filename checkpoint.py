@@ -5,7 +5,6 @@ folder is claimed before any work (claim_out_dir); load_model reads a checkpoint
 import argparse
 import contextlib
 import hashlib
-import json
 import math
 import os
 import signal
@@ -15,41 +14,62 @@ import threading
 import torch
 import torch.distributed as dist
 
-from cli import CheckpointError, check_writable_dir, fail, folder_lock, write_atomic
+from cli import (CheckpointError, check_memory, check_writable_dir, fail, folder_lock, json_loads, stop_signals,
+                 write_atomic)
 from tokenizer import DataError, get_tokenizer, same_tokenizer
 
 
-def tensor_digest(obj):
-    """sha256 over every tensor in a checkpoint (in key order): one flipped bit in a weight changes it."""
-    h = hashlib.sha256()
+def digest(obj, tensors_only=False):
+    """'sha256:' + a sha256 over all that a checkpoint holds but its checksum: every key, plain value and type,
+    every tensor's dtype, shape and bytes (tensors_only: the bare hex of checkpoints written before 2026-12-08,
+    over their tensors' bytes alone). Each container is walked once, so that any structure takes linear time; a
+    list or dict met twice (shared, or inside itself) is refused."""
+    h, seen = hashlib.sha256(), {}  # id -> (order of its first visit, holds a tensor); None while it is walked
+    add = lambda text: h.update(b"" if tensors_only else text.encode())
 
     def walk(o):
         if torch.is_tensor(o):
+            add(f"tensor {o.dtype} {tuple(o.shape)}")
             h.update(o.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(o, dict):
-            for k in sorted((k for k in o if k != "checksum"), key=str):
-                walk(o[k])
-        elif isinstance(o, (list, tuple)):
-            for v in o:
-                walk(v)
-    walk(obj)
-    return h.hexdigest()
+            return True
+        if not isinstance(o, (dict, list, tuple)):
+            return add(f"{type(o).__name__} {o!r}")
+        if id(o) in seen:  # only a tuple may be shared (the optimizer's betas are): hashed as a reference
+            if seen[id(o)] is None or not isinstance(o, tuple) or tensors_only and seen[id(o)][1]:
+                raise CheckpointError("holds a list or dict in two places or inside itself: not a checkpoint")
+            return add(f"ref {seen[id(o)][0]}")
+        seen[id(o)] = None
+        keys = sorted((k for k in o if k != "checksum"), key=str if tensors_only else repr) \
+            if isinstance(o, dict) else range(len(o))
+        add(f"{type(o).__name__} {[*keys] if isinstance(o, dict) else len(o)!r}")
+        seen[id(o)] = (len(seen), any([walk(o[k]) for k in keys]))
+        return seen[id(o)][1]
+    try:
+        walk(obj)
+    except RecursionError:
+        raise CheckpointError("is nested too deeply to read") from None
+    return h.hexdigest() if tensors_only else "sha256:" + h.hexdigest()
+
+
+STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what stops a run as Ctrl-C does (cli.stop_signals)
 
 
 def save_checkpoint(path, obj):
     """Write atomically (a crash or a full disk keeps the last checkpoint; two writers never mix), with a checksum
-    load_checkpoint checks; a Ctrl-C waits for the whole file (torch's zip writer, interrupted, fails as if full)."""
+    load_checkpoint checks; a Ctrl-C (or STOPS) waits for the whole file (torch's zip writer, interrupted, fails
+    as if full)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     main, interrupted = threading.current_thread() is threading.main_thread(), []
-    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if main else None
+    previous = {s: signal.signal(s, lambda *_: interrupted.append(1)) for s in STOPS} if main else {}
     try:
-        write_atomic(path, lambda f: torch.save({**obj, "checksum": tensor_digest(obj)}, f), mode="wb")
+        write_atomic(path, lambda f: torch.save({**obj, "checksum": digest(obj)}, f), mode="wb")
     except (OSError, RuntimeError) as e:  # a full disk: OSError, or torch's zip writer failing after it
         why = getattr(e, "strerror", None) or str(e).splitlines()[0][:80]
         left = "the previous checkpoint is kept" if os.path.exists(path) else "nothing was saved"
         raise CheckpointError(f"cannot write {path} ({why}); {left}") from None
     finally:
-        signal.signal(signal.SIGINT, previous) if main else None
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if interrupted:
         raise KeyboardInterrupt
 
@@ -93,8 +113,18 @@ def load_checkpoint(path, kinds=None):
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this project")
-    if "checksum" in ckpt and ckpt["checksum"] != tensor_digest(ckpt):
-        raise CheckpointError(f"{path} is corrupt: its tensors do not match their checksum")
+    if not isinstance(ckpt.get("checksum"), str):
+        raise CheckpointError(f"{path} has no checksum: not a checkpoint this project wrote")
+    try:
+        same = ckpt["checksum"] == digest(ckpt, tensors_only=not ckpt["checksum"].startswith("sha256:"))
+    except CheckpointError as e:
+        raise CheckpointError(f"{path} {e}") from None
+    except ValueError:  # an int too long to print
+        same = False
+    if not same:
+        raise CheckpointError(f"{path} is corrupt: its contents do not match their checksum")
+    if not isinstance(ckpt.get("step", 0), int) or ckpt.get("step", 0) < 0:
+        raise CheckpointError(f"{path} has step {ckpt['step']!r}, not a step count")
     if kinds is not None and ckpt["kind"] not in kinds:
         raise CheckpointError(f"{path} holds a '{ckpt['kind']}' model, expected {' or '.join(kinds)}")
     ckpt["path"] = path  # for messages; not saved
@@ -165,18 +195,31 @@ def resume_training(ckpt, opt, log_path, seed, env):
 
 # models from checkpoints
 
+def weight_bytes(cfg):
+    """fp32 bytes of a config's weights, an upper estimate from its sizes alone (nothing built): per block
+    attention, adaLN and MLP, then the embeddings and heads."""
+    get = lambda *names: sum(getattr(cfg, n, 0) for n in names)
+    w, blocks = cfg.width, get("n_layers", "n_enc_layers", "n_dec_layers")
+    return 4 * (blocks * (10 * w * w + 3 * w * (get("mlp_hidden") or 4 * w)) + 2 * w * (get("vocab_size") + 1)
+                + w * get("latent_dim", "freq_dim", "max_seq_len"))
+
+
 def model_from(ckpt):
     """The model a checkpoint dict holds (VAE, Cola DLM or a baseline) with its weights; misfits: CheckpointError."""
     from baselines import LMConfig, TransformerLM
     from diffusion import ColaDLM
     from dit import DiTConfig
     from vae import TextVAE, VAEConfig
-    if ckpt["kind"] in ("ar", "llada"):
-        model = TransformerLM(build(LMConfig, ckpt["lm_config"], ckpt))
-    elif ckpt["kind"] == "vae":
-        model = TextVAE(build(VAEConfig, ckpt["vae_config"], ckpt))
+    kind, where = ckpt["kind"], ckpt.get("path", "the checkpoint")
+    names = {"ar": ["lm"], "llada": ["lm"], "vae": ["vae"]}.get(kind, ["vae", "dit"])
+    cfgs = [build({"lm": LMConfig, "vae": VAEConfig, "dit": DiTConfig}[n], ckpt[f"{n}_config"], ckpt) for n in names]
+    check_memory(sum(map(weight_bytes, cfgs)), "cpu", f"{where}: the weights its configs ask for")  # before building
+    if kind in ("ar", "llada"):
+        model = TransformerLM(cfgs[0])
+    elif kind == "vae":
+        model = TextVAE(cfgs[0])
     else:
-        vae_cfg, dit_cfg = build(VAEConfig, ckpt["vae_config"], ckpt), build(DiTConfig, ckpt["dit_config"], ckpt)
+        vae_cfg, dit_cfg = cfgs
         if vae_cfg.latent_dim != dit_cfg.latent_dim or dit_cfg.block_size % vae_cfg.block_size:
             raise CheckpointError(f"{ckpt.get('path')}: its VAE and DiT configs do not fit together")
         model = ColaDLM(vae_cfg, dit_cfg)
@@ -227,9 +270,9 @@ def stored_sampler(info, eot_id, **flags):
 # flags a resumed run cannot change: the model, the data windows, and which parameters the optimizer holds
 RESUME_FIXED = ("model", "preset", "latent_dim", "block_size", "patch_size", "vae_width", "vae_layers", "vae_heads",
                 "vae_mlp", "dit_width", "dit_layers", "dit_heads", "dit_mlp", "rope_fraction", "lm_width", "lm_layers",
-                "fixed_logsnr", "dit_init", "vae_lr_ratio", "seq_len")
+                "fixed_logsnr", "dit_init", "vae_lr_ratio", "seq_len", "dropout", "seed", "batch_size", "grad_accum")
 # flags that say how to run this invocation, never restored from the checkpoint
-RUN_ONLY = ("resume", "overwrite", "dry_run", "stop_after", "device", "compile", "out_dir", "given")
+RUN_ONLY = ("resume", "overwrite", "dry_run", "stop_after", "device", "out_dir", "given")
 
 
 def stage_files(args):
@@ -261,17 +304,27 @@ def check_out_dir(args):
         fail(f"--resume: {args.out_dir} holds no {' or '.join(os.path.basename(p) for p, _ in files)} to resume")
     for path, kind in found:
         if args.resume:
-            restore_run_flags(args, load_checkpoint(path, (kind,)))
+            restore_run_flags(args, ckpt := load_checkpoint(path, (kind,)))
+            flag = "vae_iters" if kind == "vae" else "main_iters"
+            if flag in args.given and (path, kind) == files[-1] and getattr(args, flag) <= ckpt["step"]:
+                fail(f"--{flag} {getattr(args, flag)} is not above the step of {path} ({ckpt['step']}): "
+                     "nothing left to train; give more steps")
         elif not args.overwrite:
             held = load_checkpoint(path)
             fail(f"{path} holds a {held['kind']} checkpoint (step {held['step']}); add --resume to continue it, "
                  "--overwrite to replace it, or pick another --out_dir")
+    sizes = [argparse.Namespace(width=getattr(args, f"{n}_width"), mlp_hidden=getattr(args, f"{n}_mlp"),
+                                n_layers=getattr(args, f"{n}_layers") * (1 + (n == "vae"))) for n in ("vae", "dit")]
+    check_memory(sum(map(weight_bytes, sizes)), "cpu", "the weights these flags ask for")  # before anything is built
     vae = os.path.join(args.out_dir, "vae.pt")
     if args.model == "cola" and args.stage == "joint" and not found and not os.path.exists(vae):
         fail(f"--stage joint starts from {vae}, which does not exist: train stage 1 first (--stage vae)")
-    for name in os.listdir(args.out_dir):  # killed runs' temporary files; a fresh or --overwrite run's old logs
-        if name.endswith(".tmp") and name.startswith(("vae.", "ckpt.")) or name.startswith("log_") and not args.resume:
-            os.remove(os.path.join(args.out_dir, name))
+    stale = [n for n in os.listdir(args.out_dir) if n.endswith(".tmp") and n.startswith(("vae.", "ckpt."))]
+    # killed saves' temporary files, and the log of each stage that starts afresh: nothing else is removed
+    stale += [f"log_{ {'vae': 'vae', 'cola': 'joint'}.get(kind, kind)}.jsonl" for path, kind in files
+              if not (args.resume and os.path.exists(path))]
+    for path in (os.path.join(args.out_dir, n) for n in stale):
+        os.remove(path) if os.path.isfile(path) else None
 
 
 @contextlib.contextmanager
@@ -280,6 +333,7 @@ def claim_out_dir(args, world=1, master=True, check_args=lambda args: None):
     check_args; every rank gets the verdict (one line) or the flags to train with."""
     verdict = [None, vars(args)]
     with contextlib.ExitStack() as held:
+        held.enter_context(stop_signals())  # SIGTERM and SIGHUP stop the run as Ctrl-C does
         if master:
             try:
                 check_writable_dir(args.out_dir, "--out_dir")
@@ -307,8 +361,12 @@ def checkpoint_for(path, kind, data):
 
 
 def resumable(path, kind, args, data):
-    """The checkpoint to continue, or None for a fresh run."""
-    return checkpoint_for(path, kind, data) if args.resume and os.path.exists(path) else None
+    """The checkpoint to continue (trained on this very text, by its hash), or None for a fresh run."""
+    ckpt = checkpoint_for(path, kind, data) if args.resume and os.path.exists(path) else None
+    if ckpt and ckpt.get("data_sha256") not in (None, data.meta.get("source_sha256")):
+        raise DataError(f"{data.data_dir} holds other text than {path} was trained on (its source_sha256 differs); "
+                        "pass the run's own --data_dir, prepared from its own text")
+    return ckpt
 
 
 def trim_log(path, step):
@@ -317,7 +375,7 @@ def trim_log(path, step):
         lines = []
         for ln in open(path, encoding="utf-8", errors="replace"):
             try:
-                lines += [ln] if json.loads(ln)["step"] <= step else []
+                lines += [ln] if json_loads(ln)["step"] <= step else []
             except (ValueError, KeyError, TypeError):
                 pass  # a line torn by a kill
         write_atomic(path, lambda f: f.writelines(lines))

@@ -8,7 +8,9 @@ import gc
 import json
 import math
 import os
+import signal
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -40,6 +42,38 @@ class Parser(argparse.ArgumentParser):
 def fail(message):
     """End a script with one line on stderr."""
     sys.exit(f"error: {message}")
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM and SIGHUP stop the work inside as Ctrl-C does (KeyboardInterrupt); a closed stdout (`| head`) ends
+    it quietly, exit status 1."""
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)} if main_thread else {}
+    try:
+        yield
+    except BrokenPipeError:  # stdout to nowhere, so that the exit's flush does not complain again
+        if sys.stdout is sys.__stdout__:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.stdout = open(os.devnull, "w")
+        sys.exit(1)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def script(main):
+    """A script's main under stop_signals, where Ctrl-C ends it in one line."""
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        try:
+            with stop_signals():
+                return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            fail("interrupted")
+    return run
 
 
 # one check per kind of value: argparse `type=` functions whose message names what is wrong
@@ -190,6 +224,14 @@ def pick_device(name):
     return name
 
 
+def check_memory(need, device, what):
+    """Refuse, before any model is built or run, sizes whose `need` bytes alone outgrow the device's memory."""
+    mem = torch.cuda.get_device_properties(device).total_memory if str(device).startswith("cuda") else \
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > mem:
+        fail(f"{what} alone need {need / 2 ** 30:,.0f} GiB, more than the {mem / 2 ** 30:,.0f} GiB of {device}")
+
+
 def setup_distributed(device):
     """Returns (rank, world, device). Works with or without torchrun."""
     device = pick_device(device)
@@ -244,10 +286,12 @@ def pyplot():
 
 
 def save_figure(plt, fig, path):
-    """Write the figure to path and free it -> path."""
+    """Write the figure to path (atomically: a kill or a full disk keeps the earlier plot) and free it -> path."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, dpi=100, format=os.path.splitext(path)[1][1:] or "png"), "wb")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -265,14 +309,23 @@ def write_atomic(path, write, mode="w"):
             os.remove(tmp)
 
 
+def json_loads(text):
+    """json.loads, where JSON nested deeper than the parser recurses (a hostile file) is a JSONDecodeError as any
+    malformed JSON is, not a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
+
+
 def write_json(path, obj, indent=2):
     write_atomic(path, lambda f: json.dump(obj, f, indent=indent))
 
 
 @contextlib.contextmanager
-def folder_lock(out_dir):
+def folder_lock(out_dir, name="train.lock", writer="training run"):
     """One writer per folder, by a lock file of its pid: a live writer's is a one-line refusal, a dead one's taken."""
-    path = os.path.join(out_dir, "train.lock")
+    path = os.path.join(out_dir, name)
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -286,7 +339,7 @@ def folder_lock(out_dir):
             except (ValueError, ProcessLookupError, OSError):
                 os.remove(path)  # stale: its run is gone
                 continue
-            fail(f"{out_dir} is being written by another training run (pid {pid}); use another --out_dir")
+            fail(f"{out_dir} is being written by another {writer} (pid {pid}); use another --out_dir")
     else:
         fail(f"cannot take the lock {path}")
     os.write(fd, str(os.getpid()).encode())

@@ -20,7 +20,7 @@ import torch
 
 from checkpoint import CheckpointError, load_model, prompt_ids, stored_sampler
 from cli import Parser, check_writable_dir, check_writable_file, fail, float_list, int_at_least, int_list, \
-    nonneg_float, nonneg_int, pick_device, positive_float, positive_int, readable_file, write_json
+    nonneg_float, nonneg_int, pick_device, positive_float, positive_int, readable_file, script, write_json, json_loads
 from decoder import GenerationError
 from measures import (builtin_tasks, eval_history_drift, eval_history_gap, eval_latent_fit, eval_likelihood,
                       eval_prefix_prediction, eval_sdedit, eval_vae, make_generator, plot_diagnostics, plot_lines,
@@ -33,7 +33,7 @@ from scoring import TaskError, TrainNgrams, ngram_metrics, read_tasks, score_fil
 def log_row(line):
     """A training log line as a dict with a numeric step, else None (a run killed mid-write leaves a torn line)."""
     try:
-        row = json.loads(line)
+        row = json_loads(line)
     except ValueError:
         return None
     return row if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) else None
@@ -91,6 +91,7 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+@script
 def main(argv=None):
     args = get_args(argv)
     if args.dry_run:
@@ -148,7 +149,7 @@ def check_results(path):
     check_writable_file(path, "--results")
     try:
         with open(path, "rb") as f:  # only a file that starts like a JSON object is read whole
-            old = json.loads(f.read()) if f.peek(1)[:1] == b"{" else None
+            old = json_loads(f.read()) if f.peek(1)[:1] == b"{" else None
     except (OSError, ValueError):
         old = None
     if os.path.exists(path) and not (isinstance(old, dict) and {"kind", "ckpt", "step", "params"} <= old.keys()):

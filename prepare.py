@@ -5,8 +5,10 @@
     python prepare.py --input corpus/ --out_dir data/c        # a folder of .txt files (one document each)
     python prepare.py --input docs.jsonl --out_dir data/d     # JSONL, one document per line in a "text" field
 
-The input is streamed (blocks of --block_bytes cut where the BPE cannot straddle the cut, tokenized by
---workers processes, shards of --shard_tokens tokens), so memory stays bounded whatever the corpus size.
+The input is streamed (blocks of --block_bytes cut where the BPE cannot straddle the cut, or at --block_bytes
+where it has no such place, tokenized by --workers processes, shards of --shard_tokens tokens), so memory stays
+bounded whatever the corpus size. A folder is locked while it is written; new shards take new numbers, and the
+rename of meta.json switches to them, so a folder is replaced whole or not at all.
 Documents are separated by <|endoftext|>; tokens are uint16 when the vocabulary fits, else uint32 (nanoGPT).
 TokenData reads the shards back as random windows from memmaps, each batch a pure function of (seed, index, step)."""
 import argparse
@@ -22,11 +24,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import Parser, check_writable_dir, fail, float_in, positive_int, write_json
+from cli import Parser, check_writable_dir, fail, float_in, folder_lock, json_loads, positive_int, script, write_json
 from tokenizer import REPO_DIR, DataError, get_tokenizer, sha256_of
 
 DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "data", "shakespeare")
 DEFAULT_CORPUS = os.path.join(REPO_DIR, "data", "shakespeare_tiny.txt")
+SHARD = re.compile(r"(?:train|val)_(\d{5,})\.bin")  # a shard's file name, numbered on from the folder's last one
 
 
 # splitting and streaming: files -> text pieces -> tokens -> train / val shards
@@ -79,11 +82,10 @@ def last_cut(text, lo=0):
 
 
 def split_document(text, block_chars):
-    """A long document in pieces of about block_chars, cut only where the BPE is unaffected."""
+    """A long document in pieces of about block_chars, cut where the BPE is unaffected (where there is no such
+    place, at block_chars: memory stays bounded, and only the tokens at that cut may differ)."""
     while len(text) > block_chars:
-        cut = last_cut(text[:block_chars], block_chars // 2) or last_cut(text[:block_chars])
-        if not cut:
-            break
+        cut = last_cut(text[:block_chars], block_chars // 2) or last_cut(text[:block_chars]) or block_chars
         yield text[:cut]
         text = text[cut:]
     yield text
@@ -100,7 +102,7 @@ def read_pieces(files, block_bytes):
                     if not line.strip():
                         continue
                     try:
-                        text = json.loads(line.decode("utf-8"))["text"]
+                        text = json_loads(line.decode("utf-8"))["text"]
                         assert isinstance(text, str)
                     except (ValueError, KeyError, TypeError, AssertionError):
                         raise DataError(f"{path}:{line_no}: not a JSON object with a string 'text'") from None
@@ -118,6 +120,7 @@ def read_pieces(files, block_bytes):
                     offset = f.tell() - len(raw) - pending + e.start
                     raise DataError(f"input file {path} is not UTF-8 text (bad byte at offset {offset})") from None
                 cut = last_cut(text, len(text) // 2) if raw else len(text)
+                cut = cut or (block_bytes if len(text) >= 2 * block_bytes else None)  # none: cut anyway
                 if cut:
                     yield text[:cut], new_doc, done
                     text, new_doc = text[cut:], False
@@ -133,11 +136,12 @@ def encode_piece(tokenizer, piece):
 
 
 class Shards:
-    """The train and val tokens, appended in order to shards of at most shard_tokens tokens (.tmp until close)."""
+    """The train and val tokens, appended in order to shards of at most shard_tokens tokens (.<pid>.tmp until
+    close), numbered from `first` on: new shards never take an old one's name."""
 
-    def __init__(self, out_dir, dtype, shard_tokens):
-        self.out_dir, self.dtype, self.shard_tokens = out_dir, dtype, shard_tokens
-        self.shards = {"train": [], "val": []}
+    def __init__(self, out_dir, dtype, shard_tokens, first=0):
+        self.out_dir, self.dtype, self.shard_tokens, self.first = out_dir, dtype, shard_tokens, first
+        self.shards, self.tmp = {"train": [], "val": []}, f".{os.getpid()}.tmp"
 
     def write(self, ids, val):
         """Append the ids where the mask `val` holds to the validation split, the others to the training one."""
@@ -146,21 +150,21 @@ class Shards:
             shards = self.shards[split]
             while len(part):
                 if not shards or shards[-1]["tokens"] == self.shard_tokens:
-                    shards.append({"file": f"{split}_{len(shards):05d}.bin", "tokens": 0})
+                    shards.append({"file": f"{split}_{self.first + len(shards):05d}.bin", "tokens": 0})
                 shard, take = shards[-1], part[:self.shard_tokens - shards[-1]["tokens"]]
-                with open(os.path.join(self.out_dir, shard["file"] + ".tmp"), "ab" if shard["tokens"] else "wb") as f:
+                with open(os.path.join(self.out_dir, shard["file"] + self.tmp), "ab" if shard["tokens"] else "wb") as f:
                     f.write(take.tobytes())
                 shard["tokens"] += len(take)
                 part = part[len(take):]
 
     def close(self, keep):
-        """Name every shard (keep), or remove them all (a failed run)."""
+        """Name every shard (keep), or remove them all, named or not (a failed run)."""
         for s in self.shards["train"] + self.shards["val"]:
-            tmp = os.path.join(self.out_dir, s["file"] + ".tmp")
+            path = os.path.join(self.out_dir, s["file"])
             if keep:
-                os.replace(tmp, tmp.removesuffix(".tmp"))
-            elif os.path.exists(tmp):
-                os.remove(tmp)
+                os.replace(path + self.tmp, path)
+            for p in [path + self.tmp] + ([] if keep else [path]):
+                os.remove(p) if os.path.exists(p) else None
 
 
 def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64, split="chunks", workers=1,
@@ -175,7 +179,10 @@ def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64,
     enc = get_tokenizer(tokenizer)
     dtype = np.uint16 if enc.n_vocab <= 65536 else np.uint32
     os.makedirs(out_dir, exist_ok=True)
-    out, every = Shards(out_dir, dtype, shard_tokens), max(2, round(1 / val_fraction))
+    for f in os.listdir(out_dir):  # killed runs' shard temporaries (prepare.py holds the folder's lock)
+        os.remove(os.path.join(out_dir, f)) if re.fullmatch(SHARD.pattern + r"\.\d+\.tmp", f) else None
+    first = 1 + max((int(m[1]) for f in os.listdir(out_dir) if (m := SHARD.fullmatch(f))), default=-1)
+    out, every = Shards(out_dir, dtype, shard_tokens, first), max(2, round(1 / val_fraction))
     encode, pieces = functools.partial(encode_piece, tokenizer), read_pieces(files, block_bytes)
     small, held, any_text, before, pos, chunk = total_bytes <= block_bytes, [], False, 0, 0, None
     try:
@@ -205,14 +212,17 @@ def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64,
             if n < seq_len:
                 raise DataError(f"{name} split has {n} tokens, fewer than one sequence ({seq_len}); "
                                 "use a larger file or another --val_fraction")
+        meta = dict(tokenizer=tokenizer, vocab_size=enc.n_vocab, eot_id=enc.eot_token, dtype=np.dtype(dtype).name,
+                    split=split, train_tokens=int(n_train), val_tokens=int(n_val), chunk=chunk, shards=out.shards,
+                    source=os.path.abspath(input_path), source_sha256=sha256_of(*files), val_fraction=val_fraction)
+        out.close(keep=True)  # new names: the old meta.json still reads the old shards
+        write_json(os.path.join(out_dir, "meta.json"), meta)  # the one rename that switches to the new ones
     except BaseException:
         out.close(keep=False)
         raise
-    out.close(keep=True)
-    meta = dict(tokenizer=tokenizer, vocab_size=enc.n_vocab, eot_id=enc.eot_token, dtype=np.dtype(dtype).name,
-                split=split, train_tokens=int(n_train), val_tokens=int(n_val), chunk=chunk, shards=out.shards,
-                source=os.path.abspath(input_path), source_sha256=sha256_of(*files), val_fraction=val_fraction)
-    write_json(os.path.join(out_dir, "meta.json"), meta)
+    new = {s["file"] for s in out.shards["train"] + out.shards["val"]}
+    for f in os.listdir(out_dir):  # the old shards, now that no meta.json names them
+        os.remove(os.path.join(out_dir, f)) if SHARD.fullmatch(f) and f not in new else None
     return meta
 
 
@@ -225,12 +235,13 @@ def load_meta(data_dir):
         raise DataError(f"{path} not found: run `python prepare.py` (or --input FILE --out_dir {data_dir}) first")
     try:
         with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-        np.dtype(meta["dtype"])
-        assert isinstance(meta["vocab_size"], int) and isinstance(meta["tokenizer"], str)
+            meta = json_loads(f.read())
+        assert meta["dtype"] in ("uint16", "uint32") and isinstance(meta["tokenizer"], str)  # what prepare writes
+        assert type(meta["vocab_size"]) is type(meta["eot_id"]) is int and 0 <= meta["eot_id"] < meta["vocab_size"]
         for split in ("train", "val"):
-            shards = meta["shards"][split]
-            assert all(isinstance(s["file"], str) and isinstance(s["tokens"], int) for s in shards)
+            shards = meta["shards"][split]  # a shard is a file of this folder, named as prepare names it
+            assert all(isinstance(s["file"], str) and SHARD.fullmatch(s["file"]) and isinstance(s["tokens"], int)
+                       for s in shards)
             assert sum(s["tokens"] for s in shards) == meta[f"{split}_tokens"]  # the shards add up to the count
     except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
         raise DataError(f"{path} is not a valid meta.json ({type(e).__name__}); prepare the data again") from None
@@ -294,6 +305,7 @@ def batch_seed(base, index, step):
     return (base * 1_000_003 + step * 104_729 + index) % (2 ** 63)
 
 
+@script
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
@@ -314,23 +326,24 @@ def main(argv=None):
     if a.shard_tokens < max(a.min_seq_len, 1024):
         p.error(f"--shard_tokens must be >= {max(a.min_seq_len, 1024)} (a training window never crosses a shard)")
     check_writable_dir(a.out_dir, "--out_dir")
-    held = sorted(f for f in os.listdir(a.out_dir) if f == "meta.json" or re.fullmatch(r"(train|val)_\d{5}\.bin", f))
-    if held and not a.overwrite:
-        try:  # this very input (by its hash) prepared with these settings: nothing to redo
-            want = dict(source=os.path.abspath(a.input), source_sha256=sha256_of(*list_sources(a.input)),
-                        tokenizer=a.tokenizer, split=a.split, val_fraction=a.val_fraction)
-            if want.items() <= load_meta(a.out_dir).items():
-                return print(f"{a.out_dir} already holds {a.input} prepared the same way; nothing to do")
-        except (DataError, OSError):
-            pass
-        p.error(f"--out_dir {a.out_dir} already holds prepared data ({held[0]}); add --overwrite to replace it")
-    try:
-        meta = prepare(a.input, a.out_dir, a.tokenizer, a.val_fraction, a.min_seq_len, a.split, a.workers,
-                       a.block_bytes, a.shard_tokens)
-    except DataError as e:
-        fail(e)
-    print(f"wrote {a.out_dir}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
-          f"({meta['tokenizer']}, {meta['dtype']}, {meta['split']} split)")
+    with folder_lock(a.out_dir, "prepare.lock", "prepare.py"):  # one writer: two at once would mix their shards
+        held = sorted(f for f in os.listdir(a.out_dir) if f == "meta.json" or SHARD.fullmatch(f))
+        if held and not a.overwrite:
+            try:  # this very input (by its hash) prepared with these settings: nothing to redo
+                want = dict(source=os.path.abspath(a.input), source_sha256=sha256_of(*list_sources(a.input)),
+                            tokenizer=a.tokenizer, split=a.split, val_fraction=a.val_fraction)
+                if want.items() <= load_meta(a.out_dir).items():
+                    return print(f"{a.out_dir} already holds {a.input} prepared the same way; nothing to do")
+            except (DataError, OSError):
+                pass
+            p.error(f"--out_dir {a.out_dir} already holds prepared data ({held[0]}); add --overwrite to replace it")
+        try:
+            meta = prepare(a.input, a.out_dir, a.tokenizer, a.val_fraction, a.min_seq_len, a.split, a.workers,
+                           a.block_bytes, a.shard_tokens)
+        except DataError as e:
+            fail(e)
+        print(f"wrote {a.out_dir}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
+              f"({meta['tokenizer']}, {meta['dtype']}, {meta['split']} split)")
 
 
 if __name__ == "__main__":

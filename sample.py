@@ -17,7 +17,7 @@ import torch
 from baselines import lm_generate
 from checkpoint import CheckpointError, load_model, prompt_ids, release_sampler, stored_sampler
 from cli import (Parser, autocast, float_in, int_at_least, nonneg_float, nonneg_int, output_file, pick_device,
-                 positive_float, positive_int, read_prompt)
+                 positive_float, positive_int, read_prompt, script)
 from decoder import GenerationError, generate
 from tokenizer import REPO_DIR, DataError, get_tokenizer
 from scoring import seen_ngrams_line
@@ -52,6 +52,7 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+@script
 def main(argv=None):
     args = get_args(argv)
     device = pick_device(args.device)

@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from cli import (Parser, check_writable_dir, dry_run, fail, float_list, positive_int, readable_file, train_dry_run,
-                 write_atomic, write_json)
+                 json_loads, script, write_atomic, write_json)
 from measures import plot_lines
 from prepare import REPO_DIR, DataError
 
@@ -181,7 +181,7 @@ def load_result(run_dir):
     path = os.path.join(run_dir, "eval.json")
     try:
         with open(path, encoding="utf-8") as f:
-            res = json.load(f)
+            res = json_loads(f.read())
         assert isinstance(res, dict)
     except (OSError, ValueError, AssertionError) as e:
         fail(f"{path} is not an eval result ({type(e).__name__}); delete it to evaluate the run again")
@@ -189,11 +189,20 @@ def load_result(run_dir):
     return res
 
 
+CHILDREN = set()  # the train.py and eval.py processes running now: they stop when scaling.py stops
+
+
 def run(cmd, log_path, what):
     """cmd with its output in log_path; a failure is one line naming the log."""
     t0 = time.time()
-    with open(log_path, "w") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_DIR)
+    with open(log_path, "w") as log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_DIR) as p:
+        CHILDREN.add(p)
+        try:
+            rc = p.wait()
+        finally:
+            CHILDREN.discard(p)
+            if p.poll() is None:  # interrupted: the child stops as Ctrl-C stops it (train.py keeps its checkpoint)
+                p.terminate()
     if rc:
         tail = open(log_path).read().strip().splitlines()[-1:] or ["(no output)"]
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {rc}); see {log_path}: {tail[0]}")
@@ -234,16 +243,26 @@ def train_and_evaluate(a, runs):
         planned = f" (planned {flops:.3e} training FLOPs)" if flops else ""
         print(f"[scaling] {m} ({level}): {' '.join(flags)}{planned}", flush=True)
     train_one(a, runs[0])  # the ablations' base run first: the others start from its stage 1
-    with ThreadPoolExecutor(a.jobs) as ex:
-        list(ex.map(lambda r: train_one(a, r), runs[1:]))
+    in_parallel(a, lambda r: train_one(a, r), runs[1:])
     if not os.path.exists(a.judge):  # trained into its own new folder (check_judge)
         train_one(a, ("the judge", f"{a.judge_iters} AR steps", os.path.dirname(os.path.abspath(a.judge)),
                       ["--model", "ar", "--main_iters", str(a.judge_iters), "--eval_interval", str(a.judge_iters)],
                       None))
+    in_parallel(a, lambda r: eval_one(a, r), runs)
+
+
+def in_parallel(a, job, runs):
+    """job(r) for every run, --jobs at a time; an interrupt (Ctrl-C, SIGTERM) stops every child process first."""
     with ThreadPoolExecutor(a.jobs) as ex:
-        list(ex.map(lambda r: eval_one(a, r), runs))
+        try:
+            list(ex.map(job, runs))
+        except BaseException:
+            for p in list(CHILDREN):
+                p.terminate()
+            raise
 
 
+@script
 def main(argv=None):
     a = get_args(argv)
     check_writable_dir(a.out_root, "--out_root")

@@ -13,6 +13,8 @@ from collections import Counter
 
 import numpy as np
 
+from cli import json_loads
+
 PAPER_TASKS = ("lambada", "mmlu", "obqa", "hellaswag", "race", "siqa", "squad", "story_cloze")
 CHOICE_TASKS = ("mmlu", "obqa", "race", "siqa")
 RULE_OF_SCORING = {"first_word": "first_word", "option": "choice", "exact": "exact"}
@@ -158,7 +160,7 @@ def read_tasks(path):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json_loads(line)
         except json.JSONDecodeError as e:
             raise TaskError(f"{path}:{n}: not valid JSON ({e.msg})") from None
         tasks.append(parse_task(obj, name, f"{path}:{n}", len(tasks)))

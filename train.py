@@ -292,7 +292,7 @@ def clip_gradients(groups, max_norm):
 def train(run, args, env, data):
     """Optimise run.model for run.max_iters steps. Returns False if --stop_after ended it early."""
     device, rank, world, master = env["device"], env["rank"], env["world"], env["master"]
-    model = run.model.to(device)
+    model = run.model.to(device).train()  # dropout on from the first step; ColaDLM keeps its reference in eval
     opt = make_optimizer(run.param_groups, args, device)
     log_path = os.path.join(args.out_dir, f"log_{run.name}.jsonl")
     # a resumed run continues its optimizer and every rank's random stream; a fresh one seeds each rank apart
@@ -311,10 +311,10 @@ def train(run, args, env, data):
 
     # atomic (temp file + rename; a Ctrl-C waits for it), checksummed, with every rank's random stream; weights
     # that are not finite stop the run instead (the last good checkpoint stays)
-    save = lambda: save_training_state(run.ckpt_path, dict(**run.ckpt_fields, model=model.state_dict(), step=step,
-                                                         optimizer=opt.state_dict(), args=vars(args),
-                                                         tokenizer=data.meta["tokenizer"], train_flops=flops()),
-                                       world, master, run.name)
+    save = lambda: save_training_state(run.ckpt_path, dict(
+        **run.ckpt_fields, model=model.state_dict(), step=step, optimizer=opt.state_dict(), args=vars(args),
+        tokenizer=data.meta["tokenizer"], data_sha256=data.meta.get("source_sha256"), train_flops=flops()),
+        world, master, run.name)
 
     rng_devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
 

@@ -1,7 +1,10 @@
 """Bad input, as a new (and careless) user gives it: every row is one script with one bad value, and must end in
 one line 'error: ...' on stderr, no traceback, with every checkpoint and data file as it was. Then the cases
 that could lose work: a non-finite step never replaces a good checkpoint, two runs never share a folder,
-a fresh run never overwrites a checkpoint, a log keeps no step twice after a resume."""
+a fresh run never overwrites a checkpoint or another stage's log, a log keeps no step twice after a resume,
+--resume continues exactly as configured, plots and prepared folders are replaced whole or not at all, and
+Ctrl-C, SIGTERM, SIGHUP and a closed pipe end every script cleanly."""
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +28,7 @@ from conftest import ROOT, bad_input_is_one_line, one_line_error, tree_hashes
 
 TINY = ["--preset", "tiny", "--latent_dim", "8", "--block_size", "4", "--seq_len", "16", "--batch_size", "2",
         "--no-compile", "--dtype", "float32", "--log_interval", "1", "--eval_iters", "1", "--warmup_iters", "2"]
+DEEP = "[" * 100_000 + "]" * 100_000  # JSON nested deeper than Python's parser recurses
 SCRIPTS = {"train": train, "sample": sample, "eval": ev, "bench": bench, "prepare": prepare, "scaling": scaling}
 
 
@@ -52,6 +56,13 @@ def corrupt_data(src, dst, how):
         open(shard, "wb").write(data[:len(data) // 2])
     elif how == "meta":
         open(os.path.join(dst, "meta.json"), "w").write('{"dtype": "uint16", "shards": ')
+    elif how in ("dtype", "eot", "path"):  # hand edits of meta.json: ids read as int16, an EOT outside the
+        meta = json.load(open(os.path.join(dst, "meta.json")))  # vocabulary, a shard named by a path elsewhere
+        meta.update(dtype="int16") if how == "dtype" else meta.update(eot_id=10**9) if how == "eot" else \
+            meta["shards"]["train"][0].update(file=os.path.join(os.path.abspath(src), meta["shards"]["train"][0]["file"]))
+        json.dump(meta, open(os.path.join(dst, "meta.json"), "w"))
+    elif how == "deep":
+        open(os.path.join(dst, "meta.json"), "w").write(DEEP)
     elif how == "oov":
         ids = np.frombuffer(data, dtype=np.uint16).copy()
         ids[5] = 60000  # the data's vocabulary has 265 ids
@@ -81,13 +92,24 @@ def materials(tmp, runs, data_dir):
     del ar["path"]
     save_checkpoint(str(tmp / "judge_cl100k.pt"), {**ar, "tokenizer": "cl100k_base"})
     m.update(nan_ckpt=str(tmp / "nan.pt"), misfit_ckpt=str(tmp / "misfit.pt"), other_judge=str(tmp / "judge_cl100k.pt"))
-    # hand edits that keep the checksum: one flipped exponent bit in a weight, and config values of the wrong kind
+    # hand edits that keep the old checksum: one flipped exponent bit in a weight; the step; no checksum at all
     flipped = {**ck, "model": {k: v.clone() for k, v in ck["model"].items()}}
     flipped["model"]["dit.inp.weight"].view(-1).view(torch.int32)[0] ^= 1 << 30
     torch.save(flipped, str(tmp / "bitflip.pt"))
-    m["bitflip"] = str(tmp / "bitflip.pt")
-    for name, value in (("float", 64.0), ("zero", 0), ("huge", 10**12), ("null", None), ("text", "abc")):
-        torch.save({**ck, "dit_config": {**ck["dit_config"], "width": value}}, str(tmp / f"cfg_{name}.pt"))
+    torch.save({**ck, "step": -1000000}, str(tmp / "step_edit.pt"))
+    torch.save({k: v for k, v in ck.items() if k != "checksum"}, str(tmp / "no_checksum.pt"))
+    looped, dag = [1], [0]  # a list inside itself; 24 levels of shared lists (2^24 paths, 25 lists)
+    looped.append(looped)
+    for _ in range(24):
+        dag = [dag, dag]
+    torch.save({**ck, "extra": looped}, str(tmp / "looped.pt"))
+    torch.save({**ck, "extra": dag}, str(tmp / "dag.pt"))
+    m.update({n: str(tmp / f"{n}.pt") for n in ("bitflip", "step_edit", "no_checksum", "looped", "dag")})
+    # config values of the wrong kind, or of a size no machine holds, checksummed as a writer that checks nothing
+    for name, field, value in (("float", "width", 64.0), ("zero", "width", 0), ("huge", "width", 10**12),
+                               ("null", "width", None), ("text", "width", "abc"), ("wide", "width", 99_999_998),
+                               ("deep", "n_layers", 99_999_999)):
+        save_checkpoint(str(tmp / f"cfg_{name}.pt"), {**ck, "dit_config": {**ck["dit_config"], field: value}})
         m[f"cfg_{name}"] = str(tmp / f"cfg_{name}.pt")
     long_task = tmp / "long.jsonl"
     long_task.write_text(json.dumps({"prompt": "word " * 1100, "ground_truth": "x"}) + "\n")
@@ -104,16 +126,24 @@ def materials(tmp, runs, data_dir):
                                         encoding="utf-8").read()[:20000], encoding="utf-8")
     prepare_data(str(tmp / "other.txt"), str(tmp / "data_other"), tokenizer=str(other), seq_len=16)
     m["data_other"] = str(tmp / "data_other")
+    (tmp / "text2.txt").write_text(open(os.path.join(ROOT, "data", "shakespeare_tiny.txt"), encoding="utf-8").read()
+                                   [20000:30000], encoding="utf-8")  # other text, the run's own tokenizer
+    prepare_data(str(tmp / "text2.txt"), str(tmp / "data_text2"), os.path.join(os.path.dirname(data_dir),
+                                                                                "tokenizer.json"), seq_len=16)
+    m["data_text2"] = str(tmp / "data_text2")
     shutil.copytree(data_dir, tmp / "data_metatok")  # meta.json hand-edited to another tokenizer
     meta = json.load(open(tmp / "data_metatok" / "meta.json"))
     json.dump({**meta, "tokenizer": "gpt2"}, open(tmp / "data_metatok" / "meta.json", "w"))
     m["data_metatok"] = str(tmp / "data_metatok")
-    torch.save({**ck, "tokenizer": "gpt2"}, str(tmp / "tok_edit.pt"))  # a checkpoint naming another tokenizer
+    save_checkpoint(str(tmp / "tok_edit.pt"), {**ck, "tokenizer": "gpt2"})  # a checkpoint naming another tokenizer
     m["tok_edit"] = str(tmp / "tok_edit.pt")
+    os.makedirs(tmp / "dag_run")
+    shutil.copy(tmp / "dag.pt", tmp / "dag_run" / "ckpt.pt")
+    m["dag_run"] = str(tmp / "dag_run")
     os.makedirs(tmp / "vae_only")
     shutil.copy(os.path.join(runs["cola"], "vae.pt"), tmp / "vae_only" / "vae.pt")
     m["vae_only"] = str(tmp / "vae_only")
-    for how in ("odd", "empty", "half", "meta", "oov"):
+    for how in ("odd", "empty", "half", "meta", "oov", "dtype", "eot", "path", "deep"):
         m[f"data_{how}"] = corrupt_data(data_dir, str(tmp / f"data_{how}"), how)
     return m
 
@@ -136,6 +166,8 @@ train   | --dropout 2                                                    | argum
 train   | --dit_width 0                                                  | argument --dit_width: must be >= 1
 train   | --vae_width 0                                                  | argument --vae_width: must be >= 1
 train   | --main_iters 0                                                 | argument --main_iters: must be >= 1
+train   | --dit_width 99999998                                           | the weights these flags ask for alone need
+train   | --vae_layers 99999999                                          | the weights these flags ask for alone need
 train   | --seq_len 18                                                   | must be a multiple of block_size
 train   | --resume --overwrite                                           | contradict each other
 train   | --out_dir {cola} --resume --dit_width 96                       | --dit_width 96 contradicts
@@ -143,6 +175,13 @@ train   | --out_dir {cola} --resume --preset cpu                         | --pre
 train   | --out_dir {cola} --resume --latent_dim 4                       | --latent_dim 4 contradicts
 train   | --out_dir {cola} --resume --stage joint --vae_lr_ratio 0       | --vae_lr_ratio 0 contradicts
 train   | --out_dir {empty_dir} --resume                                 | holds no vae.pt or ckpt.pt to resume
+train   | --out_dir {cola} --resume --seed 7                             | --seed 7 contradicts
+train   | --out_dir {cola} --resume --batch_size 4                       | --batch_size 4 contradicts
+train   | --out_dir {cola} --resume --grad_accum 2                       | --grad_accum 2 contradicts
+train   | --out_dir {cola} --resume --dropout 0.3                        | --dropout 0.3 contradicts
+train   | --out_dir {cola} --resume --data_dir {data_text2}              | holds other text than
+train   | --out_dir {cola} --resume --main_iters 2                       | --main_iters 2 is not above the step
+train   | --out_dir {cola} --resume --stage vae --vae_iters 1            | --vae_iters 1 is not above the step
 train   | --out_dir {cola}                                               | add --resume to continue it, --overwrite to replace it
 train   | --out_dir {cola} --model ar                                    | holds a cola checkpoint (step
 train   | --out_dir {ar} --resume                                        | holds a 'ar' model, expected cola
@@ -152,6 +191,10 @@ train   | --out_dir {fresh} --data_dir {data_empty}                      | holds
 train   | --out_dir {fresh} --data_dir {data_half}                       | truncated or changed
 train   | --out_dir {fresh} --data_dir {data_meta}                       | is not a valid meta.json
 train   | --out_dir {fresh} --data_dir {data_oov}                        | outside the vocabulary of 265
+train   | --out_dir {fresh} --data_dir {data_dtype}                      | is not a valid meta.json
+train   | --out_dir {fresh} --data_dir {data_eot}                        | is not a valid meta.json
+train   | --out_dir {fresh} --data_dir {data_path}                       | is not a valid meta.json
+train   | --out_dir {fresh} --data_dir {data_deep}                       | is not a valid meta.json (JSONDecodeError)
 sample  | --ckpt {cola}/ckpt.pt --steps 0                                | argument --steps: must be >= 1
 sample  | --ckpt {cola}/ckpt.pt --guidance nan                           | argument --guidance: must be a finite number
 sample  | --ckpt {cola}/ckpt.pt --repetition_penalty nan                 | argument --repetition_penalty
@@ -181,7 +224,14 @@ bench   | --new_tokens 0                                                 | argum
 prepare | --shard_tokens 1 --out_dir {fresh}                             | --shard_tokens must be >= 1024
 prepare | --out_dir {a_file}                                             | is a file, not a folder
 prepare | --input {nonutf8} --out_dir {fresh}                            | is not UTF-8 text
-sample  | --ckpt {bitflip}                                               | is corrupt: its tensors do not match their checksum
+sample  | --ckpt {bitflip}                                               | is corrupt: its contents do not match their checksum
+sample  | --ckpt {step_edit}                                             | is corrupt: its contents do not match their checksum
+sample  | --ckpt {no_checksum}                                           | has no checksum
+sample  | --ckpt {looped}                                                | holds a list or dict in two places or inside itself
+sample  | --ckpt {dag}                                                   | holds a list or dict in two places or inside itself
+sample  | --ckpt {cfg_wide}                                              | the weights its configs ask for alone need
+sample  | --ckpt {cfg_deep}                                              | the weights its configs ask for alone need
+train   | --out_dir {dag_run}                                            | holds a list or dict in two places
 train   | --out_dir {cola} --resume --data_dir {data_other}              | was trained on
 train   | --data_dir {data_metatok}                                      | has 50257 ids, not its vocab_size 265
 sample  | --ckpt {tok_edit}                                              | not the tokenizer it was trained with
@@ -219,20 +269,24 @@ def test_bad_input_from_the_shell(tmp_path, runs, root):
 # ---------------------------------------------------------------------------------------------------- work never lost
 
 def test_resume_alone_continues_the_run_as_configured(tmp_path, data_dir):
-    """A --stage all run with flags of its own (tiny sizes, --lr, the step counts), stopped inside stage 2, then
-    `--resume` with no other flag but how to run (--no-compile): it continues stage 2 with the run's own flags,
-    leaves vae.pt as it was, and ends bit-exactly where the uninterrupted run ends. Mutation: taking defaults for
-    the flags not repeated (the cpu preset's sizes are refused as a misfit, its step counts re-run stage 1)."""
-    flags = ["--data_dir", data_dir, *TINY, "--vae_iters", "2", "--main_iters", "4", "--eval_interval", "2", "--lr", "2e-3"]
+    """A --stage all run with flags of its own (tiny sizes, --lr, --dropout 0.1, --no-compile, the step counts),
+    stopped inside stage 2 after a validation, then `--resume` alone: it continues stage 2 with the run's own flags
+    (compile off), leaves vae.pt as it was, and ends bit-exactly where the uninterrupted run ends. Mutations: taking
+    defaults for the flags not repeated (the cpu preset's sizes are refused as a misfit, its step counts re-run
+    stage 1); compile not restored; the frozen reference encoder left in train mode (dropout) until the first
+    validation, which the resumed run's steps then draw and the uninterrupted run's do not."""
+    flags = ["--data_dir", data_dir, *TINY, "--vae_iters", "2", "--main_iters", "4", "--eval_interval", "2", "--lr", "2e-3",
+             "--dropout", "0.1"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     train.main(flags + ["--out_dir", full])
-    train.main(flags + ["--out_dir", part, "--stop_after", "2"])
-    assert load_checkpoint(os.path.join(part, "ckpt.pt"))["step"] == 2
+    train.main(flags + ["--out_dir", part, "--stop_after", "3"])
+    assert load_checkpoint(os.path.join(part, "ckpt.pt"))["step"] == 3
     vae_before = tree_hashes([part])[os.path.join(part, "vae.pt")]
-    train.main(["--out_dir", part, "--resume", "--no-compile"])
+    train.main(["--out_dir", part, "--resume"])
     assert tree_hashes([part])[os.path.join(part, "vae.pt")] == vae_before
     a, b = (load_checkpoint(os.path.join(d, "ckpt.pt")) for d in (full, part))
     assert a["step"] == b["step"] == 4 and b["args"]["lr"] == 2e-3 and b["args"]["preset"] == "tiny"
+    assert b["args"]["compile"] is False and b["args"]["dropout"] == 0.1
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     steps = [json.loads(line)["step"] for line in open(os.path.join(part, "log_joint.jsonl"))]
     assert steps == [2, 4]
@@ -357,7 +411,7 @@ def test_resume_keeps_each_logged_step_once(tmp_path, data_dir):
     common = ["--data_dir", data_dir, "--out_dir", out, "--stage", "vae", "--vae_iters", "4", "--eval_interval", "2"] + TINY
     train.main(common + ["--stop_after", "2"])
     with open(os.path.join(out, "log_vae.jsonl"), "a") as f:  # the line of a step whose checkpoint never came
-        f.write(json.dumps({"step": 4, "loss": 1.0}) + "\n" + '{"step": 5, "lo')  # and a line torn by the kill
+        f.write(json.dumps({"step": 4, "loss": 1.0}) + "\n" + DEEP + "\n" + '{"step": 5, "lo')  # a torn line
     open(os.path.join(out, "vae.pt.999999.tmp"), "wb").write(b"a save killed halfway")
     train.main(common + ["--resume"])
     steps = [json.loads(line)["step"] for line in open(os.path.join(out, "log_vae.jsonl"))]
@@ -366,13 +420,21 @@ def test_resume_keeps_each_logged_step_once(tmp_path, data_dir):
 
 
 def test_a_fresh_or_overwrite_run_starts_new_logs(tmp_path, data_dir):
-    """Logs belong to one run: --overwrite (and a fresh run after a failed one) does not append to the old log.
-    Mutation: keeping the old log gives steps 1, 2, 1, 2."""
+    """Logs belong to one run: --overwrite (and a fresh run after a failed one) does not append to the old log, and
+    a run removes only its own stages' logs: the README's `--stage vae` then `--stage joint` keeps stage 1's log,
+    `--stage vae --overwrite` keeps stage 2's, and a user's log_notes.txt and log_old/ stay. Mutations: keeping
+    the old log gives steps 1, 2, 1, 2; removing every log_* loses log_vae.jsonl (and log_old/ is a traceback)."""
     out = str(tmp_path / "o")
-    common = ["--data_dir", data_dir, "--out_dir", out, "--stage", "vae", "--vae_iters", "2", "--eval_interval", "1"] + TINY
-    train.main(common)
-    train.main(common + ["--overwrite"])
-    assert [json.loads(line)["step"] for line in open(os.path.join(out, "log_vae.jsonl"))] == [1, 2]
+    common = ["--data_dir", data_dir, "--out_dir", out, "--vae_iters", "2", "--main_iters", "1", "--eval_interval", "1"] + TINY
+    train.main(common + ["--stage", "vae"])
+    os.makedirs(os.path.join(out, "log_old"))
+    open(os.path.join(out, "log_notes.txt"), "w").write("mine")
+    train.main(common + ["--stage", "joint"])
+    logged = lambda stage: [json.loads(line)["step"] for line in open(os.path.join(out, f"log_{stage}.jsonl"))]
+    assert logged("vae") == [1, 2] and logged("joint") == [1]
+    train.main(common + ["--stage", "vae", "--overwrite"])
+    assert logged("vae") == [1, 2] and logged("joint") == [1]
+    assert open(os.path.join(out, "log_notes.txt")).read() == "mine" and os.path.isdir(os.path.join(out, "log_old"))
 
 
 def test_overwrite_replaces_a_checkpoint_of_another_kind(tmp_path, runs, data_dir):
@@ -433,7 +495,15 @@ def safe(tmp_path_factory, runs, data_dir):
     os.makedirs(t / "bad_meta")
     open(t / "bad_results" / "cola_1" / "eval.json", "w").write("{")
     open(t / "bad_meta" / "meta.json", "w").write("{")
-    m["root"] = str(t)
+    for name in ("deep.jsonl", "deep_tok.json", "deep_task.jsonl"):  # JSON nested 100,000 deep, wherever it is read
+        open(t / name, "w").write(json.dumps({"text": "x", "prompt": "x", "answer": "y", "deep": 0})[:-2] + DEEP + "}\n")
+        m[name.split(".")[0]] = str(t / name)
+    os.makedirs(t / "deep_results" / "cola_1")
+    open(t / "deep_results" / "cola_1" / "eval.json", "w").write('{"kind": ' + DEEP + "}")
+    m["deep_results"] = str(t / "deep_results")
+    os.makedirs(t / "locked")  # a prepared folder that a live prepare.py (this process stands in) is writing
+    open(t / "locked" / "prepare.lock", "w").write(str(os.getpid()))
+    m["locked"], m["root"] = str(t / "locked"), str(t)
     return m
 
 
@@ -468,6 +538,12 @@ scaling | --ablations {abl_up} --judge {ar}/ckpt.pt --out_root {fresh}    | must
 scaling | --ablations {abl_two} --judge {ar}/ckpt.pt --out_root {fresh}   | two runs share the name x
 scaling | --ablations {abl_from} --judge {ar}/ckpt.pt --out_root {fresh}  | from=nope names no run
 prepare | --input {text} --out_dir {fresh} --workers 100000                | more than 4 per CPU core
+prepare | --input {text} --out_dir {locked} --tokenizer {tok}             | is being written by another prepare.py
+prepare | --input {deep} --out_dir {fresh} --tokenizer {tok}              | not a JSON object with a string 'text'
+prepare | --input {text} --out_dir {fresh} --tokenizer {deep_tok}         | is not a readable tokenizer.json
+eval    | --score {deep_task}                                             | not valid JSON (nested too deeply)
+scaling | --table_only --levels 1 --out_root {deep_results}               | is not an eval result (JSONDecodeError)
+eval    | --ckpt {cola}/ckpt.pt --results {deep_results}/cola_1/eval.json | exists and is not an eval result
 scaling | --eval_args=--nonsense --judge {ar}/ckpt.pt --out_root {fresh}   | unrecognized arguments: --nonsense
 """.strip().splitlines()]
 
@@ -527,6 +603,43 @@ def test_prepare_overwrite_replaces(tmp_path, safe, data_dir):
     assert tree_hashes([str(tmp_path / "p")]) != before
 
 
+def test_prepare_overwrite_replaces_the_folder_whole_or_not_at_all(tmp_path, safe, monkeypatch, capsys):
+    """prepare.py --overwrite with other text: stopped at its last moment before meta.json is written (the commit),
+    the folder on disk is the old one, whole (what a kill there leaves), and the stop is one line with every file
+    as it was; finished, it is the new one, without the old shards. Mutation: new shards under the old names (the
+    old meta.json then refuses them as truncated or changed)."""
+    out = str(tmp_path / "p")  # (a killed run's shard temporary is cleared by the next run, which holds the lock)
+    argv = ["--tokenizer", safe["tok"], "--min_seq_len", "16", "--workers", "1", "--out_dir", out, "--overwrite"]
+    prepare.main(argv + ["--input", safe["text"]])
+    old = prepare.load_meta(out)
+    other = tmp_path / "other.txt"
+    other.write_text(open(os.path.join(ROOT, "data", "shakespeare_tiny.txt")).read()[20000:30000])
+    real_write = prepare.write_json
+
+    def killed_before_commit(path, obj):
+        assert prepare.TokenData(out, 16).meta == old  # the old folder loads, as it was
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prepare, "write_json", killed_before_commit)
+    bad_input_is_one_line(prepare.main, argv + ["--input", str(other)], "interrupted", [out], capsys)
+    monkeypatch.setattr(prepare, "write_json", real_write)
+    open(os.path.join(out, "train_00007.bin.999999.tmp"), "wb").write(b"a SIGKILLed run's shard")  # cleared
+    prepare.main(argv + ["--input", str(other)])
+    new = prepare.TokenData(out, 16).meta
+    assert new["source"] == str(other) and new["train_tokens"] != old["train_tokens"]
+    assert sorted(os.listdir(out)) == sorted(["meta.json"] + [s["file"] for k in ("train", "val") for s in new["shards"][k]])
+
+
+def test_input_without_a_cut_point_is_read_in_bounded_pieces(tmp_path):
+    """Text with no place where the BPE allows a cut (NUL bytes, or one endless word) is still read in pieces of at
+    most 2 x block_bytes, and nothing is lost. Mutation: waiting for a natural cut holds the whole input."""
+    for name, text in (("nul.txt", "\x00" * 50_000), ("word.txt", "x" * 50_000)):
+        (tmp_path / name).write_text(text)
+        pieces = [p for p, _, _ in prepare.read_pieces([str(tmp_path / name)], 1024)]
+        assert "".join(pieces) == text and max(map(len, pieces)) <= 2048
+    doc = list(prepare.split_document("y" * 50_000, 1024))
+    assert "".join(doc) == "y" * 50_000 and max(map(len, doc)) <= 1024
+
+
 def test_ablations_file_still_plans():
     a = scaling.get_args(["--ablations", os.path.join(ROOT, "ablations.txt"), "--table_only"])
     assert scaling.plan_ablations(a)[0][0] == "base"
@@ -557,3 +670,93 @@ def test_sample_streams_every_block_of_a_cola_run(runs, capsys):
     sampler = stored_sampler(info, enc.eot_token, steps=2, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.1)
     out, stats = generate(model, [enc.encode_ordinary("ROMEO:")], 12, sampler, torch.Generator().manual_seed(1337))
     assert printed == "ROMEO:" + enc.decode(out[0]) and stats["blocks"] > 1
+
+
+def test_a_failed_plot_keeps_the_earlier_one(tmp_path, monkeypatch):
+    """A plot written over an earlier one fails midway (a kill, a full disk): the earlier file is as it was, with no
+    temporary file left (every plot goes through cli.save_figure). Mutation: savefig straight to the path tears it."""
+    import matplotlib.figure
+    from cli import pyplot, save_figure
+    plt, path = pyplot(), str(tmp_path / "diagnostics.png")
+    save_figure(plt, plt.figure(), path)
+    before = open(path, "rb").read()
+
+    def torn(self, target, **kw):
+        with open(target, "wb") if isinstance(target, str) else contextlib.nullcontext(target) as f:
+            f.write(b"half a plot")
+        raise OSError("disk full")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", torn)
+    with pytest.raises(OSError):
+        save_figure(plt, plt.figure(), path)
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["diagnostics.png"]
+
+
+# script | the function inside main that the interrupt or the closed pipe hits | argv ({name}: safe() or {fresh})
+STOPPED = [("eval", "evaluate", "--ckpt {cola}/ckpt.pt"),
+           ("sample", "generate", "--ckpt {cola}/ckpt.pt --num_samples 1 --max_new_tokens 4 --steps 1"),
+           ("prepare", "prepare", "--input {text} --out_dir {fresh} --tokenizer {tok}"),
+           ("scaling", "plan", "--judge {ar}/ckpt.pt --out_root {fresh} --levels 1"),
+           ("train", "run_stages", "--data_dir {data} --out_dir {fresh} --no-compile")]
+
+
+@pytest.mark.parametrize("script,inner,argv", STOPPED, ids=[s[0] for s in STOPPED])
+def test_ctrl_c_and_a_closed_pipe_in_every_script(script, inner, argv, tmp_path, safe, monkeypatch, capsys):
+    """Ctrl-C (KeyboardInterrupt) anywhere in a script's work is one line, files unchanged; a closed stdout
+    (`| head`: BrokenPipeError) ends it quietly, no traceback. Mutation: main without cli.script: a traceback."""
+    m = {**safe, "fresh": str(tmp_path / "fresh")}
+    argv = [a.format(**m) for a in argv.split()]
+
+    def stop(what):
+        def raise_it(*args, **kwargs):
+            raise what
+        monkeypatch.setattr(SCRIPTS[script], inner, raise_it)
+    def main(argv):  # an escaping Ctrl-C would end the whole test session
+        try:
+            return SCRIPTS[script].main(argv)
+        except KeyboardInterrupt:
+            raise AssertionError("KeyboardInterrupt escaped main") from None
+    stop(KeyboardInterrupt)
+    bad_input_is_one_line(main, argv, "interrupted", [m["cola"], m["ar"], m["data"], m["root"]], capsys)
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # restored after the test: a closed pipe sends it to devnull
+    stop(BrokenPipeError)
+    with pytest.raises(SystemExit) as e:
+        SCRIPTS[script].main(argv)
+    assert e.value.code == 1 and capsys.readouterr().err == ""
+    assert not os.path.exists(os.path.join(m["fresh"], "train.lock"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_stop_training_as_ctrl_c_does(sig, tmp_path, data_dir, monkeypatch, capsys):
+    """SIGTERM or SIGHUP during training: one line, the last checkpoint kept and loadable, the lock released, and
+    the caller's own handler back afterwards. Mutation: no handler (the signal kills the process: here, the
+    test's stand-in handler raises instead)."""
+    out = str(tmp_path / "o")
+
+    def not_handled(*_):
+        raise AssertionError("the signal reached the default handler")
+    previous = signal.signal(sig, not_handled)
+    real_lr = train.lr_at
+    monkeypatch.setattr(train, "lr_at", lambda step, *a: (os.kill(os.getpid(), sig) if step == 1 else None,
+                                                          real_lr(step, *a))[1])
+    try:
+        line = one_line_error(train.main, ["--data_dir", data_dir, "--out_dir", out, "--stage", "vae", "--vae_iters",
+                                           "3", "--eval_interval", "1"] + TINY, capsys)
+        assert signal.getsignal(sig) is not_handled
+    finally:
+        signal.signal(sig, previous)
+    assert line == "error: interrupted; the last checkpoint is kept (continue with --resume)"
+    assert load_checkpoint(os.path.join(out, "vae.pt"))["step"] == 1 and not os.path.exists(os.path.join(out, "train.lock"))
+
+
+def test_scaling_stops_its_children_when_stopped(tmp_path):
+    """Ctrl-C (or SIGTERM, which stops it the same way) while scaling.py waits on runs in parallel: every child
+    process stops too, at once. Mutation: without in_parallel's terminate the pool waits the children out (30 s)."""
+    import argparse
+    import threading
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+    t0 = time.time()
+    threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()  # Ctrl-C while both sleep
+    with pytest.raises(KeyboardInterrupt):
+        scaling.in_parallel(argparse.Namespace(jobs=2), lambda i: scaling.run(sleeper, str(tmp_path / f"{i}.log"), "-"),
+                            [0, 1])
+    assert time.time() - t0 < 15 and not scaling.CHILDREN
