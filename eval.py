@@ -25,7 +25,7 @@ from decoder import GenerationError
 from measures import (builtin_tasks, eval_history_drift, eval_history_gap, eval_latent_fit, eval_likelihood,
                       eval_prefix_prediction, eval_sdedit, eval_vae, make_generator, plot_diagnostics, plot_lines,
                       run_tasks, sample_quality)
-from prepare import TokenData, batch_seed
+from tokendata import TokenData, batch_seed
 from tokenizer import REPO_DIR, DataError, get_tokenizer, same_tokenizer
 from scoring import TaskError, TrainNgrams, ngram_metrics, read_tasks, score_file
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 from baselines import TransformerLM
 from diffusion import ColaDLM
 from layers import n_params
-from prepare import load_meta
+from tokendata import load_meta
 
 
 def matmul_params(module):

@@ -19,7 +19,7 @@ from baselines import ar_generate, llada_generate
 from decoder import denoise_block, encode_normalised, generate
 from release import release_generate
 from diffusion import flow_path, sample_t, time_grid
-from prepare import batch_seed
+from tokendata import batch_seed
 from scoring import ngram_metrics, score
 
 LN2 = math.log(2)

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from cli import (Parser, check_writable_dir, dry_run, fail, float_list, positive_int, readable_file, train_dry_run,
                  json_loads, script, write_atomic, write_json)
 from measures import plot_lines
-from prepare import REPO_DIR, DataError
+from tokenizer import REPO_DIR, DataError
 
 NAMES = {"cola": "Cola DLM", "ar": "AR", "llada": "LLaDA"}
 COLUMNS = [  # (header, eval.json key, format); next-token acc.: Cola's prior, bs - 1 latents known; baselines' val_acc

@@ -228,7 +228,7 @@ def ngram_metrics(samples, train_ngrams=None):
 
 def seen_ngrams_line(samples, data_dir):
     """sample.py's last line: the samples' seen 2-/3-gram rates in the training split of data_dir, and distinct-2."""
-    from prepare import DataError, TokenData
+    from tokendata import DataError, TokenData
     try:
         m = ngram_metrics(samples, TrainNgrams.of(TokenData(data_dir, 1)))
     except DataError as e:

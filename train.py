@@ -30,8 +30,8 @@ from diffusion import ColaDLM, LossConfig
 from dit import DiTConfig
 from flops import dry_run, joint_train_flops, lm_train_flops, vae_frozen, vae_train_flops
 from layers import n_params
-from prepare import DEFAULT_DATA_DIR, REPO_DIR, DataError, TokenData, batch_seed
-from tokenizer import get_tokenizer
+from tokendata import DEFAULT_DATA_DIR, TokenData, batch_seed
+from tokenizer import REPO_DIR, DataError, get_tokenizer
 from vae import TextVAE, VAEConfig
 
 # the flags: defaults are the paper's (docs/method.md §3-§5), a preset overrides some of them

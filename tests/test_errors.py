@@ -19,6 +19,7 @@ import torch
 
 import bench
 import eval as ev
+import tokendata
 import prepare
 import sample
 import scaling
@@ -611,20 +612,20 @@ def test_prepare_overwrite_replaces_the_folder_whole_or_not_at_all(tmp_path, saf
     out = str(tmp_path / "p")  # (a killed run's shard temporary is cleared by the next run, which holds the lock)
     argv = ["--tokenizer", safe["tok"], "--min_seq_len", "16", "--workers", "1", "--out_dir", out, "--overwrite"]
     prepare.main(argv + ["--input", safe["text"]])
-    old = prepare.load_meta(out)
+    old = tokendata.load_meta(out)
     other = tmp_path / "other.txt"
     other.write_text(open(os.path.join(ROOT, "data", "shakespeare_tiny.txt")).read()[20000:30000])
     real_write = prepare.write_json
 
     def killed_before_commit(path, obj):
-        assert prepare.TokenData(out, 16).meta == old  # the old folder loads, as it was
+        assert tokendata.TokenData(out, 16).meta == old  # the old folder loads, as it was
         raise KeyboardInterrupt
     monkeypatch.setattr(prepare, "write_json", killed_before_commit)
     bad_input_is_one_line(prepare.main, argv + ["--input", str(other)], "interrupted", [out], capsys)
     monkeypatch.setattr(prepare, "write_json", real_write)
     open(os.path.join(out, "train_00007.bin.999999.tmp"), "wb").write(b"a SIGKILLed run's shard")  # cleared
     prepare.main(argv + ["--input", str(other)])
-    new = prepare.TokenData(out, 16).meta
+    new = tokendata.TokenData(out, 16).meta
     assert new["source"] == str(other) and new["train_tokens"] != old["train_tokens"]
     assert sorted(os.listdir(out)) == sorted(["meta.json"] + [s["file"] for k in ("train", "val") for s in new["shards"][k]])
 

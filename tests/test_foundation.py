@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from layers import Attention, KVCache, block_causal_mask, cola_mask, with_key_padding
-from prepare import load_meta, prepare
+from tokendata import load_meta
+from prepare import prepare
 from tokenizer import DataError, get_tokenizer
 from vae import TextVAE, VAEConfig, gaussian_kl, gaussian_kl_std_normal
 
@@ -253,7 +254,8 @@ def test_streamed_prepare_equals_the_whole_file_split(tmp_path):
     """Read in 3 KB blocks by 2 worker processes into 40K-token shards, the corpus gives exactly the tokens
     and the split of encoding it whole. Mutation: cutting blocks after any newline (then '\n\n' splits into
     two tokens), or routing chunks per block instead of per token position."""
-    from prepare import TokenData, split_tokens
+    from tokendata import TokenData
+    from prepare import split_tokens
     text = open(SHAKESPEARE, encoding="utf-8").read()[:200_000]
     (tmp_path / "in.txt").write_text(text, encoding="utf-8")
     meta = prepare(str(tmp_path / "in.txt"), str(tmp_path / "out"), seq_len=64, workers=2, block_bytes=3000,
@@ -267,7 +269,7 @@ def test_streamed_prepare_equals_the_whole_file_split(tmp_path):
 def test_folder_and_jsonl_corpora(tmp_path):
     """A folder of .txt files and the same documents as JSONL give the same tokens, documents separated by
     <|endoftext|>; a JSONL line without 'text' is a one-line error naming the line."""
-    from prepare import TokenData
+    from tokendata import TokenData
     docs = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * 30 for i in range(5)]
     (tmp_path / "folder" / "sub").mkdir(parents=True)
     for i, d in enumerate(docs):
@@ -308,7 +310,7 @@ def test_prepare_memory_is_bounded_by_the_block(tmp_path):
 
 def test_token_data_windows_span_shards_deterministically(tmp_path):
     """Windows come from every shard, never cross a shard boundary, and depend only on the seed."""
-    from prepare import TokenData
+    from tokendata import TokenData
     text = open(SHAKESPEARE, encoding="utf-8").read()[:100_000]
     (tmp_path / "in.txt").write_text(text, encoding="utf-8")
     prepare(str(tmp_path / "in.txt"), str(tmp_path / "out"), seq_len=16, block_bytes=4000, shard_tokens=3000)
