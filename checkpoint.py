@@ -325,6 +325,12 @@ def check_out_dir(args):
               if not (args.resume and os.path.exists(path))]
     for path in (os.path.join(args.out_dir, n) for n in stale):
         os.remove(path) if os.path.isfile(path) else None
+    for path, kind in found if args.resume else []:  # a log the run cannot append to: one line now, not at its end
+        log = os.path.join(args.out_dir, f"log_{ {'vae': 'vae', 'cola': 'joint'}.get(kind, kind)}.jsonl")
+        try:
+            open(log, "a").close()
+        except OSError as e:
+            fail(f"cannot append to {log} ({e.strerror}); move it away to resume")
 
 
 @contextlib.contextmanager

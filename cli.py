@@ -155,7 +155,10 @@ def read_prompt(prompt):
         return prompt
     try:
         with open(prompt[5:], "rb") as f:
-            return f.read().decode("utf-8")
+            raw = f.read(2 ** 20 + 1)  # a prompt beyond 1 MiB is no prompt (and /dev/zero never ends)
+        if len(raw) > 2 ** 20:
+            fail(f"prompt file {prompt[5:]} holds more than 1 MiB")
+        return raw.decode("utf-8")
     except OSError as e:
         fail(f"prompt file {prompt[5:]} cannot be read ({e.strerror})")
     except UnicodeDecodeError as e:
@@ -322,28 +325,51 @@ def write_json(path, obj, indent=2):
     write_atomic(path, lambda f: json.dump(obj, f, indent=indent))
 
 
+def process_tag(pid):
+    """A process as 'pid start-time' (Linux's /proc; the bare pid elsewhere): a pid reused later is another tag."""
+    try:
+        return f"{pid} {open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[19]}"
+    except (OSError, IndexError):
+        return str(pid)
+
+
+def holder_alive(tag):
+    """Whether the process a lock file names still runs (the same process, not a later one with its pid)."""
+    try:
+        pid = int(tag.split()[0])
+        os.kill(pid, 0) if pid > 0 else int("no pid")  # os.kill(0) would signal our own group
+    except PermissionError:
+        return True  # another user's live process
+    except (ValueError, IndexError, OSError):
+        return False
+    return process_tag(pid) == tag or " " not in tag
+
+
 @contextlib.contextmanager
 def folder_lock(out_dir, name="train.lock", writer="training run"):
-    """One writer per folder, by a lock file of its pid: a live writer's is a one-line refusal, a dead one's taken."""
-    path = os.path.join(out_dir, name)
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
+    """One writer per folder, by a lock file naming its process (process_tag): a live writer's is a one-line
+    refusal, a dead one's taken. The file appears whole (a hard link of a written one), never half written."""
+    path, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".{name}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(process_tag(os.getpid()))
+    try:
+        for _ in range(2):
             try:
-                pid = int(open(path).read().strip() or 0)
-                if pid <= 0:  # an empty or torn lock file: no run holds it (os.kill(0) would signal our group)
-                    raise ValueError(pid)
-                os.kill(pid, 0)
-            except (ValueError, ProcessLookupError, OSError):
-                os.remove(path)  # stale: its run is gone
-                continue
-            fail(f"{out_dir} is being written by another {writer} (pid {pid}); use another --out_dir")
-    else:
-        fail(f"cannot take the lock {path}")
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
+                os.link(tmp, path)
+                break
+            except FileExistsError:
+                try:
+                    held = open(path).read().strip()
+                except OSError as e:
+                    fail(f"{path} is not a lock file ({e.strerror}); remove it if no run is writing {out_dir}")
+                if holder_alive(held):
+                    fail(f"{out_dir} is being written by another {writer} (pid {held.split()[0]}); use another "
+                         "--out_dir")
+                os.remove(path)  # stale: its writer is gone
+        else:
+            fail(f"cannot take the lock {path}")
+    finally:
+        os.remove(tmp)
     try:
         yield
     finally:

@@ -63,7 +63,7 @@ def choose_tokens(logits, seen=None, temperature=0.0, top_k=0, top_p=1.0, repeti
         logits = torch.where(seen.unsqueeze(1), torch.where(logits > 0, logits / p, logits * p), logits)
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    logits = logits / max(temperature, 1e-6)  # in float32 a tinier one is 0: logits / 0 is NaN, not greedy
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

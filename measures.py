@@ -17,7 +17,7 @@ from tqdm import tqdm
 from cli import pyplot, save_figure, write_atomic
 from baselines import ar_generate, llada_generate
 from decoder import denoise_block, encode_normalised, generate
-from release import release_generate
+from release import release_generate, row_noise
 from diffusion import flow_path, sample_t, time_grid
 from tokendata import batch_seed
 from scoring import ngram_metrics, score
@@ -216,9 +216,10 @@ def make_generator(kind, model, sampler, seed, temperature=0.0, release=False):
     stop = sampler.stop_ids[0]
 
     def run(prompts, max_new, row_seeds=None):
-        if kind == "cola":
+        if kind == "cola":  # row_seeds: each row's noise from its own seed (--item_noise_seed), as the release's
+            noise = None if row_seeds is None else (lambda k, shape: row_noise(shape, g.device, row_seeds, k))
             outs, st = (release_generate(model, prompts, max_new, sampler, row_seeds, g) if release
-                        else generate(model, prompts, max_new, sampler, g))
+                        else generate(model, prompts, max_new, sampler, g, noise))
             return outs, st["blocks"] * (sampler.steps + 2) * len(prompts)  # per block: steps, commit, decode
         if kind == "ar":
             outs, st = ar_generate(model, prompts, max_new, temperature, repetition_penalty=1.1, eos_id=stop,
@@ -260,7 +261,9 @@ def item_seed(base, item_id):
     """The release's per-item noise seed: base + id * 1000, a non-integer id through its crc32."""
     try:
         sid = int(item_id)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a name, or Infinity
+        sid = -1
+    if not 0 <= sid < 2 ** 40:  # not a seed torch can take
         sid = zlib.crc32(str(item_id).encode("utf-8")) & 0xFFFFFFFF
     return base + sid * 1000
 

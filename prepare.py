@@ -225,8 +225,6 @@ def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64,
     return meta
 
 
-# reading: meta.json and the shards, checked, as random windows
-
 @script
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -264,6 +262,10 @@ def main(argv=None):
                            a.block_bytes, a.shard_tokens)
         except DataError as e:
             fail(e)
+        except BrokenPipeError:
+            raise  # a closed stdout: cli.script ends quietly
+        except OSError as e:  # a full disk, say: meta.json was not switched, so the folder holds what it held
+            fail(f"cannot write {a.out_dir} ({e.strerror or e}); it holds what it held before")
         print(f"wrote {a.out_dir}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
               f"({meta['tokenizer']}, {meta['dtype']}, {meta['split']} split)")
 

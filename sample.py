@@ -62,11 +62,11 @@ def main(argv=None):
         model, info = load_model(path, device, dtype=getattr(torch, args.dtype))
         enc = get_tokenizer(info["tokenizer"])
         prompt = prompt_ids(info, enc, text)
+        flags = ("steps", "guidance", "noise_scale", "temperature", "top_k", "top_p", "repetition_penalty")
+        sampler = stored_sampler(info, enc.eot_token, **{k: getattr(args, k) for k in flags})
     except (DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     kind = info["kind"]
-    flags = ("steps", "guidance", "noise_scale", "temperature", "top_k", "top_p", "repetition_penalty")
-    sampler = stored_sampler(info, enc.eot_token, **{k: getattr(args, k) for k in flags})
     if args.compile and kind == "cola":
         model.dit = torch.compile(model.dit, dynamic=True)
         model.vae.dec = torch.compile(model.vae.dec, dynamic=True)

@@ -22,8 +22,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from cli import (Parser, check_writable_dir, dry_run, fail, float_list, positive_int, readable_file, train_dry_run,
-                 json_loads, script, write_atomic, write_json)
+from cli import (Parser, check_writable_dir, dry_run, fail, float_list, folder_lock, json_loads, positive_int,
+                 readable_file, script, train_dry_run, write_atomic, write_json)
 from measures import plot_lines
 from tokenizer import REPO_DIR, DataError
 
@@ -58,7 +58,7 @@ def get_args(argv=None):
     arg("--ablations", type=readable_file, help="a file of recipe ablations (name + train.py flags per line)")
     arg("--table_only", action="store_true", help="train nothing: tabulate the runs with an eval.json, list the others")
     a = p.parse_args(argv)
-    a.levels = sorted(a.levels)
+    a.levels = sorted({float(f"{v:g}") for v in a.levels})  # 0.01 and 1e-2 name one folder: trained once
     if a.levels[-1] > 1e6:
         p.error(f"--levels: {a.levels[-1]:g} is more than a million times the default run")
     dry_run("eval.py", a.eval_args.split())  # a bad eval.py flag fails now, not after the training
@@ -266,6 +266,12 @@ def in_parallel(a, job, runs):
 def main(argv=None):
     a = get_args(argv)
     check_writable_dir(a.out_root, "--out_root")
+    with folder_lock(a.out_root, "scaling.lock", "scaling run"):  # two on one --out_root would mix their logs
+        run_all(a)
+
+
+def run_all(a):
+    """Plan, train and evaluate what is missing, then the table, results.json and the figure."""
     try:
         runs = plan_ablations(a) if a.ablations else plan(a)
         n_base = len(runs[0][3])  # ablations: base's flags lead every run's

@@ -35,9 +35,11 @@ def normalize(text):
     return " ".join(re.sub(r"[^\w\s]", "", str(text or "").lower()).split())
 
 
-def similarity(a, b):
-    """difflib ratio of the normalised texts; 1.0 when both are empty."""
-    return difflib.SequenceMatcher(None, normalize(a), normalize(b)).ratio()
+def similarity(a, b, floor=0.0):
+    """difflib ratio of the normalised texts; 1.0 when both are empty. Below `floor` by difflib's upper bounds
+    (linear time), 0.0 without the quadratic ratio."""
+    m = difflib.SequenceMatcher(None, normalize(a), normalize(b))
+    return m.ratio() if m.real_quick_ratio() >= floor and m.quick_ratio() >= floor else 0.0
 
 
 def first_word(text):
@@ -84,7 +86,7 @@ def choice_by_text(text, choices):
     inside = [i for i, c in enumerate(norm_choices) if c and c in norm]
     if len(inside) == 1:
         return chr(65 + inside[0])
-    scores = [similarity(cleaned, c) for c in choices]
+    scores = [similarity(cleaned, c, 0.9) for c in choices]
     best = max(range(len(choices)), key=lambda i: (scores[i], -i))
     return chr(65 + best) if scores[best] >= 0.9 else ""
 
@@ -106,7 +108,7 @@ def score(generation, task):
         predicted = choice_of(gen, choices)
         if predicted and predicted == (letter_in(truth, min(len(choices), 26)) or choice_by_text(truth, choices)):
             return 1.0
-    return float(similarity(gen, truth) >= 1.0)
+    return float(normalize(gen) == normalize(truth))  # similarity 1.0, in linear time
 
 
 def task_rule(name, scoring=None):
@@ -133,7 +135,7 @@ def parse_task(obj, name, where, index):
                                 or not all(isinstance(c, str) for c in choices)):
         raise TaskError(f"{where}: 'choices' / 'options' must be a list of at least 2 strings")
     scoring = obj.get("scoring", "option" if choices and name not in PAPER_TASKS else "exact")
-    if scoring not in RULE_OF_SCORING:
+    if not isinstance(scoring, str) or scoring not in RULE_OF_SCORING:
         raise TaskError(f"{where}: 'scoring' must be first_word, option or exact, got {scoring!r}")
     rule = task_rule(name, scoring)
     if rule == "choice" and name not in PAPER_TASKS:

@@ -102,8 +102,8 @@ def tokenizer_from_json(path):
     if model.get("type") != "BPE":
         raise DataError(f"{path}: model type {model.get('type')!r} is not a byte-level BPE")
     pattern = _split_pattern(spec.get("pre_tokenizer"))
-    if pattern is None:
-        raise DataError(f"{path}: pre_tokenizer has no Split regex to read")
+    if not pattern or not isinstance(pattern, str):  # tiktoken panics on an empty one
+        raise DataError(f"{path}: pre_tokenizer has no (non-empty) Split regex to read")
     to_byte = {c: b for b, c in byte_alphabet().items()}
     special_ids = set(specials.values())
     try:

@@ -50,49 +50,37 @@ def cola_view(model, prompt, max_new_tokens, sampler, generator):
     return out[0], frames
 
 
-def ar_view(model, prompt, max_new_tokens, sampler, generator):
-    """ar_generate() on one prompt, a Frame after every token."""
+def lm_view(kind, model, prompt, max_new_tokens, sampler, generator, steps=32, block_length=None):
+    """The AR baseline on one prompt, a Frame after every token, or LLaDA, a Frame after every unmasking pass
+    (masked positions None)."""
     frames, toks, conf = [], [], []
 
-    def on_token(new, probs):
+    def on_token(new, probs):  # AR
         if new[0] is not None:
             toks.append(new[0])
             conf.append(float(probs[0]))
             frames.append(Frame(f"token {len(toks)}", list(toks), list(conf), (len(toks) - 1) // ROW * ROW))
 
-    out, _ = ar_generate(model, [prompt], max_new_tokens, sampler.temperature, sampler.top_k, sampler.top_p,
-                         sampler.repetition_penalty, sampler.stop_ids[0], generator, on_token)
-    return out[0], frames
+    def on_step(x, probs):  # LLaDA
+        shown = [None if t == model.cfg.mask_id else t for t in x[0].tolist()]
+        before = frames[-1].tokens if frames else [None] * len(shown)
+        first = next((i for i, (t, f) in enumerate(zip(shown, before)) if t != f), 0)  # the first position unmasked
+        frames.append(Frame(f"pass {len(frames) + 1}", shown, probs[0].tolist(), first // ROW * ROW))
 
-
-def llada_view(model, prompt, max_new_tokens, steps, block_length, sampler, generator):
-    """llada_generate() on one prompt, a Frame after every unmasking pass (masked positions None)."""
-    frames = []
-
-    def on_step(x, conf):
-        toks = [None if t == model.cfg.mask_id else t for t in x[0].tolist()]
-        before = frames[-1].tokens if frames else [None] * len(toks)
-        first = next((i for i, (t, f) in enumerate(zip(toks, before)) if t != f), 0)  # the first position unmasked
-        frames.append(Frame(f"pass {len(frames) + 1}", toks, conf[0].tolist(), first // ROW * ROW))
-
-    out, _ = llada_generate(model, [prompt], max_new_tokens, steps, block_length, sampler.temperature,
-                            sampler.stop_ids[0], generator, on_step)
-    return out[0], frames
-
-
-def view(kind, model, prompt, max_new_tokens, sampler, generator, llada_steps=32, block_length=None):
-    """(new tokens, frames) of one prompt for a model of `kind` (cola, ar, llada)."""
-    if kind == "cola":
-        return cola_view(model, prompt, max_new_tokens, sampler, generator)
     if kind == "ar":
-        return ar_view(model, prompt, max_new_tokens, sampler, generator)
-    return llada_view(model, prompt, max_new_tokens, llada_steps, block_length, sampler, generator)
+        out, _ = ar_generate(model, [prompt], max_new_tokens, sampler.temperature, sampler.top_k, sampler.top_p,
+                             sampler.repetition_penalty, sampler.stop_ids[0], generator, on_token)
+    else:
+        out, _ = llada_generate(model, [prompt], max_new_tokens, steps, block_length, sampler.temperature,
+                                sampler.stop_ids[0], generator, on_step)
+    return out[0], frames
 
 
 def run(kind, model, prompt, sampler, generator, enc, args, i, title):
     """sample.py's --show_steps (print every frame) and --animate (draw sample 0's) -> sample i's new tokens."""
-    new, frames = view(kind, model, prompt, args.max_new_tokens, sampler, generator, args.steps or 32,
-                       args.block_length or None)
+    new, frames = (cola_view(model, prompt, args.max_new_tokens, sampler, generator) if kind == "cola" else
+                   lm_view(kind, model, prompt, args.max_new_tokens, sampler, generator, args.steps or 32,
+                           args.block_length or None))
     if args.show_steps:
         print()
         show(enc, frames)

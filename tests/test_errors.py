@@ -761,3 +761,114 @@ def test_scaling_stops_its_children_when_stopped(tmp_path):
         scaling.in_parallel(argparse.Namespace(jobs=2), lambda i: scaling.run(sleeper, str(tmp_path / f"{i}.log"), "-"),
                             [0, 1])
     assert time.time() - t0 < 15 and not scaling.CHILDREN
+
+
+# issue 33's smaller cases: each one line (or the right answer), every file as it was
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "100000000"], "steps = 100000000, which this code cannot build"),
+    (["--top_k", "100000000"], "top_k = 100000000, which this code cannot build"),
+    (["--prompt", "FILE:/dev/zero"], "holds more than 1 MiB")])
+def test_sample_refuses_a_sampler_or_prompt_it_cannot_use(argv, message, runs, capsys):
+    """Mutation: the sampler built outside sample.py's error handler (a traceback); /dev/zero read whole."""
+    bad_input_is_one_line(sample.main, ["--out_dir", runs["cola"], "--num_samples", "1"] + argv, message,
+                          [runs["cola"]], capsys)
+
+
+def test_a_tiny_temperature_is_greedy_not_nan():
+    """--temperature 1e-300 samples the top token (the temperature floored at 1e-6). Mutation: dividing by it,
+    0 in float32, makes the logits inf and NaN, and torch.multinomial raises."""
+    from decoder import choose_tokens
+    logits = torch.randn(2, 5, 50) * 10
+    assert torch.equal(choose_tokens(logits, temperature=1e-300, generator=torch.Generator().manual_seed(0)),
+                       logits.argmax(-1))
+
+
+def test_odd_task_fields_are_one_line_or_scored(tmp_path, capsys):
+    """A `scoring` that is a list is a TaskError line; an id that is no finite integer still gets a noise seed
+    (its crc32) and a 60,000-word answer is scored in linear time by the same rule. Mutations: `scoring in
+    RULE_OF_SCORING` with a list (TypeError), int(float('inf')) (OverflowError)."""
+    import measures as ms
+    import scoring as sc
+    bad = tmp_path / "t.jsonl"
+    bad.write_text(json.dumps({"prompt": "Q", "answer": "a", "scoring": ["exact"]}) + "\n")
+    with pytest.raises(sc.TaskError, match="'scoring' must be"):
+        sc.read_tasks(str(bad))
+    assert ms.item_seed(66, float("inf")) == ms.item_seed(66, "inf") != ms.item_seed(66, 3) == 66 + 3000
+    long = "word " * 60_000
+    assert sc.score(long, {"ground_truth": long, "rule": "exact"}) == 1.0
+    assert sc.score(long, {"ground_truth": long + " more", "rule": "exact"}) == 0.0
+    assert sc.score(long, {"ground_truth": "b", "choices": ["a " * 3, "b"], "rule": "choice"}) == 0.0
+    for a, b in (("the blue sea", "the blue sea!"), ("abc", "abd"), ("x", "")):  # the floor changes no verdict
+        assert (sc.similarity(a, b, 0.9) >= 0.9) == (sc.similarity(a, b) >= 0.9)
+
+
+def test_item_noise_seed_reaches_this_repos_cola(runs):
+    """--item_noise_seed gives each row its own noise for this repo's checkpoints too: the same seed, the same
+    text whatever the batch; other seeds, other text. Mutation: make_generator ignoring row_seeds."""
+    import measures as ms
+    from checkpoint import load_model, stored_sampler
+    model, info = load_model(os.path.join(runs["cola"], "ckpt.pt"))
+    sampler = stored_sampler(info, 262, temperature=0.0)
+    gen = ms.make_generator("cola", model, sampler, 0)
+    alone, _ = gen([[5, 6]], 8, [66])
+    pair, _ = gen([[7, 8, 9], [5, 6]], 8, [1, 66])
+    other = [gen([[5, 6]], 8, [s])[0][0] for s in (1, 2, 3)]
+    assert pair[1] == alone[0] and any(o != alone[0] for o in other)
+
+
+def test_locks_name_their_process(tmp_path, data_dir, capsys):
+    """A lock naming a live pid that is another process (pid 1 with another start time, as after a restart) is
+    stale; one naming this very process is held; a folder in the lock's place is one line. Mutation: the pid
+    alone (pid 1 lives: the folder is blocked forever)."""
+    from cli import folder_lock, process_tag
+    out = tmp_path / "o"
+    os.makedirs(out)
+    (out / "train.lock").write_text("1 0")
+    with folder_lock(str(out)):
+        assert (out / "train.lock").read_text() == process_tag(os.getpid())
+        with pytest.raises(SystemExit, match="being written by another"):
+            with folder_lock(str(out)):
+                pass
+    assert not (out / "train.lock").exists() and os.listdir(out) == []
+    os.makedirs(out / "train.lock")
+    bad_input_is_one_line(train.main, ["--data_dir", data_dir, "--out_dir", str(out)] + TINY, "is not a lock file",
+                          [str(out)], capsys)
+
+
+def test_scaling_trains_a_level_once_and_one_run_per_root(tmp_path, capsys):
+    """--levels 0.01,1e-2 plans one folder per model; a second scaling.py on a held --out_root is one line.
+    Mutation: the levels as given (two runs into one folder)."""
+    from cli import folder_lock
+    a = scaling.get_args(["--levels", "0.01,1e-2", "--out_root", str(tmp_path)])
+    assert len(a.levels) == 1
+    with folder_lock(str(tmp_path), "scaling.lock", "scaling run"):
+        bad_input_is_one_line(scaling.main, ["--out_root", str(tmp_path), "--table_only"], "another scaling run",
+                              [str(tmp_path)], capsys)
+
+
+def test_resume_with_a_log_it_cannot_append_to_is_one_line(tmp_path, runs, data_dir, capsys):
+    """A log_joint.jsonl that is a folder: --resume stops in one line before any work. Mutation: the check gone
+    (a traceback when trim_log opens it)."""
+    out = str(tmp_path / "cola")
+    shutil.copytree(runs["cola"], out)
+    os.remove(os.path.join(out, "log_joint.jsonl"))
+    os.makedirs(os.path.join(out, "log_joint.jsonl"))
+    bad_input_is_one_line(train.main, ["--data_dir", data_dir, "--out_dir", out, "--resume", "--main_iters", "9"]
+                          + TINY, "cannot append to", [out], capsys)
+
+
+def test_prepare_on_a_full_disk_is_one_line_and_keeps_the_folder(tmp_path, root, safe):
+    """A file-size limit stands in for a full disk: prepare.py --overwrite stops in one line, the old folder loads
+    as it was. Mutation: OSError not caught in prepare.main (a traceback)."""
+    import resource
+    out = str(tmp_path / "prep")
+    shutil.copytree(safe["data"], out)
+    before, old = tree_hashes([out]), tokendata.load_meta(out)
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+    r = subprocess.run([sys.executable, os.path.join(root, "prepare.py"), "--input", old["source"], "--out_dir", out,
+                        "--overwrite", "--tokenizer", old["tokenizer"]], capture_output=True, text=True,
+                       preexec_fn=limit)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and "cannot write" in lines[0], r.stderr
+    assert tokendata.load_meta(out) == old and tree_hashes([out]) == before

@@ -264,3 +264,15 @@ def test_tokenizer_json_refusals(tmp_path):
     open(path, "w").write("{not json")
     with pytest.raises(DataError, match="not a readable tokenizer.json"):
         tokenizer_from_json(path)
+
+
+def test_an_empty_split_regex_is_refused(tmp_path):
+    """tiktoken panics (a PanicException, no Exception) on an empty pattern: refused as the file is read.
+    Mutation: only a missing pattern refused."""
+    path = str(tmp_path / "tokenizer.json")
+    write_tokenizer_json(path)
+    spec = json.load(open(path))
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = ""
+    json.dump(spec, open(path, "w"))
+    with pytest.raises(DataError, match="no \\(non-empty\\) Split regex"):
+        tokenizer_from_json(path)
