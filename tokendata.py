@@ -1,5 +1,6 @@
 """Reading a prepared data folder (prepare.py writes it): meta.json and every shard checked when opened, TokenData's
 random windows from memmaps, each batch a pure function of (seed, index, step)."""
+import hashlib
 import os
 import re
 
@@ -33,6 +34,17 @@ def load_meta(data_dir):
     return meta
 
 
+def shard_ends(path, n=2 ** 16):
+    """sha256 of a shard's first and last n bytes (prepare.py stores it): another corpus's shard of the same size
+    differs there, and the check costs no more for a large corpus than for a small one."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(n))
+        f.seek(max(n, os.path.getsize(path) - n))
+        h.update(f.read())
+    return h.hexdigest()
+
+
 def open_shard(data_dir, shard, dtype, vocab_size):
     """A shard as a memmap, checked against meta.json: its size, and every id below the vocabulary."""
     path = os.path.join(data_dir, shard["file"])
@@ -42,6 +54,8 @@ def open_shard(data_dir, shard, dtype, vocab_size):
     if size != want or size == 0:
         raise DataError(f"{path} holds {size} bytes, meta.json says {shard['tokens']} tokens ({want} bytes): "
                         "truncated or changed; prepare the data again")
+    if "ends" in shard and shard["ends"] != shard_ends(path):  # folders prepared before 2026-12-08 have none
+        raise DataError(f"{path} is not the shard meta.json describes (its contents differ); prepare the data again")
     arr = np.memmap(path, dtype=dtype, mode="r")
     top = max(int(arr[i:i + (1 << 24)].max()) for i in range(0, len(arr), 1 << 24))
     if top >= vocab_size:

@@ -872,3 +872,17 @@ def test_prepare_on_a_full_disk_is_one_line_and_keeps_the_folder(tmp_path, root,
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and "cannot write" in lines[0], r.stderr
     assert tokendata.load_meta(out) == old and tree_hashes([out]) == before
+
+
+def test_a_shard_of_the_same_size_from_other_text_is_refused(tmp_path, safe):
+    """meta.json names each shard's contents (the hash of its first and last MiB): a shard swapped for another of
+    the same size is refused when the folder opens. Mutation: checking the size alone accepts it."""
+    out = str(tmp_path / "prep")
+    shutil.copytree(safe["data"], out)
+    meta = tokendata.load_meta(out)
+    assert all("ends" in s for s in meta["shards"]["train"])
+    path = os.path.join(out, meta["shards"]["train"][0]["file"])
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[2:] + raw[:2])  # the same ids in another order: same size, same vocabulary
+    with pytest.raises(tokendata.DataError, match="is not the shard meta.json describes"):
+        tokendata.TokenData(out, 16)
