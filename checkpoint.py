@@ -14,8 +14,8 @@ import threading
 import torch
 import torch.distributed as dist
 
-from cli import (CheckpointError, check_memory, check_writable_dir, fail, folder_lock, json_loads, stop_signals,
-                 write_atomic)
+from cli import (CheckpointError, check_memory, check_writable_dir, fail, folder_lock, json_loads, one_rank,
+                 stop_signals, write_atomic)
 from tokenizer import DataError, get_tokenizer, same_tokenizer
 
 
@@ -353,7 +353,7 @@ def claim_out_dir(args, world=1, master=True, check_args=lambda args: None):
         if world > 1:
             dist.broadcast_object_list(verdict, src=0)
         if verdict[0]:
-            sys.exit(verdict[0])
+            sys.exit(one_rank(verdict[0]))
         yield argparse.Namespace(**verdict[1])
 
 

@@ -39,6 +39,12 @@ class Parser(argparse.ArgumentParser):
         return args
 
 
+def one_rank(message):
+    """What a failing process exits with: the message on rank 0 (or without torchrun), a bare status 1 on the other
+    ranks, so that one failure is one line, not one per process."""
+    return message if int(os.environ.get("RANK", "0") or 0) == 0 else 1
+
+
 def fail(message):
     """End a script with one line on stderr."""
     sys.exit(f"error: {message}")

@@ -24,7 +24,7 @@ from baselines import TransformerLM, lm_generate, matched_lm_config
 from checkpoint import (CheckpointError, TrainingError, build, checkpoint_for, claim_out_dir, halted, model_from,
                         resumable, resume_training, save_training_state)
 from cli import (Parser, all_reduce_mean, autocast, cleanup_distributed, fail, float_in, int_at_least,
-                 keep_freed_memory, nonneg_float, positive_float, positive_int, setup_distributed, unit_float)
+                 keep_freed_memory, nonneg_float, one_rank, positive_float, positive_int, setup_distributed, unit_float)
 from decoder import GenerationError, SamplerConfig, generate
 from diffusion import ColaDLM, LossConfig
 from dit import DiTConfig
@@ -420,9 +420,9 @@ def main(argv=None):
         with claim_out_dir(args, world, env["master"], check_args) as args:
             run_stages(args, env)
     except (DataError, CheckpointError, TrainingError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(one_rank(f"error: {e}"))  # under torchrun: rank 0's line only
     except KeyboardInterrupt:
-        sys.exit("error: interrupted; the last checkpoint is kept (continue with --resume)")
+        sys.exit(one_rank("error: interrupted; the last checkpoint is kept (continue with --resume)"))
     finally:
         cleanup_distributed()
 

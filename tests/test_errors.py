@@ -886,3 +886,16 @@ def test_a_shard_of_the_same_size_from_other_text_is_refused(tmp_path, safe):
     open(path, "wb").write(raw[2:] + raw[:2])  # the same ids in another order: same size, same vocabulary
     with pytest.raises(tokendata.DataError, match="is not the shard meta.json describes"):
         tokendata.TokenData(out, 16)
+
+
+def test_under_torchrun_one_failure_is_one_line(tmp_path, data_dir, capsys, monkeypatch):
+    """Rank 1 of a torchrun job stops on bad input with a bare status and no line (rank 0 prints the one line).
+    Mutation: every rank printing its own 'error:' line."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(train, "setup_distributed", lambda device: (1, 1, "cpu"))  # rank 1, without a process group
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data_dir", str(tmp_path / "missing"), "--out_dir", str(tmp_path / "o")] + TINY)
+    assert e.value.code == 1 and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    one_line_error(train.main, ["--data_dir", str(tmp_path / "missing"), "--out_dir", str(tmp_path / "o")] + TINY,
+                   capsys)
