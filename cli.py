@@ -3,6 +3,7 @@ before any work, the device and autocast it runs under, and files no crash or se
 import argparse
 import contextlib
 import ctypes
+import errno
 import functools
 import gc
 import json
@@ -56,15 +57,24 @@ def stop_signals():
     it quietly, exit status 1."""
     def interrupt(*_):
         raise KeyboardInterrupt
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)} if main_thread else {}
-    try:
-        yield
-    except BrokenPipeError:  # stdout to nowhere, so that the exit's flush does not complain again
+    def drop_stdout():  # stdout to nowhere, so that the exit's flush does not complain again
         if sys.stdout is sys.__stdout__:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.stdout = open(os.devnull, "w")
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)} if main_thread else {}
+    for stream in (sys.stdout, sys.stderr):  # text an ASCII terminal cannot show is escaped, not a traceback
+        getattr(stream, "reconfigure", lambda **_: None)(errors="backslashreplace")
+    try:
+        yield
+    except BrokenPipeError:
+        drop_stdout()
         sys.exit(1)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        drop_stdout()
+        fail(f"cannot write ({e.strerror}: a full disk, or output sent to /dev/full)")
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -899,3 +899,17 @@ def test_under_torchrun_one_failure_is_one_line(tmp_path, data_dir, capsys, monk
     monkeypatch.setenv("RANK", "0")
     one_line_error(train.main, ["--data_dir", str(tmp_path / "missing"), "--out_dir", str(tmp_path / "o")] + TINY,
                    capsys)
+
+
+def test_a_full_output_and_an_ascii_terminal(runs, root):
+    """sample.py > /dev/full is one line; an emoji prompt on an ASCII terminal is printed escaped. Mutations:
+    stop_signals without its ENOSPC case, or without backslashreplace (tracebacks)."""
+    argv = [sys.executable, os.path.join(root, "sample.py"), "--out_dir", runs["ar"], "--num_samples", "1",
+            "--max_new_tokens", "2"]
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: cannot write (No space left on device: a full disk, or output sent to /dev/full)"], r.stderr
+    r = subprocess.run(argv + ["--prompt", "ROMEO 🙂"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert r.returncode == 0 and "ROMEO \\U0001f642" in r.stdout and "Traceback" not in r.stderr, r.stderr
