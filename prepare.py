@@ -249,6 +249,8 @@ def main(argv=None):
     check_writable_dir(a.out_dir, "--out_dir")
     with folder_lock(a.out_dir, "prepare.lock", "prepare.py"):  # one writer: two at once would mix their shards
         held = sorted(f for f in os.listdir(a.out_dir) if f == "meta.json" or SHARD.fullmatch(f))
+        if any(f.endswith(".pt") for f in os.listdir(a.out_dir)):  # a training run's folder is no data folder
+            p.error(f"--out_dir {a.out_dir} holds checkpoints (*.pt); prepare the data into a folder of its own")
         if held and not a.overwrite:
             try:  # this very input (by its hash) prepared with these settings: nothing to redo
                 want = dict(source=os.path.abspath(a.input), source_sha256=sha256_of(*list_sources(a.input)),

@@ -179,6 +179,7 @@ train   | --out_dir {empty_dir} --resume                                 | holds
 train   | --out_dir {cola} --resume --seed 7                             | --seed 7 contradicts
 train   | --out_dir {cola} --resume --batch_size 4                       | --batch_size 4 contradicts
 train   | --out_dir {cola} --resume --grad_accum 2                       | --grad_accum 2 contradicts
+train   | --out_dir {cola} --resume --fm_batch_mult 2                    | --fm_batch_mult 2 contradicts
 train   | --out_dir {cola} --resume --dropout 0.3                        | --dropout 0.3 contradicts
 train   | --out_dir {cola} --resume --data_dir {data_text2}              | holds other text than
 train   | --out_dir {cola} --resume --main_iters 2                       | --main_iters 2 is not above the step
@@ -525,6 +526,7 @@ eval    | --ckpt {ar_genfile}/ckpt.pt                                     | is a
 eval    | --ckpt {ar_png}/ckpt.pt                                         | is a folder, where eval.py writes a file
 eval    | --ckpt {cola}/ckpt.pt --seed 99999999999999999999               | argument --seed: must be <= 4294967295
 prepare | --input {text} --out_dir {data} --tokenizer {tok}               | already holds prepared data
+prepare | --input {text} --out_dir {cola} --tokenizer {tok}               | holds checkpoints (*.pt)
 prepare | --input {tiny_text} --out_dir {fresh} --tokenizer {tok}         | fewer than one training sequence
 prepare | --input {text} --out_dir {fresh} --val_fraction 0.9            | must be 1/k
 prepare | --input {broken} --out_dir {fresh}                              | is not a readable file (a broken link?)
