@@ -3,8 +3,12 @@ for train.py unchanged (docs/results.md, the history testbed).
 
     python testbed.py --out_dir data/dyck1                     # Dyck-1: balanced ( ), one line per sequence
     python testbed.py --out_dir data/dyck2 --language dyck2    # Dyck-2: ( ) and [ ], closed in the order opened
-    python train.py --data_dir data/dyck1 --seq_len 128 --model ar --out_dir runs/ar
-    python eval.py --out_dir runs/ar --testbed 256             # unconditional and completion validity, brackets left
+    python train.py --data_dir data/dyck1 --seq_len 128 --model ar --lm_layers 2 --main_iters 2400 --out_dir runs/ar
+    python train.py --data_dir data/dyck1 --seq_len 128 --batch_size 4 --vae_iters 150 --main_iters 166 --out_dir runs/c
+    python eval.py --out_dir runs/ar --testbed 128             # unconditional and completion validity, brackets left
+
+The budget: the AR run above (1.55e13 training FLOPs, train.py's log and --dry_run) closes 0.98 of the held-out
+prefixes in about 5-7 minutes on 2 cores at one thread; the Cola run (the cpu preset) spends the same FLOPs.
 
 Each line has a random even length in [16, 56] and depth at most 8. The tokenizer.json written beside the shards is
 byte-level: ids 0-255 the bytes, 256 <|endoftext|>, no merges. Prepared with prepare.py's default chunked split, so
