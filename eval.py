@@ -3,6 +3,7 @@
     python eval.py                                    # out/ckpt.pt on the held-out split it was trained on
     python eval.py --out_dir out_ar --tasks tasks/comedies.jsonl
     python eval.py --judge out_judge/ckpt.pt --sweep_steps 8,16,32 --sweep_guidance 1,3,7
+    python eval.py --out_dir runs/ar --testbed 128     # the history testbed's measures only (testbed.py)
     python eval.py --score eval_output/mmlu.jsonl ...  # score existing generations; no model needed
     python eval.py --init_from hf/Cola-DLM --tasks eval_output/lambada.jsonl   # the released model (-> out_release)
 
@@ -22,7 +23,7 @@ from checkpoint import CheckpointError, load_model, prompt_ids, stored_sampler
 from cli import Parser, check_writable_dir, check_writable_file, fail, float_list, int_at_least, int_list, \
     nonneg_float, nonneg_int, pick_device, positive_float, positive_int, readable_file, write_json
 from decoder import GenerationError
-from measures import (builtin_tasks, eval_history_drift, eval_history_gap, eval_latent_fit, eval_likelihood,
+from measures import (builtin_tasks, completion_prefixes, eval_history_drift, eval_history_gap, eval_latent_fit, eval_likelihood,
                       eval_prefix_prediction, eval_sdedit, eval_testbed, eval_vae, make_generator, plot_diagnostics,
                       plot_lines, run_tasks, sample_quality)
 from prepare import TokenData, batch_seed
@@ -193,9 +194,10 @@ def evaluate(args):
            "judge": args.judge, "guidance": args.guidance, "steps": args.steps}
     if args.testbed:  # the held-out lines' prefixes, the sampler as the flags set it (AR, LLaDA: --sample_temperature)
         make = lambda seed: make_generator(kind, model, env["sampler"], seed, args.sample_temperature)
-        res.update(eval_testbed(make, lambda text: prompt_ids(info, env["enc"], text), env["enc"].decode,
-                                env["enc"].decode(data.tokens("val", limit=200_000).tolist()), args.testbed,
-                                args.n_samples, args.sample_len, args.seed, args.sample_repeats))
+        if not completion_prefixes(val := env["enc"].decode(data.tokens("val", limit=200_000).tolist()), 1):
+            raise DataError(f"--testbed: {data.data_dir} holds no held-out line of brackets (not a testbed.py folder?)")
+        res.update(eval_testbed(make, lambda text: prompt_ids(info, env["enc"], text), env["enc"].decode, val,
+                                args.testbed, args.n_samples, args.sample_len, args.seed, args.sample_repeats))
         write_json(env["out_path"], res)
         return print(json.dumps(res, indent=1)) or res
     train_ngrams, batches = None, []

@@ -12,7 +12,8 @@ import eval as evaluate
 import train
 from baselines import LMConfig, TransformerLM, ar_generate
 from measures import completion_prefixes, eval_testbed, open_brackets, score_completion, valid_line
-from prepare import TokenData
+from conftest import bad_input_is_one_line
+from prepare import TokenData, prepare
 from testbed import dyck_line, make_testbed
 from tokenizer import get_tokenizer
 
@@ -54,9 +55,9 @@ def test_testbed_folder_reads_as_prepared_data(tmp_path):
     assert len(prefixes) > 20 and all(len(open_brackets(p)) % 2 == 1 for p in prefixes)
 
 
-def test_eval_testbed_flag_end_to_end(tmp_path):
+def test_eval_testbed_flag_end_to_end(tmp_path, capsys):
     """train.py on the testbed unchanged, then eval.py --testbed: every measure in [0, 1] (the error in brackets),
-    with its standard errors, and the JSON written."""
+    with its standard errors, and the JSON written; data with no line of brackets is one line."""
     make_testbed(str(tmp_path / "d"), n_lines=1500)
     run = str(tmp_path / "ar")
     train.main(["--preset", "tiny", "--model", "ar", "--data_dir", str(tmp_path / "d"), "--out_dir", run,
@@ -66,6 +67,10 @@ def test_eval_testbed_flag_end_to_end(tmp_path):
     assert res["prompts"] == 4 and 0 <= res["uncond_valid"] <= 1 and 0 <= res["completion_valid"] <= 1
     assert res["open_left_abs"] >= abs(res["open_left"]) and res["completion_valid_se_seeds"] >= 0
     assert json.load(open(f"{run}/eval.json"))["completion_valid"] == res["completion_valid"]
+    (tmp_path / "words.txt").write_text("no brackets here\n" * 400)  # the same tokenizer, other data: one line
+    prepare(str(tmp_path / "words.txt"), str(tmp_path / "w"), tokenizer=str(tmp_path / "d" / "tokenizer.json"))
+    bad_input_is_one_line(evaluate.main, ["--out_dir", run, "--testbed", "4", "--data_dir", str(tmp_path / "w"),
+                                          "--results", str(tmp_path / "r.json")], "no held-out line", [run], capsys)
 
 
 def test_ar_learns_to_close_what_the_history_left_open():
