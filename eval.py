@@ -3,6 +3,7 @@
     python eval.py                                    # out/ckpt.pt on the held-out split it was trained on
     python eval.py --out_dir out_ar --tasks tasks/comedies.jsonl
     python eval.py --judge out_judge/ckpt.pt --sweep_steps 8,16,32 --sweep_guidance 1,3,7
+    python eval.py --out_dir runs/ar --testbed 128     # the history testbed's measures only (testbed.py)
     python eval.py --score eval_output/mmlu.jsonl ...  # score existing generations; no model needed
     python eval.py --init_from hf/Cola-DLM --tasks eval_output/lambada.jsonl   # the released model (-> out_release)
 
@@ -22,9 +23,9 @@ from checkpoint import CheckpointError, load_model, prompt_ids, stored_sampler
 from cli import Parser, check_writable_dir, check_writable_file, fail, float_list, int_at_least, int_list, \
     nonneg_float, nonneg_int, pick_device, positive_float, positive_int, readable_file, script, write_json, json_loads
 from decoder import GenerationError
-from measures import (builtin_tasks, eval_history_drift, eval_history_gap, eval_latent_fit, eval_likelihood,
-                      eval_prefix_prediction, eval_sdedit, eval_vae, make_generator, plot_diagnostics, plot_lines,
-                      run_tasks, sample_quality)
+from measures import (builtin_tasks, completion_prefixes, eval_history_drift, eval_history_gap, eval_latent_fit,
+                      eval_likelihood, eval_prefix_prediction, eval_sdedit, eval_testbed, eval_vae, make_generator,
+                      plot_diagnostics, plot_lines, run_tasks, sample_quality)
 from tokendata import TokenData, batch_seed
 from tokenizer import REPO_DIR, DataError, get_tokenizer, same_tokenizer
 from scoring import TaskError, TrainNgrams, ngram_metrics, read_tasks, score_file
@@ -69,6 +70,7 @@ def get_args(argv=None):
     arg("--diag_windows", type=nonneg_int, default=64, help="held-out windows for the generation diagnostics (Cola)")
     arg("--prefix_windows", type=positive_int, default=512, help="held-out windows for the prior's next-token accuracy")
     arg("--tasks", nargs="*", type=readable_file, default=[], help="JSONL task files to generate answers for, scored")
+    arg("--testbed", type=nonneg_int, default=0, help="held-out prompts: the history testbed's measures only (testbed.py)")
     arg("--builtin_n", type=nonneg_int, default=32, help="examples per built-in task (0: skip them)")
     arg("--task_max_new", type=positive_int, default=32, help="new tokens per task answer (paper: <= 32)")
     arg("--task_batch", type=positive_int, default=32, help="task items generated together (release: 20)")
@@ -125,6 +127,8 @@ def setup(args):
         raise DataError(f"--judge {args.judge} uses tokenizer {jinfo['tokenizer']}, the model {tok}")
     data_dir = args.data_dir or info["args"].get("data_dir")
     data = TokenData(data_dir, info["args"].get("seq_len", 64)) if data_dir else None
+    if args.testbed and data is None:
+        raise DataError("--testbed needs the run's prepared data (--data_dir)")
     if data is not None and not same_tokenizer(data.meta["tokenizer"], tok):
         raise DataError(f"{data_dir} was prepared with tokenizer {data.meta['tokenizer']}, the model uses {tok}")
     context = (model.vae.cfg if info["kind"] == "cola" else model.cfg).max_seq_len
@@ -189,6 +193,14 @@ def evaluate(args):
     res = {"kind": kind, "ckpt": env["path"], "step": info["step"], "train_flops": info.get("train_flops", 0.0),
            "params": sum(p.numel() for n, p in model.named_parameters() if not n.startswith("ref_enc")),
            "judge": args.judge, "guidance": args.guidance, "steps": args.steps}
+    if args.testbed:  # the held-out lines' prefixes, the sampler as the flags set it (AR, LLaDA: --sample_temperature)
+        make = lambda seed: make_generator(kind, model, env["sampler"], seed, args.sample_temperature)
+        if not completion_prefixes(val := env["enc"].decode(data.tokens("val", limit=200_000).tolist()), 1):
+            raise DataError(f"--testbed: {data.data_dir} holds no held-out line of brackets (not a testbed.py folder?)")
+        res.update(eval_testbed(make, lambda text: prompt_ids(info, env["enc"], text), env["enc"].decode, val,
+                                args.testbed, args.n_samples, args.sample_len, args.seed, args.sample_repeats))
+        write_json(env["out_path"], res)
+        return print(json.dumps(res, indent=1)) or res
     train_ngrams, batches = None, []
     if data is not None:
         train_ngrams = TrainNgrams.of(data)

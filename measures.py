@@ -283,6 +283,63 @@ def run_tasks(gen, enc, prompt_ids, name, tasks, max_new, batch, out_path, noise
     return 100.0 * sum(score(text, t) for t, text in rows) / max(len(rows), 1)
 
 
+# -------------------------------------------------------------------------------- the history testbed (testbed.py)
+
+def open_brackets(text):
+    """The brackets text leaves open, innermost last; None where it closes one not open (or of the other kind) or
+    holds anything but brackets."""
+    stack = []
+    for c in text:
+        if c in "([":
+            stack.append(c)
+        elif not (stack and {")": "(", "]": "["}.get(c) == stack.pop()):
+            return None
+    return stack
+
+
+def valid_line(line):
+    return bool(line) and open_brackets(line) == []
+
+
+def score_completion(prefix, generated):
+    """(whether generated, up to its first newline, closes exactly what prefix leaves open, the brackets left open
+    after it: > 0 too few closed, < 0 too many). A continuation with no newline is not valid."""
+    line = prefix + generated.split("\n")[0]
+    return "\n" in generated and open_brackets(line) == [], sum(map(line.count, "([")) - sum(map(line.count, ")]"))
+
+
+def completion_prefixes(val_text, n, prefix_len=31):
+    """The first prefix_len characters of the first n valid held-out lines longer than that (each leaves an odd
+    number open; the stream's first and last lines, maybe cut, are left out)."""
+    return [line[:prefix_len] for line in val_text.split("\n")[1:-1] if len(line) > prefix_len and valid_line(line)][:n]
+
+
+def eval_testbed(make_gen, encode, decode, val_text, n_prompts, n_samples, sample_len, seed, repeats, max_new=32,
+                 prefix_len=31):
+    """The testbed's measures, round r from make_gen(seed + r): 'uncond_valid', per sample from "\n" the fraction of
+    its complete lines that are valid (none: 0); 'completion_valid' and 'open_left' (signed, '_abs' absolute) after
+    "\n" + a held-out prefix. Each a mean, '<m>_se' over prompts (of the per-item means over rounds), '<m>_se_seeds'
+    over rounds; a few texts of round 0 beside them."""
+    prefixes, per = completion_prefixes(val_text, n_prompts, prefix_len), {}
+    for r in range(repeats):
+        gen = make_gen(seed + r)
+        free = [decode(s) for s in gen([encode("\n")] * n_samples, sample_len)[0]]
+        done = [decode(s) for s in gen([encode("\n" + p) for p in prefixes], max_new)[0]]
+        scores = [score_completion(p, s) for p, s in zip(prefixes, done)]
+        row = {"uncond_valid": [np.mean([valid_line(x) for x in s.split("\n")[:-1]] or 0.0) for s in free],
+               "completion_valid": [float(v) for v, _ in scores], "open_left": [e for _, e in scores],
+               "open_left_abs": [abs(e) for _, e in scores]}
+        per = {k: per.get(k, []) + [v] for k, v in row.items()}
+        texts = texts if r else {"uncond_samples": free[:4], "completions": [p + " ||| " + s for p, s in
+                                                                            zip(prefixes[:6], done)]}
+    res = {"prompts": len(prefixes), "prompt_open_mean": float(np.mean([len(open_brackets(p)) for p in prefixes]))}
+    for k, v in per.items():
+        a = np.array(v, dtype=np.float64)  # (rounds, items)
+        res.update({k: float(a.mean()), k + "_se": float(a.mean(0).std(ddof=1) / np.sqrt(a.shape[1])),
+                    k + "_se_seeds": float(a.mean(1).std(ddof=1) / np.sqrt(repeats)) if repeats > 1 else 0.0})
+    return {**res, **texts}
+
+
 # -------------------------------------------------------------------------------- generation diagnostics
 
 def prefilled(model, hist):
