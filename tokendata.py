@@ -46,7 +46,7 @@ def shard_ends(path, n=2 ** 16):
 
 
 def open_shard(data_dir, shard, dtype, vocab_size):
-    """A shard as a memmap, checked against meta.json: its size, and every id below the vocabulary."""
+    """A shard as a memmap, checked against meta.json: its size, every id below the vocabulary, its ends' hash."""
     path = os.path.join(data_dir, shard["file"])
     if not os.path.exists(path):
         raise DataError(f"{path} not found: run prepare.py")
@@ -54,12 +54,12 @@ def open_shard(data_dir, shard, dtype, vocab_size):
     if size != want or size == 0:
         raise DataError(f"{path} holds {size} bytes, meta.json says {shard['tokens']} tokens ({want} bytes): "
                         "truncated or changed; prepare the data again")
-    if "ends" in shard and shard["ends"] != shard_ends(path):  # folders prepared before 2026-12-08 have none
-        raise DataError(f"{path} is not the shard meta.json describes (its contents differ); prepare the data again")
     arr = np.memmap(path, dtype=dtype, mode="r")
     top = max(int(arr[i:i + (1 << 24)].max()) for i in range(0, len(arr), 1 << 24))
     if top >= vocab_size:
         raise DataError(f"{path} holds token id {top}, outside the vocabulary of {vocab_size}")
+    if "ends" in shard and shard["ends"] != shard_ends(path):  # folders prepared before 2026-12-08 have none
+        raise DataError(f"{path} is not the shard meta.json describes (its contents differ); prepare the data again")
     return arr
 
 
