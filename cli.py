@@ -80,6 +80,16 @@ def stop_signals():
             signal.signal(s, handler)
 
 
+_PRCTL = getattr(ctypes.CDLL(None), "prctl", None) if sys.platform.startswith("linux") else None
+
+
+def die_with_parent():
+    """subprocess's preexec_fn: the child gets SIGTERM when the thread that started it ends, its process killed by
+    SIGKILL included (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)
+
+
 def script(main):
     """A script's main under stop_signals, where Ctrl-C ends it in one line."""
     @functools.wraps(main)

@@ -22,8 +22,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from cli import (Parser, check_writable_dir, dry_run, fail, float_list, folder_lock, json_loads, positive_int,
-                 readable_file, script, train_dry_run, write_atomic, write_json)
+from cli import (Parser, check_writable_dir, die_with_parent, dry_run, fail, float_list, folder_lock, json_loads,
+                 positive_int, readable_file, script, train_dry_run, write_atomic, write_json)
 from measures import plot_lines
 from tokenizer import REPO_DIR, DataError
 
@@ -195,7 +195,8 @@ CHILDREN = set()  # the train.py and eval.py processes running now: they stop wh
 def run(cmd, log_path, what):
     """cmd with its output in log_path; a failure is one line naming the log."""
     t0 = time.time()
-    with open(log_path, "w") as log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_DIR) as p:
+    with open(log_path, "w") as log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_DIR,
+                                                      preexec_fn=die_with_parent) as p:  # even a SIGKILL stops it
         CHILDREN.add(p)
         try:
             rc = p.wait()

@@ -915,3 +915,27 @@ def test_a_full_output_and_an_ascii_terminal(runs, root):
     r = subprocess.run(argv + ["--prompt", "ROMEO 🙂"], capture_output=True, text=True,
                        env={**os.environ, "PYTHONIOENCODING": "ascii"})
     assert r.returncode == 0 and "ROMEO \\U0001f642" in r.stdout and "Traceback" not in r.stderr, r.stderr
+
+
+def test_scaling_children_die_with_a_killed_scaling(tmp_path, root):
+    """SIGKILL to scaling.py (no handler can run) still stops the train.py it started: the child asked the kernel
+    for SIGTERM at its parent's death (cli.die_with_parent). Mutation: Popen without preexec_fn (it sleeps on)."""
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    parent = subprocess.Popen([sys.executable, "-c", f"import scaling; scaling.run([{sys.executable!r}, '-c', "
+                               f"{child!r}], {str(tmp_path / 'log')!r}, 'child')"], cwd=root)
+    for _ in range(100):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    pid = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail("the child outlived its killed parent")
