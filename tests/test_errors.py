@@ -939,3 +939,15 @@ def test_scaling_children_die_with_a_killed_scaling(tmp_path, root):
         time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
     pytest.fail("the child outlived its killed parent")
+
+
+def test_a_stage_killed_in_its_first_save_logs_each_step_once(tmp_path, data_dir):
+    """Stage 2 killed while writing its first checkpoint leaves a log line and no ckpt.pt: --resume starts the stage
+    afresh, and its log with it. Mutation: keeping that stage's log on --resume logs step 2 twice."""
+    out = str(tmp_path / "o")
+    common = ["--data_dir", data_dir, "--out_dir", out, "--vae_iters", "2", "--main_iters", "2", "--eval_interval", "2"]
+    train.main(common + TINY)  # --stage all
+    os.remove(os.path.join(out, "ckpt.pt"))  # as if killed in its first save: the log line is there, the file not
+    train.main(common + ["--resume"] + TINY)
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "log_joint.jsonl"))] == [2]
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "log_vae.jsonl"))] == [2]
