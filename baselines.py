@@ -193,11 +193,11 @@ def llada_generate(model, prompts, max_new_tokens, steps=32, block_length=None, 
 
 
 def lm_generate(kind, model, prompts, max_new_tokens, sampler, generator=None, steps=32, block_length=None,
-                on_token=None):
-    """AR or LLaDA ("kind") under a decoder.SamplerConfig; LLaDA takes `steps` passes and reads the temperature only,
-    AR streams through on_token."""
+                on_token=None, on_step=None):
+    """AR or LLaDA ("kind") under a decoder.SamplerConfig; LLaDA takes `steps` passes and reads the temperature only;
+    the hooks: AR's on_token, LLaDA's on_step."""
     if kind == "ar":
         return ar_generate(model, prompts, max_new_tokens, sampler.temperature, sampler.top_k, sampler.top_p,
                            sampler.repetition_penalty, sampler.stop_ids[0], generator, on_token)
     return llada_generate(model, prompts, max_new_tokens, steps, block_length, sampler.temperature, sampler.stop_ids[0],
-                          generator)
+                          generator, on_step)

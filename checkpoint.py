@@ -284,6 +284,11 @@ def stage_files(args):
         ([(os.path.join(args.out_dir, "ckpt.pt"), "cola")] if args.stage != "vae" else [])
 
 
+def stage_log(kind):
+    """The log file of the stage that writes a checkpoint of `kind` (train.py's Run names: vae, joint, ar, llada)."""
+    return f"log_{ {'cola': 'joint'}.get(kind, kind)}.jsonl"
+
+
 def restore_run_flags(args, ckpt):
     """--resume: flags not given again take the saved values; one that would change the model or data is refused."""
     show = lambda v: f"{v:g}" if isinstance(v, float) else v
@@ -322,12 +327,11 @@ def check_out_dir(args):
         fail(f"--stage joint starts from {vae}, which does not exist: train stage 1 first (--stage vae)")
     stale = [n for n in os.listdir(args.out_dir) if n.endswith(".tmp") and n.startswith(("vae.", "ckpt."))]
     # killed saves' temporary files, and the log of each stage that starts afresh: nothing else is removed
-    stale += [f"log_{ {'vae': 'vae', 'cola': 'joint'}.get(kind, kind)}.jsonl" for path, kind in files
-              if not (args.resume and os.path.exists(path))]
+    stale += [stage_log(kind) for path, kind in files if not (args.resume and os.path.exists(path))]
     for path in (os.path.join(args.out_dir, n) for n in stale):
         os.remove(path) if os.path.isfile(path) else None
     for path, kind in found if args.resume else []:  # a log the run cannot append to: one line now, not at its end
-        log = os.path.join(args.out_dir, f"log_{ {'vae': 'vae', 'cola': 'joint'}.get(kind, kind)}.jsonl")
+        log = os.path.join(args.out_dir, stage_log(kind))
         try:
             open(log, "a").close()
         except OSError as e:

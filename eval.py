@@ -23,12 +23,12 @@ from checkpoint import CheckpointError, load_model, prompt_ids, stored_sampler
 from cli import Parser, check_writable_dir, check_writable_file, fail, float_list, int_at_least, int_list, \
     nonneg_float, nonneg_int, pick_device, positive_float, positive_int, readable_file, script, write_json, json_loads
 from decoder import GenerationError
-from measures import (builtin_tasks, completion_prefixes, eval_history_drift, eval_history_gap, eval_latent_fit,
-                      eval_likelihood, eval_prefix_prediction, eval_sdedit, eval_testbed, eval_vae, make_generator,
-                      plot_diagnostics, plot_lines, run_tasks, sample_quality)
+from measures import (builtin_tasks, eval_history_drift, eval_history_gap, eval_latent_fit, eval_likelihood,
+                      eval_prefix_prediction, eval_sdedit, eval_testbed, eval_vae, make_generator, plot_diagnostics,
+                      plot_lines, run_tasks, sample_quality)
 from tokendata import TokenData, batch_seed
 from tokenizer import REPO_DIR, DataError, get_tokenizer, same_tokenizer
-from scoring import TaskError, TrainNgrams, ngram_metrics, read_tasks, score_file
+from scoring import TaskError, TrainNgrams, completion_prefixes, ngram_metrics, read_tasks, score_file
 
 
 def log_row(line):
@@ -70,7 +70,7 @@ def get_args(argv=None):
     arg("--diag_windows", type=nonneg_int, default=64, help="held-out windows for the generation diagnostics (Cola)")
     arg("--prefix_windows", type=positive_int, default=512, help="held-out windows for the prior's next-token accuracy")
     arg("--tasks", nargs="*", type=readable_file, default=[], help="JSONL task files to generate answers for, scored")
-    arg("--testbed", type=nonneg_int, default=0, help="held-out prompts: the history testbed's measures only (testbed.py)")
+    arg("--testbed", type=nonneg_int, default=0, help="held-out prompts: the testbed's measures only (testbed.py)")
     arg("--builtin_n", type=nonneg_int, default=32, help="examples per built-in task (0: skip them)")
     arg("--task_max_new", type=positive_int, default=32, help="new tokens per task answer (paper: <= 32)")
     arg("--task_batch", type=positive_int, default=32, help="task items generated together (release: 20)")

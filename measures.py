@@ -20,7 +20,7 @@ from decoder import denoise_block, encode_normalised, generate
 from release import release_generate, row_noise
 from diffusion import flow_path, sample_t, time_grid
 from tokendata import batch_seed
-from scoring import ngram_metrics, score
+from scoring import completion_prefixes, ngram_metrics, open_brackets, score, score_completion, valid_line
 
 LN2 = math.log(2)
 
@@ -284,35 +284,6 @@ def run_tasks(gen, enc, prompt_ids, name, tasks, max_new, batch, out_path, noise
 
 
 # -------------------------------------------------------------------------------- the history testbed (testbed.py)
-
-def open_brackets(text):
-    """The brackets text leaves open, innermost last; None where it closes one not open (or of the other kind) or
-    holds anything but brackets."""
-    stack = []
-    for c in text:
-        if c in "([":
-            stack.append(c)
-        elif not (stack and {")": "(", "]": "["}.get(c) == stack.pop()):
-            return None
-    return stack
-
-
-def valid_line(line):
-    return bool(line) and open_brackets(line) == []
-
-
-def score_completion(prefix, generated):
-    """(whether generated, up to its first newline, closes exactly what prefix leaves open, the brackets left open
-    after it: > 0 too few closed, < 0 too many). A continuation with no newline is not valid."""
-    line = prefix + generated.split("\n")[0]
-    return "\n" in generated and open_brackets(line) == [], sum(map(line.count, "([")) - sum(map(line.count, ")]"))
-
-
-def completion_prefixes(val_text, n, prefix_len=31):
-    """The first prefix_len characters of the first n valid held-out lines longer than that (each leaves an odd
-    number open; the stream's first and last lines, maybe cut, are left out)."""
-    return [line[:prefix_len] for line in val_text.split("\n")[1:-1] if len(line) > prefix_len and valid_line(line)][:n]
-
 
 def eval_testbed(make_gen, encode, decode, val_text, n_prompts, n_samples, sample_len, seed, repeats, max_new=32,
                  prefix_len=31):

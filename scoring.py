@@ -2,7 +2,8 @@
 (docs/method.md §9, the release's scripts/acc_calc.py; README "Tasks are scored as the paper scores"): cut at
 the first newline after a word character, normalised; lambada compares first words, mmlu, obqa, race and siqa
 map the answer to a choice letter (choice_of), every other task needs equality. Task files: the paper's JSONL
-format or this repo's (read_tasks). Free samples: judge-free n-gram metrics (ngram_metrics)."""
+format or this repo's (read_tasks). Free samples: judge-free n-gram metrics (ngram_metrics). Testbed lines: balanced
+brackets (open_brackets, score_completion)."""
 import difflib
 import functools
 import json
@@ -237,3 +238,33 @@ def seen_ngrams_line(samples, data_dir):
         return f"# no n-gram rates: {e}"
     return (f"# seen 2-gram rate {m['seen_2gram_rate']:.3f}, seen 3-gram rate {m['seen_3gram_rate']:.3f}, distinct-2 "
             f"{m['distinct_2']:.3f} (token n-grams of the samples found in the training split)")
+
+
+# the history testbed's lines (testbed.py; measures.eval_testbed samples them)
+def open_brackets(text):
+    """The brackets text leaves open, innermost last; None where it closes one not open (or of the other kind) or
+    holds anything but brackets."""
+    stack = []
+    for c in text:
+        if c in "([":
+            stack.append(c)
+        elif not (stack and {")": "(", "]": "["}.get(c) == stack.pop()):
+            return None
+    return stack
+
+
+def valid_line(line):
+    return bool(line) and open_brackets(line) == []
+
+
+def score_completion(prefix, generated):
+    """(whether generated, up to its first newline, closes exactly what prefix leaves open, the brackets left open
+    after it: > 0 too few closed, < 0 too many). A continuation with no newline is not valid."""
+    line = prefix + generated.split("\n")[0]
+    return "\n" in generated and open_brackets(line) == [], sum(map(line.count, "([")) - sum(map(line.count, ")]"))
+
+
+def completion_prefixes(val_text, n, prefix_len=31):
+    """The first prefix_len characters of the first n valid held-out lines longer than that (each leaves an odd
+    number open; the stream's first and last lines, maybe cut, are left out)."""
+    return [line[:prefix_len] for line in val_text.split("\n")[1:-1] if len(line) > prefix_len and valid_line(line)][:n]

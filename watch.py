@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from baselines import ar_generate, llada_generate
+from baselines import lm_generate
 from cli import pyplot, save_figure
 from decoder import choose_tokens, generate
 
@@ -67,12 +67,8 @@ def lm_view(kind, model, prompt, max_new_tokens, sampler, generator, steps=32, b
         first = next((i for i, (t, f) in enumerate(zip(shown, before)) if t != f), 0)  # the first position unmasked
         frames.append(Frame(f"pass {len(frames) + 1}", shown, probs[0].tolist(), first // ROW * ROW))
 
-    if kind == "ar":
-        out, _ = ar_generate(model, [prompt], max_new_tokens, sampler.temperature, sampler.top_k, sampler.top_p,
-                             sampler.repetition_penalty, sampler.stop_ids[0], generator, on_token)
-    else:
-        out, _ = llada_generate(model, [prompt], max_new_tokens, steps, block_length, sampler.temperature,
-                                sampler.stop_ids[0], generator, on_step)
+    out, _ = lm_generate(kind, model, [prompt], max_new_tokens, sampler, generator, steps, block_length, on_token,
+                         on_step)
     return out[0], frames
 
 

@@ -11,7 +11,8 @@ import torch
 import eval as evaluate
 import train
 from baselines import LMConfig, TransformerLM, ar_generate
-from measures import completion_prefixes, eval_testbed, open_brackets, score_completion, valid_line
+from measures import eval_testbed
+from scoring import completion_prefixes, open_brackets, score_completion, valid_line
 from conftest import bad_input_is_one_line
 from tokendata import TokenData
 from prepare import prepare
