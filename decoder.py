@@ -92,13 +92,15 @@ def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin
     step i's estimate of the clean block, x0 = z_t - t v (B, bs, d): at the last step, the block itself."""
     B, bs, _ = z.shape
     pin = torch.zeros(B, bs, dtype=torch.bool, device=z.device) if pin is None else pin
-    pin_z = z if pin_z is None else pin_z
+    pin_z, x0 = z if pin_z is None else pin_z, None
     for i in range(len(grid) - 1):
         z = torch.where(pin.unsqueeze(-1), pin_z, z)
         t_tok = torch.where(pin, torch.zeros_like(z[..., 0]), grid[i].expand(B, bs))  # (B, bs)
-        v = model.guided_velocity(z, t_tok, hist_valid, guidance, dit_cache).float()
+        self_cond = x0 if model.dit.cfg.self_cond else None
+        v = model.guided_velocity(z, t_tok, hist_valid, guidance, dit_cache, self_cond).float()
+        x0 = torch.where(pin.unsqueeze(-1), pin_z, z - t_tok.unsqueeze(-1) * v)  # (B, bs, d)
         if on_step is not None:
-            on_step(i, torch.where(pin.unsqueeze(-1), pin_z, z - t_tok.unsqueeze(-1) * v))
+            on_step(i, x0)
         z = euler_step(z, v, grid[i] - grid[i + 1])
     return torch.where(pin.unsqueeze(-1), pin_z, z)
 

@@ -28,6 +28,7 @@ class DiTConfig:
     freq_dim: int = 256             # sinusoidal features of the timestep (paper: 256)
     norm_eps: float = 1e-5          # eps of every LayerNorm (release: 1e-5)
     dropout: float = 0.0            # attention/MLP dropout (paper: none)
+    self_cond: bool = False         # (not the paper's) the input also reads the last estimate of z0 (Chen et al.)
     adaln_zero: bool = True         # zero-init modulation and output (DiT's adaLN-Zero); False: Xavier everywhere,
                                     # as the authors' release initialises it (its zero-init is never called)
 
@@ -98,7 +99,7 @@ class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
-        self.inp = nn.Linear(cfg.latent_dim, cfg.width)
+        self.inp = nn.Linear(cfg.latent_dim * (1 + cfg.self_cond), cfg.width)
         self.t_embed = TimestepEmbedder(cfg.width, cfg.freq_dim)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_layers))
         self.final = FinalLayer(cfg.width, cfg.latent_dim, cfg.norm_eps)
@@ -127,10 +128,13 @@ class DiT(nn.Module):
         the network's time is 1000 t. A method of its own only for release.py, whose DiT rounds these inputs."""
         return self.inp(z), F.silu(self.t_embed(1000.0 * t.float()))
 
-    def forward(self, z, t, pos, mask, cache=None, commit=False):
+    def forward(self, z, t, pos, mask, cache=None, commit=False, self_cond=None):
         """z (B, T, d) latents; t (B, T) per-latent time in [0, 1]; pos (T,) or (B, T) RoPE positions;
         mask (T, Tk) or (B, 1, T, Tk) bool, True = may attend (Tk includes cached keys).
-        With a cache, the new keys are stored only if `commit` (clean blocks at t = 0)."""
+        With a cache, the new keys are stored only if `commit` (clean blocks at t = 0). With cfg.self_cond: the
+        estimate of z0 self_cond (B, T, d) beside z (None: zeros, as for clean latents and at the first step)."""
+        if self.cfg.self_cond:
+            z = torch.cat([z, torch.zeros_like(z) if self_cond is None else self_cond.to(z.dtype)], -1)  # (B, T, 2d)
         x, c = self.embed(z, t)
         for i, blk in enumerate(self.blocks):
             x = blk(x, c, pos, mask, None if cache is None else cache.layers[i], commit)

@@ -24,7 +24,8 @@ from baselines import TransformerLM, lm_generate, matched_lm_config
 from checkpoint import (CheckpointError, TrainingError, build, checkpoint_for, claim_out_dir, halted, model_from,
                         resumable, resume_training, save_training_state)
 from cli import (Parser, all_reduce_mean, autocast, cleanup_distributed, fail, float_in, int_at_least,
-                 keep_freed_memory, nonneg_float, one_rank, positive_float, positive_int, setup_distributed, unit_float)
+                 keep_freed_memory, nonneg_float, number_list, one_rank, positive_float, positive_int,
+                 setup_distributed, unit_float)
 from decoder import GenerationError, SamplerConfig, generate
 from diffusion import ColaDLM, LossConfig
 from dit import DiTConfig
@@ -107,6 +108,11 @@ def get_args(argv=None):
     add("--fm_batch_mult", type=positive_int, default=1, help="stage 2: the prior sees this x --batch_size")
     add("--grad_clip_scope", default="global", choices=["global", "network"], help="stage 2: clip the networks apart")
     add("--noise_scale", type=positive_float, default=1.0, help="the stored sampler's start noise")
+    add("--block_size_probs", type=number_list(float, "numbers", lambda v: 0 <= v <= 1, "probabilities in [0, 1]"),
+        default=(), help="stage 2: the prior's blocks 1, 2, 4 .. --block_size drawn per batch with these "
+        "probabilities, e.g. 0.1,0,0.3,0.3,0.3 (the release's flag; sampling stays at --block_size)")
+    add("--t_per_block", action="store_true", help="stage 2: one t per prior block instead of one per sequence")
+    add("--self_cond", action="store_true", help="the DiT reads its last estimate of z0 as well (self-conditioning)")
     # running
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     add("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="autocast dtype")
@@ -129,6 +135,11 @@ def check_args(args):
     tokens_per_block = args.block_size * args.patch_size
     if args.seq_len % tokens_per_block:
         fail(f"--seq_len {args.seq_len} must be a multiple of block_size * patch_size = {tokens_per_block}")
+    n_sizes = args.block_size.bit_length()  # 1, 2, 4 .. block_size
+    probs = args.block_size_probs
+    if probs and (len(probs) != n_sizes or 2 ** (n_sizes - 1) != args.block_size or abs(sum(probs) - 1) > 1e-6):
+        fail(f"--block_size_probs needs {n_sizes} probabilities that sum to 1 (blocks 1, 2, 4 .. {args.block_size}),"
+             f" and a power of two --block_size")
     if args.min_lr > args.lr:
         fail(f"--min_lr {args.min_lr:g} is above --lr {args.lr:g}")
 
@@ -143,7 +154,8 @@ def vae_config(args, vocab_size):
 def dit_config(args, vae_cfg):
     return DiTConfig(latent_dim=vae_cfg.latent_dim, width=args.dit_width, n_layers=args.dit_layers,
                      n_heads=args.dit_heads, mlp_hidden=args.dit_mlp, block_size=vae_cfg.block_size,
-                     rope_fraction=args.rope_fraction, dropout=args.dropout, adaln_zero=args.dit_init == "adaln_zero")
+                     rope_fraction=args.rope_fraction, dropout=args.dropout, adaln_zero=args.dit_init == "adaln_zero",
+                     self_cond=args.self_cond)
 
 
 def lm_config(args, vocab_size):
@@ -240,7 +252,8 @@ def stage_joint(args, env, data):
     return Run("joint", model, groups, (loss,), args.main_iters, path,
                dict(kind="cola", vae_config=asdict(model.vae.cfg), dit_config=asdict(model.dit.cfg),
                     stage1_flops=stage1_flops, sampler=asdict(sampler)),
-               joint_train_flops(model, args.seq_len, args.fm_batch_mult, args.lam_mask, vae_frozen(args)),
+               joint_train_flops(model, args.seq_len, args.fm_batch_mult, args.lam_mask, vae_frozen(args),
+                                 args.block_size_probs),
                stage1_flops, fm_batch_mult=args.fm_batch_mult, clip_groups=clip_groups,
                resume_from=ckpt, validate=validate, sample=sample)
 
@@ -299,7 +312,8 @@ def train(run, args, env, data):
     step = resume_training(run.resume_from, opt, log_path, args.seed, env) if run.resume_from else 0
     if not run.resume_from:
         torch.manual_seed(args.seed + rank * 1000)  # different noise on every rank
-    fwd = torch.compile(model) if args.compile else model
+    # drawn block sizes change the 2L layout's length: a graph per size, not one dynamic graph
+    fwd = torch.compile(model, dynamic=False if args.block_size_probs else None) if args.compile else model
     if world > 1:
         fwd = DDP(fwd, device_ids=[torch.device(device).index] if str(device).startswith("cuda") else None)
     amp = autocast(device, args.dtype)
