@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffusion import euler_step, time_grid
+from diffusion import euler_step, rising_t, time_grid
 from layers import prefix_mask
 
 
@@ -19,6 +19,7 @@ class SamplerConfig:
     steps: int = 16                 # Euler steps per block (paper: 16)
     guidance: float = 7.0           # classifier-free guidance on the whole velocity; 1 = off (paper: 7)
     noise_scale: float = 1.0        # std of each block's starting noise; < 1 is a lower-temperature draw (paper: 1)
+    t_rise: float = 0.0             # the prior's rising t (diffusion.rising_t) as it was trained (paper: 0)
     temperature: float = 0.0        # token choice: 0 = greedy
     top_k: int = 0                  # keep the k most likely tokens (0 = all)
     top_p: float = 1.0              # nucleus mass (1 = off)
@@ -48,7 +49,7 @@ class StepState:
     """What on_step(state) sees after each Euler step of a block: the hook of watch.py's views."""
     k: int                          # the block's index among the generated ones
     i: int                          # the step's index, 0 .. steps - 1
-    t: torch.Tensor                 # () the step's time, from 1 down to 1 / steps
+    t: torch.Tensor                 # () the step's time, from 1 down to 1 / steps; (bs,) with a rising t
     x0: torch.Tensor                # (B, bs, d) the step's estimate of the clean block, normalised
     hist_valid: torch.Tensor        # (B, Tc) which latents of the caches are real
     caches: tuple                   # (DiT cache, decoder cache): read them only (decode_block(commit=False))
@@ -87,9 +88,10 @@ def encode_normalised(model, tokens, valid):
 
 
 def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin_z=None, on_step=None):
-    """Guided Euler steps of the next block z (B, bs, d) along `grid` (t = grid[0] down to grid[-1]), after the
-    history in the DiT cache; latents marked in `pin` (B, bs) are held at pin_z, at t = 0. on_step(i, x0) sees
-    step i's estimate of the clean block, x0 = z_t - t v (B, bs, d): at the last step, the block itself."""
+    """Guided Euler steps of the next block z (B, bs, d) along `grid` (steps + 1,) from t = grid[0] down to
+    grid[-1] ((steps + 1, bs) with a rising t), after the history in the DiT cache; latents marked in `pin` (B, bs)
+    are held at pin_z, at t = 0. on_step(i, x0) sees step i's estimate of the clean block, x0 = z_t - t v
+    (B, bs, d): at the last step, the block itself."""
     B, bs, _ = z.shape
     pin = torch.zeros(B, bs, dtype=torch.bool, device=z.device) if pin is None else pin
     pin_z, x0 = z if pin_z is None else pin_z, None
@@ -101,7 +103,7 @@ def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin
         x0 = torch.where(pin.unsqueeze(-1), pin_z, z - t_tok.unsqueeze(-1) * v)  # (B, bs, d)
         if on_step is not None:
             on_step(i, x0)
-        z = euler_step(z, v, grid[i] - grid[i + 1])
+        z = euler_step(z, v, (grid[i] - grid[i + 1]).unsqueeze(-1))
     return torch.where(pin.unsqueeze(-1), pin_z, z)
 
 
@@ -157,7 +159,9 @@ def generate(model, prompts, max_new_tokens, sampler=SamplerConfig(), generator=
     B, bs, d = len(prompts), model.block_size, model.vae.cfg.latent_dim
     tokens, hist_valid, caches, part, n_blocks = start(model, prompts, max_new_tokens, sampler.pad_id)
     seen = torch.zeros(B, model.vae.cfg.vocab_size, dtype=torch.bool, device=tokens.device)  # tokens decoded so far
-    outputs, ended, grid = [[] for _ in range(B)], [False] * B, time_grid(sampler.steps, tokens.device)
+    grid = time_grid(sampler.steps, tokens.device, t_max=1 + sampler.t_rise)  # (steps + 1,): 1 .. 0 without rise
+    grid = rising_t(grid, bs, sampler.t_rise) if sampler.t_rise else grid  # (steps + 1, bs): t per latent
+    outputs, ended = [[] for _ in range(B)], [False] * B
     for k in range(n_blocks):
         shape = (B, bs, d)
         z = noise(k, shape) if noise else torch.randn(shape, device=tokens.device, generator=generator)

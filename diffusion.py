@@ -62,6 +62,14 @@ def time_grid(steps, device="cpu", t_max=1.0):
     return t_max * torch.linspace(1.0, 0.0, steps + 1, device=device)
 
 
+def rising_t(s, block_size, width):
+    """Per-latent times of blocks at progress s (...,) -> (..., bs): t_i = clamp(s - width (1 - i / (bs - 1)), 0, 1),
+    a block's first latents cleaner than its last, so they settle first (AR-Diffusion's rising t, inside a block);
+    s runs from 1 + width (all noise) down to 0 (all clean)."""
+    i = torch.arange(block_size, device=s.device) / max(block_size - 1, 1)
+    return (s.unsqueeze(-1) - width * (1 - i)).clamp(0, 1)
+
+
 def two_l_layout(z0, zt, t_tok, block_size):
     """The BD3-LM style training input of clean z0 and noisy zt (B, L, d): seq (B, 2L - bs, d), t (B, 2L - bs)
     (0 on the clean half), pos (2L - bs,), mask (layers.two_l_mask). The clean half is stop-gradient: the
@@ -119,6 +127,7 @@ class LossConfig:
     fm_batch_mult: int = 1          # > 1 (not the paper's): the decoder terms on the first 1/fm_batch_mult of the rows
     block_size_probs: tuple = ()    # (not the paper's) the prior's blocks 1, 2, 4 .. bs with these probabilities
     t_per_block: bool = False       # (not the paper's) one t per prior block instead of one per sequence
+    t_rise: float = 0.0             # > 0 (not the paper's): t rises along each block by this much (rising_t)
 
 
 # the joint model
@@ -211,11 +220,14 @@ class ColaDLM(nn.Module):
         B, L, _ = z0n.shape
         bs = draw_block_size(self.block_size, objective.block_size_probs)
         eps = torch.randn_like(z0n)
-        n_t = L // bs if objective.t_per_block else 1
+        n_blocks, w = L // bs, objective.t_rise
+        n_t = n_blocks if objective.t_per_block else 1
         t = sample_t(B * n_t, objective.t_loc, objective.t_scale, objective.t_uniform, tokens.device)  # (B n_t,)
-        t_tok = t.view(B, n_t).repeat_interleave(L // n_t, 1)  # (B, L)
+        t = t.view(B, n_t).repeat_interleave(n_blocks // n_t, 1)  # (B, n_blocks)
+        t_tok = (rising_t(t * (1 + w), bs, w) if w else t.unsqueeze(-1).expand(B, n_blocks, bs)).reshape(B, L)
         known = partial_known_prefix(B, L, bs, objective.partial_prob, tokens.device)  # (B, L)
         t_tok = torch.where(known, torch.zeros_like(t_tok), t_tok)
+        known = known | (t_tok == 0)  # a latent at t = 0 (rising t) holds no noise to predict
         zt = flow_path(z0n, eps, t_tok)  # the FM gradient reaches the encoder through z_t
         x0_est = self.self_cond_estimate(z0n, zt, t_tok, bs) if self.dit.cfg.self_cond else None
         v_pred = self.velocity_2l(z0n, zt, t_tok, bs, x0_est)

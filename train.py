@@ -112,6 +112,7 @@ def get_args(argv=None):
         default=(), help="stage 2: the prior's blocks 1, 2, 4 .. --block_size drawn per batch with these "
         "probabilities, e.g. 0.1,0,0.3,0.3,0.3 (the release's flag; sampling stays at --block_size)")
     add("--t_per_block", action="store_true", help="stage 2: one t per prior block instead of one per sequence")
+    add("--t_rise", type=nonneg_float, default=0.0, help="stage 2 and its sampler: t rises by this along a block")
     add("--self_cond", action="store_true", help="the DiT reads its last estimate of z0 as well (self-conditioning)")
     # running
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -247,7 +248,7 @@ def stage_joint(args, env, data):
         return {k: out[k] for k in ("loss", "ce", "mask_acc", "recon_acc", "fm", "ref_kl", "logsnr")}
 
     eot = data.meta["eot_id"]  # ends a row and pads a prompt's partial block
-    sampler = SamplerConfig(noise_scale=args.noise_scale, stop_ids=(eot,), pad_id=eot)
+    sampler = SamplerConfig(noise_scale=args.noise_scale, t_rise=args.t_rise, stop_ids=(eot,), pad_id=eot)
     sample = lambda prompt, n, g: generate(model, [prompt], n, sampler, g)[0][0]
     return Run("joint", model, groups, (loss,), args.main_iters, path,
                dict(kind="cola", vae_config=asdict(model.vae.cfg), dit_config=asdict(model.dit.cfg),

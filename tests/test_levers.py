@@ -5,7 +5,7 @@ import torch
 
 import train
 from decoder import SamplerConfig, denoise_block, generate, time_grid
-from diffusion import LossConfig, draw_block_size, flow_path
+from diffusion import LossConfig, draw_block_size, flow_path, rising_t
 from test_generate import EOS, V, tiny_model
 
 
@@ -86,3 +86,25 @@ def test_bad_block_size_probs_is_one_line(probs):
     """Mutation: dropping check_args's test of --block_size_probs."""
     with pytest.raises(SystemExit, match="^error: --block_size_probs needs 5 probabilities"):
         train.main(["--block_size_probs", probs, "--dry_run", "--preset", "tiny"])
+
+
+def test_rising_t_in_training_and_sampling():
+    """rising_t: the first latent of a block is cleanest, t in [0, 1], all noise at s = 1 + w and clean at s = 0;
+    training excludes latents at t = 0, and the sampler walks each latent from 1 to 0 on its own schedule.
+    Mutation: the rise reversed along the block, or the Euler step taken with one dt for the whole block."""
+    t = rising_t(torch.tensor([0.0, 0.5, 1.5]), 4, 0.5)  # (3, 4)
+    assert torch.equal(t[0], torch.zeros(4)) and torch.equal(t[2], torch.ones(4))
+    assert torch.allclose(t[1], torch.tensor([0.0, 1 / 6, 1 / 3, 0.5])) and bool((t[1].diff() >= 0).all())
+    model = tiny_model().train()
+    calls = record_velocity_2l(model)
+    tokens = torch.randint(0, V, (3, 16), generator=torch.Generator().manual_seed(0))
+    model(tokens, LossConfig(partial_prob=0.0, t_rise=0.5))
+    blocks = calls[-1][1].view(3, 4, 4)
+    assert bool((blocks.diff(dim=-1) >= 0).all()) and bool((blocks[..., 0] < blocks[..., -1]).any())
+    model.eval()
+    seen, inner = [], model.guided_velocity
+    model.guided_velocity = lambda z, t_tok, *a: seen.append(t_tok[0].clone()) or torch.ones_like(z)
+    grid = rising_t(time_grid(8, t_max=1.5), 4, 0.5)  # (9, 4)
+    z = denoise_block(model, torch.zeros(1, 4, 4), grid, torch.zeros(1, 0, dtype=torch.bool), 1.0, None)
+    assert torch.equal(torch.stack(seen), grid[:-1])
+    assert torch.allclose(z[0, :, 0], -(grid[0] - grid[-1]))  # v = 1 everywhere: each latent moved by its own span
