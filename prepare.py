@@ -32,7 +32,6 @@ DEFAULT_CORPUS = os.path.join(REPO_DIR, "data", "shakespeare_tiny.txt")
 
 
 # splitting and streaming: files -> text pieces -> tokens -> train / val shards
-
 def held_out(at, total, val_fraction, split, chunk):
     """Which tokens are validation ones, by position `at` in a stream of `total`: 'chunks', every k-th chunk, so
     that validation text comes from the works training reads; 'tail', the last val_fraction (nanoGPT)."""
