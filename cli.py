@@ -29,7 +29,7 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
     def parse_with_presets(self, argv, presets):
-        """parse_args over the --preset's defaults; args.given: the flags the command line gave (defaults suppressed)."""
+        """parse_args over the --preset's defaults; args.given: the flags the command line gave (defaults off)."""
         self.set_defaults(**presets[self.parse_known_args(argv)[0].preset])
         args = self.parse_args(argv)
         self._defaults.clear()
