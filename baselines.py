@@ -130,8 +130,8 @@ def left_pad(model, prompts, max_new_tokens, pad_id):
 def ar_generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                 eos_id=50256, generator=None, on_token=None):
     """KV-cached decoding of a left-padded batch, padded keys masked (RoPE sees relative positions: each row gets what
-    it would alone) -> (new-token lists, {'passes': n}); on_token(new, probs) gets each row's new token (None once
-    stopped) and the model's probability of the token it chose (B,)."""
+    it would alone) -> (new-token lists, {'passes': n}); on_token(new, probs): each row's new token (None once
+    stopped), the model's probability of it (B,)."""
     tokens, key_valid = left_pad(model, prompts, max_new_tokens, eos_id)
     (B, P), device = tokens.shape, tokens.device
     pos = torch.arange(P, device=device)
@@ -194,8 +194,7 @@ def llada_generate(model, prompts, max_new_tokens, steps=32, block_length=None, 
 
 def lm_generate(kind, model, prompts, max_new_tokens, sampler, generator=None, steps=32, block_length=None,
                 on_token=None, on_step=None):
-    """AR or LLaDA ("kind") under a decoder.SamplerConfig; LLaDA takes `steps` passes and reads the temperature only;
-    the hooks: AR's on_token, LLaDA's on_step."""
+    """AR or LLaDA under a decoder.SamplerConfig (LLaDA: `steps` passes, temperature only; hooks on_token, on_step)."""
     if kind == "ar":
         return ar_generate(model, prompts, max_new_tokens, sampler.temperature, sampler.top_k, sampler.top_p,
                            sampler.repetition_penalty, sampler.stop_ids[0], generator, on_token)

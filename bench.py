@@ -1,7 +1,7 @@
-"""Speed tables, random weights at a preset's sizes (train.py --dry_run builds the configs); asserts nothing.
-Generation: tokens/s and model passes per new token, every model batched alike (Cola: guided DiT passes, commit
-and decoder passes; AR: one pass per token, KV cache; LLaDA: unmasking passes in blocks of 16 tokens). Training:
-ms per optimizer step, tokens/s, FLOP utilisation by flops.py's convention and by 6 N (N: non-embedding params).
+"""Speed tables, random weights at a preset's sizes (train.py --dry_run's configs). Generation: tokens/s and model
+passes per new token, every model batched alike (Cola: guided DiT, commit and decoder passes; AR: one per token, KV
+cache; LLaDA: unmasking passes in blocks of 16 tokens). Training: ms per optimizer step, tokens/s, FLOP utilisation
+by flops.py's convention and by 6 N (N: non-embedding params).
 
     python bench.py                                    # generation: Cola (8, 16 steps), AR, LLaDA at batch 1 and 32
     python bench.py --train --preset paper --device cuda --compile --dtype bfloat16   # training: tok/s and MFU
