@@ -190,8 +190,7 @@ def resume_training(ckpt, opt, log_path, seed, env):
 
 # models from checkpoints
 def weight_bytes(cfg):
-    """fp32 bytes of a config's weights, an upper estimate from its sizes alone: per block attention, adaLN and MLP,
-    then the embeddings and heads."""
+    """fp32 bytes of a config's weights, an upper estimate from its sizes alone (blocks, embeddings and heads)."""
     get = lambda *names: sum(getattr(cfg, n, 0) for n in names)
     w, blocks = cfg.width, get("n_layers", "n_enc_layers", "n_dec_layers")
     return 4 * (blocks * (10 * w * w + 3 * w * (get("mlp_hidden") or 4 * w)) + 2 * w * (get("vocab_size") + 1)
@@ -327,8 +326,7 @@ def check_out_dir(args):
 
 @contextlib.contextmanager
 def claim_out_dir(args, world=1, master=True, check_args=lambda args: None):
-    """train.py's first call: the master checks the folder (writable, locked, check_out_dir) and runs check_args;
-    every rank gets the verdict (one line) or the flags to train with."""
+    """train.py's first call: the master checks the folder and the flags; every rank gets its verdict or the flags."""
     verdict = [None, vars(args)]
     with contextlib.ExitStack() as held:
         held.enter_context(stop_signals())  # SIGTERM and SIGHUP stop the run as Ctrl-C does

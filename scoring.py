@@ -238,8 +238,7 @@ def seen_ngrams_line(samples, data_dir):
 
 # the history testbed's lines (testbed.py; measures.eval_testbed samples them)
 def open_brackets(text):
-    """The brackets text leaves open, innermost last; None if it closes one not open (or of another kind) or holds
-    anything but brackets."""
+    """The brackets text leaves open, innermost last; None if it closes one not open or holds anything else."""
     stack = []
     for c in text:
         if c in "([":

@@ -89,8 +89,7 @@ def cell_text(enc, tok):
 
 
 def show(enc, frames, out=print):
-    """Print each frame as `label | text`, the text from the row it changed on (Cola: the block being denoised),
-    masked positions '_'."""
+    """Print each frame as `label | text` from the row it changed on (Cola: the block being denoised); masked: '_'."""
     width = max(len(f.label) for f in frames) if frames else 0
     for f in frames:
         out(f"{f.label:<{width}} | " + "".join(cell_text(enc, t) if t is not None else "_" for t in f.tokens[f.start:]))
