@@ -7,7 +7,6 @@ by flops.py's convention and by 6 N (N: non-embedding params).
     python bench.py --train --preset paper --device cuda --compile --dtype bfloat16   # training: tok/s and MFU
     python bench.py --preset paper --vocab_size 100278 --models cola --batches 1 --new_tokens 16 --cola_steps 16 \
         --repeats 1 --dtype float32   # the released model's size on this machine: tok/s and peak memory"""
-import argparse
 import resource
 import time
 
@@ -123,7 +122,7 @@ def bench_training(args, cfgs, device):
 
 
 def main(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     arg = p.add_argument
     arg("--train", action="store_true", help="time training steps instead of generation")
     arg("--preset", default="cpu", choices=["tiny", "cpu", "paper"], help="train.py size preset")

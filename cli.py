@@ -22,7 +22,10 @@ class CheckpointError(ValueError):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with every error as one line on stderr ('error: ...') and exit status 2, no usage dump."""
+    """argparse with every error one line on stderr ('error: ...', status 2, no usage), the description as written."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**{"formatter_class": argparse.RawDescriptionHelpFormatter, **kwargs})
 
     def error(self, message):
         sys.stderr.write(f"error: {message}\n")

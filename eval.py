@@ -10,7 +10,6 @@
 Cola DLM's own measures (measures.py, docs/method.md §3-§7): the VAE, the prior's use of its history, likelihood
 through its CNF, the generation diagnostics. Every kind: bits per token, tasks by the paper's rules (generations
 in its task schema), samples (seen n-gram rates, distinct-n, judge perplexity, speed); a snapshot: tasks, samples."""
-import argparse
 import json
 from dataclasses import replace
 import os
@@ -53,7 +52,7 @@ def training_curves(run_dir, keys=("loss", "recon_acc", "fm", "fm_cond", "fm_unc
 
 
 def get_args(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     arg = p.add_argument
     arg("--out_dir", help="run folder of ckpt.pt (default: out); with --init_from, where results go (out_release)")
     arg("--ckpt", help="checkpoint path (overrides --out_dir)")

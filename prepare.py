@@ -9,7 +9,6 @@ tokendata.TokenData reads back. Documents are separated by <|endoftext|>; tokens
 Memory stays bounded whatever the corpus: the input streams in blocks of --block_bytes cut where the BPE cannot
 straddle the cut (else at --block_bytes), tokenized by --workers processes into shards of --shard_tokens tokens. A
 folder is locked while written; new shards take new numbers, the rename of meta.json switches to them: whole or not."""
-import argparse
 import codecs
 import contextlib
 import functools
@@ -225,7 +224,7 @@ def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64,
 
 @script
 def main(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     add = p.add_argument
     add("--input", default=DEFAULT_CORPUS, help="a UTF-8 text file, a folder of .txt files, or JSONL of 'text' fields")
     add("--out_dir", default=DEFAULT_DATA_DIR, help="where the shards and meta.json go")

@@ -11,7 +11,6 @@ A run that has its ckpt.pt / eval.json is not trained / evaluated again (e.g. ou
     python scaling.py --tasks tasks/comedies.jsonl     # levels 0.25,0.5,1 at the cpu preset, one run at a time
     OMP_NUM_THREADS=1 python scaling.py --ablations ablations.txt --jobs 2   # two runs at a time on 2 cores
     python scaling.py --device cuda --jobs 12 --train_args=--no-compile     # one GPU, all runs at once"""
-import argparse
 import json
 import os
 import re
@@ -42,7 +41,7 @@ ABLATION_EVAL = ("--builtin_n 0 --batches 1 --fm_batches 8 --ll_steps 2 --iwae_k
 
 
 def get_args(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     arg = p.add_argument
     arg("--levels", type=float_list, default="0.25,0.5,1", help="comma list of levels (1: the default Cola run)")
     arg("--out_root", help="one run folder per model and level (default out_scaling; out_ablations)")

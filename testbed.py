@@ -11,7 +11,6 @@ held-out prefixes in 5-7 minutes on 2 cores at one thread; the Cola run, the cpu
 Each line has a random even length in [16, 56] and depth at most 8. The tokenizer.json written beside the shards is
 byte-level: ids 0-255 the bytes, 256 <|endoftext|>, no merges. Prepared with prepare.py's default chunked split, so
 the validation split's lines, which training never reads, give eval.py its completion prompts."""
-import argparse
 import json
 import os
 import random
@@ -55,7 +54,7 @@ def write_testbed(out_dir, language="dyck1", n_lines=50_000, seed=0):
 
 @script
 def main(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--out_dir", required=True, help="where lines.txt, tokenizer.json and the shards go")
     p.add_argument("--language", default="dyck1", choices=list(KINDS), help="which language")
     p.add_argument("--lines", type=positive_int, default=50_000, help="lines to write (about 36 bytes each)")
