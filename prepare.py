@@ -38,12 +38,6 @@ def held_out(at, total, val_fraction, split, chunk):
     return at // chunk % every == every - 1
 
 
-def split_tokens(ids, val_fraction, split="chunks", chunk=2048, min_chunk=64):
-    """(train, val) of a whole token array (held_out)."""
-    val = held_out(np.arange(len(ids)), len(ids), val_fraction, split, max(min_chunk, chunk))
-    return ids[~val], ids[val]
-
-
 def chunk_size(n_tokens, every, min_chunk):
     """2,048-token validation chunks, fewer for a small corpus, so that validation gets about ten."""
     return int(max(min_chunk, min(2048, n_tokens // (every * 10))))
