@@ -130,8 +130,7 @@ def left_pad(model, prompts, max_new_tokens, pad_id):
 def ar_generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                 eos_id=50256, generator=None, on_token=None):
     """KV-cached decoding of a left-padded batch, padded keys masked (RoPE sees relative positions: each row gets what
-    it would alone) -> (new-token lists, {'passes': n}); on_token(new, probs): each row's new token (None once
-    stopped), the model's probability of it (B,)."""
+    it would alone) -> (new-token lists, {'passes': n}); on_token(new tokens or None once stopped, their probs)."""
     tokens, key_valid = left_pad(model, prompts, max_new_tokens, eos_id)
     (B, P), device = tokens.shape, tokens.device
     pos = torch.arange(P, device=device)
@@ -159,8 +158,7 @@ def llada_generate(model, prompts, max_new_tokens, steps=32, block_length=None, 
                    generator=None, on_step=None):
     """LLaDA sampling with low-confidence remasking (left-padded, padded keys masked); block_length < max_new_tokens:
     semi-autoregressive blocks of steps * block_length / max_new_tokens steps -> (new-token lists, {'passes': n}).
-    on_step(x, conf) after each pass: the new tokens so far (B, N; mask_id where still masked) and the
-    probability each was unmasked with (B, N)."""
+    on_step(x, conf) after each pass: the new tokens (B, N; mask_id if masked), each one's unmasking probability."""
     prompt, prompt_valid = left_pad(model, prompts, max_new_tokens, eos_id)
     (B, P), device, mask_id = prompt.shape, prompt.device, model.cfg.mask_id
     x = torch.cat([prompt, torch.full((B, max_new_tokens), mask_id, dtype=torch.long, device=device)], 1)  # (B, T)

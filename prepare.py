@@ -125,8 +125,7 @@ def encode_piece(tokenizer, piece):
 
 
 class Shards:
-    """The train and val tokens, appended to shards of at most shard_tokens tokens (.<pid>.tmp until close), numbered
-    from `first` on: new shards never take an old one's name."""
+    """Train and val tokens appended to shards of <= shard_tokens (.<pid>.tmp until close), numbered on from `first`."""
 
     def __init__(self, out_dir, dtype, shard_tokens, first=0):
         self.out_dir, self.dtype, self.shard_tokens, self.first = out_dir, dtype, shard_tokens, first

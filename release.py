@@ -236,8 +236,7 @@ def encode_prompt(info, enc, text):
 
 
 def row_noise(shape, device, row_seeds, k):
-    """Block k's noise (B, bs, d), row b's from seed row_seeds[b] + k * 10^7 in any batch (the release's
-    COLA_INFER_PER_SAMPLE_NOISE_SEED scheme)."""
+    """Block k's noise (B, bs, d), row b's from seed row_seeds[b] + k * 10^7 (COLA_INFER_PER_SAMPLE_NOISE_SEED)."""
     return torch.stack([torch.randn(shape[1:], device=device,
                                     generator=torch.Generator(device=device).manual_seed(s + k * 10_000_000))
                         for s in row_seeds])

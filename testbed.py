@@ -24,8 +24,7 @@ KINDS = {"dyck1": "()", "dyck2": "()[]"}  # the language's bracket pairs, opener
 
 
 def dyck_line(rng, pairs="()", lo=16, hi=56, max_depth=8):
-    """One balanced line: a random even length in [lo, hi], depth <= max_depth, each step opening (a random kind) or
-    closing with equal odds where both are possible."""
+    """One balanced line, a random even length in [lo, hi], depth <= max_depth: open (any kind) or close, even odds."""
     n, out, stack = rng.randrange(lo // 2, hi // 2 + 1) * 2, [], []
     for i in range(n):
         can_open = len(stack) < max_depth and len(stack) + 1 <= n - i - 1  # room left to close it
