@@ -133,8 +133,7 @@ def ar_generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=
     it would alone) -> (new-token lists, {'passes': n}); on_token(new tokens or None once stopped, their probs)."""
     tokens, key_valid = left_pad(model, prompts, max_new_tokens, eos_id)
     (B, P), device = tokens.shape, tokens.device
-    pos = torch.arange(P, device=device)
-    cache = KVCache(model.cfg.n_layers)
+    pos, cache = torch.arange(P, device=device), KVCache(model.cfg.n_layers)
     logits = model.logits(tokens, pos, with_key_padding(block_causal_mask(pos, pos), key_valid, key_valid), cache)
     seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)  # generated tokens (the penalty's)
     outs, done, passes = [[] for _ in range(B)], [False] * B, 1

@@ -40,8 +40,7 @@ def timed(fn, device, repeats):
     res, best = fn(), float("inf")
     for _ in range(repeats):
         sync()
-        t0 = time.perf_counter()
-        res = fn()
+        t0, res = time.perf_counter(), fn()
         sync()
         best = min(best, time.perf_counter() - t0)
     return best, res

@@ -132,9 +132,7 @@ def float_in(low=-math.inf, high=math.inf, low_open=False, high_open=False):
 
 
 positive_int, nonneg_int = int_at_least(1), int_at_least(0)
-positive_float = float_in(0.0, low_open=True)
-nonneg_float = float_in(0.0)
-unit_float = float_in(0.0, 1.0)
+positive_float, nonneg_float, unit_float = float_in(0.0, low_open=True), float_in(0.0), float_in(0.0, 1.0)
 
 
 def number_list(cast, kind, valid, rule):

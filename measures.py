@@ -58,8 +58,7 @@ def training_t_density(n_bins, loc, scale, uniform):
 def velocity_uncond(model, zt, t_tok):
     """The unconditional pass, as guided_velocity computes it: each noisy block alone at positions 0..bs-1."""
     (B, L, d), bs = zt.shape, model.block_size
-    pos = torch.arange(bs, device=zt.device)
-    mask = torch.ones(bs, bs, dtype=torch.bool, device=zt.device)
+    pos, mask = torch.arange(bs, device=zt.device), torch.ones(bs, bs, dtype=torch.bool, device=zt.device)
     return model.dit(zt.reshape(-1, bs, d), t_tok.reshape(-1, bs), pos, mask).reshape(B, L, d)
 
 
@@ -125,8 +124,7 @@ def cola_log_prior(model, zn, steps=32, generator=None):
         t = i * h
         z_mid = z + 0.5 * h * v(z, t)
         v_mid, div = hutchinson_divergence(lambda x: v(x, t + 0.5 * h), z_mid, probe)
-        z = z + h * v_mid
-        logdet = logdet + h * div
+        z, logdet = z + h * v_mid, logdet + h * div
     return -0.5 * (z.pow(2) + math.log(2 * math.pi)).flatten(1).sum(1) + logdet
 
 
@@ -203,8 +201,7 @@ def sample_quality(make_gen, prompts, sample_len, seed, repeats, train_ngrams, j
 def make_generator(kind, model, sampler, seed, temperature=0.0, release=False):
     """fn(prompts, max_new, row_seeds=None) -> (new-token lists, model passes): Cola with `sampler` (a snapshot as the
     release samples); AR and LLaDA at `temperature` (0: greedy), repetition penalty 1.1 (the paper's task settings)."""
-    g = torch.Generator(device=str(next(model.parameters()).device)).manual_seed(seed)
-    stop = sampler.stop_ids[0]
+    g, stop = torch.Generator(device=str(next(model.parameters()).device)).manual_seed(seed), sampler.stop_ids[0]
 
     def run(prompts, max_new, row_seeds=None):
         if kind == "cola":  # row_seeds: each row's noise from its own seed (--item_noise_seed), as the release's
@@ -224,9 +221,7 @@ def make_generator(kind, model, sampler, seed, temperature=0.0, release=False):
 
 def builtin_tasks(text, n=64, seed=0, context_words=40):
     """A LAMBADA-style last-word cloze and a 2-option next-line choice, built from held-out text."""
-    rng = random.Random(seed)
-    words = text.split(" ")
-    cloze = []
+    rng, words, cloze = random.Random(seed), text.split(" "), []
     for _ in range(n * 20 if len(words) > context_words + 1 else 0):  # a text of too few words has no cloze
         if len(cloze) == n:
             break
@@ -235,8 +230,7 @@ def builtin_tasks(text, n=64, seed=0, context_words=40):
             continue
         cloze.append({"id": len(cloze), "prompt": " ".join(words[i - context_words:i]), "ground_truth": words[i],
                       "choices": None, "rule": "first_word"})
-    lines = [line for line in text.split("\n") if len(line.split()) >= 4]
-    ending = []
+    lines, ending = [line for line in text.split("\n") if len(line.split()) >= 4], []
     for _ in range(n if len(lines) > 5 and len(set(lines)) > 1 else 0):  # a distractor must differ from the answer
         i = rng.randrange(4, len(lines) - 1)
         while (distractor := lines[rng.randrange(len(lines))]) == lines[i]:

@@ -97,8 +97,7 @@ def show(enc, frames, out=print):
 
 def draw_grid(ax, enc, tokens, conf, row_labels=None):
     """Positions as cells in rows of ROW, each with its token, coloured by the model's probability."""
-    cmap = pyplot().get_cmap("viridis")
-    n_rows = max(1, -(-len(tokens) // ROW))
+    cmap, n_rows = pyplot().get_cmap("viridis"), max(1, -(-len(tokens) // ROW))
     ax.set_xlim(0, ROW)
     ax.set_ylim(n_rows, 0)
     ax.axis("off")
