@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from decoder import GenerationError, choose_tokens
 from layers import Attention, KVCache, SwiGLU, block_causal_mask, init_weights, n_params, with_key_padding
 
+
 class Block(nn.Module):
     """Pre-LN transformer block (LayerNorm, attention, SwiGLU) of the baselines (the VAE's is vae.VAEBlock)."""
 
@@ -27,6 +28,7 @@ class Block(nn.Module):
     def forward(self, x, pos, mask, cache=None, commit=False):
         x = x + self.drop(self.attn(self.ln1(x), pos, mask, cache, commit))
         return x + self.mlp(self.ln2(x))
+
 
 @dataclass
 class LMConfig:
@@ -43,6 +45,7 @@ class LMConfig:
     @property
     def mask_id(self):
         return self.vocab_size
+
 
 class TransformerLM(nn.Module):
     def __init__(self, cfg: LMConfig):
@@ -90,6 +93,7 @@ class TransformerLM(nn.Module):
         return {"loss": loss, "masked_ce": (ce * masked).sum() / masked.sum().clamp(min=1),
                 "acc": hit.sum() / masked.sum().clamp(min=1)}
 
+
 def matched_lm_config(kind, target_params, vocab_size, width, n_heads, mlp_hidden, max_seq_len, dropout=0.0,
                       n_layers=0):
     """A baseline at `width` of n_layers, or of the depth closest to target_params (Cola's VAE + DiT)."""
@@ -98,12 +102,14 @@ def matched_lm_config(kind, target_params, vocab_size, width, n_heads, mlp_hidde
     cfg.n_layers = n_layers or match_layers(target_params, cfg)
     return cfg
 
+
 def match_layers(target_params, cfg: LMConfig):
     """The number of layers at cfg's width that brings the LM closest to target_params."""
     with torch.device("meta"):
         base = n_params(TransformerLM(LMConfig(**{**cfg.__dict__, "n_layers": 0})))
         one = n_params(Block(cfg.width, cfg.n_heads, cfg.mlp_hidden, cfg.rope_theta))
     return max(1, round((target_params - base) / one))
+
 
 def left_pad(model, prompts, max_new_tokens, pad_id):
     """Prompts right-aligned on the model's device: tokens (B, P) and their validity (B, P); an empty prompt is the
@@ -118,6 +124,7 @@ def left_pad(model, prompts, max_new_tokens, pad_id):
     P = max(len(r) for r in rows)
     return (torch.tensor([[pad_id] * (P - len(r)) + r for r in rows], dtype=torch.long, device=device),
             torch.tensor([[False] * (P - len(r)) + [True] * len(r) for r in rows], device=device))
+
 
 @torch.no_grad()
 def ar_generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
@@ -143,6 +150,7 @@ def ar_generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=
         logits = model.logits(tok, pos[-1:] + n + 1, key_valid[:, None, None, :], cache)  # (B, 1, V)
         passes += 1
     return outs, {"passes": passes}
+
 
 @torch.no_grad()
 def llada_generate(model, prompts, max_new_tokens, steps=32, block_length=None, temperature=0.0, eos_id=50256,
@@ -179,6 +187,7 @@ def llada_generate(model, prompts, max_new_tokens, steps=32, block_length=None, 
             if on_step is not None:
                 on_step(x[:, P:], unmasked_conf.scatter_(1, pick, conf.gather(1, pick))[:, P:])
     return [row[:row.index(eos_id)] if eos_id in row else row for row in x[:, P:].tolist()], {"passes": passes}
+
 
 def lm_generate(kind, model, prompts, max_new_tokens, sampler, generator=None, steps=32, block_length=None,
                 on_token=None, on_step=None):

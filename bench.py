@@ -25,12 +25,14 @@ from vae import VAEConfig
 MODELS = ("cola", "ar", "llada")
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 
+
 def preset_config(args, model):
     """train.py --dry_run's config of model at --preset, at --vocab_size (baselines' depth matched at GPT-2's)."""
     cfg = train_dry_run(["--preset", args.preset, "--model", model, "--data_dir", "/nonexistent", "--seq_len",
                          str(args.seq_len)])  # generation widens max_seq_len to its prompts
     cfg["vae_config" if model == "cola" else "lm_config"]["vocab_size"] = args.vocab_size
     return cfg
+
 
 def timed(fn, device, repeats):
     """Best wall time of `repeats` calls (after one warm-up call) and the last result."""
@@ -42,6 +44,7 @@ def timed(fn, device, repeats):
         sync()
         best = min(best, time.perf_counter() - t0)
     return best, res
+
 
 def bench_generation(args, cfgs, device):
     """Tokens/s and passes per token of --models at each batch size, the weights built in --weights' dtype."""
@@ -74,6 +77,7 @@ def bench_generation(args, cfgs, device):
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     print(f"peak memory ({'GPU' if device.startswith('cuda') else 'process RSS'}): {peak / 2 ** 30:.2f} GiB")
+
 
 def bench_training(args, cfgs, device):
     """One optimizer step of each stage, the baselines too, at --batch_size x --seq_len tokens."""
@@ -115,6 +119,7 @@ def bench_training(args, cfgs, device):
         print(f"| {stage} | {n_params(model) / 1e6:.1f}M | {dt * 1000:.1f} | {B * L / dt:,.0f} | {repo:.2f} | "
               f"{mfu(repo)} | {six_n:.2f} | {mfu(six_n)} |", flush=True)
 
+
 def main(argv=None):
     p = Parser(description=__doc__)
     arg = p.add_argument
@@ -144,6 +149,7 @@ def main(argv=None):
     check_memory(8 * tokens * lm["n_layers"] * lm["width"], device, f"{tokens:,} tokens at once: AR's keys and values")
     cfgs = {m: preset_config(args, m) for m in (MODELS if args.train else args.models)}
     (bench_training if args.train else bench_generation)(args, cfgs, device)
+
 
 if __name__ == "__main__":
     main()

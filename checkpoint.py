@@ -18,6 +18,7 @@ from cli import (CheckpointError, check_memory, check_writable_dir, fail, folder
                  stop_signals, write_atomic)
 from tokenizer import DataError, get_tokenizer, same_tokenizer
 
+
 def digest(obj, tensors_only=False):
     """'sha256:' + a sha256 over all a checkpoint holds but its checksum: every key, plain value and type, every
     tensor's dtype, shape and bytes (tensors_only: the bare hex of checkpoints before 2026-12-08, tensors' bytes
@@ -48,6 +49,7 @@ def digest(obj, tensors_only=False):
         raise CheckpointError("is nested too deeply to read") from None
     return h.hexdigest() if tensors_only else "sha256:" + h.hexdigest()
 
+
 def save_checkpoint(path, obj):
     """Write atomically (a crash or a full disk keeps the last checkpoint; two writers never mix), with a checksum
     load_checkpoint checks; Ctrl-C, SIGTERM, SIGHUP wait for the whole file (torch's zip writer, interrupted, fails)."""
@@ -67,6 +69,7 @@ def save_checkpoint(path, obj):
     if interrupted:
         raise KeyboardInterrupt
 
+
 def save_training_state(path, state, world=1, master=True, name="run"):
     """The state plus every rank's random state (a resume continues every stream), written by the master while every
     rank waits (the next stage reads it); weights not finite stop the run (halted)."""
@@ -80,13 +83,16 @@ def save_training_state(path, state, world=1, master=True, name="run"):
     if world > 1:
         dist.barrier()
 
+
 class TrainingError(RuntimeError):
     """The run cannot go on (a NaN loss, say); the message is one line meant for the user."""
+
 
 def halted(name, path, what):
     """The one-line TrainingError of run `name` stopping: what happened, and what its checkpoint file `path` holds."""
     held = f"{path} keeps the last good checkpoint" if os.path.exists(path) else f"no checkpoint was written to {path}"
     return TrainingError(f"[{name}] {what}, {held} (try a lower --lr)")
+
 
 def load_checkpoint(path, kinds=None):
     """The checkpoint dict at `path`; `kinds` (e.g. ("cola",)) lists the model kinds the caller accepts."""
@@ -120,6 +126,7 @@ def load_checkpoint(path, kinds=None):
     ckpt["path"] = path  # for messages; not saved
     return ckpt
 
+
 def build(cls, cfg_fields, ckpt):
     """cls(**fields) of a config stored in a checkpoint; a value of a wrong type or out of range is one line."""
     import dataclasses
@@ -141,6 +148,7 @@ def build(cls, cfg_fields, ckpt):
     except TypeError as e:
         raise CheckpointError(f"{where} does not fit this code ({e})") from None
 
+
 def load_weights(model, state, ckpt):
     """model.load_state_dict(state), refusing in one line weights that do not fit the config or are not finite."""
     path = ckpt.get("path", "the checkpoint")
@@ -153,16 +161,19 @@ def load_weights(model, state, ckpt):
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         raise CheckpointError(f"{path}: its weights do not fit its config ({(lines[1:] or lines)[0]})") from None
 
+
 # random state (training draws from torch's generators only)
 def rng_state():
     """This process's random streams: torch CPU, and CUDA when present."""
     cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
     return {"torch": torch.get_rng_state(), **cuda}
 
+
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
 
 def resume_training(ckpt, opt, log_path, seed, env):
     """Resume: the optimizer, this rank's random stream (reseeded if the world size changed), the log cut -> step."""
@@ -176,6 +187,7 @@ def resume_training(ckpt, opt, log_path, seed, env):
         trim_log(log_path, step)
     return step
 
+
 # models from checkpoints
 def weight_bytes(cfg):
     """fp32 bytes of a config's weights, an upper estimate from its sizes alone (blocks, embeddings and heads)."""
@@ -183,6 +195,7 @@ def weight_bytes(cfg):
     w, blocks = cfg.width, get("n_layers", "n_enc_layers", "n_dec_layers")
     return 4 * (blocks * (10 * w * w + 3 * w * (get("mlp_hidden") or 4 * w)) + 2 * w * (get("vocab_size") + 1)
                 + w * get("latent_dim", "freq_dim", "max_seq_len"))
+
 
 def model_from(ckpt):
     """The model a checkpoint dict holds (VAE, Cola DLM or a baseline) with its weights; misfits: CheckpointError."""
@@ -199,6 +212,7 @@ def model_from(ckpt):
     model = {"ar": TransformerLM, "llada": TransformerLM, "vae": TextVAE}.get(kind, ColaDLM)(*cfgs)
     load_weights(model, ckpt["model"], ckpt)
     return model
+
 
 def load_model(path, device="cpu", kinds=("cola", "ar", "llada"), dtype=torch.float32):
     """(model in eval mode on device, checkpoint dict) of this repo's checkpoint file (fp32, as trained) or the
@@ -217,15 +231,18 @@ def load_model(path, device="cpu", kinds=("cola", "ar", "llada"), dtype=torch.fl
                                   "not the tokenizer it was trained with")
     return model.to(device).eval(), ckpt
 
+
 def prompt_ids(info, enc, text):
     """A prompt's token ids: plain BPE for this repo's models, the release's template for a snapshot."""
     import release
     return release.encode_prompt(info, enc, text) if info.get("release") else enc.encode_ordinary(text)
 
+
 def release_sampler(info):
     """release.release_generate for a released snapshot (its budget and semantics), None for this repo's models."""
     import release
     return release.release_generate if info.get("release") else None
+
 
 def stored_sampler(info, eot_id, **flags):
     """The decoder.SamplerConfig a checkpoint stores (default: <|endoftext|> stops and pads), with flags not None."""
@@ -233,6 +250,7 @@ def stored_sampler(info, eot_id, **flags):
     stored = dict(info.get("sampler") or dict(stop_ids=(eot_id,), pad_id=eot_id))
     stored["stop_ids"] = tuple(stored.get("stop_ids", (eot_id,)))
     return build(SamplerConfig, {**stored, **{k: v for k, v in flags.items() if v is not None}}, info)
+
 
 # a training folder, claimed before any work
 # flags a resumed run cannot change: the model, the data windows, and which parameters the optimizer holds
@@ -243,6 +261,7 @@ RESUME_FIXED = ("model", "preset", "latent_dim", "block_size", "patch_size", "va
 # flags that say how to run this invocation, never restored from the checkpoint
 RUN_ONLY = ("resume", "overwrite", "dry_run", "stop_after", "device", "out_dir", "given")
 
+
 def stage_files(args):
     """[(checkpoint path, kind)] this invocation writes, in order."""
     if args.model != "cola":
@@ -250,9 +269,11 @@ def stage_files(args):
     return ([(os.path.join(args.out_dir, "vae.pt"), "vae")] if args.stage in ("vae", "all") else []) + \
         ([(os.path.join(args.out_dir, "ckpt.pt"), "cola")] if args.stage != "vae" else [])
 
+
 def stage_log(kind):
     """The log file of the stage that writes a checkpoint of `kind` (train.py's Run names: vae, joint, ar, llada)."""
     return f"log_{ {'cola': 'joint'}.get(kind, kind)}.jsonl"
+
 
 def restore_run_flags(args, ckpt):
     """--resume: flags not given again take the saved values; one that would change the model or data is refused."""
@@ -265,6 +286,7 @@ def restore_run_flags(args, ckpt):
     for flag, value in saved.items():
         if flag not in given and flag not in RUN_ONLY and hasattr(args, flag):
             setattr(args, flag, value)
+
 
 def check_out_dir(args):
     """Before any work: an existing checkpoint is never replaced without --resume or --overwrite; --resume needs one."""
@@ -301,6 +323,7 @@ def check_out_dir(args):
         except OSError as e:
             fail(f"cannot append to {log} ({e.strerror}); move it away to resume")
 
+
 @contextlib.contextmanager
 def claim_out_dir(args, world=1, master=True, check_args=lambda args: None):
     """train.py's first call: the master checks the folder and the flags; every rank gets its verdict or the flags."""
@@ -323,6 +346,7 @@ def claim_out_dir(args, world=1, master=True, check_args=lambda args: None):
             sys.exit(one_rank(verdict[0]))
         yield argparse.Namespace(**verdict[1])
 
+
 def checkpoint_for(path, kind, data):
     """A checkpoint to build on, trained on data of the same tokenizer as --data_dir's."""
     ckpt = load_checkpoint(path, (kind,))
@@ -331,6 +355,7 @@ def checkpoint_for(path, kind, data):
                         f"{ckpt.get('tokenizer')}; pass the run's own --data_dir")
     return ckpt
 
+
 def resumable(path, kind, args, data):
     """The checkpoint to continue (trained on this very text, by its hash), or None for a fresh run."""
     ckpt = checkpoint_for(path, kind, data) if args.resume and os.path.exists(path) else None
@@ -338,6 +363,7 @@ def resumable(path, kind, args, data):
         raise DataError(f"{data.data_dir} holds other text than {path} was trained on (its source_sha256 differs); "
                         "pass the run's own --data_dir, prepared from its own text")
     return ckpt
+
 
 def trim_log(path, step):
     """Drop the log lines after `step`: a run killed between its log line and its checkpoint repeats those steps."""

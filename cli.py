@@ -16,8 +16,10 @@ import threading
 import torch
 import torch.distributed as dist
 
+
 class CheckpointError(ValueError):
     """A checkpoint or released snapshot that cannot be used; the message is one line meant for the user."""
+
 
 class Parser(argparse.ArgumentParser):
     """argparse with every error one line on stderr ('error: ...', status 2, no usage), the description as written."""
@@ -39,13 +41,16 @@ class Parser(argparse.ArgumentParser):
         args.given = sorted(vars(self.parse_args(argv)))
         return args
 
+
 def one_rank(message):
     """A failing process's exit: the message on rank 0 (or without torchrun), status 1 on the others: one line."""
     return message if int(os.environ.get("RANK", "0") or 0) == 0 else 1
 
+
 def fail(message):
     """End a script with one line on stderr."""
     sys.exit(f"error: {message}")
+
 
 @contextlib.contextmanager
 def stop_signals():
@@ -74,12 +79,15 @@ def stop_signals():
         for s, handler in previous.items():
             signal.signal(s, handler)
 
+
 _PRCTL = getattr(ctypes.CDLL(None), "prctl", None) if sys.platform.startswith("linux") else None
+
 
 def die_with_parent():
     """preexec_fn: SIGTERM to the child when its starter's thread ends, even by SIGKILL (Linux PR_SET_PDEATHSIG)."""
     if _PRCTL is not None:
         _PRCTL(1, signal.SIGTERM)
+
 
 def script(main):
     """A script's main under stop_signals, where Ctrl-C ends it in one line."""
@@ -91,6 +99,7 @@ def script(main):
         except KeyboardInterrupt:
             fail("interrupted")
     return run
+
 
 # one check per kind of value: argparse `type=` functions whose message names what is wrong
 def int_at_least(low, high=2**63 - 1):
@@ -104,6 +113,7 @@ def int_at_least(low, high=2**63 - 1):
                                              f"must be <= {high}, got {value}")
         return value
     return check
+
 
 def float_in(low=-math.inf, high=math.inf, low_open=False, high_open=False):
     """A finite float in [low, high] (either end open if asked)."""
@@ -120,8 +130,10 @@ def float_in(low=-math.inf, high=math.inf, low_open=False, high_open=False):
         return value
     return check
 
+
 positive_int, nonneg_int = int_at_least(1), int_at_least(0)
 positive_float, nonneg_float, unit_float = float_in(0.0, low_open=True), float_in(0.0), float_in(0.0, 1.0)
+
 
 def number_list(cast, kind, valid, rule):
     """A comma list of `cast` values ('8,16,32' -> [8, 16, 32]), each one `valid`, as `rule` says."""
@@ -135,8 +147,10 @@ def number_list(cast, kind, valid, rule):
         return values
     return check
 
+
 int_list = number_list(int, "integers", lambda v: v >= 1, "integers >= 1")
 float_list = number_list(float, "numbers", lambda v: math.isfinite(v) and v > 0, "finite numbers > 0")
+
 
 def output_file(flag, *endings):
     """An output file's path with one of these endings, in a writable folder, checked as the flag is read."""
@@ -146,12 +160,14 @@ def output_file(flag, *endings):
         return check_writable_file(path, flag)
     return check
 
+
 def readable_file(text):
     if not os.path.isfile(text):
         raise argparse.ArgumentTypeError(f"{text} is not a file")
     if not os.access(text, os.R_OK):
         raise argparse.ArgumentTypeError(f"{text} is not readable")
     return text
+
 
 def read_prompt(prompt):
     """--prompt: the text itself, or FILE:path to read it from a UTF-8 file."""
@@ -168,6 +184,7 @@ def read_prompt(prompt):
     except UnicodeDecodeError as e:
         fail(f"prompt file {prompt[5:]} is not UTF-8 text (bad byte at offset {e.start})")
 
+
 def check_writable_dir(path, flag):
     """Make `path` (a folder) if needed and check that files can be written there; one-line error if not."""
     if os.path.exists(path) and not os.path.isdir(path):
@@ -181,6 +198,7 @@ def check_writable_dir(path, flag):
         fail(f"{flag} {path} is not writable ({e.strerror})")
     return path
 
+
 def check_writable_file(path, flag):
     """The folder of an output file must be writable; checked before the work that produces it."""
     check_writable_dir(os.path.dirname(os.path.abspath(path)), flag)
@@ -188,11 +206,13 @@ def check_writable_file(path, flag):
         fail(f"{flag} {path} is a folder, not a file")
     return path
 
+
 @functools.lru_cache(maxsize=64)
 def _dry_run(script, flags):  # asked again with the same flags: answered once
     import subprocess
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
     return subprocess.run([sys.executable, path, "--dry_run", *flags], capture_output=True, text=True)
+
 
 def dry_run(script, flags):
     """`script --dry_run flags` (train.py: its configs, parameters, FLOPs per step): scripts check each other's flags
@@ -203,7 +223,9 @@ def dry_run(script, flags):
         fail(f"{script} {' '.join(flags)}: {last.removeprefix('error: ')}")
     return json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else None
 
+
 train_dry_run = functools.partial(dry_run, "train.py")
+
 
 # device and precision
 def pick_device(name):
@@ -223,12 +245,14 @@ def pick_device(name):
         fail(f"--device {name}: only cpu and cuda are supported")
     return name
 
+
 def check_memory(need, device, what):
     """Refuse, before any model is built or run, sizes whose `need` bytes alone outgrow the device's memory."""
     mem = torch.cuda.get_device_properties(device).total_memory if str(device).startswith("cuda") else \
         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > mem:
         fail(f"{what} alone need {need / 2 ** 30:,.0f} GiB, more than the {mem / 2 ** 30:,.0f} GiB of {device}")
+
 
 def setup_distributed(device):
     """Returns (rank, world, device). Works with or without torchrun."""
@@ -242,6 +266,7 @@ def setup_distributed(device):
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return rank, world, device
 
+
 def all_reduce_mean(metrics, env):
     keys = sorted(metrics)
     t = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=env["device"]) for k in keys])
@@ -249,11 +274,13 @@ def all_reduce_mean(metrics, env):
         dist.all_reduce(t)
     return {k: float(v) / env["world"] for k, v in zip(keys, t)}
 
+
 def cleanup_distributed():
     gc.collect()  # free DDP wrappers first: a reducer torn down after its process group can abort gloo
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
 
 def keep_freed_memory():
     """glibc returns big freed buffers (the logits) to the OS each step and maps them again, 15-60% of a CPU step;
@@ -265,10 +292,12 @@ def keep_freed_memory():
     except OSError:
         pass  # not glibc: nothing to do
 
+
 def autocast(device, dtype):
     """bf16 autocast on the device's type for dtype 'bfloat16', else nothing."""
     on = dtype == "bfloat16"
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
 
 def pyplot():
     """matplotlib's pyplot on the Agg backend (files only, no display needed)."""
@@ -276,6 +305,7 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
 
 def save_figure(plt, fig, path):
     """Write the figure to path (atomically: a kill or a full disk keeps the earlier plot) and free it -> path."""
@@ -285,6 +315,7 @@ def save_figure(plt, fig, path):
     finally:
         plt.close(fig)
     return path
+
 
 # files
 def write_atomic(path, write, mode="w"):
@@ -298,6 +329,7 @@ def write_atomic(path, write, mode="w"):
         if os.path.exists(tmp):
             os.remove(tmp)
 
+
 def json_loads(text):
     """json.loads, where JSON nested too deep to parse (a hostile file) is a JSONDecodeError, not a RecursionError."""
     try:
@@ -305,8 +337,10 @@ def json_loads(text):
     except RecursionError:
         raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
 
+
 def write_json(path, obj, indent=2):
     write_atomic(path, lambda f: json.dump(obj, f, indent=indent))
+
 
 def process_tag(pid):
     """A process as 'pid start-time' (Linux's /proc; the bare pid elsewhere): a pid reused later is another tag."""
@@ -314,6 +348,7 @@ def process_tag(pid):
         return f"{pid} {open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[19]}"
     except (OSError, IndexError):
         return str(pid)
+
 
 def holder_alive(tag):
     """Whether the process a lock file names still runs (the same process, not a later one with its pid)."""
@@ -325,6 +360,7 @@ def holder_alive(tag):
     except (ValueError, IndexError, OSError):
         return False
     return process_tag(pid) == tag or " " not in tag
+
 
 @contextlib.contextmanager
 def folder_lock(out_dir, name="train.lock", writer="training run"):

@@ -28,6 +28,7 @@ from tokendata import TokenData, batch_seed
 from tokenizer import REPO_DIR, DataError, get_tokenizer, same_tokenizer
 from scoring import TaskError, TrainNgrams, completion_prefixes, ngram_metrics, read_tasks, score_file
 
+
 def log_row(line):
     """A training log line as a dict with a numeric step, else None (a run killed mid-write leaves a torn line)."""
     try:
@@ -35,6 +36,7 @@ def log_row(line):
     except ValueError:
         return None
     return row if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) else None
+
 
 def training_curves(run_dir, keys=("loss", "recon_acc", "fm", "fm_cond", "fm_uncond", "logsnr", "acc")):
     """{stage: {key: [(step, value), ...]}} of the run's training logs, read before any measure runs."""
@@ -47,6 +49,7 @@ def training_curves(run_dir, keys=("loss", "recon_acc", "fm", "fm_cond", "fm_unc
             if rows:
                 curves[name[4:-6]] = {k: curve(k) for k in keys}
     return curves
+
 
 def get_args(argv=None):
     p = Parser(description=__doc__)
@@ -87,6 +90,7 @@ def get_args(argv=None):
     arg("--dry_run", action="store_true", help="check the flags and exit (scaling.py checks its --eval_args)")
     return p.parse_args(argv)
 
+
 @script
 def main(argv=None):
     args = get_args(argv)
@@ -104,6 +108,7 @@ def main(argv=None):
         return evaluate(args)
     except (DataError, CheckpointError, TaskError, GenerationError) as e:
         fail(e)
+
 
 def setup(args):
     """Everything evaluate() needs, every input checked before any measure runs."""
@@ -140,6 +145,7 @@ def setup(args):
     return dict(sampler=sampler, device=device, path=path, run_dir=run_dir, out_path=out_path, tasks=tasks,
                 model=model, info=info, enc=enc, judge=judge, data=data, curves=training_curves(run_dir))
 
+
 def check_results(path):
     """--results names a new file or a previous eval result (recognised by its content), nothing else."""
     check_writable_file(path, "--results")
@@ -151,6 +157,7 @@ def check_results(path):
     if os.path.exists(path) and not (isinstance(old, dict) and {"kind", "ckpt", "step", "params"} <= old.keys()):
         fail(f"--results {path} exists and is not an eval result; name a new file")
     return path
+
 
 def read_task_files(paths, run_dir):
     """{name: tasks}, {name: file} of the task files (one per name, none its own generations would replace); the run
@@ -172,6 +179,7 @@ def read_task_files(paths, run_dir):
         if os.path.isdir(os.path.join(run_dir, f)):
             fail(f"{os.path.join(run_dir, f)} is a folder, where eval.py writes a file")
     return tasks, files
+
 
 @torch.no_grad()  # every measure is inference; the CNF divergence turns gradients on locally
 def evaluate(args):
@@ -231,6 +239,7 @@ def evaluate(args):
     print(f"wrote {env['out_path']}")
     return res
 
+
 def generation(args, env, train_ngrams):
     """Tasks, samples and speed, and the sampler sweeps (Cola)."""
     model, info, enc, data, kind = env["model"], env["info"], env["enc"], env["data"], env["info"]["kind"]
@@ -269,6 +278,7 @@ def generation(args, env, train_ngrams):
                            os.path.join(env["run_dir"], f"sweep_{key}.png"))
     res["samples"] = [enc.decode(p) + " ||| " + enc.decode(s) for p, s in zip(prompts, samples)]
     return res
+
 
 if __name__ == "__main__":
     main()

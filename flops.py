@@ -14,13 +14,16 @@ from diffusion import ColaDLM
 from layers import n_params
 from tokendata import load_meta
 
+
 def matmul_params(module):
     """Weights of every nn.Linear and nn.Conv1d in module (the output heads are Linears; embeddings are not)."""
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv1d)))
 
+
 def attention_flops(n_layers, width, n_keys):
     """Forward FLOPs per query position of QK^T and AV."""
     return n_layers * 2 * 2 * n_keys * width
+
 
 def vae_passes(vae, seq_len):
     """Training FLOPs per token of an encoder and a decoder pass (the vocab head per token, the rest per latent)."""
@@ -30,9 +33,11 @@ def vae_passes(vae, seq_len):
     dec = (body + 3 * attention_flops(c.n_dec_layers, c.width, n_lat)) / c.patch_size + 6 * matmul_params(vae.dec.head)
     return enc, dec
 
+
 def vae_train_flops(vae, seq_len, lam_mask=1.0):
     """Stage 1: encoder and decoder on the clean text, and again on the masked copy when lam_mask > 0."""
     return (2 if lam_mask > 0 else 1) * sum(vae_passes(vae, seq_len))
+
 
 def joint_train_flops(model, seq_len, fm_batch_mult=1, lam_mask=1.0, vae_frozen=False):
     """Stage 2 per token: the encoder on every sequence (and on the masked copy of the decoded ones), the decoder
@@ -47,13 +52,16 @@ def joint_train_flops(model, seq_len, fm_batch_mult=1, lam_mask=1.0, vae_frozen=
     dit_pass = (2 * matmul_params(model.dit) + attention_flops(d.n_layers, d.width, n_dit)) * n_dit / L / c.patch_size
     return f + 3 * dit_pass
 
+
 def lm_train_flops(lm, seq_len):
     """A baseline's training FLOPs per token."""
     return 6 * matmul_params(lm) + 3 * attention_flops(lm.cfg.n_layers, lm.cfg.width, seq_len)
 
+
 def vae_frozen(args):
     """Stage 2 trains the prior alone: no VAE work at all."""
     return args.vae_lr_ratio == 0 and args.lam_vae == 0 and args.lam_ref == 0
+
 
 def dry_run(args, vae_config, dit_config, lm_config):
     """train.py --dry_run: configs, parameters, training FLOPs per step (meta device, --data_dir's vocab or GPT-2's)."""

@@ -23,10 +23,12 @@ from scoring import completion_prefixes, ngram_metrics, open_brackets, score, sc
 
 LN2 = math.log(2)
 
+
 # -------------------------------------------------------------------------------- 1. the VAE
 def reencode(model, tokens):
     """Normalised posterior means of a token window (B, T) -> (B, T / patch, d)."""
     return model.normalize(model.vae.encode(tokens)[0].float())
+
 
 @torch.no_grad()
 def eval_vae(model, batches, beta, mask_prob, generator, ts=(0.0, 0.1, 0.25, 0.5, 0.75, 1.0)):
@@ -43,6 +45,7 @@ def eval_vae(model, batches, beta, mask_prob, generator, ts=(0.0, 0.1, 0.25, 0.5
             acc_t[i] += float((logits.argmax(-1) == x).float().mean()) / len(batches)
     return {**res, "recon_acc": acc_t[0], "recon_acc_vs_t": dict(zip(map(str, ts), acc_t))}
 
+
 # -------------------------------------------------------------------------------- 2. the prior's use of its history
 def training_t_density(n_bins, loc, scale, uniform):
     """Fraction of training draws of t in each bin [i/n, (i+1)/n): logit-normal(loc, scale) or uniform."""
@@ -51,11 +54,13 @@ def training_t_density(n_bins, loc, scale, uniform):
     edges = torch.logit(torch.linspace(0, 1, n_bins + 1, dtype=torch.float64))  # -inf .. inf
     return torch.distributions.Normal(loc, scale).cdf(edges).diff().tolist()
 
+
 def velocity_uncond(model, zt, t_tok):
     """The unconditional pass, as guided_velocity computes it: each noisy block alone at positions 0..bs-1."""
     (B, L, d), bs = zt.shape, model.block_size
     pos, mask = torch.arange(bs, device=zt.device), torch.ones(bs, bs, dtype=torch.bool, device=zt.device)
     return model.dit(zt.reshape(-1, bs, d), t_tok.reshape(-1, bs), pos, mask).reshape(B, L, d)
+
 
 @torch.no_grad()
 def fm_with_and_without_history(model, tokens, generator=None, targs=None):
@@ -72,11 +77,13 @@ def fm_with_and_without_history(model, tokens, generator=None, targs=None):
     cond = per_block(model.velocity_2l(z0n, zt, t_tok))
     return t, cond, per_block(velocity_uncond(model, zt, t_tok)) if targs is None else None
 
+
 def t_bin_means(t, err, n_bins=10):
     """Mean of err per t-bin [0, 0.1), ..., [0.9, 1.0] (0 where a bin is empty); t, err (N,)."""
     b = (t.clamp(0, 1 - 1e-6) * n_bins).long()
     sums = torch.zeros(n_bins, device=err.device).index_add_(0, b, err.float())
     return (sums / torch.bincount(b, minlength=n_bins).clamp(min=1)).tolist()
+
 
 @torch.no_grad()
 def eval_history_gap(model, data, n_batches, batch_size, seed, generator, targs):
@@ -95,6 +102,7 @@ def eval_history_gap(model, data, n_batches, batch_size, seed, generator, targs)
             "fm_cond_per_t_bin": t_bin_means(t, c), "fm_uncond_per_t_bin": t_bin_means(t, u),
             "train_t_density_per_bin": training_t_density(10, targs["t_loc"], targs["t_scale"], targs["t_uniform"])}
 
+
 # -------------------------------------------------------------------------------- 3. likelihood
 def hutchinson_divergence(fn, z, probe):
     """(fn(z), probe^T (d fn / d z) probe): per batch row, an unbiased estimate of the divergence of fn."""
@@ -103,6 +111,7 @@ def hutchinson_divergence(fn, z, probe):
         v = fn(z)
         (vjp,) = torch.autograd.grad(v, z, probe)
     return v.detach(), (vjp * probe).flatten(1).sum(1)
+
 
 def cola_log_prior(model, zn, steps=32, generator=None):
     """log p_psi(zn) (nats, per sequence) of latents zn (B, L, d) by the CNF change of variables: dz/dt = v from t = 0
@@ -117,6 +126,7 @@ def cola_log_prior(model, zn, steps=32, generator=None):
         v_mid, div = hutchinson_divergence(lambda x: v(x, t + 0.5 * h), z_mid, probe)
         z, logdet = z + h * v_mid, logdet + h * div
     return -0.5 * (z.pow(2) + math.log(2 * math.pi)).flatten(1).sum(1) + logdet
+
 
 @torch.no_grad()
 def cola_bits_per_token(model, x, k=4, steps=32, generator=None):
@@ -136,17 +146,20 @@ def cola_bits_per_token(model, x, k=4, steps=32, generator=None):
     elbo, iwae = log_w.mean(0), torch.logsumexp(log_w, 0) - math.log(k)
     return float(-elbo.mean() / (x.shape[1] * LN2)), float(-iwae.mean() / (x.shape[1] * LN2))
 
+
 @torch.no_grad()
 def ar_bits_per_token(model, x, bos_id):
     """Exact NLL of every token of x, the first one given <|endoftext|> as BOS."""
     inp = torch.cat([torch.full_like(x[:, :1], bos_id), x[:, :-1]], 1)
     return float(F.cross_entropy(model.logits(inp).float().transpose(1, 2), x) / LN2)
 
+
 @torch.no_grad()
 def llada_bits_per_token(model, x, k=8, generator=None):
     """Monte-Carlo ELBO of the masked diffusion model (stratified t), bits per token."""
     t = lambda i: (i + torch.rand(x.shape[0], device=x.device, generator=generator)) / k
     return sum(float(model.llada_loss(x, t=t(i))["loss"]) for i in range(k)) / k / LN2
+
 
 def eval_likelihood(model, kind, batches, eos_id, generator, iwae_k=2, steps=16):
     """Bits per token on held-out batches (Cola: IWAE bound and ELBO); the baselines' validation accuracy too."""
@@ -157,6 +170,7 @@ def eval_likelihood(model, kind, batches, eos_id, generator, iwae_k=2, steps=16)
     bits = [ar_bits_per_token(model, x, eos_id) if kind == "ar" else llada_bits_per_token(model, x, generator=generator)
             for x in batches]
     return {"bits_per_token": float(np.mean(bits)), "val_acc": acc}
+
 
 # -------------------------------------------------------------------------------- generation: samples and tasks
 def judge_perplexity(judge, prompts, samples):
@@ -170,6 +184,7 @@ def judge_perplexity(judge, prompts, samples):
             nll += float(F.cross_entropy(logits, ids[0, start:], reduction="sum"))
     return math.exp(nll / max(sum(map(len, samples)), 1))
 
+
 def sample_quality(make_gen, prompts, sample_len, seed, repeats, train_ngrams, judge=None, first=None):
     """n-gram metrics and judge perplexity of rounds of samples from make_gen(seed + r) (`first`: round 0's, made):
     each metric's mean, and '<metric>_se' its standard error over the rounds."""
@@ -181,6 +196,7 @@ def sample_quality(make_gen, prompts, sample_len, seed, repeats, train_ngrams, j
     vals = {k: np.array([r[k] for r in rounds], dtype=np.float64) for k in rounds[0]}
     se = {k + "_se": float(v.std(ddof=1) / np.sqrt(repeats)) if repeats > 1 else 0.0 for k, v in vals.items()}
     return {**{k: float(v.mean()) for k, v in vals.items()}, **se}
+
 
 def make_generator(kind, model, sampler, seed, temperature=0.0, release=False):
     """fn(prompts, max_new, row_seeds=None) -> (new-token lists, model passes): Cola with `sampler` (a snapshot as the
@@ -201,6 +217,7 @@ def make_generator(kind, model, sampler, seed, temperature=0.0, release=False):
                                       block_length=min(16, max_new), temperature=temperature, eos_id=stop, generator=g)
         return outs, st["passes"] * len(prompts)
     return run
+
 
 def builtin_tasks(text, n=64, seed=0, context_words=40):
     """A LAMBADA-style last-word cloze and a 2-option next-line choice, built from held-out text."""
@@ -224,6 +241,7 @@ def builtin_tasks(text, n=64, seed=0, context_words=40):
                        "choices": opts, "rule": "choice"})
     return {name: tasks for name, tasks in (("lambada_style", cloze), ("ending_choice", ending)) if tasks}
 
+
 def item_seed(base, item_id):
     """The release's per-item noise seed: base + id * 1000, a non-integer id through its crc32."""
     try:
@@ -233,6 +251,7 @@ def item_seed(base, item_id):
     if not 0 <= sid < 2 ** 40:  # not a seed torch can take
         sid = zlib.crc32(str(item_id).encode("utf-8")) & 0xFFFFFFFF
     return base + sid * 1000
+
 
 def run_tasks(gen, enc, prompt_ids, name, tasks, max_new, batch, out_path, noise_seed=None):
     """Accuracy (percent) of the answers, the generations written to out_path in the paper's task schema; with
@@ -247,6 +266,7 @@ def run_tasks(gen, enc, prompt_ids, name, tasks, max_new, batch, out_path, noise
         json.dumps({"id": t["id"], "prompt": t["prompt"], "generate": text, "ground_truth": t["ground_truth"],
                     "choices": t["choices"]}, ensure_ascii=False) + "\n" for t, text in rows))
     return 100.0 * sum(score(text, t) for t, text in rows) / max(len(rows), 1)
+
 
 # -------------------------------------------------------------------------------- the history testbed (testbed.py)
 def eval_testbed(make_gen, encode, decode, val_text, n_prompts, n_samples, sample_len, seed, repeats, max_new=32,
@@ -273,6 +293,7 @@ def eval_testbed(make_gen, encode, decode, val_text, n_prompts, n_samples, sampl
                     k + "_se_seeds": float(a.mean(1).std(ddof=1) / np.sqrt(repeats)) if repeats > 1 else 0.0})
     return {**res, **texts}
 
+
 # -------------------------------------------------------------------------------- generation diagnostics
 def prefilled(model, hist):
     """Fresh caches holding the clean history hist (B, Tc, d) -> (caches, validity of the history)."""
@@ -281,6 +302,7 @@ def prefilled(model, hist):
         model.prefill(hist, valid, caches)
     return caches, valid
 
+
 def denoise_from(model, hist, start, t0, steps, guidance, pin=None, pin_z=None):
     """The sampler's guided Euler steps for the block after history hist from `start` at t0 to 0, round(steps * t0) of
     them (the sampler's step size); latents in `pin` held at pin_z."""
@@ -288,15 +310,18 @@ def denoise_from(model, hist, start, t0, steps, guidance, pin=None, pin_z=None):
     grid = time_grid(max(1, round(steps * t0)), start.device, t_max=t0)
     return denoise_block(model, start, grid, valid, guidance, caches[0], pin, pin_z)
 
+
 def decode_after(model, hist, z):
     """Decoder logits (B, tpb, V) of block z after the clean history hist."""
     caches, valid = prefilled(model, hist)
     return model.decode_block(z, valid, caches)
 
+
 def true_block(model, x, j):
     """Normalised posterior means of windows x (B, T): the history before block j, and block j."""
     zn, bs = reencode(model, x), model.block_size
     return zn[:, :j * bs], zn[:, j * bs:(j + 1) * bs]
+
 
 @torch.no_grad()
 def eval_sdedit(model, x, j, steps, guidance, generator, t0s=(0.25, 0.5, 0.75, 1.0)):
@@ -312,6 +337,7 @@ def eval_sdedit(model, x, j, steps, guidance, generator, t0s=(0.25, 0.5, 0.75, 1
             res[f"noisy_{t0}"] = acc(start)
     return res
 
+
 @torch.no_grad()
 def eval_prefix_prediction(model, x, j, steps, guidance, generator, known=None, noise_scale=1.0):
     """Token accuracy of block j generated from noise after the true history with its first k latents known and pinned,
@@ -325,6 +351,7 @@ def eval_prefix_prediction(model, x, j, steps, guidance, generator, known=None, 
         hit = decode_after(model, hist, out).argmax(-1) == x[:, j * bs * patch:(j + 1) * bs * patch]
         res[f"known_{k}"] = float(hit[:, k * patch:].float().mean())
     return res
+
 
 @torch.no_grad()
 def eval_latent_fit(model, x, j, steps, guidance, generator):
@@ -341,6 +368,7 @@ def eval_latent_fit(model, x, j, steps, guidance, generator):
     res["dist_between_neighbours"] = float((true[:, 1:] - true[:, :-1]).norm(dim=-1).mean())
     return res
 
+
 def history_drift(model, drift, reencode_history=False):
     """An on_block hook of decoder.generate recording how far each block's latents sit from the re-encoded text;
     with reencode_history, the caches are refilled from it: later blocks read re-encoded latents as history."""
@@ -354,6 +382,7 @@ def history_drift(model, drift, reencode_history=False):
                 cache.layers[:] = new.layers
     return hook
 
+
 def eval_history_drift(model, prompts, n_tokens, sampler, generator, train_ngrams):
     """n-gram metrics and drift per block of free generation with generated and with re-encoded history."""
     res = {}
@@ -363,6 +392,7 @@ def eval_history_drift(model, prompts, n_tokens, sampler, generator, train_ngram
                            on_block=history_drift(model, drift, flag))
         res[f"{name}_history"] = {**ngram_metrics(outs, train_ngrams), "drift_per_block": drift}
     return res
+
 
 def plot_diagnostics(res, path):
     """The diagnostics' five panels (SDEdit, FM per t-bin, latent fit, drift, known prefix) drawn to path."""
@@ -398,6 +428,7 @@ def plot_diagnostics(res, path):
     axes[4].bar([str(k) for k in ks], [res["prefix_prediction"][f"known_{k}"] for k in ks], color="tab:blue")
     axes[4].set(xlabel="known latents (true history before the block)", ylabel="token accuracy, the other positions")
     return save_figure(plt, fig, path)
+
 
 def plot_lines(panels, path):
     """One row of line plots saved to path; a panel is ({label: [(x, y), ...]}, its Axes.set settings)."""

@@ -27,6 +27,7 @@ from tokenizer import REPO_DIR, DataError, get_tokenizer, sha256_of
 
 DEFAULT_CORPUS = os.path.join(REPO_DIR, "data", "shakespeare_tiny.txt")
 
+
 # splitting and streaming: files -> text pieces -> tokens -> train / val shards
 def held_out(at, total, val_fraction, split, chunk):
     """Whether the token at position `at` of `total` is held out: 'chunks', every k-th chunk (validation text from the
@@ -36,9 +37,11 @@ def held_out(at, total, val_fraction, split, chunk):
     every = max(2, round(1 / val_fraction))
     return at // chunk % every == every - 1
 
+
 def chunk_size(n_tokens, every, min_chunk):
     """2,048-token validation chunks, fewer for a small corpus, so that validation gets about ten."""
     return int(max(min_chunk, min(2048, n_tokens // (every * 10))))
+
 
 def list_sources(path):
     """The input's files: one text or JSONL file, or every .txt file under a folder; each must be readable."""
@@ -53,16 +56,19 @@ def list_sources(path):
             raise DataError(f"input {f} is not a readable file (a broken link?)")
     return files
 
+
 # Places where the GPT-2 pre-tokenizer always starts a new piece, so the BPE of two texts cut there equals
 # the BPE of the whole: after a lone newline (a non-space before it, a non-space after it); else between a
 # non-space and " " + a letter. (Not after "\n\n": cut there, the two newlines would become one piece.)
 _CUTS = re.compile(r"(?<=\S\n)(?=\S)"), re.compile(r"(?<=\S)(?= [A-Za-z])")
+
 
 def last_cut(text, lo=0):
     """Position of the last safe cut in text[lo:] (None if there is none)."""
     for pattern in _CUTS:
         if cut := max((m.start() for m in pattern.finditer(text, lo)), default=None):
             return cut
+
 
 def split_document(text, block_chars):
     """A long document in pieces of about block_chars, cut where the BPE is unaffected (if nowhere, at block_chars:
@@ -72,6 +78,7 @@ def split_document(text, block_chars):
         yield text[:cut]
         text = text[cut:]
     yield text
+
 
 def read_pieces(files, block_bytes):
     """(text, starts_a_later_document, input bytes read so far); about 2 x block_bytes of text held at most."""
@@ -109,11 +116,13 @@ def read_pieces(files, block_bytes):
                 if not raw:
                     break
 
+
 def encode_piece(tokenizer, piece):
     """(ids, bytes read, whether it holds text) of a read_pieces piece; a later document starts with EOT."""
     text, new_document, done = piece
     enc = get_tokenizer(tokenizer)  # loaded once per process
     return ([enc.eot_token] if new_document else []) + enc.encode_ordinary(text), done, bool(text.strip())
+
 
 class Shards:
     """Train and val tokens appended to shards of <= shard_tokens (.<pid>.tmp until close), numbered on from `first`."""
@@ -145,6 +154,7 @@ class Shards:
                 s["ends"] = shard_ends(path)  # meta.json (which holds self.shards) names what the shard holds
             for p in [path + self.tmp] + ([] if keep else [path]):
                 os.remove(p) if os.path.exists(p) else None
+
 
 def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64, split="chunks", workers=1,
             block_bytes=8 << 20, shard_tokens=1 << 28):
@@ -204,6 +214,7 @@ def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64,
         os.remove(os.path.join(out_dir, f)) if SHARD.fullmatch(f) and f not in new else None
     return meta
 
+
 @script
 def main(argv=None):
     p = Parser(description=__doc__)
@@ -249,6 +260,7 @@ def main(argv=None):
             fail(f"cannot write {a.out_dir} ({e.strerror or e}); it holds what it held before")
         print(f"wrote {a.out_dir}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
               f"({meta['tokenizer']}, {meta['dtype']}, {meta['split']} split)")
+
 
 if __name__ == "__main__":
     main()

@@ -19,12 +19,14 @@ from dit import DiT, DiTConfig
 from tokenizer import get_tokenizer, template_ids
 from vae import VAEConfig
 
+
 # configs: release key -> the only value this code implements (the release's own defaults)
 VAE_FIXED = dict(model_type="cola_text_vae", shared_heads_kv=1, encoder_last_ln=True, layer_norm_type="layer_norm",
                  layer_norm_affine=True, post_norm=True, qk_bias=False, qk_norm=True, qk_norm_affine=True, bias=True,
                  clip_qkv=None, act="swiglu", causal=False, block_causal=True, use_variation=True, use_emb=True)
 DIT_FIXED = dict(model_type="cola_dit", qk_bias=False, patch_size=1)
 REAL_KEYS = ("rope_theta", "layer_norm_eps", "norm_eps")
+
 
 def read_config(folder, required, fixed):
     """(config.json of one module, its path), checked against `required` keys and `fixed` values."""
@@ -50,6 +52,7 @@ def read_config(folder, required, fixed):
             raise SnapshotError(f"{path}: {key} = {cfg[key]!r} is not supported (this code implements {want!r})")
     return cfg, path
 
+
 def vae_config(folder):
     """VAEConfig and the latent normalisation (shift, scale) of the release's cola_vae/config.json."""
     c, where = read_config(folder, ("vocab_size encoder_num_blocks decoder_num_blocks dim ffn_dim latent_dim "
@@ -61,6 +64,7 @@ def vae_config(folder):
                     mlp_hidden=c["ffn_dim"] // 2, block_size=c["block_size"], patch_size=c["patch_size"],
                     max_seq_len=1 << 16, rope_theta=float(c["rope_theta"]), norm_eps=float(c["layer_norm_eps"]))
     return cfg, float(c.get("shifting_factor", 0.0)), float(c.get("scaling_factor", 1.0))
+
 
 def dit_config(folder, vae_cfg):
     """DiTConfig of the release's cola_dit/config.json, on the VAE's latents."""
@@ -78,6 +82,7 @@ def dit_config(folder, vae_cfg):
     return DiTConfig(latent_dim=vae_cfg.latent_dim, width=c["txt_dim"], n_layers=c["num_layers"], n_heads=c["heads"],
                      mlp_hidden=c["expand_ratio"] * c["txt_dim"], block_size=c["block_size"],
                      rope_fraction=c["rope_dim"] / c["head_dim"], norm_eps=float(c["norm_eps"]), adaln_zero=False)
+
 
 # weights: our parameter names -> the release's (each with .weight and .bias), the *_BLOCK ones in every block
 VAE_TOP = {"enc.embed": "encoder.wte", "enc.patch": "encoder.patch_embedder", "enc.to_latent": "encoder.final_layer",
@@ -99,6 +104,7 @@ RELEASE_NAMES = (  # (regex over our names, the release's name)
     + [(rf"dit\.blocks\.(\d+)\.{re.escape(a)}", rf"blocks.\1.{b}") for a, b in DIT_BLOCK.items()])
 ROPE_BUFFER = re.compile(r"blocks\.\d+\.msa\.rope\.rope\.freqs")  # the release's RoPE frequencies, recomputed here
 
+
 def release_name(name):
     """The released tensor name of one of our parameters ('vae.enc.embed.weight' -> 'encoder.wte.weight')."""
     for ours, theirs in RELEASE_NAMES:
@@ -106,6 +112,7 @@ def release_name(name):
         if m:
             return m.expand(theirs + r".\g<%d>" % (m.re.groups))
     raise KeyError(name)
+
 
 def safetensors_files(folder):
     """{tensor name: file} of a module's safetensors weights, one file or the shards of an index."""
@@ -126,12 +133,14 @@ def safetensors_files(folder):
     except Exception as e:
         raise SnapshotError(f"{path} is not a readable safetensors file ({type(e).__name__})") from None
 
+
 def read_tensor(path, name):
     try:
         with safe_open(path, framework="pt") as f:
             return f.get_tensor(name)
     except Exception as e:
         raise SnapshotError(f"{path}: cannot read tensor {name!r} ({type(e).__name__})") from None
+
 
 def load_weights(model, folder, prefix):
     """Copy a module's released tensors into model's parameters named `prefix`..., checking names and shapes, and
@@ -162,11 +171,13 @@ def load_weights(model, folder, prefix):
             raise SnapshotError(f"{folder}: {name!r} holds RoPE frequencies other than theta "
                                 f"{cfg.rope_theta:g} over {rot} channels")
 
+
 class BF16InputDiT(DiT):
     """The release's sampler hands its DiT bf16-rounded inputs: z and the network's time 1000 t."""
 
     def embed(self, z, t):
         return self.inp(z.bfloat16().to(z.dtype)), F.silu(self.t_embed((1000.0 * t.float()).bfloat16().float()))
+
 
 def from_pretrained(path, dtype=torch.float32):
     """(ColaDLM in eval mode, tokenizer.json) of a snapshot directory, built directly in `dtype` (bfloat16 halves the
@@ -199,6 +210,7 @@ def from_pretrained(path, dtype=torch.float32):
     model.latent_scale.fill_(scale)
     return model.eval(), os.path.normpath(tokenizer[0])
 
+
 def load_snapshot(path, dtype=torch.float32):
     """(model, the checkpoint-like dict the scripts read: kind, tokenizer, the release's sampler and template)."""
     model, tokenizer = from_pretrained(path, dtype)
@@ -216,16 +228,19 @@ def load_snapshot(path, dtype=torch.float32):
     return model, dict(kind="cola", step=0, args=dict(preset="release"), tokenizer=tokenizer, train_flops=0.0,
                        sampler=vars(sampler), release=True, prompt_template=template_ids(tokenizer))
 
+
 def encode_prompt(info, enc, text):
     """A snapshot's prompt ids: special tokens read, wrapped in its template (as the release's Tokenizer.encode)."""
     prefix, suffix = info["prompt_template"]
     return prefix + enc.encode(text, allowed_special="all") + suffix
+
 
 def row_noise(shape, device, row_seeds, k):
     """Block k's noise (B, bs, d), row b's from seed row_seeds[b] + k * 10^7 (COLA_INFER_PER_SAMPLE_NOISE_SEED)."""
     return torch.stack([torch.randn(shape[1:], device=device,
                                     generator=torch.Generator(device=device).manual_seed(s + k * 10_000_000))
                         for s in row_seeds])
+
 
 def release_generate(model, prompts, max_new_tokens, sampler, row_seeds=None, generator=None):
     """generate() with the release's budget: ceil(max_new_tokens / tokens per block) blocks counting the prompt's

@@ -39,6 +39,7 @@ PANELS = [("next_token_acc", "next-token accuracy", "linear"), ("judge_ppl", "ju
 ABLATION_EVAL = ("--builtin_n 0 --batches 1 --fm_batches 8 --ll_steps 2 --iwae_k 1 --steps 16 --guidance 7 "
                  "--noise_scale 1 --sweep_noise 1,0.5 --sample_repeats 3").split()  # the paper's sampler; noise 0.5 too
 
+
 def get_args(argv=None):
     p = Parser(description=__doc__)
     arg = p.add_argument
@@ -64,6 +65,7 @@ def get_args(argv=None):
     a.out_root = a.out_root or os.path.join(REPO_DIR, "out_ablations" if a.ablations else "out_scaling")
     return a
 
+
 def check_judge(judge):
     """The judge is a checkpoint file, or it is trained as ckpt.pt of a folder that holds no other run."""
     if os.path.isfile(judge):
@@ -77,6 +79,7 @@ def check_judge(judge):
              "train the judge into a new folder")
     if os.path.isdir(out):
         check_writable_dir(out, "--judge's folder")
+
 
 def plan(a):
     """[(model, level, run_dir, train.py argv, planned FLOPs)], baselines' steps matched (--table_only: dirs only)."""
@@ -94,6 +97,7 @@ def plan(a):
             runs.append((m, level, os.path.join(a.out_root, f"{m}_{level:g}"),
                          ["--model", m, "--main_iters", str(steps), "--eval_interval", str(max(1, steps // 4))], flops))
     return runs
+
 
 def plan_ablations(a):
     """[(name, 'ablation', run_dir, train.py argv, None)] of the ablations file, base first; every other run's argv
@@ -121,6 +125,7 @@ def plan_ablations(a):
     return [(n, "ablation", os.path.join(a.out_root, n), f if n == "base" else flags[0] + f, None)
             for n, f in zip(names, flags)]
 
+
 def ablation_table(rows):
     """One line per run: the diagnostics, then the sample metrics (mean over rounds) at noise 1 and 0.5."""
     lines = ["| run | flags | train FLOPs | FM with / without history | block accuracy from t0 = 0.5 / 0.75 / 1 | next "
@@ -138,9 +143,11 @@ def ablation_table(rows):
                      f"{cell(sweep.get(0.5))} |")
     return "\n".join(lines) + judges_line(rows)
 
+
 def judges_line(rows):
     """The judge checkpoint(s) the rows' eval.json name: every comparison names its judge."""
     return "\n\njudge: " + ", ".join(sorted({str(r.get("judge")) for r in rows}))
+
 
 def table(rows):
     """The ladder's table, its judge, held-out text's seen n-grams and distinct-2, each run's first sample."""
@@ -157,12 +164,14 @@ def table(rows):
     return "\n".join(lines) + judges_line(rows) + held + "".join(
         f"\n\n{NAMES[r['kind']]}, level {r['level']:g}:\n```\n{r['samples'][0]}\n```" for r in rows if r.get("samples"))
 
+
 def plot_scaling(rows, path):
     """The ladder's measures vs training FLOPs, one panel per measure, one series per model kind."""
     series = lambda m: {k: sorted((r["train_flops"], r[m]) for r in rows if r["kind"] == k and r.get(m) is not None)
                         for k in sorted({r["kind"] for r in rows})}
     return plot_lines([(series(m), dict(title=label, xlabel="training FLOPs", xscale="log", yscale=y_scale))
                        for m, label, y_scale in PANELS], path)
+
 
 def load_result(run_dir):
     """A run's eval.json, or one line saying that it is not an eval result."""
@@ -176,7 +185,9 @@ def load_result(run_dir):
     res.setdefault("next_token_acc", res.get("prefix_prediction", {}).get("known_15"))  # eval.json of before 2026-12
     return res
 
+
 CHILDREN = set()  # the train.py and eval.py processes running now: they stop when scaling.py stops
+
 
 def run(cmd, log_path, what):
     """cmd with its output in log_path; a failure is one line naming the log."""
@@ -195,6 +206,7 @@ def run(cmd, log_path, what):
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {rc}); see {log_path}: {tail[0]}")
     print(f"[scaling] {what} in {time.time() - t0:.0f} s", flush=True)
 
+
 def train_one(a, r):
     """Train a run unless it has a ckpt.pt (an unfinished run starts again from scratch)."""
     model, level, run_dir, flags, _ = r
@@ -212,6 +224,7 @@ def train_one(a, r):
     run([sys.executable, "train.py", *a.train_args.split(), "--out_dir", run_dir, "--device", a.device, "--overwrite",
          *flags], os.path.join(run_dir, "train.log"), f"trained {model} ({level})")
 
+
 def eval_one(a, r):
     """Evaluate a run against the judge unless it has an eval.json."""
     model, level, run_dir, _, _ = r
@@ -221,6 +234,7 @@ def eval_one(a, r):
              *(["--sample_temperature", "1"] if model in ("ar", "llada") else []),  # samples drawn, not greedy
              *a.eval_args.split(), *(["--tasks", *a.tasks] if a.tasks else [])],
             os.path.join(run_dir, "eval.log"), f"evaluated {model} ({level})")
+
 
 def train_and_evaluate(a, runs):
     for m, level, run_dir, flags, flops in runs:
@@ -234,6 +248,7 @@ def train_and_evaluate(a, runs):
                       None))
     in_parallel(a, lambda r: eval_one(a, r), runs)
 
+
 def in_parallel(a, job, runs):
     """job(r) for every run, --jobs at a time; an interrupt (Ctrl-C, SIGTERM) stops every child process first."""
     with ThreadPoolExecutor(a.jobs) as ex:
@@ -244,12 +259,14 @@ def in_parallel(a, job, runs):
                 p.terminate()
             raise
 
+
 @script
 def main(argv=None):
     a = get_args(argv)
     check_writable_dir(a.out_root, "--out_root")
     with folder_lock(a.out_root, "scaling.lock", "scaling run"):  # two on one --out_root would mix their logs
         run_all(a)
+
 
 def run_all(a):
     """Plan, train and evaluate what is missing, then the table, results.json and the figure."""
@@ -284,6 +301,7 @@ def run_all(a):
         write_json(os.path.join(a.out_root, "results.json"), rows, indent=1)
         print("wrote", plot_scaling(rows, os.path.join(a.out_root, "scaling.png")))
     print(md)
+
 
 if __name__ == "__main__":
     main()

@@ -19,26 +19,32 @@ PAPER_TASKS = ("lambada", "mmlu", "obqa", "hellaswag", "race", "siqa", "squad", 
 CHOICE_TASKS = ("mmlu", "obqa", "race", "siqa")
 RULE_OF_SCORING = {"first_word": "first_word", "option": "choice", "exact": "exact"}
 
+
 class TaskError(ValueError):
     """A bad task file; the message is one line meant for the user."""
+
 
 def cut_generation(text):
     """Everything before the first newline that has a word character in front of it."""
     m = re.search(r"\w[^\n]*", text)
     return text[:m.end()] if m else text
 
+
 def normalize(text):
     """Lower-case, strip, delete punctuation (anything neither word character nor space), collapse spaces."""
     return " ".join(re.sub(r"[^\w\s]", "", str(text or "").lower()).split())
+
 
 def similarity(a, b, floor=0.0):
     """difflib ratio of the normalised texts (both empty: 1.0); 0.0 where difflib's linear bounds are below floor."""
     m = difflib.SequenceMatcher(None, normalize(a), normalize(b))
     return m.ratio() if m.real_quick_ratio() >= floor and m.quick_ratio() >= floor else 0.0
 
+
 def first_word(text):
     words = normalize(text).split()
     return words[0] if words else ""
+
 
 _ANSWER_LINE = re.compile(r"(?i)\b(?:final\s+answer|answer)\b\s*(?:is|=|:|：)?\s*(.+)$")
 _BARE_LETTER = re.compile(r"[\(\[]?\s*([A-Za-z])\s*[\)\]]?\.?")
@@ -47,11 +53,13 @@ _KEYWORD_LETTER = re.compile(r"(?i)\b(?:final\s+answer|answer|option|choice)\b\s
 _BRACKET_LETTER = re.compile(r"[\(\[]\s*([A-Za-z])\s*[\)\]]")
 _ANSWER_PREFIX = re.compile(r"(?i)^(the\s+)?(correct\s+)?(final\s+)?(answer|option|choice)\b\s*(is|=|:|：)?\s*")
 
+
 def answer_segment(text):
     """What follows "answer (is)" on the last line that has it; else the whole stripped text."""
     raw = str(text or "").strip()
     found = [m for m in map(_ANSWER_LINE.search, map(str.strip, raw.splitlines())) if m]
     return found[-1].group(1) if found else raw
+
 
 def letter_in(text, n_choices):
     """A choice letter written as such: bare, after a keyword, or bracketed in a short reply; '' if none (a letter
@@ -61,6 +69,7 @@ def letter_in(text, n_choices):
     candidates = ([m.group(1)] if m else []) + _KEYWORD_LETTER.findall(raw)[-1:]
     candidates += _BRACKET_LETTER.findall(raw)[-1:] if len(raw) <= 40 else []
     return next((c.upper() for c in candidates if 0 <= ord(c.upper()) - 65 < n_choices), "")
+
 
 def choice_by_text(text, choices):
     """The letter of the choice the text names by its words; '' if none or several."""
@@ -80,11 +89,13 @@ def choice_by_text(text, choices):
     best = max(range(len(choices)), key=lambda i: (scores[i], -i))
     return chr(65 + best) if scores[best] >= 0.9 else ""
 
+
 def choice_of(text, choices):
     """The choice letter a generation maps to, or '' (unmapped): a letter written as such (letter_in), else the
     choice its words name (choice_by_text); the last "answer is ..." line is tried before the whole reply."""
     seg, n = answer_segment(text), min(len(choices), 26)
     return letter_in(seg, n) or choice_by_text(seg, choices) or letter_in(text, n) or choice_by_text(text, choices)
+
 
 def score(generation, task):
     """1.0 if the generation answers the task by its rule, else 0.0."""
@@ -98,11 +109,13 @@ def score(generation, task):
             return 1.0
     return float(normalize(gen) == normalize(truth))  # similarity 1.0, in linear time
 
+
 def task_rule(name, scoring=None):
     """The rule of a task by its name (file-name stem), else by the line's own `scoring`."""
     if name in PAPER_TASKS:
         return "first_word" if name == "lambada" else "choice" if name in CHOICE_TASKS else "exact"
     return RULE_OF_SCORING.get(scoring or "exact", "exact")
+
 
 def parse_task(obj, name, where, index):
     """One task {id, prompt, ground_truth, choices, rule, [generate]} from the paper's format (few_shot_prefix put
@@ -133,6 +146,7 @@ def parse_task(obj, name, where, index):
             "ground_truth": obj[truth_key], "choices": choices, "rule": rule,
             **({"generate": str(obj["generate"])} if "generate" in obj else {})}
 
+
 def read_tasks(path):
     """Parse and check a JSONL task file -> (task name, [task]); a bad line raises TaskError with its number."""
     name, tasks = os.path.splitext(os.path.basename(path))[0], []
@@ -154,6 +168,7 @@ def read_tasks(path):
         raise TaskError(f"task file {path} holds no task")
     return name, tasks
 
+
 def score_file(path):
     """Score the existing generations ('generate' field) of a task file -> {task, n, accuracy (percent)}."""
     name, tasks = read_tasks(path)
@@ -162,9 +177,11 @@ def score_file(path):
         raise TaskError(f"{path}: {missing} of {len(tasks)} lines have no 'generate' field to score")
     return {"task": name, "n": len(tasks), "accuracy": 100.0 * sum(score(t["generate"], t) for t in tasks) / len(tasks)}
 
+
 def grams(s, n):
     """The n-grams of one token list, as tuples."""
     return [tuple(s[i:i + n]) for i in range(len(s) - n + 1)]
+
 
 class TrainNgrams:
     """Membership of token 2- and 3-grams in the training split (sorted int64 codes, searchsorted)."""
@@ -190,6 +207,7 @@ class TrainNgrams:
         idx = np.clip(np.searchsorted(table, code), 0, len(table) - 1)
         return float((table[idx] == code).mean())
 
+
 def ngram_metrics(samples, train_ngrams=None):
     """distinct-1/2/3, 4-gram repetition inside samples, unigram entropy (bits), seen 2-/3-gram rates in training."""
     res = {}
@@ -206,6 +224,7 @@ def ngram_metrics(samples, train_ngrams=None):
         res.update({f"seen_{n}gram_rate": train_ngrams.seen_rate(samples, n) for n in (2, 3)})
     return res
 
+
 def seen_ngrams_line(samples, data_dir):
     """sample.py's last line: the samples' seen 2-/3-gram rates in the training split of data_dir, and distinct-2."""
     from tokendata import DataError, TokenData
@@ -215,6 +234,7 @@ def seen_ngrams_line(samples, data_dir):
         return f"# no n-gram rates: {e}"
     return (f"# seen 2-gram rate {m['seen_2gram_rate']:.3f}, seen 3-gram rate {m['seen_3gram_rate']:.3f}, distinct-2 "
             f"{m['distinct_2']:.3f} (token n-grams of the samples found in the training split)")
+
 
 # the history testbed's lines (testbed.py; measures.eval_testbed samples them)
 def open_brackets(text):
@@ -227,14 +247,17 @@ def open_brackets(text):
             return None
     return stack
 
+
 def valid_line(line):
     return bool(line) and open_brackets(line) == []
+
 
 def score_completion(prefix, generated):
     """(whether generated, up to its first newline, closes exactly what prefix leaves open; brackets left open after
     it: > 0 too few closed, < 0 too many). A continuation with no newline is not valid."""
     line = prefix + generated.split("\n")[0]
     return "\n" in generated and open_brackets(line) == [], sum(map(line.count, "([")) - sum(map(line.count, ")]"))
+
 
 def completion_prefixes(val_text, n, prefix_len=31):
     """The first prefix_len characters of the first n valid held-out lines longer than that (each leaves an odd

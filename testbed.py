@@ -22,6 +22,7 @@ from tokenizer import REPO_DIR, byte_alphabet
 
 KINDS = {"dyck1": "()", "dyck2": "()[]"}  # the language's bracket pairs, opener then closer
 
+
 def dyck_line(rng, pairs="()", lo=16, hi=56, max_depth=8):
     """One balanced line, a random even length in [lo, hi], depth <= max_depth: open (any kind) or close, even odds."""
     n, out, stack = rng.randrange(lo // 2, hi // 2 + 1) * 2, [], []
@@ -33,6 +34,7 @@ def dyck_line(rng, pairs="()", lo=16, hi=56, max_depth=8):
         else:
             out.append(pairs[pairs.index(stack.pop()) + 1])
     return "".join(out)
+
 
 def write_testbed(out_dir, language="dyck1", n_lines=50_000, seed=0):
     """lines.txt and the byte-level tokenizer.json in out_dir -> their paths, for prepare.py to make shards beside."""
@@ -47,6 +49,7 @@ def write_testbed(out_dir, language="dyck1", n_lines=50_000, seed=0):
     with open(tok := os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
         json.dump(spec, f)
     return lines, tok
+
 
 @script
 def main(argv=None):
@@ -63,6 +66,7 @@ def main(argv=None):
     # prepared by prepare.py's own command line (no script imports another): its lock, its checks, its one line
     sys.exit(subprocess.run([sys.executable, os.path.join(REPO_DIR, "prepare.py"), "--input", lines, "--out_dir",
                              a.out_dir, "--tokenizer", tok, "--min_seq_len", "128"]).returncode)
+
 
 if __name__ == "__main__":
     main()

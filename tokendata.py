@@ -13,6 +13,7 @@ from tokenizer import REPO_DIR, DataError, get_tokenizer
 DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "data", "shakespeare")
 SHARD = re.compile(r"(?:train|val)_(\d{5,})\.bin")  # a shard's file name, numbered on from the folder's last one
 
+
 def load_meta(data_dir):
     """meta.json of a prepared directory, checked for the fields TokenData reads."""
     path = os.path.join(data_dir, "meta.json")
@@ -32,6 +33,7 @@ def load_meta(data_dir):
         raise DataError(f"{path} is not a valid meta.json ({type(e).__name__}); prepare the data again") from None
     return meta
 
+
 def shard_ends(path, n=2 ** 16):
     """sha256 of a shard's first and last n bytes (prepare.py stores it): another corpus's shard of the same size
     differs there, and the check costs no more for a large corpus than for a small one."""
@@ -41,6 +43,7 @@ def shard_ends(path, n=2 ** 16):
         f.seek(max(n, os.path.getsize(path) - n))
         h.update(f.read())
     return h.hexdigest()
+
 
 def open_shard(data_dir, shard, dtype, vocab_size):
     """A shard as a memmap, checked against meta.json: its size, every id below the vocabulary, its ends' hash."""
@@ -58,6 +61,7 @@ def open_shard(data_dir, shard, dtype, vocab_size):
     if "ends" in shard and shard["ends"] != shard_ends(path):  # folders prepared before 2026-12-08 have none
         raise DataError(f"{path} is not the shard meta.json describes (its contents differ); prepare the data again")
     return arr
+
 
 class TokenData:
     """Random seq_len windows, never across a shard, from a prepared folder's memmapped shards (checked on opening)."""
@@ -92,6 +96,7 @@ class TokenData:
         offsets = starts - np.concatenate([[0], cum])[shards]
         rows = [self.shards[split][k][o:o + self.seq_len] for k, o in zip(shards, offsets)]
         return torch.from_numpy(np.stack(rows).astype(np.int64)).to(device, non_blocking=True)
+
 
 def batch_seed(base, index, step):
     """Seed of the micro-batch `index` of an optimizer step. Under DDP with accumulation the index is

@@ -14,8 +14,10 @@ REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 GPT2_BPE_FILE = os.path.join(REPO_DIR, "data", "gpt2.tiktoken")
 GPT2_BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 
+
 class DataError(ValueError):
     """Bad input data; the message is one line meant for the user."""
+
 
 def sha256_of(*paths):
     """The sha256 of the files' bytes, one after the other."""
@@ -25,6 +27,7 @@ def sha256_of(*paths):
             for chunk in iter(lambda: f.read(1 << 16), b""):
                 h.update(chunk)
     return h.hexdigest()
+
 
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(name="gpt2"):
@@ -48,15 +51,18 @@ def get_tokenizer(name="gpt2"):
                             "it needs tiktoken's download or a TIKTOKEN_CACHE_DIR holding it") from None
     raise DataError(f"unknown tokenizer {name!r} (choose gpt2, cl100k_base or a tokenizer.json path)")
 
+
 def same_tokenizer(a, b):
     """Whether two tokenizer names (gpt2, cl100k_base, or a tokenizer.json path) are the same tokenizer."""
     return a == b or all(x.endswith(".json") and os.path.isfile(x) for x in (a, b)) and sha256_of(a) == sha256_of(b)
+
 
 def byte_alphabet():
     """Byte -> its character in tokenizer.json's byte-level alphabet (printable Latin-1 itself, others chr(256 + n))."""
     own = {*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)}
     others = iter(range(256, 512))
     return {b: chr(b if b in own else next(others)) for b in range(256)}
+
 
 def _split_pattern(pre):
     """The pre-tokenizer's regex from a tokenizer.json 'pre_tokenizer' (a Split, or a Sequence holding one)."""
@@ -65,6 +71,7 @@ def _split_pattern(pre):
             return p["pattern"]["Regex"]
         if p and p.get("type") == "ByteLevel" and p.get("use_regex"):
             return r50k_pat_str
+
 
 def template_ids(path):
     """(prefix ids, suffix ids) the tokenizer.json's TemplateProcessing wraps around an encoded text, if any."""
@@ -78,6 +85,7 @@ def template_ids(path):
             cut = [k for k, _ in parts].index("A") if ("A", None) in parts else len(parts)
             return ([i for _, v in parts[:cut] for i in v], [i for _, v in parts[cut + 1:] for i in v])
     return [], []
+
 
 def tokenizer_from_json(path):
     """A byte-level BPE tokenizer.json as a tiktoken Encoding (vocabulary ids as mergeable ranks, added tokens

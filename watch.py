@@ -15,12 +15,14 @@ from decoder import choose_tokens, generate
 
 ROW = 16  # positions per drawn row: one Cola block of 16 latents at patch 1
 
+
 @dataclass
 class Frame:
     label: str                      # which step of which block, for the text line and the picture's title
     tokens: list                    # the generated tokens shown, one per position (None: masked / not yet written)
     conf: list                      # per position, the model's probability of its token (0 where None)
     start: int                      # where the row this step changed starts (Cola: the block being denoised)
+
 
 def cola_view(model, prompt, max_new_tokens, sampler, generator):
     """generate() on one prompt, a Frame after every Euler step and every finished block; rows are blocks, the first
@@ -44,6 +46,7 @@ def cola_view(model, prompt, max_new_tokens, sampler, generator):
     out, _ = generate(model, [prompt], max_new_tokens, sampler, generator, on_block=on_block, on_step=on_step)
     return out[0], frames
 
+
 def lm_view(kind, model, prompt, max_new_tokens, sampler, generator, steps=32, block_length=None):
     """AR on one prompt, a Frame after every token, or LLaDA, a Frame after every unmasking pass (masked: None)."""
     frames, toks, conf = [], [], []
@@ -64,6 +67,7 @@ def lm_view(kind, model, prompt, max_new_tokens, sampler, generator, steps=32, b
                          on_step)
     return out[0], frames
 
+
 def run(kind, model, prompt, sampler, generator, enc, args, i, title):
     """sample.py's --show_steps (print every frame) and --animate (draw sample 0's) -> sample i's new tokens."""
     new, frames = (cola_view(model, prompt, args.max_new_tokens, sampler, generator) if kind == "cola" else
@@ -77,16 +81,19 @@ def run(kind, model, prompt, sampler, generator, enc, args, i, title):
         draw(enc, frames, args.animate, title)
     return new
 
+
 def cell_text(enc, tok):
     """A token as a visible string: newlines as ↵, tabs as ⇥, other control characters and nothing yet as '·'."""
     text = "·" if tok is None else enc.decode([tok]).replace("\n", "↵").replace("\t", "⇥")
     return "".join(c if c.isprintable() else "·" for c in text)
+
 
 def show(enc, frames, out=print):
     """Print each frame as `label | text` from the row it changed on (Cola: the block being denoised); masked: '_'."""
     width = max(len(f.label) for f in frames) if frames else 0
     for f in frames:
         out(f"{f.label:<{width}} | " + "".join(cell_text(enc, t) if t is not None else "_" for t in f.tokens[f.start:]))
+
 
 def draw_grid(ax, enc, tokens, conf, row_labels=None):
     """Positions as cells in rows of ROW, each with its token, coloured by the model's probability."""
@@ -101,6 +108,7 @@ def draw_grid(ax, enc, tokens, conf, row_labels=None):
                 color="black" if tok is None or p > 0.5 else "white")
     for r, label in enumerate(row_labels or []):
         ax.text(-0.2, r + 0.46, label, ha="right", va="center", fontsize=6)
+
 
 def draw(enc, frames, path, title="", fps=4):
     """An animated GIF of the frames (path *.gif), or a still PNG whose rows are the row each of the first 40 frames
