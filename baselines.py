@@ -130,12 +130,10 @@ def left_pad(model, prompts, max_new_tokens, pad_id):
 def ar_generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                 eos_id=50256, generator=None, on_token=None):
     """KV-cached decoding of a left-padded batch, padded keys masked (RoPE sees relative positions: each row gets what
-    it would alone) -> (new-token lists, {'passes': n}); on_token(new, probs) gets each row's new token (None once
-    stopped) and the model's probability of the token it chose (B,)."""
+    it would alone) -> (new-token lists, {'passes': n}); on_token(new tokens or None once stopped, their probs)."""
     tokens, key_valid = left_pad(model, prompts, max_new_tokens, eos_id)
     (B, P), device = tokens.shape, tokens.device
-    pos = torch.arange(P, device=device)
-    cache = KVCache(model.cfg.n_layers)
+    pos, cache = torch.arange(P, device=device), KVCache(model.cfg.n_layers)
     logits = model.logits(tokens, pos, with_key_padding(block_causal_mask(pos, pos), key_valid, key_valid), cache)
     seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)  # generated tokens (the penalty's)
     outs, done, passes = [[] for _ in range(B)], [False] * B, 1
@@ -159,8 +157,7 @@ def llada_generate(model, prompts, max_new_tokens, steps=32, block_length=None, 
                    generator=None, on_step=None):
     """LLaDA sampling with low-confidence remasking (left-padded, padded keys masked); block_length < max_new_tokens:
     semi-autoregressive blocks of steps * block_length / max_new_tokens steps -> (new-token lists, {'passes': n}).
-    on_step(x, conf) after each pass: the new tokens so far (B, N; mask_id where still masked) and the
-    probability each was unmasked with (B, N)."""
+    on_step(x, conf) after each pass: the new tokens (B, N; mask_id if masked), each one's unmasking probability."""
     prompt, prompt_valid = left_pad(model, prompts, max_new_tokens, eos_id)
     (B, P), device, mask_id = prompt.shape, prompt.device, model.cfg.mask_id
     x = torch.cat([prompt, torch.full((B, max_new_tokens), mask_id, dtype=torch.long, device=device)], 1)  # (B, T)
@@ -194,8 +191,7 @@ def llada_generate(model, prompts, max_new_tokens, steps=32, block_length=None, 
 
 def lm_generate(kind, model, prompts, max_new_tokens, sampler, generator=None, steps=32, block_length=None,
                 on_token=None, on_step=None):
-    """AR or LLaDA ("kind") under a decoder.SamplerConfig; LLaDA takes `steps` passes and reads the temperature only;
-    the hooks: AR's on_token, LLaDA's on_step."""
+    """AR or LLaDA under a decoder.SamplerConfig (LLaDA: `steps` passes, temperature only; hooks on_token, on_step)."""
     if kind == "ar":
         return ar_generate(model, prompts, max_new_tokens, sampler.temperature, sampler.top_k, sampler.top_p,
                            sampler.repetition_penalty, sampler.stop_ids[0], generator, on_token)

@@ -1,13 +1,12 @@
-"""Speed tables, random weights at a preset's sizes (train.py --dry_run builds the configs); asserts nothing.
-Generation: tokens/s and model passes per new token, every model batched alike (Cola: guided DiT passes, commit
-and decoder passes; AR: one pass per token, KV cache; LLaDA: unmasking passes in blocks of 16 tokens). Training:
-ms per optimizer step, tokens/s, FLOP utilisation by flops.py's convention and by 6 N (N: non-embedding params).
+"""Speed tables, random weights at a preset's sizes (train.py --dry_run's configs). Generation: tokens/s and model
+passes per new token, every model batched alike (Cola: guided DiT, commit and decoder passes; AR: one per token, KV
+cache; LLaDA: unmasking passes in blocks of 16 tokens). Training: ms per optimizer step, tokens/s, FLOP utilisation
+by flops.py's convention and by 6 N (N: non-embedding params).
 
     python bench.py                                    # generation: Cola (8, 16 steps), AR, LLaDA at batch 1 and 32
     python bench.py --train --preset paper --device cuda --compile --dtype bfloat16   # training: tok/s and MFU
     python bench.py --preset paper --vocab_size 100278 --models cola --batches 1 --new_tokens 16 --cola_steps 16 \
         --repeats 1 --dtype float32   # the released model's size on this machine: tok/s and peak memory"""
-import argparse
 import resource
 import time
 
@@ -41,8 +40,7 @@ def timed(fn, device, repeats):
     res, best = fn(), float("inf")
     for _ in range(repeats):
         sync()
-        t0 = time.perf_counter()
-        res = fn()
+        t0, res = time.perf_counter(), fn()
         sync()
         best = min(best, time.perf_counter() - t0)
     return best, res
@@ -123,7 +121,7 @@ def bench_training(args, cfgs, device):
 
 
 def main(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     arg = p.add_argument
     arg("--train", action="store_true", help="time training steps instead of generation")
     arg("--preset", default="cpu", choices=["tiny", "cpu", "paper"], help="train.py size preset")

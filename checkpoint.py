@@ -20,10 +20,9 @@ from tokenizer import DataError, get_tokenizer, same_tokenizer
 
 
 def digest(obj, tensors_only=False):
-    """'sha256:' + a sha256 over all that a checkpoint holds but its checksum: every key, plain value and type,
-    every tensor's dtype, shape and bytes (tensors_only: the bare hex of checkpoints written before 2026-12-08,
-    over their tensors' bytes alone). Each container is walked once, so that any structure takes linear time; a
-    list or dict met twice (shared, or inside itself) is refused."""
+    """'sha256:' + a sha256 over all a checkpoint holds but its checksum: every key, plain value and type, every
+    tensor's dtype, shape and bytes (tensors_only: the bare hex of checkpoints before 2026-12-08, tensors' bytes
+    alone). Each container is walked once (linear time); a list or dict met twice (shared, or in itself) is refused."""
     h, seen = hashlib.sha256(), {}  # id -> (order of its first visit, holds a tensor); None while it is walked
     add = lambda text: h.update(b"" if tensors_only else text.encode())
 
@@ -51,16 +50,13 @@ def digest(obj, tensors_only=False):
     return h.hexdigest() if tensors_only else "sha256:" + h.hexdigest()
 
 
-STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what stops a run as Ctrl-C does (cli.stop_signals)
-
-
 def save_checkpoint(path, obj):
     """Write atomically (a crash or a full disk keeps the last checkpoint; two writers never mix), with a checksum
-    load_checkpoint checks; a Ctrl-C (or STOPS) waits for the whole file (torch's zip writer, interrupted, fails
-    as if full)."""
+    load_checkpoint checks; Ctrl-C, SIGTERM, SIGHUP wait for the whole file (torch's zip writer, interrupted, fails)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     main, interrupted = threading.current_thread() is threading.main_thread(), []
-    previous = {s: signal.signal(s, lambda *_: interrupted.append(1)) for s in STOPS} if main else {}
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what stops a run as Ctrl-C does (cli.stop_signals)
+    previous = {s: signal.signal(s, lambda *_: interrupted.append(1)) for s in stops} if main else {}
     try:
         write_atomic(path, lambda f: torch.save({**obj, "checksum": digest(obj)}, f), mode="wb")
     except (OSError, RuntimeError) as e:  # a full disk: OSError, or torch's zip writer failing after it
@@ -75,8 +71,8 @@ def save_checkpoint(path, obj):
 
 
 def save_training_state(path, state, world=1, master=True, name="run"):
-    """The state plus every rank's random state (so that a resume continues every stream), written by the master
-    while every rank waits (the next stage reads it); weights not finite stop the run (halted)."""
+    """The state plus every rank's random state (a resume continues every stream), written by the master while every
+    rank waits (the next stage reads it); weights not finite stop the run (halted)."""
     if not all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point()):
         raise halted(name, path, f"the weights hold NaN or Inf at step {state['step']}; not saved")
     states = [rng_state()] * world
@@ -167,7 +163,6 @@ def load_weights(model, state, ckpt):
 
 
 # random state (training draws from torch's generators only)
-
 def rng_state():
     """This process's random streams: torch CPU, and CUDA when present."""
     cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
@@ -194,10 +189,8 @@ def resume_training(ckpt, opt, log_path, seed, env):
 
 
 # models from checkpoints
-
 def weight_bytes(cfg):
-    """fp32 bytes of a config's weights, an upper estimate from its sizes alone (nothing built): per block
-    attention, adaLN and MLP, then the embeddings and heads."""
+    """fp32 bytes of a config's weights, an upper estimate from its sizes alone (blocks, embeddings and heads)."""
     get = lambda *names: sum(getattr(cfg, n, 0) for n in names)
     w, blocks = cfg.width, get("n_layers", "n_enc_layers", "n_dec_layers")
     return 4 * (blocks * (10 * w * w + 3 * w * (get("mlp_hidden") or 4 * w)) + 2 * w * (get("vocab_size") + 1)
@@ -214,22 +207,16 @@ def model_from(ckpt):
     names = {"ar": ["lm"], "llada": ["lm"], "vae": ["vae"]}.get(kind, ["vae", "dit"])
     cfgs = [build({"lm": LMConfig, "vae": VAEConfig, "dit": DiTConfig}[n], ckpt[f"{n}_config"], ckpt) for n in names]
     check_memory(sum(map(weight_bytes, cfgs)), "cpu", f"{where}: the weights its configs ask for")  # before building
-    if kind in ("ar", "llada"):
-        model = TransformerLM(cfgs[0])
-    elif kind == "vae":
-        model = TextVAE(cfgs[0])
-    else:
-        vae_cfg, dit_cfg = cfgs
-        if vae_cfg.latent_dim != dit_cfg.latent_dim or dit_cfg.block_size % vae_cfg.block_size:
-            raise CheckpointError(f"{ckpt.get('path')}: its VAE and DiT configs do not fit together")
-        model = ColaDLM(vae_cfg, dit_cfg)
+    if len(cfgs) > 1 and (cfgs[0].latent_dim != cfgs[1].latent_dim or cfgs[1].block_size % cfgs[0].block_size):
+        raise CheckpointError(f"{ckpt.get('path')}: its VAE and DiT configs do not fit together")
+    model = {"ar": TransformerLM, "llada": TransformerLM, "vae": TextVAE}.get(kind, ColaDLM)(*cfgs)
     load_weights(model, ckpt["model"], ckpt)
     return model
 
 
 def load_model(path, device="cpu", kinds=("cola", "ar", "llada"), dtype=torch.float32):
-    """(model in eval mode on device, checkpoint dict) of this repo's checkpoint file or the authors' released
-    snapshot directory (release.load_snapshot, in `dtype`; this repo's checkpoints load as trained, in fp32)."""
+    """(model in eval mode on device, checkpoint dict) of this repo's checkpoint file (fp32, as trained) or the
+    authors' released snapshot directory (release.load_snapshot, in `dtype`)."""
     if os.path.isdir(path):
         if "cola" not in kinds:
             raise CheckpointError(f"{path} is a released Cola DLM snapshot, expected {' or '.join(kinds)}")
@@ -266,7 +253,6 @@ def stored_sampler(info, eot_id, **flags):
 
 
 # a training folder, claimed before any work
-
 # flags a resumed run cannot change: the model, the data windows, and which parameters the optimizer holds
 RESUME_FIXED = ("model", "preset", "latent_dim", "block_size", "patch_size", "vae_width", "vae_layers", "vae_heads",
                 "vae_mlp", "dit_width", "dit_layers", "dit_heads", "dit_mlp", "rope_fraction", "lm_width", "lm_layers",
@@ -340,8 +326,7 @@ def check_out_dir(args):
 
 @contextlib.contextmanager
 def claim_out_dir(args, world=1, master=True, check_args=lambda args: None):
-    """train.py's first call: the master checks the folder (writable, locked for the run, check_out_dir) and runs
-    check_args; every rank gets the verdict (one line) or the flags to train with."""
+    """train.py's first call: the master checks the folder and the flags; every rank gets its verdict or the flags."""
     verdict = [None, vars(args)]
     with contextlib.ExitStack() as held:
         held.enter_context(stop_signals())  # SIGTERM and SIGHUP stop the run as Ctrl-C does

@@ -22,15 +22,17 @@ class CheckpointError(ValueError):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with every error as one line on stderr ('error: ...') and exit status 2, no usage dump."""
+    """argparse with every error one line on stderr ('error: ...', status 2, no usage), the description as written."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**{"formatter_class": argparse.RawDescriptionHelpFormatter, **kwargs})
 
     def error(self, message):
         sys.stderr.write(f"error: {message}\n")
         sys.exit(2)
 
     def parse_with_presets(self, argv, presets):
-        """parse_args over the defaults of the --preset asked for -> args, with args.given: the flags the command
-        line itself gave (parsed again with every default suppressed)."""
+        """parse_args over the --preset's defaults; args.given: the flags the command line gave (defaults off)."""
         self.set_defaults(**presets[self.parse_known_args(argv)[0].preset])
         args = self.parse_args(argv)
         self._defaults.clear()
@@ -41,8 +43,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def one_rank(message):
-    """What a failing process exits with: the message on rank 0 (or without torchrun), a bare status 1 on the other
-    ranks, so that one failure is one line, not one per process."""
+    """A failing process's exit: the message on rank 0 (or without torchrun), status 1 on the others: one line."""
     return message if int(os.environ.get("RANK", "0") or 0) == 0 else 1
 
 
@@ -53,8 +54,7 @@ def fail(message):
 
 @contextlib.contextmanager
 def stop_signals():
-    """SIGTERM and SIGHUP stop the work inside as Ctrl-C does (KeyboardInterrupt); a closed stdout (`| head`) ends
-    it quietly, exit status 1."""
+    """SIGTERM and SIGHUP stop the work inside as Ctrl-C does; a closed stdout (`| head`) ends it quietly (status 1)."""
     def interrupt(*_):
         raise KeyboardInterrupt
     def drop_stdout():  # stdout to nowhere, so that the exit's flush does not complain again
@@ -84,8 +84,7 @@ _PRCTL = getattr(ctypes.CDLL(None), "prctl", None) if sys.platform.startswith("l
 
 
 def die_with_parent():
-    """subprocess's preexec_fn: the child gets SIGTERM when the thread that started it ends, its process killed by
-    SIGKILL included (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    """preexec_fn: SIGTERM to the child when its starter's thread ends, even by SIGKILL (Linux PR_SET_PDEATHSIG)."""
     if _PRCTL is not None:
         _PRCTL(1, signal.SIGTERM)
 
@@ -103,17 +102,15 @@ def script(main):
 
 
 # one check per kind of value: argparse `type=` functions whose message names what is wrong
-
 def int_at_least(low, high=2**63 - 1):
     def check(text):
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        if value > high:
-            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}" if value < low else
+                                             f"must be <= {high}, got {value}")
         return value
     return check
 
@@ -135,9 +132,7 @@ def float_in(low=-math.inf, high=math.inf, low_open=False, high_open=False):
 
 
 positive_int, nonneg_int = int_at_least(1), int_at_least(0)
-positive_float = float_in(0.0, low_open=True)
-nonneg_float = float_in(0.0)
-unit_float = float_in(0.0, 1.0)
+positive_float, nonneg_float, unit_float = float_in(0.0, low_open=True), float_in(0.0), float_in(0.0, 1.0)
 
 
 def number_list(cast, kind, valid, rule):
@@ -158,8 +153,7 @@ float_list = number_list(float, "numbers", lambda v: math.isfinite(v) and v > 0,
 
 
 def output_file(flag, *endings):
-    """An output file's path with one of these endings, in a folder that can be written to, checked as the flag is
-    read (before any work)."""
+    """An output file's path with one of these endings, in a writable folder, checked as the flag is read."""
     def check(path):
         if not path.endswith(endings):
             raise argparse.ArgumentTypeError(f"{path}: the file must end in {' or '.join(endings)}")
@@ -221,8 +215,8 @@ def _dry_run(script, flags):  # asked again with the same flags: answered once
 
 
 def dry_run(script, flags):
-    """`script --dry_run flags` (train.py answers its configs, parameters and FLOPs per step): scripts check each
-    other's flags through the command line, never by importing each other; a bad flag is one line naming the script."""
+    """`script --dry_run flags` (train.py: its configs, parameters, FLOPs per step): scripts check each other's flags
+    through the command line, never by importing each other; a bad flag is one line naming the script."""
     out = _dry_run(script, tuple(flags))
     if out.returncode:
         last = (out.stderr.strip().splitlines() or ["failed"])[-1]
@@ -234,7 +228,6 @@ train_dry_run = functools.partial(dry_run, "train.py")
 
 
 # device and precision
-
 def pick_device(name):
     """'auto' -> cuda when present, else cpu; a device that does not exist here is a one-line error."""
     if name == "auto":
@@ -290,8 +283,8 @@ def cleanup_distributed():
 
 
 def keep_freed_memory():
-    """glibc returns large freed buffers (the logits) to the OS after every step and maps them again, 15-60% of a
-    CPU step; keep them: no mmap for big blocks, no trimming (mallopt M_MMAP_MAX = -4, M_TRIM_THRESHOLD = -1)."""
+    """glibc returns big freed buffers (the logits) to the OS each step and maps them again, 15-60% of a CPU step;
+    keep them: no mmap for big blocks, no trimming (mallopt M_MMAP_MAX = -4, M_TRIM_THRESHOLD = -1)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)
@@ -325,7 +318,6 @@ def save_figure(plt, fig, path):
 
 
 # files
-
 def write_atomic(path, write, mode="w"):
     """write(f) into a temporary file of this process, renamed to path: readers never see a torn file."""
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -339,8 +331,7 @@ def write_atomic(path, write, mode="w"):
 
 
 def json_loads(text):
-    """json.loads, where JSON nested deeper than the parser recurses (a hostile file) is a JSONDecodeError as any
-    malformed JSON is, not a RecursionError."""
+    """json.loads, where JSON nested too deep to parse (a hostile file) is a JSONDecodeError, not a RecursionError."""
     try:
         return json.loads(text)
     except RecursionError:
@@ -374,7 +365,7 @@ def holder_alive(tag):
 @contextlib.contextmanager
 def folder_lock(out_dir, name="train.lock", writer="training run"):
     """One writer per folder, by a lock file naming its process (process_tag): a live writer's is a one-line
-    refusal, a dead one's taken. The file appears whole (a hard link of a written one), never half written."""
+    refusal, a dead one's taken; the file appears whole (a hard link of a written one)."""
     path, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".{name}.{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(process_tag(os.getpid()))

@@ -7,11 +7,9 @@
     python eval.py --score eval_output/mmlu.jsonl ...  # score existing generations; no model needed
     python eval.py --init_from hf/Cola-DLM --tasks eval_output/lambada.jsonl   # the released model (-> out_release)
 
-Cola DLM's own measures (docs/method.md §3-§7): the VAE, the prior's use of its history, likelihood through
-the CNF of the prior, the generation diagnostics (measures.py). For every kind: bits per token, tasks scored
-by the paper's rules (generations written back in the paper's task schema), samples (seen n-gram rates in the
-training split, distinct-n, judge perplexity, speed). A released snapshot without --data_dir: tasks and samples."""
-import argparse
+Cola DLM's own measures (measures.py, docs/method.md §3-§7): the VAE, the prior's use of its history, likelihood
+through its CNF, the generation diagnostics. Every kind: bits per token, tasks by the paper's rules (generations
+in its task schema), samples (seen n-gram rates, distinct-n, judge perplexity, speed); a snapshot: tasks, samples."""
 import json
 from dataclasses import replace
 import os
@@ -54,7 +52,7 @@ def training_curves(run_dir, keys=("loss", "recon_acc", "fm", "fm_cond", "fm_unc
 
 
 def get_args(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     arg = p.add_argument
     arg("--out_dir", help="run folder of ckpt.pt (default: out); with --init_from, where results go (out_release)")
     arg("--ckpt", help="checkpoint path (overrides --out_dir)")
@@ -162,8 +160,8 @@ def check_results(path):
 
 
 def read_task_files(paths, run_dir):
-    """{name: tasks}, {name: file} of the task files (one per name, none that its own generations would replace); the
-    run folder and its generations folder checked writable, with no folder where eval.py writes a file."""
+    """{name: tasks}, {name: file} of the task files (one per name, none its own generations would replace); the run
+    folder and its generations folder checked writable, with no folder where eval.py writes a file."""
     tasks, files, gen_dir = {}, {}, os.path.join(run_dir, "generations")
     for f in paths:
         name, items = read_tasks(f)
@@ -262,8 +260,7 @@ def generation(args, env, train_ngrams):
     t1 = time.time()
     samples, passes = make(args.seed, temperature)(prompts, args.sample_len)
     n_tok = sum(len(s) for s in samples)
-    res["gen_tokens_per_s"] = n_tok / (time.time() - t1)
-    res["passes_per_token"] = passes / max(n_tok, 1)
+    res.update(gen_tokens_per_s=n_tok / (time.time() - t1), passes_per_token=passes / max(n_tok, 1))
     if train_ngrams is not None:  # held-out text's own rates, windows of the samples' length, beside them
         windows = TokenData(data.data_dir, args.sample_len)
         held = windows.batch("val", args.n_samples * args.sample_repeats, batch_seed(args.seed + 94, 0, 0), "cpu")

@@ -26,8 +26,7 @@ def attention_flops(n_layers, width, n_keys):
 
 
 def vae_passes(vae, seq_len):
-    """Training FLOPs per token of one encoder and one decoder pass: the vocabulary head runs once per token,
-    everything else once per latent."""
+    """Training FLOPs per token of an encoder and a decoder pass (the vocab head per token, the rest per latent)."""
     c, n_lat = vae.cfg, seq_len // vae.cfg.patch_size
     enc = (6 * matmul_params(vae.enc) + 3 * attention_flops(c.n_enc_layers, c.width, n_lat)) / c.patch_size
     body = 6 * (matmul_params(vae.dec) - matmul_params(vae.dec.head))

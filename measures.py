@@ -1,7 +1,6 @@
 """The measures eval.py reports for one model (docs/method.md §3-§9): Cola's VAE and its prior's use of the history,
-likelihood (Cola's ELBO / IWAE bounds through the CNF of its prior, AR's exact NLL, LLaDA's Monte-Carlo ELBO), samplers
-with the paper's task settings, sample quality over rounds, built-in tasks and task files; last, the diagnostics of
-where block generation breaks (§6: the real sampler after the true clean history), and eval's and scaling's plots."""
+likelihood (Cola's ELBO / IWAE bounds through its prior's CNF, AR's exact NLL, LLaDA's Monte-Carlo ELBO), samplers at
+the paper's task settings, sample quality, tasks, the diagnostics of where block generation breaks (§6), the plots."""
 import json
 import math
 import random
@@ -26,7 +25,6 @@ LN2 = math.log(2)
 
 
 # -------------------------------------------------------------------------------- 1. the VAE
-
 def reencode(model, tokens):
     """Normalised posterior means of a token window (B, T) -> (B, T / patch, d)."""
     return model.normalize(model.vae.encode(tokens)[0].float())
@@ -35,24 +33,20 @@ def reencode(model, tokens):
 @torch.no_grad()
 def eval_vae(model, batches, beta, mask_prob, generator, ts=(0.0, 0.1, 0.25, 0.5, 0.75, 1.0)):
     """Masked-branch accuracy, logSNR, and reconstruction accuracy of posterior means moved along the flow path to t."""
-    vae, res = model.vae, {"mask_acc": 0.0, "logsnr": 0.0}
-    acc_t = [0.0] * len(ts)
+    vae, res, acc_t = model.vae, {"mask_acc": 0.0, "logsnr": 0.0}, [0.0] * len(ts)
     for x in batches:
         out = vae(x, beta=beta, mask_prob=mask_prob, lam_mask=1.0)
-        res["mask_acc"] += float(out["mask_acc"]) / len(batches)
-        res["logsnr"] += float(out["logsnr"]) / len(batches)
+        for k in res:
+            res[k] += float(out[k]) / len(batches)
         zn = reencode(model, x)
         for i, t in enumerate(ts):
             noise = torch.randn(zn.shape, device=zn.device, generator=generator)
             logits = vae.decode(model.denormalize(flow_path(zn, noise, torch.tensor(t, device=zn.device))))
             acc_t[i] += float((logits.argmax(-1) == x).float().mean()) / len(batches)
-    res["recon_acc"] = acc_t[0]
-    res["recon_acc_vs_t"] = dict(zip(map(str, ts), acc_t))
-    return res
+    return {**res, "recon_acc": acc_t[0], "recon_acc_vs_t": dict(zip(map(str, ts), acc_t))}
 
 
 # -------------------------------------------------------------------------------- 2. the prior's use of its history
-
 def training_t_density(n_bins, loc, scale, uniform):
     """Fraction of training draws of t in each bin [i/n, (i+1)/n): logit-normal(loc, scale) or uniform."""
     if uniform:
@@ -64,15 +58,14 @@ def training_t_density(n_bins, loc, scale, uniform):
 def velocity_uncond(model, zt, t_tok):
     """The unconditional pass, as guided_velocity computes it: each noisy block alone at positions 0..bs-1."""
     (B, L, d), bs = zt.shape, model.block_size
-    pos = torch.arange(bs, device=zt.device)
-    mask = torch.ones(bs, bs, dtype=torch.bool, device=zt.device)
+    pos, mask = torch.arange(bs, device=zt.device), torch.ones(bs, bs, dtype=torch.bool, device=zt.device)
     return model.dit(zt.reshape(-1, bs, d), t_tok.reshape(-1, bs), pos, mask).reshape(B, L, d)
 
 
 @torch.no_grad()
 def fm_with_and_without_history(model, tokens, generator=None, targs=None):
-    """The prior's FM loss per block (B, n_blocks) with and without its clean history, same noise, t ~ U(0, 1) (with
-    targs: as training draws it, no uncond pass) -> (t (B,), cond, uncond). Block 0 has no history."""
+    """(t (B,), FM loss per block (B, n_blocks) with the clean history, without it): same noise, t ~ U(0, 1) (targs:
+    as training draws it, no uncond pass). Block 0 has no history."""
     z0n = reencode(model, tokens)  # (B, L, d)
     B, L, _ = z0n.shape
     eps = torch.randn(z0n.shape, device=z0n.device, generator=generator)
@@ -94,7 +87,7 @@ def t_bin_means(t, err, n_bins=10):
 
 @torch.no_grad()
 def eval_history_gap(model, data, n_batches, batch_size, seed, generator, targs):
-    """FM loss with the clean history and without it, paired, on blocks 1.. of held-out windows, per t-bin beside the
+    """FM loss with and without the clean history, paired, on blocks 1.. of held-out windows, per t-bin beside the
     training density of t; 'fm': the loss with t as training draws it, on every block."""
     batch = lambda i, base: data.batch("val", batch_size, batch_seed(seed + base, i, 0), model.latent_shift.device)
     t, c, u = (torch.cat(v) for v in zip(*(fm_with_and_without_history(model, batch(i, 98), generator)
@@ -111,7 +104,6 @@ def eval_history_gap(model, data, n_batches, batch_size, seed, generator, targs)
 
 
 # -------------------------------------------------------------------------------- 3. likelihood
-
 def hutchinson_divergence(fn, z, probe):
     """(fn(z), probe^T (d fn / d z) probe): per batch row, an unbiased estimate of the divergence of fn."""
     with torch.enable_grad():
@@ -122,9 +114,8 @@ def hutchinson_divergence(fn, z, probe):
 
 
 def cola_log_prior(model, zn, steps=32, generator=None):
-    """log p_psi(zn) (nats, per sequence) of normalised latents zn (B, L, d) by the CNF change of
-    variables: integrate dz/dt = v from t = 0 to 1 (midpoint rule) with the divergence, then add
-    log N(z1; 0, I). The 2L layout gives every block its clean history: sum_b log p(zn_b | zn_<b)."""
+    """log p_psi(zn) (nats, per sequence) of latents zn (B, L, d) by the CNF change of variables: dz/dt = v from t = 0
+    to 1 (midpoint) with its divergence, + log N(z1; 0, I); the 2L layout: sum_b log p(zn_b | zn_<b)."""
     B, L, d = zn.shape
     probe = torch.randn(zn.shape, device=zn.device, generator=generator)  # one fixed probe per solve
     z, logdet, h = zn.clone(), torch.zeros(B, device=zn.device), 1.0 / steps
@@ -133,8 +124,7 @@ def cola_log_prior(model, zn, steps=32, generator=None):
         t = i * h
         z_mid = z + 0.5 * h * v(z, t)
         v_mid, div = hutchinson_divergence(lambda x: v(x, t + 0.5 * h), z_mid, probe)
-        z = z + h * v_mid
-        logdet = logdet + h * div
+        z, logdet = z + h * v_mid, logdet + h * div
     return -0.5 * (z.pow(2) + math.log(2 * math.pi)).flatten(1).sum(1) + logdet
 
 
@@ -183,7 +173,6 @@ def eval_likelihood(model, kind, batches, eos_id, generator, iwae_k=2, steps=16)
 
 
 # -------------------------------------------------------------------------------- generation: samples and tasks
-
 def judge_perplexity(judge, prompts, samples):
     """Perplexity of each sample's tokens under the judge given its prompt, pooled over samples."""
     nll = 0.0
@@ -197,8 +186,8 @@ def judge_perplexity(judge, prompts, samples):
 
 
 def sample_quality(make_gen, prompts, sample_len, seed, repeats, train_ngrams, judge=None, first=None):
-    """n-gram metrics and judge perplexity of `repeats` rounds of samples, round r from make_gen(seed + r) (`first`:
-    round 0's samples, already made): each metric's mean, and '<metric>_se' its standard error over the rounds."""
+    """n-gram metrics and judge perplexity of rounds of samples from make_gen(seed + r) (`first`: round 0's, made):
+    each metric's mean, and '<metric>_se' its standard error over the rounds."""
     rounds = []
     for r in range(repeats):
         smp = first if (r == 0 and first is not None) else make_gen(seed + r)(prompts, sample_len)[0]
@@ -212,8 +201,7 @@ def sample_quality(make_gen, prompts, sample_len, seed, repeats, train_ngrams, j
 def make_generator(kind, model, sampler, seed, temperature=0.0, release=False):
     """fn(prompts, max_new, row_seeds=None) -> (new-token lists, model passes): Cola with `sampler` (a snapshot as the
     release samples); AR and LLaDA at `temperature` (0: greedy), repetition penalty 1.1 (the paper's task settings)."""
-    g = torch.Generator(device=str(next(model.parameters()).device)).manual_seed(seed)
-    stop = sampler.stop_ids[0]
+    g, stop = torch.Generator(device=str(next(model.parameters()).device)).manual_seed(seed), sampler.stop_ids[0]
 
     def run(prompts, max_new, row_seeds=None):
         if kind == "cola":  # row_seeds: each row's noise from its own seed (--item_noise_seed), as the release's
@@ -233,9 +221,7 @@ def make_generator(kind, model, sampler, seed, temperature=0.0, release=False):
 
 def builtin_tasks(text, n=64, seed=0, context_words=40):
     """A LAMBADA-style last-word cloze and a 2-option next-line choice, built from held-out text."""
-    rng = random.Random(seed)
-    words = text.split(" ")
-    cloze = []
+    rng, words, cloze = random.Random(seed), text.split(" "), []
     for _ in range(n * 20 if len(words) > context_words + 1 else 0):  # a text of too few words has no cloze
         if len(cloze) == n:
             break
@@ -244,8 +230,7 @@ def builtin_tasks(text, n=64, seed=0, context_words=40):
             continue
         cloze.append({"id": len(cloze), "prompt": " ".join(words[i - context_words:i]), "ground_truth": words[i],
                       "choices": None, "rule": "first_word"})
-    lines = [line for line in text.split("\n") if len(line.split()) >= 4]
-    ending = []
+    lines, ending = [line for line in text.split("\n") if len(line.split()) >= 4], []
     for _ in range(n if len(lines) > 5 and len(set(lines)) > 1 else 0):  # a distractor must differ from the answer
         i = rng.randrange(4, len(lines) - 1)
         while (distractor := lines[rng.randrange(len(lines))]) == lines[i]:
@@ -269,8 +254,8 @@ def item_seed(base, item_id):
 
 
 def run_tasks(gen, enc, prompt_ids, name, tasks, max_new, batch, out_path, noise_seed=None):
-    """Accuracy (percent) of the answers, the generations written to out_path in the paper's task schema
-    (re-scorable); with noise_seed (Cola), each item's noise from item_seed, as the release's benchmark script."""
+    """Accuracy (percent) of the answers, the generations written to out_path in the paper's task schema; with
+    noise_seed (Cola), each item's noise from item_seed, as the release's benchmark script."""
     rows = []
     for i in tqdm(range(0, len(tasks), batch), desc=f"task {name}", leave=False, disable=None):
         chunk = tasks[i:i + batch]
@@ -284,13 +269,11 @@ def run_tasks(gen, enc, prompt_ids, name, tasks, max_new, batch, out_path, noise
 
 
 # -------------------------------------------------------------------------------- the history testbed (testbed.py)
-
 def eval_testbed(make_gen, encode, decode, val_text, n_prompts, n_samples, sample_len, seed, repeats, max_new=32,
                  prefix_len=31):
-    """The testbed's measures, round r from make_gen(seed + r): 'uncond_valid', per sample from "\n" the fraction of
-    its complete lines that are valid (none: 0); 'completion_valid' and 'open_left' (signed, '_abs' absolute) after
-    "\n" + a held-out prefix. Each a mean, '<m>_se' over prompts (of the per-item means over rounds), '<m>_se_seeds'
-    over rounds; a few texts of round 0 beside them."""
+    """The testbed's measures, round r from make_gen(seed + r): 'uncond_valid', per sample from "\n" its valid share
+    of complete lines (none: 0); 'completion_valid', 'open_left' (signed; '_abs') after "\n" + a held-out prefix. Each
+    a mean, '<m>_se' over prompts (per-item means over rounds), '<m>_se_seeds' over rounds; round 0's first texts."""
     prefixes, per = completion_prefixes(val_text, n_prompts, prefix_len), {}
     for r in range(repeats):
         gen = make_gen(seed + r)
@@ -312,11 +295,9 @@ def eval_testbed(make_gen, encode, decode, val_text, n_prompts, n_samples, sampl
 
 
 # -------------------------------------------------------------------------------- generation diagnostics
-
 def prefilled(model, hist):
     """Fresh caches holding the clean history hist (B, Tc, d) -> (caches, validity of the history)."""
-    caches = model.new_caches()
-    valid = torch.ones(hist.shape[:2], dtype=torch.bool, device=hist.device)
+    caches, valid = model.new_caches(), torch.ones(hist.shape[:2], dtype=torch.bool, device=hist.device)
     if hist.shape[1]:
         model.prefill(hist, valid, caches)
     return caches, valid
@@ -344,13 +325,10 @@ def true_block(model, x, j):
 
 @torch.no_grad()
 def eval_sdedit(model, x, j, steps, guidance, generator, t0s=(0.25, 0.5, 0.75, 1.0)):
-    """Token accuracy of block j of windows x (B, T) generated after the true history from the true latents noised to t0
-    (t0 = 1: from noise), beside that of decoding the noisy start itself."""
-    tokens_per_block = model.block_size * model.vae.cfg.patch_size
-    target = x[:, j * tokens_per_block:(j + 1) * tokens_per_block]
-    hist, true = true_block(model, x, j)
-    acc = lambda z: float((decode_after(model, hist, z).argmax(-1) == target).float().mean())
-    res = {}
+    """Token accuracy of block j of x (B, T) generated after the true history from its latents noised to t0 (1: from
+    noise), beside that of decoding the noisy start itself."""
+    tpb, (hist, true), res = model.block_size * model.vae.cfg.patch_size, true_block(model, x, j), {}
+    acc = lambda z: float((decode_after(model, hist, z).argmax(-1) == x[:, j * tpb:(j + 1) * tpb]).float().mean())
     for t0 in t0s:
         start = flow_path(true, torch.randn(true.shape, device=x.device, generator=generator),
                           torch.tensor(t0, device=x.device))
@@ -365,16 +343,13 @@ def eval_prefix_prediction(model, x, j, steps, guidance, generator, known=None, 
     """Token accuracy of block j generated from noise after the true history with its first k latents known and pinned,
     on the other positions (k = bs - 1: next-token prediction with the whole context); known: default 0, bs/2, bs-1.
     noise_scale 1 scores a sample (not an argmax, as AR's accuracy is); 0 the ODE from the origin, a point estimate."""
-    tokens_per_block, bs = model.block_size * model.vae.cfg.patch_size, model.block_size
-    target = x[:, j * tokens_per_block:(j + 1) * tokens_per_block]
-    hist, true = true_block(model, x, j)
-    res = {}
+    bs, patch, (hist, true), res = model.block_size, model.vae.cfg.patch_size, true_block(model, x, j), {}
     for k in (0, bs // 2, bs - 1) if known is None else known:
         pin = (torch.arange(bs, device=x.device) < k).expand(x.shape[0], bs)
         z = torch.randn(true.shape, device=x.device, generator=generator) * noise_scale
         out = denoise_from(model, hist, z, 1.0, steps, guidance, pin, true)
-        hit = decode_after(model, hist, out).argmax(-1) == target
-        res[f"known_{k}"] = float(hit[:, k * model.vae.cfg.patch_size:].float().mean())
+        hit = decode_after(model, hist, out).argmax(-1) == x[:, j * bs * patch:(j + 1) * bs * patch]
+        res[f"known_{k}"] = float(hit[:, k * patch:].float().mean())
     return res
 
 
@@ -382,9 +357,8 @@ def eval_prefix_prediction(model, x, j, steps, guidance, generator, known=None, 
 def eval_latent_fit(model, x, j, steps, guidance, generator):
     """The decoder's max probability and entropy on generated latents of block j (true history, from noise) and on
     posterior ones, each latent's distance to the re-encoding of what it decodes to, and between neighbours."""
-    hist, true = true_block(model, x, j)
+    (hist, true), res = true_block(model, x, j), {}
     noise = torch.randn(true.shape, device=x.device, generator=generator)
-    res = {}
     for name, z in (("generated", denoise_from(model, hist, noise, 1.0, steps, guidance)), ("posterior", true)):
         p = torch.softmax(decode_after(model, hist, z).float(), -1)  # (B, tpb, V)
         res[f"maxprob_{name}"] = float(p.max(-1).values.mean())

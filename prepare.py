@@ -1,17 +1,14 @@
-"""Data preparation: UTF-8 text -> token shards (train_00000.bin, ..., val_00000.bin, ...) + meta.json.
+"""Data preparation: UTF-8 text -> token shards (train_00000.bin, ..., val_00000.bin, ...) + meta.json, which
+tokendata.TokenData reads back. Documents are separated by <|endoftext|>; tokens are uint16 if the vocabulary fits.
 
     python prepare.py                                         # the embedded default corpus (Shakespeare)
     python prepare.py --input my.txt --out_dir data/my        # one UTF-8 text file
     python prepare.py --input corpus/ --out_dir data/c        # a folder of .txt files (one document each)
     python prepare.py --input docs.jsonl --out_dir data/d     # JSONL, one document per line in a "text" field
 
-The input is streamed (blocks of --block_bytes cut where the BPE cannot straddle the cut, or at --block_bytes
-where it has no such place, tokenized by --workers processes, shards of --shard_tokens tokens), so memory stays
-bounded whatever the corpus size. A folder is locked while it is written; new shards take new numbers, and the
-rename of meta.json switches to them, so a folder is replaced whole or not at all.
-Documents are separated by <|endoftext|>; tokens are uint16 when the vocabulary fits, else uint32 (nanoGPT).
-data.py reads a prepared folder back (data.TokenData)."""
-import argparse
+Memory stays bounded whatever the corpus: the input streams in blocks of --block_bytes cut where the BPE cannot
+straddle the cut (else at --block_bytes), tokenized by --workers processes into shards of --shard_tokens tokens. A
+folder is locked while written; new shards take new numbers, the rename of meta.json switches to them: whole or not."""
 import codecs
 import contextlib
 import functools
@@ -32,20 +29,13 @@ DEFAULT_CORPUS = os.path.join(REPO_DIR, "data", "shakespeare_tiny.txt")
 
 
 # splitting and streaming: files -> text pieces -> tokens -> train / val shards
-
 def held_out(at, total, val_fraction, split, chunk):
-    """Which tokens are validation ones, by position `at` in a stream of `total`: 'chunks', every k-th chunk, so
-    that validation text comes from the works training reads; 'tail', the last val_fraction (nanoGPT)."""
+    """Whether the token at position `at` of `total` is held out: 'chunks', every k-th chunk (validation text from the
+    works training reads); 'tail', the last val_fraction (nanoGPT)."""
     if split == "tail":
         return at >= total - int(total * val_fraction)
     every = max(2, round(1 / val_fraction))
     return at // chunk % every == every - 1
-
-
-def split_tokens(ids, val_fraction, split="chunks", chunk=2048, min_chunk=64):
-    """(train, val) of a whole token array (held_out)."""
-    val = held_out(np.arange(len(ids)), len(ids), val_fraction, split, max(min_chunk, chunk))
-    return ids[~val], ids[val]
 
 
 def chunk_size(n_tokens, every, min_chunk):
@@ -81,8 +71,8 @@ def last_cut(text, lo=0):
 
 
 def split_document(text, block_chars):
-    """A long document in pieces of about block_chars, cut where the BPE is unaffected (where there is no such
-    place, at block_chars: memory stays bounded, and only the tokens at that cut may differ)."""
+    """A long document in pieces of about block_chars, cut where the BPE is unaffected (if nowhere, at block_chars:
+    memory stays bounded, and only the tokens at that cut may differ)."""
     while len(text) > block_chars:
         cut = last_cut(text[:block_chars], block_chars // 2) or last_cut(text[:block_chars]) or block_chars
         yield text[:cut]
@@ -135,8 +125,7 @@ def encode_piece(tokenizer, piece):
 
 
 class Shards:
-    """The train and val tokens, appended in order to shards of at most shard_tokens tokens (.<pid>.tmp until
-    close), numbered from `first` on: new shards never take an old one's name."""
+    """Train and val tokens appended to shards of <= shard_tokens (.<pid>.tmp until close), numbered on from `first`."""
 
     def __init__(self, out_dir, dtype, shard_tokens, first=0):
         self.out_dir, self.dtype, self.shard_tokens, self.first = out_dir, dtype, shard_tokens, first
@@ -169,8 +158,8 @@ class Shards:
 
 def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64, split="chunks", workers=1,
             block_bytes=8 << 20, shard_tokens=1 << 28):
-    """Tokenize input_path (a file, a folder of .txt files, or JSONL) into out_dir's shards and meta.json. A corpus
-    of one block is split exactly; a larger one as it streams (chunks sized from the first piece, 'tail' by bytes)."""
+    """Tokenize input_path (a file, a folder of .txt files, or JSONL) into out_dir's shards and meta.json: one block
+    split exactly, a larger corpus as it streams (chunks sized from the first piece, 'tail' by bytes)."""
     if split == "chunks" and abs(val_fraction * round(1 / val_fraction) - 1) > 0.01:
         raise DataError(f"--split chunks holds out one chunk in k: --val_fraction must be 1/k (0.5, 0.25, 0.1, ...), "
                         f"got {val_fraction}; or use --split tail")
@@ -228,7 +217,7 @@ def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64,
 
 @script
 def main(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     add = p.add_argument
     add("--input", default=DEFAULT_CORPUS, help="a UTF-8 text file, a folder of .txt files, or JSONL of 'text' fields")
     add("--out_dir", default=DEFAULT_DATA_DIR, help="where the shards and meta.json go")

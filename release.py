@@ -1,8 +1,7 @@
 """The authors' released model (docs/release.md): the Hugging Face snapshot of ByteDance-Seed/Cola-DLM (DIR/cola_vae/,
-DIR/cola_dit/: config.json + safetensors; tokenizer.json in DIR or DIR/..) read into ColaDLM, any config value,
-tensor or shape this code does not implement refused in one line; and the release's sampler over decoder.generate:
-bf16-rounded DiT inputs (BF16InputDiT), normalised latents into the decoder, whole blocks all kept
-(release_generate), per-row noise seeds (row_noise)."""
+DIR/cola_dit/: config.json + safetensors; tokenizer.json in DIR or DIR/..) read into ColaDLM, anything this code does
+not implement refused in one line; the release's sampler over decoder.generate: bf16-rounded DiT inputs
+(BF16InputDiT), normalised latents into the decoder, whole blocks all kept (release_generate), per-row noise seeds."""
 import json
 import math
 import os
@@ -144,8 +143,8 @@ def read_tensor(path, name):
 
 
 def load_weights(model, folder, prefix):
-    """Copy a module's released tensors into model's parameters named `prefix`..., checking names and shapes,
-    and that the DiT's stored RoPE frequencies are the ones this code computes."""
+    """Copy a module's released tensors into model's parameters named `prefix`..., checking names and shapes, and
+    that the DiT's stored RoPE frequencies are the ones this code computes."""
     files = safetensors_files(folder)
     wanted = {release_name(k): p for k, p in model.named_parameters() if k.startswith(prefix)}
     rope = [name for name in files if prefix == "dit." and ROPE_BUFFER.fullmatch(name)]
@@ -181,8 +180,8 @@ class BF16InputDiT(DiT):
 
 
 def from_pretrained(path, dtype=torch.float32):
-    """ColaDLM with the released weights of a snapshot directory, built directly in `dtype` (bfloat16 halves the
-    memory: run it under autocast), as nanoGPT's GPT.from_pretrained. Returns (model in eval mode, tokenizer.json)."""
+    """(ColaDLM in eval mode, tokenizer.json) of a snapshot directory, built directly in `dtype` (bfloat16 halves the
+    memory: run it under autocast), as nanoGPT's GPT.from_pretrained."""
     if not os.path.isdir(path):
         raise SnapshotError(f"{path} is not a directory (a released snapshot holds cola_vae/ and cola_dit/)")
     vae_dir, dit_dir = os.path.join(path, "cola_vae"), os.path.join(path, "cola_dit")
@@ -237,8 +236,7 @@ def encode_prompt(info, enc, text):
 
 
 def row_noise(shape, device, row_seeds, k):
-    """Block k's starting noise with one seed per row, row_seeds[b] + k * 10^7: a row gets the same noise
-    whatever batch it runs in (the release's COLA_INFER_PER_SAMPLE_NOISE_SEED scheme). shape (B, bs, d)."""
+    """Block k's noise (B, bs, d), row b's from seed row_seeds[b] + k * 10^7 (COLA_INFER_PER_SAMPLE_NOISE_SEED)."""
     return torch.stack([torch.randn(shape[1:], device=device,
                                     generator=torch.Generator(device=device).manual_seed(s + k * 10_000_000))
                         for s in row_seeds])

@@ -1,18 +1,16 @@
 """The comparison studies, each scored by eval.py against one fixed judge (--judge: an AR model trained once per
 corpus, `train.py --model ar --out_dir out_judge --main_iters 3000`; trained here first if missing):
-- compute levels, the small-scale version of the paper's (docs/method.md §8-9, RQ4): Cola DLM, AR and LLaDA at
-  one preset and recipe, at matched training FLOPs (train.py --dry_run): level 1 is the default Cola run, level
-  x scales both stages' steps by x, each baseline gets the steps that match; a markdown table and scaling.png.
-  The baselines' samples are drawn at temperature 1, the tasks stay greedy;
-- recipe ablations (--ablations FILE): lines `name flags...` for train.py; `base` is the default run, and a run
-  without `--stage all` trains stage 2 from base's stage 1 (or the stage 1 of the run `from=RUN` names); a
-  table of the generation diagnostics and the sample metrics at the paper's sampler and at starting noise 0.5.
+- compute levels (docs/method.md §8-9, RQ4, at small scale): Cola DLM, AR and LLaDA at one preset and recipe at
+  matched training FLOPs (train.py --dry_run): level x scales the default Cola run's steps by x, each baseline gets
+  the steps that match (its samples at temperature 1, tasks greedy); a markdown table and scaling.png;
+- recipe ablations (--ablations FILE): lines `name flags...` for train.py, `base` the default run; a run without
+  `--stage all` trains stage 2 from base's stage 1 (or from=RUN's); a table of the generation diagnostics and the
+  sample metrics at the paper's sampler and at starting noise 0.5.
 A run that has its ckpt.pt / eval.json is not trained / evaluated again (e.g. out/ copied to out_scaling/cola_1).
 
     python scaling.py --tasks tasks/comedies.jsonl     # levels 0.25,0.5,1 at the cpu preset, one run at a time
     OMP_NUM_THREADS=1 python scaling.py --ablations ablations.txt --jobs 2   # two runs at a time on 2 cores
     python scaling.py --device cuda --jobs 12 --train_args=--no-compile     # one GPU, all runs at once"""
-import argparse
 import json
 import os
 import re
@@ -43,7 +41,7 @@ ABLATION_EVAL = ("--builtin_n 0 --batches 1 --fm_batches 8 --ll_steps 2 --iwae_k
 
 
 def get_args(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     arg = p.add_argument
     arg("--levels", type=float_list, default="0.25,0.5,1", help="comma list of levels (1: the default Cola run)")
     arg("--out_root", help="one run folder per model and level (default out_scaling; out_ablations)")
@@ -102,9 +100,8 @@ def plan(a):
 
 
 def plan_ablations(a):
-    """[(name, 'ablation', run_dir, train.py argv, None)] from the ablations file (comments dropped), base first.
-    Every other run's argv is base's flags, then its own (the last one wins): a line is one change against base
-    whatever train.py's defaults are. from=RUN: stage 2 starts from that run's stage 1 instead of base's."""
+    """[(name, 'ablation', run_dir, train.py argv, None)] of the ablations file, base first; every other run's argv
+    is base's flags, then its own (the last wins): one change against base. from=RUN: stage 2 from RUN's stage 1."""
     try:
         with open(a.ablations, encoding="utf-8") as f:
             lines = [words for words in (line.split("#")[0].split() for line in f) if words]
@@ -131,8 +128,8 @@ def plan_ablations(a):
 
 def ablation_table(rows):
     """One line per run: the diagnostics, then the sample metrics (mean over rounds) at noise 1 and 0.5."""
-    lines = ["| run | flags | train FLOPs | FM with / without history | block accuracy from t0 = 0.5 / 0.75 / 1 "
-             "| next token, the rest known | seen 2-gram / 3-gram, distinct-2, judge ppl (noise 1) | the same, noise 0.5 |",
+    lines = ["| run | flags | train FLOPs | FM with / without history | block accuracy from t0 = 0.5 / 0.75 / 1 | next "
+             "token, the rest known | seen 2-gram / 3-gram, distinct-2, judge ppl (noise 1) | the same, noise 0.5 |",
              "|---|---|---|---|---|---|---|---|"]
     pm = lambda s, k, f: f"{s[k]:{f}} ± {s.get(k + '_se', 0.0):{f}}"
     cell = lambda s: (f"{pm(s, 'seen_2gram_rate', '.2f')} / {pm(s, 'seen_3gram_rate', '.2f')}, "

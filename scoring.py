@@ -1,9 +1,8 @@
 """How generations are scored (pure functions): task answers by the rules of the paper's benchmark evaluation
-(docs/method.md §9, the release's scripts/acc_calc.py; README "Tasks are scored as the paper scores"): cut at
-the first newline after a word character, normalised; lambada compares first words, mmlu, obqa, race and siqa
-map the answer to a choice letter (choice_of), every other task needs equality. Task files: the paper's JSONL
-format or this repo's (read_tasks). Free samples: judge-free n-gram metrics (ngram_metrics). Testbed lines: balanced
-brackets (open_brackets, score_completion)."""
+(docs/method.md §9, the release's scripts/acc_calc.py): cut at the first newline after a word character, normalised;
+lambada compares first words, mmlu, obqa, race and siqa map the answer to a choice letter (choice_of), every other
+task needs equality. Task files: the paper's JSONL format or this repo's (read_tasks). Free samples: judge-free
+n-gram metrics (ngram_metrics). Testbed lines: balanced brackets (open_brackets, score_completion)."""
 import difflib
 import functools
 import json
@@ -37,8 +36,7 @@ def normalize(text):
 
 
 def similarity(a, b, floor=0.0):
-    """difflib ratio of the normalised texts; 1.0 when both are empty. Below `floor` by difflib's upper bounds
-    (linear time), 0.0 without the quadratic ratio."""
+    """difflib ratio of the normalised texts (both empty: 1.0); 0.0 where difflib's linear bounds are below floor."""
     m = difflib.SequenceMatcher(None, normalize(a), normalize(b))
     return m.ratio() if m.real_quick_ratio() >= floor and m.quick_ratio() >= floor else 0.0
 
@@ -64,8 +62,8 @@ def answer_segment(text):
 
 
 def letter_in(text, n_choices):
-    """A choice letter written as such: bare, after a keyword, or bracketed in a short reply; '' if none.
-    A letter past the last choice does not count, and the next form is tried."""
+    """A choice letter written as such: bare, after a keyword, or bracketed in a short reply; '' if none (a letter
+    past the last choice does not count: the next form is tried)."""
     raw = str(text or "").strip()
     m = _BARE_LETTER.fullmatch(raw)
     candidates = ([m.group(1)] if m else []) + _KEYWORD_LETTER.findall(raw)[-1:]
@@ -151,8 +149,7 @@ def parse_task(obj, name, where, index):
 
 def read_tasks(path):
     """Parse and check a JSONL task file -> (task name, [task]); a bad line raises TaskError with its number."""
-    name = os.path.splitext(os.path.basename(path))[0]
-    tasks = []
+    name, tasks = os.path.splitext(os.path.basename(path))[0], []
     try:
         lines = open(path, encoding="utf-8").read().splitlines()
     except UnicodeDecodeError as e:
@@ -224,8 +221,7 @@ def ngram_metrics(samples, train_ngrams=None):
     total = sum(counts.values())
     res["unigram_entropy_bits"] = -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
     if train_ngrams is not None:
-        res["seen_2gram_rate"] = train_ngrams.seen_rate(samples, 2)
-        res["seen_3gram_rate"] = train_ngrams.seen_rate(samples, 3)
+        res.update({f"seen_{n}gram_rate": train_ngrams.seen_rate(samples, n) for n in (2, 3)})
     return res
 
 
@@ -242,8 +238,7 @@ def seen_ngrams_line(samples, data_dir):
 
 # the history testbed's lines (testbed.py; measures.eval_testbed samples them)
 def open_brackets(text):
-    """The brackets text leaves open, innermost last; None where it closes one not open (or of the other kind) or
-    holds anything but brackets."""
+    """The brackets text leaves open, innermost last; None if it closes one not open or holds anything else."""
     stack = []
     for c in text:
         if c in "([":
@@ -258,8 +253,8 @@ def valid_line(line):
 
 
 def score_completion(prefix, generated):
-    """(whether generated, up to its first newline, closes exactly what prefix leaves open, the brackets left open
-    after it: > 0 too few closed, < 0 too many). A continuation with no newline is not valid."""
+    """(whether generated, up to its first newline, closes exactly what prefix leaves open; brackets left open after
+    it: > 0 too few closed, < 0 too many). A continuation with no newline is not valid."""
     line = prefix + generated.split("\n")[0]
     return "\n" in generated and open_brackets(line) == [], sum(map(line.count, "([")) - sum(map(line.count, ")]"))
 

@@ -104,8 +104,7 @@ def tokenizer_from_json(path):
     pattern = _split_pattern(spec.get("pre_tokenizer"))
     if not pattern or not isinstance(pattern, str):  # tiktoken panics on an empty one
         raise DataError(f"{path}: pre_tokenizer has no (non-empty) Split regex to read")
-    to_byte = {c: b for b, c in byte_alphabet().items()}
-    special_ids = set(specials.values())
+    to_byte, special_ids = {c: b for b, c in byte_alphabet().items()}, set(specials.values())
     try:
         ranks = {bytes(to_byte[c] for c in tok): int(i) for tok, i in vocab.items() if int(i) not in special_ids}
     except (KeyError, ValueError, TypeError) as e:

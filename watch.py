@@ -1,12 +1,9 @@
 """Watch a model generate (sample.py --show_steps / --animate; docs/method.md §6): Cola's blocks turning from noise
 into text over the Euler steps, next to AR writing token by token and LLaDA unmasking in its confidence order.
-
-Each view is a list of Frames: what the generated text looks like after one step of the sampler, every position with
-the model's probability of the token shown there. For Cola a step's text is the decoder's reading of that step's
-estimate of the clean block, x0 = z_t - t v (decoder.StepState), decoded against the cached history without
-committing it; at the last step the estimate is the block itself, so the last step's text is the decoded block
-(at temperature 0). Frames print as lines (show) or become an animated GIF or a still PNG (draw).
-"""
+Each view is a list of Frames: the text after one step of the sampler, each position with the model's probability of
+its token. Cola's is the decoder's reading of the step's clean-block estimate x0 = z_t - t v (decoder.StepState)
+against the cached history, uncommitted; the last step's is the decoded block itself (at temperature 0). Frames print
+as lines (show) or become an animated GIF or a still PNG (draw)."""
 import os
 from dataclasses import dataclass
 
@@ -28,8 +25,8 @@ class Frame:
 
 
 def cola_view(model, prompt, max_new_tokens, sampler, generator):
-    """generate() on one prompt, recording a Frame after every Euler step and every finished block. Rows are blocks:
-    the first shows the prompt's own tokens of its partial block (probability 1) before the new ones."""
+    """generate() on one prompt, a Frame after every Euler step and every finished block; rows are blocks, the first
+    showing the prompt's own tokens of its partial block (probability 1) before the new ones."""
     tpb = model.block_size * model.vae.cfg.patch_size
     n_given = len(prompt) % tpb
     frames, done = [], list(prompt[len(prompt) - n_given:])  # the tokens of the finished blocks
@@ -51,8 +48,7 @@ def cola_view(model, prompt, max_new_tokens, sampler, generator):
 
 
 def lm_view(kind, model, prompt, max_new_tokens, sampler, generator, steps=32, block_length=None):
-    """The AR baseline on one prompt, a Frame after every token, or LLaDA, a Frame after every unmasking pass
-    (masked positions None)."""
+    """AR on one prompt, a Frame after every token, or LLaDA, a Frame after every unmasking pass (masked: None)."""
     frames, toks, conf = [], [], []
 
     def on_token(new, probs):  # AR
@@ -92,22 +88,16 @@ def cell_text(enc, tok):
     return "".join(c if c.isprintable() else "·" for c in text)
 
 
-def line(enc, frame):
-    """A frame as one line of text, from the row it changed on (Cola: the block being denoised); masked: '_'."""
-    return "".join(cell_text(enc, t) if t is not None else "_" for t in frame.tokens[frame.start:])
-
-
 def show(enc, frames, out=print):
-    """Print each frame as `label | text` (Cola: each block's steps, then the block as decoded)."""
+    """Print each frame as `label | text` from the row it changed on (Cola: the block being denoised); masked: '_'."""
     width = max(len(f.label) for f in frames) if frames else 0
     for f in frames:
-        out(f"{f.label:<{width}} | {line(enc, f)}")
+        out(f"{f.label:<{width}} | " + "".join(cell_text(enc, t) if t is not None else "_" for t in f.tokens[f.start:]))
 
 
 def draw_grid(ax, enc, tokens, conf, row_labels=None):
     """Positions as cells in rows of ROW, each with its token, coloured by the model's probability."""
-    cmap = pyplot().get_cmap("viridis")
-    n_rows = max(1, -(-len(tokens) // ROW))
+    cmap, n_rows = pyplot().get_cmap("viridis"), max(1, -(-len(tokens) // ROW))
     ax.set_xlim(0, ROW)
     ax.set_ylim(n_rows, 0)
     ax.axis("off")
@@ -121,8 +111,8 @@ def draw_grid(ax, enc, tokens, conf, row_labels=None):
 
 
 def draw(enc, frames, path, title="", fps=4):
-    """An animated GIF of the frames (path *.gif), or one still PNG whose rows are, top to bottom, the row each of
-    the first 40 frames changed (Cola: every step of the first blocks; path *.png)."""
+    """An animated GIF of the frames (path *.gif), or a still PNG whose rows are the row each of the first 40 frames
+    changed, top to bottom (Cola: every step of the first blocks)."""
     plt = pyplot()
     if path.endswith(".png"):
         shown = frames[:40]

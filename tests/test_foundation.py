@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from layers import Attention, KVCache, block_causal_mask, cola_mask, with_key_padding
 from tokendata import load_meta
-from prepare import prepare
+from prepare import held_out, prepare
 from tokenizer import DataError, get_tokenizer
 from vae import TextVAE, VAEConfig, gaussian_kl, gaussian_kl_std_normal
 
@@ -44,8 +44,13 @@ def test_prepare_roundtrip(tmp_path):
     assert load_meta(str(tmp_path / "out"))["source_sha256"] == meta["source_sha256"]
 
 
+def split_tokens(ids, val_fraction, split="chunks", chunk=2048, min_chunk=64):
+    """(train, val) of a whole token array by prepare.held_out, the split prepare.py streams."""
+    val = held_out(np.arange(len(ids)), len(ids), val_fraction, split, max(min_chunk, chunk))
+    return ids[~val], ids[val]
+
+
 def test_chunk_split_interleaves():
-    from prepare import split_tokens
     ids = np.arange(10_000)
     train, val = split_tokens(ids, 0.1, "chunks", chunk=100, min_chunk=10)
     assert len(val) == 1000 and len(train) == 9000
@@ -255,7 +260,6 @@ def test_streamed_prepare_equals_the_whole_file_split(tmp_path):
     and the split of encoding it whole. Mutation: cutting blocks after any newline (then '\n\n' splits into
     two tokens), or routing chunks per block instead of per token position."""
     from tokendata import TokenData
-    from prepare import split_tokens
     text = open(SHAKESPEARE, encoding="utf-8").read()[:200_000]
     (tmp_path / "in.txt").write_text(text, encoding="utf-8")
     meta = prepare(str(tmp_path / "in.txt"), str(tmp_path / "out"), seq_len=64, workers=2, block_bytes=3000,
