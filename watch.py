@@ -36,7 +36,7 @@ def cola_view(model, prompt, max_new_tokens, sampler, generator):
         toks = choose_tokens(logits, s.seen[:1], 0.0, repetition_penalty=sampler.repetition_penalty)[0]  # (tpb,)
         conf = torch.softmax(logits[0].float(), -1).gather(1, toks[:, None])[:, 0]  # (tpb,)
         skip = n_given if s.k == 0 else 0  # the prompt's positions show the prompt
-        frames.append(Frame(f"block {s.k} step {s.i + 1}/{sampler.steps} t={float(s.t):.2f}",
+        frames.append(Frame(f"block {s.k} step {s.i + 1}/{sampler.steps} t={float(s.t.max()):.2f}",
                             done + toks[skip:].tolist(), [1.0] * len(done) + conf[skip:].tolist(), s.k * tpb))
 
     def on_block(s):
