@@ -153,7 +153,7 @@ def table(rows):
     """The ladder's table, its judge, held-out text's seen n-grams and distinct-2, each run's first sample."""
     lines = ["| model | level | " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
     for r in rows:
-        vals = [r.get(key, r.get("tasks", {}).get(key)) for _, key, _ in COLUMNS]
+        vals = [r.get(key) for _, key, _ in COLUMNS]  # each row holds its tasks' accuracies (run_all)
         vals[0] = vals[0] / 1e6 if vals[0] is not None else None  # params in millions
         vals = [fmt.format(v + 0.0 if isinstance(v, float) else v) if v is not None else "-"  # + 0.0: no "-0.00"
                 for v, (_, _, fmt) in zip(vals, COLUMNS)]
@@ -182,7 +182,6 @@ def load_result(run_dir):
         assert isinstance(res, dict)
     except (OSError, ValueError, AssertionError) as e:
         fail(f"{path} is not an eval result ({type(e).__name__}); delete it to evaluate the run again")
-    res.setdefault("next_token_acc", res.get("prefix_prediction", {}).get("known_15"))  # eval.json of before 2026-12
     return res
 
 
@@ -292,7 +291,7 @@ def run_all(a):
             rows.append({**res, "name": m, "flags": flags if m == "base" else flags[n_base:]})
             continue
         user = [v for k, v in res.get("tasks", {}).items() if k not in ("lambada_style", "ending_choice")]
-        acc = res["next_token_acc"] if m == "cola" else res.get("val_acc")
+        acc = res.get("next_token_acc" if m == "cola" else "val_acc")  # none: no diagnostics (--diag_windows 0)
         rows.append({**res, "level": level, **res.get("tasks", {}), "next_token_acc": acc,
                      "user_tasks": sum(user) / len(user) if user else None})
     md = (ablation_table if a.ablations else table)(rows)
