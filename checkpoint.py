@@ -365,13 +365,18 @@ def resumable(path, kind, args, data):
     return ckpt
 
 
+def log_row(line):
+    """A training log line as a dict with a numeric step, else None (a run killed mid-write leaves a torn line)."""
+    try:
+        row = json_loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) else None
+
+
 def trim_log(path, step):
-    """Drop the log lines after `step`: a run killed between its log line and its checkpoint repeats those steps."""
+    """Drop torn log lines and those after `step`: a run killed between a log line and its checkpoint repeats them."""
     if os.path.exists(path):
-        lines = []
-        for ln in open(path, encoding="utf-8", errors="replace"):
-            try:
-                lines += [ln] if json_loads(ln)["step"] <= step else []
-            except (ValueError, KeyError, TypeError):
-                pass  # a line torn by a kill
+        lines = [ln for ln in open(path, encoding="utf-8", errors="replace")
+                 if (row := log_row(ln)) and row["step"] <= step]
         write_atomic(path, lambda f: f.writelines(lines))

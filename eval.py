@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from checkpoint import CheckpointError, load_model, prompt_ids, stored_sampler
+from checkpoint import CheckpointError, load_model, log_row, prompt_ids, stored_sampler
 from cli import Parser, check_writable_dir, check_writable_file, fail, float_list, int_at_least, int_list, \
     nonneg_float, nonneg_int, pick_device, positive_float, positive_int, readable_file, script, write_json, json_loads
 from decoder import GenerationError
@@ -27,15 +27,6 @@ from measures import (builtin_tasks, eval_history_drift, eval_history_gap, eval_
 from tokendata import TokenData, batch_seed
 from tokenizer import REPO_DIR, DataError, get_tokenizer, same_tokenizer
 from scoring import TaskError, TrainNgrams, completion_prefixes, ngram_metrics, read_tasks, score_file
-
-
-def log_row(line):
-    """A training log line as a dict with a numeric step, else None (a run killed mid-write leaves a torn line)."""
-    try:
-        row = json_loads(line)
-    except ValueError:
-        return None
-    return row if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) else None
 
 
 def training_curves(run_dir, keys=("loss", "recon_acc", "fm", "fm_cond", "fm_uncond", "logsnr", "acc")):
