@@ -205,9 +205,8 @@ def make_generator(kind, model, sampler, seed, temperature=0.0, release=False):
 
     def run(prompts, max_new, row_seeds=None):
         if kind == "cola":  # row_seeds: each row's noise from its own seed (--item_noise_seed), as the release's
-            noise = None if row_seeds is None else (lambda k, shape: row_noise(shape, g.device, row_seeds, k))
             outs, st = (release_generate(model, prompts, max_new, sampler, row_seeds, g) if release
-                        else generate(model, prompts, max_new, sampler, g, noise))
+                        else generate(model, prompts, max_new, sampler, g, row_noise(row_seeds, g.device)))
             return outs, st["blocks"] * (sampler.steps + 2) * len(prompts)  # per block: steps, commit, decode
         if kind == "ar":
             outs, st = ar_generate(model, prompts, max_new, temperature, repetition_penalty=1.1, eos_id=stop,

@@ -235,11 +235,12 @@ def encode_prompt(info, enc, text):
     return prefix + enc.encode(text, allowed_special="all") + suffix
 
 
-def row_noise(shape, device, row_seeds, k):
-    """Block k's noise (B, bs, d), row b's from seed row_seeds[b] + k * 10^7 (COLA_INFER_PER_SAMPLE_NOISE_SEED)."""
-    return torch.stack([torch.randn(shape[1:], device=device,
-                                    generator=torch.Generator(device=device).manual_seed(s + k * 10_000_000))
-                        for s in row_seeds])
+def row_noise(row_seeds, device):
+    """generate()'s noise(k, shape) for one seed per row (None without seeds): block k's (B, bs, d), row b's from
+    seed row_seeds[b] + k * 10^7 (the release's COLA_INFER_PER_SAMPLE_NOISE_SEED)."""
+    seeded = lambda s: torch.Generator(device=device).manual_seed(s)
+    return None if row_seeds is None else lambda k, shape: torch.stack(
+        [torch.randn(shape[1:], device=device, generator=seeded(s + k * 10_000_000)) for s in row_seeds])
 
 
 def release_generate(model, prompts, max_new_tokens, sampler, row_seeds=None, generator=None):
@@ -258,7 +259,6 @@ def release_generate(model, prompts, max_new_tokens, sampler, row_seeds=None, ge
             done[b] = done[b] or any(t in sampler.stop_ids for t in row)
         return all(done)
 
-    noise = None if row_seeds is None else (lambda k, shape: row_noise(shape, model.latent_shift.device, row_seeds, k))
     _, stats = generate(model, prompts, n_blocks * bs * patch - max(rem, default=0), replace(sampler, stop_ids=()),
-                        generator, noise, keep_all)
+                        generator, row_noise(row_seeds, model.latent_shift.device), keep_all)
     return outs, stats

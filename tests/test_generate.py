@@ -182,7 +182,7 @@ def test_row_seeds_make_each_row_batch_independent():
     together, _ = run(model, PROMPTS, stop_ids=(), row_seeds=[11, 22, 33])
     alone = [run(model, [p], stop_ids=(), row_seeds=[s])[0][0] for p, s in zip(PROMPTS, [11, 22, 33])]
     assert together == alone and len(set(map(tuple, together))) == 3
-    first = row_noise((1, 4, 4), "cpu", [11], 1)
+    first = row_noise([11], "cpu")(1, (1, 4, 4))
     assert torch.equal(first[0], torch.randn(4, 4, generator=torch.Generator().manual_seed(11 + 10_000_000)))
     import zlib
     from measures import item_seed
