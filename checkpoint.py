@@ -247,8 +247,7 @@ def release_sampler(info):
 def stored_sampler(info, eot_id, **flags):
     """The decoder.SamplerConfig a checkpoint stores (default: <|endoftext|> stops and pads), with flags not None."""
     from decoder import SamplerConfig
-    stored = dict(info.get("sampler") or dict(stop_ids=(eot_id,), pad_id=eot_id))
-    stored["stop_ids"] = tuple(stored.get("stop_ids", (eot_id,)))
+    stored = {"stop_ids": (eot_id,), **(info.get("sampler") or dict(pad_id=eot_id))}  # build: a list as a tuple
     return build(SamplerConfig, {**stored, **{k: v for k, v in flags.items() if v is not None}}, info)
 
 
