@@ -338,6 +338,12 @@ def json_loads(text):
         raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
 
 
+def read_json(path):
+    """A UTF-8 JSON file's content (json_loads: nesting too deep is a JSONDecodeError)."""
+    with open(path, encoding="utf-8") as f:
+        return json_loads(f.read())
+
+
 def write_json(path, obj, indent=2):
     write_atomic(path, lambda f: json.dump(obj, f, indent=indent))
 

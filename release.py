@@ -2,7 +2,6 @@
 DIR/cola_dit/: config.json + safetensors; tokenizer.json in DIR or DIR/..) read into ColaDLM, anything this code does
 not implement refused in one line; the release's sampler over decoder.generate: bf16-rounded DiT inputs
 (BF16InputDiT), normalised latents into the decoder, whole blocks all kept (release_generate), per-row noise seeds."""
-import json
 import math
 import os
 import re
@@ -12,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from cli import CheckpointError as SnapshotError
+from cli import CheckpointError as SnapshotError, read_json
 from decoder import SamplerConfig, generate
 from diffusion import ColaDLM
 from dit import DiT, DiTConfig
@@ -32,8 +31,7 @@ def read_config(folder, required, fixed):
     """(config.json of one module, its path), checked against `required` keys and `fixed` values."""
     path = os.path.join(folder, "config.json")
     try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
+        cfg = read_json(path)
     except FileNotFoundError:
         raise SnapshotError(f"{path} is missing") from None
     except (OSError, ValueError) as e:
@@ -119,8 +117,7 @@ def safetensors_files(folder):
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
         try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = read_json(index)["weight_map"]
         except (OSError, ValueError, KeyError) as e:
             raise SnapshotError(f"{index} is not a readable shard index ({type(e).__name__})") from None
         return {k: os.path.join(folder, v) for k, v in weight_map.items()}

@@ -20,8 +20,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from cli import (Parser, check_writable_dir, die_with_parent, dry_run, fail, float_list, folder_lock, json_loads,
-                 positive_int, readable_file, script, train_dry_run, write_atomic, write_json)
+from cli import (Parser, check_writable_dir, die_with_parent, dry_run, fail, float_list, folder_lock, positive_int,
+                 read_json, readable_file, script, train_dry_run, write_atomic, write_json)
 from measures import plot_lines
 from tokenizer import REPO_DIR, DataError
 
@@ -177,8 +177,7 @@ def load_result(run_dir):
     """A run's eval.json, or one line saying that it is not an eval result."""
     path = os.path.join(run_dir, "eval.json")
     try:
-        with open(path, encoding="utf-8") as f:
-            res = json_loads(f.read())
+        res = read_json(path)
         assert isinstance(res, dict)
     except (OSError, ValueError, AssertionError) as e:
         fail(f"{path} is not an eval result ({type(e).__name__}); delete it to evaluate the run again")

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import torch
 
-from cli import json_loads
+from cli import read_json
 from tokenizer import REPO_DIR, DataError, get_tokenizer
 
 DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "data", "shakespeare")
@@ -20,8 +20,7 @@ def load_meta(data_dir):
     if not os.path.exists(path):
         raise DataError(f"{path} not found: run `python prepare.py` (or --input FILE --out_dir {data_dir}) first")
     try:
-        with open(path, encoding="utf-8") as f:
-            meta = json_loads(f.read())
+        meta = read_json(path)
         assert meta["dtype"] in ("uint16", "uint32") and isinstance(meta["tokenizer"], str)  # what prepare writes
         assert type(meta["vocab_size"]) is type(meta["eot_id"]) is int and 0 <= meta["eot_id"] < meta["vocab_size"]
         for split in ("train", "val"):

@@ -8,7 +8,7 @@ import os
 import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from cli import json_loads
+from cli import read_json
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 GPT2_BPE_FILE = os.path.join(REPO_DIR, "data", "gpt2.tiktoken")
@@ -75,8 +75,7 @@ def _split_pattern(pre):
 
 def template_ids(path):
     """(prefix ids, suffix ids) the tokenizer.json's TemplateProcessing wraps around an encoded text, if any."""
-    with open(path, encoding="utf-8") as f:
-        post = json_loads(f.read()).get("post_processor") or {}
+    post = read_json(path).get("post_processor") or {}
     for p in [post] + list(post.get("processors") or []):
         if p.get("type") == "TemplateProcessing":
             ids = {name: tok["ids"] for name, tok in (p.get("special_tokens") or {}).items()}
@@ -91,8 +90,7 @@ def tokenizer_from_json(path):
     """A byte-level BPE tokenizer.json as a tiktoken Encoding (vocabulary ids as mergeable ranks, added tokens
     special): the same tokenizer when the merges' results have increasing ids (as OLMo 2's), which is checked."""
     try:
-        with open(path, encoding="utf-8") as f:
-            spec = json_loads(f.read())
+        spec = read_json(path)
         model, specials = spec["model"], {t["content"]: int(t["id"]) for t in spec.get("added_tokens", [])}
         vocab, merges = model["vocab"], model.get("merges", [])
         if not isinstance(vocab, dict) or not isinstance(merges, list):

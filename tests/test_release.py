@@ -191,6 +191,8 @@ def break_snapshot(path, how):
         os.remove(os.path.join(dit_dir, "model.safetensors"))
     elif how == "missing tokenizer":
         os.remove(os.path.join(path, "tokenizer.json"))
+    elif how == "deep config":  # JSON nested deeper than Python's parser recurses
+        open(os.path.join(dit_dir, "config.json"), "w").write("[" * 100_000 + "]" * 100_000)
     elif how in ("wrong shape", "unknown key", "missing key"):
         from safetensors.torch import load_file
         t = load_file(os.path.join(vae_dir, "model.safetensors"))
@@ -213,6 +215,7 @@ def break_snapshot(path, how):
 @pytest.mark.parametrize("how,message", [
     ("missing file", "cola_dit/model.safetensors is missing"),
     ("missing tokenizer", "tokenizer.json is missing"),
+    ("deep config", "cola_dit/config.json is not readable JSON (JSONDecodeError)"),
     ("wrong shape", "tensor 'decoder.final_layer.bias' has shape (7,)"),
     ("unknown key", "unknown tensor 'decoder.extra.weight'"),
     ("missing key", "tensor 'encoder.blocks.0.q_norm.weight' is missing"),
