@@ -256,7 +256,7 @@ def stored_sampler(info, eot_id, **flags):
 RESUME_FIXED = ("model", "preset", "latent_dim", "block_size", "patch_size", "vae_width", "vae_layers", "vae_heads",
                 "vae_mlp", "dit_width", "dit_layers", "dit_heads", "dit_mlp", "rope_fraction", "lm_width", "lm_layers",
                 "fixed_logsnr", "dit_init", "vae_lr_ratio", "seq_len", "dropout", "seed", "batch_size", "grad_accum",
-                "fm_batch_mult", "self_cond")
+                "fm_batch_mult")
 # flags that say how to run this invocation, never restored from the checkpoint
 RUN_ONLY = ("resume", "overwrite", "dry_run", "stop_after", "device", "out_dir", "given")
 

@@ -88,21 +88,18 @@ def encode_normalised(model, tokens, valid):
 
 
 def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin_z=None, on_step=None):
-    """Guided Euler steps of the next block z (B, bs, d) along `grid` (steps + 1,) from t = grid[0] down to
-    grid[-1] ((steps + 1, bs) with a rising t), after the history in the DiT cache; latents marked in `pin` (B, bs)
-    are held at pin_z, at t = 0. on_step(i, x0) sees step i's estimate of the clean block, x0 = z_t - t v
-    (B, bs, d): at the last step, the block itself."""
+    """Guided Euler steps of the next block z (B, bs, d) along `grid` (steps + 1,) or (steps + 1, bs) (rising t),
+    after the history in the DiT cache; latents in `pin` (B, bs) are held at pin_z, at t = 0. on_step(i, x0) sees
+    step i's estimate of the clean block, x0 = z_t - t v (B, bs, d): at the last step, the block itself."""
     B, bs, _ = z.shape
     pin = torch.zeros(B, bs, dtype=torch.bool, device=z.device) if pin is None else pin
-    pin_z, x0 = z if pin_z is None else pin_z, None
+    pin_z = z if pin_z is None else pin_z
     for i in range(len(grid) - 1):
         z = torch.where(pin.unsqueeze(-1), pin_z, z)
         t_tok = torch.where(pin, torch.zeros_like(z[..., 0]), grid[i].expand(B, bs))  # (B, bs)
-        self_cond = x0 if model.dit.cfg.self_cond else None
-        v = model.guided_velocity(z, t_tok, hist_valid, guidance, dit_cache, self_cond).float()
-        x0 = torch.where(pin.unsqueeze(-1), pin_z, z - t_tok.unsqueeze(-1) * v)  # (B, bs, d)
+        v = model.guided_velocity(z, t_tok, hist_valid, guidance, dit_cache).float()
         if on_step is not None:
-            on_step(i, x0)
+            on_step(i, torch.where(pin.unsqueeze(-1), pin_z, z - t_tok.unsqueeze(-1) * v))
         z = euler_step(z, v, (grid[i] - grid[i + 1]).unsqueeze(-1))
     return torch.where(pin.unsqueeze(-1), pin_z, z)
 
@@ -159,9 +156,9 @@ def generate(model, prompts, max_new_tokens, sampler=SamplerConfig(), generator=
     B, bs, d = len(prompts), model.block_size, model.vae.cfg.latent_dim
     tokens, hist_valid, caches, part, n_blocks = start(model, prompts, max_new_tokens, sampler.pad_id)
     seen = torch.zeros(B, model.vae.cfg.vocab_size, dtype=torch.bool, device=tokens.device)  # tokens decoded so far
-    grid = time_grid(sampler.steps, tokens.device, t_max=1 + sampler.t_rise)  # (steps + 1,): 1 .. 0 without rise
-    grid = rising_t(grid, bs, sampler.t_rise) if sampler.t_rise else grid  # (steps + 1, bs): t per latent
-    outputs, ended = [[] for _ in range(B)], [False] * B
+    outputs, ended, rise = [[] for _ in range(B)], [False] * B, sampler.t_rise
+    grid = time_grid(sampler.steps, tokens.device, 1 + rise)  # (steps + 1,); (steps + 1, bs) with a rising t:
+    grid = rising_t(grid, bs, rise) if rise else grid
     for k in range(n_blocks):
         shape = (B, bs, d)
         z = noise(k, shape) if noise else torch.randn(shape, device=tokens.device, generator=generator)

@@ -23,12 +23,6 @@ def sample_t(n, loc=1.0, scale=1.0, uniform=False, device="cpu", generator=None)
     return torch.sigmoid(u)
 
 
-def draw_block_size(block_size, probs):
-    """The prior's block size for one training batch: 2^i with probability probs[i], i = 0 .. log2(block_size), as
-    the release's --block-size-probs (it draws one per sequence); no probs: block_size."""
-    return 2 ** int(torch.multinomial(torch.tensor(probs, dtype=torch.float), 1)) if probs else block_size
-
-
 def flow_path(z0, eps, t):
     """z_t = (1 - t) z0 + t eps; t broadcasts from (B,) or (B, T) over the trailing dims."""
     while t.dim() < z0.dim():
@@ -63,9 +57,8 @@ def time_grid(steps, device="cpu", t_max=1.0):
 
 
 def rising_t(s, block_size, width):
-    """Per-latent times of blocks at progress s (...,) -> (..., bs): t_i = clamp(s - width (1 - i / (bs - 1)), 0, 1),
-    a block's first latents cleaner than its last, so they settle first (AR-Diffusion's rising t, inside a block);
-    s runs from 1 + width (all noise) down to 0 (all clean)."""
+    """t_i = clamp(s - width (1 - i / (bs - 1)), 0, 1) at progress s (...,) -> (..., bs), s from 1 + width (noise) to 0:
+    a block's first latents are cleaner and settle first (AR-Diffusion's rising t, inside a block)."""
     i = torch.arange(block_size, device=s.device) / max(block_size - 1, 1)
     return (s.unsqueeze(-1) - width * (1 - i)).clamp(0, 1)
 
@@ -125,8 +118,6 @@ class LossConfig:
     t_uniform: bool = False         # t ~ U(0, 1) instead
     partial_prob: float = 0.05      # per block: a known clean prefix of random length (as a partial prompt block)
     fm_batch_mult: int = 1          # > 1 (not the paper's): the decoder terms on the first 1/fm_batch_mult of the rows
-    block_size_probs: tuple = ()    # (not the paper's) the prior's blocks 1, 2, 4 .. bs with these probabilities
-    t_per_block: bool = False       # (not the paper's) one t per prior block instead of one per sequence
     t_rise: float = 0.0             # > 0 (not the paper's): t rises along each block by this much (rising_t)
 
 
@@ -174,13 +165,11 @@ class ColaDLM(nn.Module):
 
     # training
 
-    def velocity_2l(self, z0n, zt, t_tok, block_size=None, self_cond=None):
-        """DiT velocity on the noisy half of the 2L sequence. z0n, zt, self_cond (B, L, d); t_tok (B, L)."""
-        L, bs = zt.shape[1], block_size or self.block_size
-        seq, t, pos, mask = two_l_layout(z0n, zt, t_tok, bs)
-        if self_cond is not None:  # the clean history reads zeros, as in the cached passes
-            self_cond = torch.cat([torch.zeros_like(seq[:, :L - bs]), self_cond], 1)  # (B, 2L - bs, d)
-        return self.dit(seq, t, pos, mask, self_cond=self_cond)[:, L - bs:]  # (B, L, d)
+    def velocity_2l(self, z0n, zt, t_tok):
+        """DiT velocity on the noisy half of the 2L sequence. z0n, zt (B, L, d); t_tok (B, L)."""
+        L = zt.shape[1]
+        seq, t, pos, mask = two_l_layout(z0n, zt, t_tok, self.block_size)
+        return self.dit(seq, t, pos, mask)[:, L - self.block_size:]  # (B, L, d)
 
     def encode_for_prior(self, tokens, objective: LossConfig):
         """The VAE terms and the posterior (mu, logvar, z), each (B, L, d). With fm_batch_mult > 1 the decoder runs on
@@ -198,13 +187,6 @@ class ColaDLM(nn.Module):
         mu, logvar, z = (torch.cat(parts) for parts in zip(*posts))
         return out, mu, logvar, z
 
-    @torch.no_grad()
-    def self_cond_estimate(self, z0n, zt, t_tok, bs):
-        """Self-conditioning (Chen et al., Analog Bits): on half the rows, a first pass's estimate of z0 that the
-        second pass reads; zeros on the others, as at the first sampling step."""
-        x0 = zt - t_tok.unsqueeze(-1) * self.velocity_2l(z0n, zt, t_tok, bs, torch.zeros_like(zt)).float()
-        return torch.where(torch.rand(zt.shape[0], 1, 1, device=zt.device) < 0.5, x0, 0.0)  # (B, L, d)
-
     def forward(self, tokens, objective=LossConfig()):
         """Stage-2 loss (docs/method.md §5). tokens (B, T) -> dict with 'loss' and its parts."""
         out, mu, logvar, z = self.encode_for_prior(tokens, objective)  # (B, L, d) each
@@ -218,20 +200,15 @@ class ColaDLM(nn.Module):
         out["logsnr"] = vae_logsnr(mu.detach(), logvar.detach())
         z0n = self.normalize(z.float())  # (B, L, d): flow matching on normalised latents
         B, L, _ = z0n.shape
-        bs = draw_block_size(self.block_size, objective.block_size_probs)
         eps = torch.randn_like(z0n)
-        n_blocks, w = L // bs, objective.t_rise
-        n_t = n_blocks if objective.t_per_block else 1
-        t = sample_t(B * n_t, objective.t_loc, objective.t_scale, objective.t_uniform, tokens.device)  # (B n_t,)
-        t = t.view(B, n_t).repeat_interleave(n_blocks // n_t, 1)  # (B, n_blocks)
-        t_tok = (rising_t(t * (1 + w), bs, w) if w else t.unsqueeze(-1).expand(B, n_blocks, bs)).reshape(B, L)
+        t = sample_t(B, objective.t_loc, objective.t_scale, objective.t_uniform, tokens.device)  # (B,)
+        w, bs = objective.t_rise, self.block_size
+        t_tok = rising_t(t * (1 + w), bs, w).repeat(1, L // bs) if w else t.unsqueeze(1).expand(B, L)  # (B, L)
         known = partial_known_prefix(B, L, bs, objective.partial_prob, tokens.device)  # (B, L)
         t_tok = torch.where(known, torch.zeros_like(t_tok), t_tok)
         known = known | (t_tok == 0)  # a latent at t = 0 (rising t) holds no noise to predict
         zt = flow_path(z0n, eps, t_tok)  # the FM gradient reaches the encoder through z_t
-        x0_est = self.self_cond_estimate(z0n, zt, t_tok, bs) if self.dit.cfg.self_cond else None
-        v_pred = self.velocity_2l(z0n, zt, t_tok, bs, x0_est)
-        out["fm"] = fm_loss(v_pred, velocity_target(z0n.detach(), eps), ~known)
+        out["fm"] = fm_loss(self.velocity_2l(z0n, zt, t_tok), velocity_target(z0n.detach(), eps), ~known)
         vae_terms = out["ce"] + objective.beta * out["neg_entropy"] + objective.lam_mask * out["mask_ce"]
         out["loss"] = objective.lam_vae * vae_terms + objective.lam_fm * out["fm"] + objective.lam_ref * out["ref_kl"]
         return out
@@ -253,21 +230,19 @@ class ColaDLM(nn.Module):
         self.dit(zn, zn.new_zeros(B, Tc), pos, prefix_mask(key_valid, self.block_size), caches[0], commit=True)
         self.vae.decode(self.decoder_input(zn), pos, prefix_mask(key_valid, self.vae.cfg.block_size), caches[1])
 
-    def guided_velocity(self, z, t_tok, hist_valid, guidance, dit_cache, self_cond=None):
+    def guided_velocity(self, z, t_tok, hist_valid, guidance, dit_cache):
         """v_u + s (v_c - v_u) of the noisy block z (B, bs, d) at t_tok (B, bs) after the cached history (real where
         hist_valid (B, Tc)): the conditional rows (history + block) and the unconditional ones (the block alone, at
-        positions 0..bs-1) run as one batch, as DiT's forward_with_cfg. guidance: a number or one per row (B,);
-        self_cond (B, bs, d): the last step's estimate of z0, with --self_cond."""
+        positions 0..bs-1) run as one batch, as DiT's forward_with_cfg. guidance: a number or one per row (B,)."""
         B, bs, _ = z.shape
         Tc = hist_valid.shape[1]
         pos = torch.arange(Tc, Tc + bs, device=z.device)  # (bs,)
         cond_mask, uncond_mask = cached_block_masks(hist_valid, bs)
         if not torch.is_tensor(guidance) and guidance == 1.0:  # the conditional pass alone
-            return self.dit(z, t_tok, pos, cond_mask, dit_cache, self_cond=self_cond)
-        sc = None if self_cond is None else torch.cat([self_cond, self_cond])
+            return self.dit(z, t_tok, pos, cond_mask, dit_cache)
         both_pos = torch.cat([pos.expand(B, bs), torch.arange(bs, device=z.device).expand(B, bs)])  # (2B, bs)
         v = self.dit(torch.cat([z, z]), torch.cat([t_tok, t_tok]), both_pos, torch.cat([cond_mask, uncond_mask]),
-                     dit_cache, self_cond=sc)  # (2B, bs, d)
+                     dit_cache)  # (2B, bs, d)
         v_cond, v_uncond = v.chunk(2)
         return apply_guidance(v_cond, v_uncond, guidance)
 

@@ -28,13 +28,8 @@ class DiTConfig:
     freq_dim: int = 256             # sinusoidal features of the timestep (paper: 256)
     norm_eps: float = 1e-5          # eps of every LayerNorm (release: 1e-5)
     dropout: float = 0.0            # attention/MLP dropout (paper: none)
-    self_cond: bool = False         # (not the paper's) the input also reads the last estimate of z0 (Chen et al.)
     adaln_zero: bool = True         # zero-init modulation and output (DiT's adaLN-Zero); False: Xavier everywhere,
                                     # as the authors' release initialises it (its zero-init is never called)
-
-    @property
-    def hidden(self):
-        return self.mlp_hidden or 4 * self.width
 
 
 def timestep_embedding(t1000, dim, max_period=10000.0):
@@ -63,12 +58,12 @@ class TimestepEmbedder(nn.Module):
 class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        w, eps = cfg.width, cfg.norm_eps
+        w, eps, hidden = cfg.width, cfg.norm_eps, cfg.mlp_hidden or 4 * cfg.width
         self.ln1 = nn.LayerNorm(w, elementwise_affine=False, eps=eps)
         self.attn = Attention(w, cfg.n_heads, cfg.rope_theta, cfg.rope_fraction, qk_norm="head", eps=eps,
                               interleaved=True, dropout=cfg.dropout)
         self.ln2 = nn.LayerNorm(w, elementwise_affine=False, eps=eps)
-        self.mlp = nn.Sequential(nn.Linear(w, cfg.hidden), nn.GELU(approximate="tanh"), nn.Linear(cfg.hidden, w),
+        self.mlp = nn.Sequential(nn.Linear(w, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, w),
                                  nn.Dropout(cfg.dropout))
         self.ada_attn = nn.Linear(w, 2 * w)  # shift, scale before attention
         self.gate_attn = nn.Linear(w, w)
@@ -99,7 +94,7 @@ class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
-        self.inp = nn.Linear(cfg.latent_dim * (1 + cfg.self_cond), cfg.width)
+        self.inp = nn.Linear(cfg.latent_dim, cfg.width)
         self.t_embed = TimestepEmbedder(cfg.width, cfg.freq_dim)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_layers))
         self.final = FinalLayer(cfg.width, cfg.latent_dim, cfg.norm_eps)
@@ -128,13 +123,10 @@ class DiT(nn.Module):
         the network's time is 1000 t. A method of its own only for release.py, whose DiT rounds these inputs."""
         return self.inp(z), F.silu(self.t_embed(1000.0 * t.float()))
 
-    def forward(self, z, t, pos, mask, cache=None, commit=False, self_cond=None):
+    def forward(self, z, t, pos, mask, cache=None, commit=False):
         """z (B, T, d) latents; t (B, T) per-latent time in [0, 1]; pos (T,) or (B, T) RoPE positions;
         mask (T, Tk) or (B, 1, T, Tk) bool, True = may attend (Tk includes cached keys).
-        With a cache, the new keys are stored only if `commit` (clean blocks at t = 0). With cfg.self_cond: the
-        estimate of z0 self_cond (B, T, d) beside z (None: zeros, as for clean latents and at the first step)."""
-        if self.cfg.self_cond:
-            z = torch.cat([z, torch.zeros_like(z) if self_cond is None else self_cond.to(z.dtype)], -1)  # (B, T, 2d)
+        With a cache, the new keys are stored only if `commit` (clean blocks at t = 0)."""
         x, c = self.embed(z, t)
         for i, blk in enumerate(self.blocks):
             x = blk(x, c, pos, mask, None if cache is None else cache.layers[i], commit)

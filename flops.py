@@ -39,19 +39,18 @@ def vae_train_flops(vae, seq_len, lam_mask=1.0):
     return (2 if lam_mask > 0 else 1) * sum(vae_passes(vae, seq_len))
 
 
-def joint_train_flops(model, seq_len, fm_batch_mult=1, lam_mask=1.0, vae_frozen=False, block_size_probs=()):
+def joint_train_flops(model, seq_len, fm_batch_mult=1, lam_mask=1.0, vae_frozen=False):
     """Stage 2 per token: the encoder on every sequence (and on the masked copy of the decoded ones), the decoder
-    on 1/fm_batch_mult of them (both copies), the reference encoder forward only, the DiT on (2L - bs) latents per L
-    (bs: the expected block with block_size_probs), with self-conditioning one more forward pass; a frozen VAE costs
-    its encoder's forward pass only (a third of its training)."""
+    on 1/fm_batch_mult of them (both copies), the reference encoder forward only, the DiT on (2L - bs) latents per L;
+    a frozen VAE costs its encoder's forward pass only (a third of its training)."""
     c, d, copies = model.vae.cfg, model.dit.cfg, 2 if lam_mask > 0 else 1
     enc, dec = vae_passes(model.vae, seq_len)
     f = enc / 3 if vae_frozen else (enc * (1 + (copies - 1) / fm_batch_mult) + copies * dec / fm_batch_mult
                                     + 2 * matmul_params(model.ref_enc) / c.patch_size)
     L = seq_len // c.patch_size
-    n_dit = 2 * L - (sum(p * 2 ** i for i, p in enumerate(block_size_probs)) if block_size_probs else model.block_size)
+    n_dit = 2 * L - model.block_size
     dit_pass = (2 * matmul_params(model.dit) + attention_flops(d.n_layers, d.width, n_dit)) * n_dit / L / c.patch_size
-    return f + (3 + d.self_cond) * dit_pass
+    return f + 3 * dit_pass
 
 
 def lm_train_flops(lm, seq_len):
@@ -75,7 +74,7 @@ def dry_run(args, vae_config, dit_config, lm_config):
                         flops_per_step=lm_train_flops(lm, L) * tokens)
         vae_cfg = vae_config(args, vocab)
         cola = ColaDLM(vae_cfg, dit_config(args, vae_cfg))
-    joint = joint_train_flops(cola, L, args.fm_batch_mult, args.lam_mask, vae_frozen(args), args.block_size_probs)
+    joint = joint_train_flops(cola, L, args.fm_batch_mult, args.lam_mask, vae_frozen(args))
     return dict(model="cola", vae_iters=args.vae_iters, main_iters=args.main_iters, vae_config=asdict(vae_cfg),
                 dit_config=asdict(cola.dit.cfg), params=n_params(cola.vae) + n_params(cola.dit),
                 vae_flops_per_step=vae_train_flops(cola.vae, L, args.lam_mask) * tokens,

@@ -176,12 +176,10 @@ class SwiGLU(nn.Module):
 def init_weights(module, std=0.02):
     """GPT-2 style init: N(0, 0.02) for Linear/Embedding, zero biases."""
     for m in module.modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, 0.0, std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, 0.0, std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
 
 def n_params(module):

@@ -7,7 +7,6 @@ Sample from a trained model, Cola DLM or a baseline: the checkpoint carries its 
     python sample.py --init_from hf/Cola-DLM --prompt "Question: ... Answer:"   # the authors' released 2B model
 Cola prints each block as it is decoded (decoder.generate); a released snapshot samples as the release does.
 """
-import argparse
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ import watch
 
 
 def get_args(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     add = p.add_argument
     add("--out_dir", default=os.path.join(REPO_DIR, "out"), help="directory holding ckpt.pt")
     add("--ckpt", help="checkpoint path (overrides --out_dir)")

@@ -24,8 +24,7 @@ from baselines import TransformerLM, lm_generate, matched_lm_config
 from checkpoint import (CheckpointError, TrainingError, build, checkpoint_for, claim_out_dir, halted, model_from,
                         resumable, resume_training, save_training_state)
 from cli import (Parser, all_reduce_mean, autocast, cleanup_distributed, fail, float_in, int_at_least,
-                 keep_freed_memory, nonneg_float, number_list, one_rank, positive_float, positive_int,
-                 setup_distributed, unit_float)
+                 keep_freed_memory, nonneg_float, one_rank, positive_float, positive_int, setup_distributed, unit_float)
 from decoder import GenerationError, SamplerConfig, generate
 from diffusion import ColaDLM, LossConfig
 from dit import DiTConfig
@@ -49,7 +48,7 @@ PRESETS = {
 
 def get_args(argv=None):
     """The flags, each checked as it is read (a bad value is one line); args.given: those the command line gave."""
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     add = p.add_argument
     # what to train
     add("--model", default="cola", choices=["cola", "ar", "llada"], help="Cola DLM or a baseline")
@@ -108,12 +107,7 @@ def get_args(argv=None):
     add("--fm_batch_mult", type=positive_int, default=1, help="stage 2: the prior sees this x --batch_size")
     add("--grad_clip_scope", default="global", choices=["global", "network"], help="stage 2: clip the networks apart")
     add("--noise_scale", type=positive_float, default=1.0, help="the stored sampler's start noise")
-    add("--block_size_probs", type=number_list(float, "numbers", lambda v: 0 <= v <= 1, "probabilities in [0, 1]"),
-        default=(), help="stage 2: the prior's blocks 1, 2, 4 .. --block_size drawn per batch with these "
-        "probabilities, e.g. 0.1,0,0.3,0.3,0.3 (the release's flag; sampling stays at --block_size)")
-    add("--t_per_block", action="store_true", help="stage 2: one t per prior block instead of one per sequence")
     add("--t_rise", type=nonneg_float, default=0.0, help="stage 2 and its sampler: t rises by this along a block")
-    add("--self_cond", action="store_true", help="the DiT reads its last estimate of z0 as well (self-conditioning)")
     # running
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     add("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="autocast dtype")
@@ -136,11 +130,6 @@ def check_args(args):
     tokens_per_block = args.block_size * args.patch_size
     if args.seq_len % tokens_per_block:
         fail(f"--seq_len {args.seq_len} must be a multiple of block_size * patch_size = {tokens_per_block}")
-    n_sizes = args.block_size.bit_length()  # 1, 2, 4 .. block_size
-    probs = args.block_size_probs
-    if probs and (len(probs) != n_sizes or 2 ** (n_sizes - 1) != args.block_size or abs(sum(probs) - 1) > 1e-6):
-        fail(f"--block_size_probs needs {n_sizes} probabilities that sum to 1 (blocks 1, 2, 4 .. {args.block_size}),"
-             f" and a power of two --block_size")
     if args.min_lr > args.lr:
         fail(f"--min_lr {args.min_lr:g} is above --lr {args.lr:g}")
 
@@ -155,8 +144,7 @@ def vae_config(args, vocab_size):
 def dit_config(args, vae_cfg):
     return DiTConfig(latent_dim=vae_cfg.latent_dim, width=args.dit_width, n_layers=args.dit_layers,
                      n_heads=args.dit_heads, mlp_hidden=args.dit_mlp, block_size=vae_cfg.block_size,
-                     rope_fraction=args.rope_fraction, dropout=args.dropout, adaln_zero=args.dit_init == "adaln_zero",
-                     self_cond=args.self_cond)
+                     rope_fraction=args.rope_fraction, dropout=args.dropout, adaln_zero=args.dit_init == "adaln_zero")
 
 
 def lm_config(args, vocab_size):
@@ -202,9 +190,8 @@ def stage_vae(args, env, data):
     ckpt = resumable(path, "vae", args, data)  # with --resume: the checkpoint, of the data's tokenizer; else None
     torch.manual_seed(args.seed)  # the same init on every rank
     model = model_from(ckpt) if ckpt else TextVAE(vae_config(args, data.meta["vocab_size"]))
-    cfg = model.cfg
     if env["master"]:
-        print(f"[vae] {n_params(model) / 1e6:.2f}M parameters, config {asdict(cfg)}", flush=True)
+        print(f"[vae] {n_params(model) / 1e6:.2f}M parameters, config {asdict(model.cfg)}", flush=True)
     loss_args = (args.beta, args.mask_prob, args.lam_mask)
 
     def validate(x):
@@ -213,7 +200,7 @@ def stage_vae(args, env, data):
         return {k: out[k] for k in ("loss", "ce", "kl", "mask_acc", "recon_acc", "logsnr")}
 
     return Run("vae", model, vocab_lr_groups(model, 1.0, args.embed_lr_mult), loss_args, args.vae_iters, path,
-               dict(kind="vae", vae_config=asdict(cfg)), vae_train_flops(model, args.seq_len, args.lam_mask),
+               dict(kind="vae", vae_config=asdict(model.cfg)), vae_train_flops(model, args.seq_len, args.lam_mask),
                resume_from=ckpt, validate=validate)
 
 
@@ -253,8 +240,7 @@ def stage_joint(args, env, data):
     return Run("joint", model, groups, (loss,), args.main_iters, path,
                dict(kind="cola", vae_config=asdict(model.vae.cfg), dit_config=asdict(model.dit.cfg),
                     stage1_flops=stage1_flops, sampler=asdict(sampler)),
-               joint_train_flops(model, args.seq_len, args.fm_batch_mult, args.lam_mask, vae_frozen(args),
-                                 args.block_size_probs),
+               joint_train_flops(model, args.seq_len, args.fm_batch_mult, args.lam_mask, vae_frozen(args)),
                stage1_flops, fm_batch_mult=args.fm_batch_mult, clip_groups=clip_groups,
                resume_from=ckpt, validate=validate, sample=sample)
 
@@ -313,8 +299,7 @@ def train(run, args, env, data):
     step = resume_training(run.resume_from, opt, log_path, args.seed, env) if run.resume_from else 0
     if not run.resume_from:
         torch.manual_seed(args.seed + rank * 1000)  # different noise on every rank
-    # drawn block sizes change the 2L layout's length: a graph per size, not one dynamic graph
-    fwd = torch.compile(model, dynamic=False if args.block_size_probs else None) if args.compile else model
+    fwd = torch.compile(model) if args.compile else model
     if world > 1:
         fwd = DDP(fwd, device_ids=[torch.device(device).index] if str(device).startswith("cuda") else None)
     amp = autocast(device, args.dtype)

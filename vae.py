@@ -168,8 +168,7 @@ class TextVAE(nn.Module):
     def forward(self, tokens, beta=1e-3, mask_prob=0.15, lam_mask=1.0):
         """Stage-1 loss (docs/method.md §3). tokens (B, T) -> dict with 'loss' and metrics."""
         out = self.recon_terms(tokens, mask_prob, lam_mask)
-        mu, logvar = out.pop("mu"), out.pop("logvar")
-        out.pop("z")
+        mu, logvar, _ = out.pop("mu"), out.pop("logvar"), out.pop("z")
         out["kl"] = gaussian_kl_std_normal(mu.float(), logvar.float()).mean()  # per latent, summed over d
         out["loss"] = out["ce"] + beta * out["kl"] + lam_mask * out["mask_ce"]
         out["logsnr"] = vae_logsnr(mu.detach(), logvar.detach())

@@ -364,7 +364,7 @@ def test_reencoded_history_is_what_the_caches_hold():
     seen = {}
     real = model.guided_velocity
 
-    def spy(z, t_tok, hist_valid, guidance, cache, self_cond=None):
+    def spy(z, t_tok, hist_valid, guidance, cache):
         seen.setdefault(hist_valid.shape[1], [l.k.clone() for l in cache.layers])
         return real(z, t_tok, hist_valid, guidance, cache)
     model.guided_velocity = spy

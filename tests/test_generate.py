@@ -18,11 +18,11 @@ from vae import VAEConfig
 V, EOS = 120, 119
 
 
-def tiny_model(seed=0, patch=1, **dit_kw):
+def tiny_model(seed=0, patch=1):
     torch.manual_seed(seed)
     vcfg = VAEConfig(vocab_size=V, latent_dim=4, width=32, n_enc_layers=1, n_dec_layers=2, n_heads=2,
                      mlp_hidden=64, block_size=4, patch_size=patch, max_seq_len=64)
-    model = ColaDLM(vcfg, DiTConfig(latent_dim=4, width=32, n_layers=2, n_heads=2, block_size=4, **dit_kw))
+    model = ColaDLM(vcfg, DiTConfig(latent_dim=4, width=32, n_layers=2, n_heads=2, block_size=4))
     randomize_zero_init(model.dit)
     with torch.no_grad():  # weights of a trained scale (1/sqrt(fan-in)), so that every token depends on its latent
         for p in model.vae.parameters():
@@ -57,7 +57,7 @@ class Uncached:
     def _history(self, z):
         return self.hist if self.hist is not None else z[:, :0]
 
-    def guided_velocity(self, z, t_tok, hist_valid, guidance, cache, self_cond=None):
+    def guided_velocity(self, z, t_tok, hist_valid, guidance, cache):
         m = self.model
         hist = self._history(z)
         B, Tc, bs = z.shape[0], hist.shape[1], z.shape[1]
@@ -299,7 +299,7 @@ def test_guided_euler_step_with_a_stubbed_dit(monkeypatch):
     model = tiny_model()
     c, u, s, steps = 0.7, -0.2, 3.0, 4
 
-    def stub(z, t, pos, mask, cache=None, commit=False, self_cond=None):
+    def stub(z, t, pos, mask, cache=None, commit=False):
         if commit:
             return torch.zeros_like(z)
         B = z.shape[0] // 2

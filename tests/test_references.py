@@ -38,21 +38,20 @@ def counted_step_flops(model, tokens, **kw):
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("what", ["vae", "joint", "joint_self_cond", "ar", "llada"])
+@pytest.mark.parametrize("what", ["vae", "joint", "ar", "llada"])
 def test_flops_per_token_against_a_counter(what, monkeypatch):
     """train_flops_per_token x tokens is within 10% of FlopCounterMode's count of one training step.
     The conventions differ in two places: the counter sees a forward-only network (the frozen reference
     encoder) exactly and counts no attention there, and it counts the input gradient of a first layer only
     where one is needed. Mutation: dropping the factor 3 of the backward pass, or counting the DiT on L
-    instead of 2L - bs latents, or self-conditioning's first pass, breaks the 10%."""
+    instead of 2L - bs latents, breaks the 10%."""
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", manual_attention)
     torch.manual_seed(0)
-    args = train.get_args(["--preset", "tiny", "--seq_len", "64", "--latent_dim", "8", "--block_size", "16"]
-                          + ["--self_cond"] * (what == "joint_self_cond"))
+    args = train.get_args(["--preset", "tiny", "--seq_len", "64", "--latent_dim", "8", "--block_size", "16"])
     B, L, V = 2, args.seq_len, 2000
     x = torch.randint(0, V, (B, L))
     vcfg = train.vae_config(args, V)
-    if what in ("vae", "joint", "joint_self_cond"):
+    if what in ("vae", "joint"):
         cola = ColaDLM(vcfg, train.dit_config(args, vcfg))
         if what == "vae":
             counted = counted_step_flops(cola.vae, x)

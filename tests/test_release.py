@@ -108,7 +108,7 @@ def write_snapshot(root, model, shift=0.1, scale=1.3, vae_cfg_over=None, dit_cfg
     head_dim = d.width // d.n_heads
     dit_cfg = dict(architectures=["ColaDiTModel"], model_type="cola_dit", txt_in_channels=d.latent_dim,
                    txt_out_channels=d.latent_dim, txt_dim=d.width, emb_dim=d.width, heads=d.n_heads,
-                   head_dim=head_dim, expand_ratio=d.hidden // d.width, num_layers=d.n_layers, norm_eps=d.norm_eps,
+                   head_dim=head_dim, expand_ratio=(d.mlp_hidden or 4 * d.width) // d.width, num_layers=d.n_layers, norm_eps=d.norm_eps,
                    qk_bias=False, patch_size=1, rope_dim=round(d.rope_fraction * head_dim), block_size=d.block_size,
                    torch_dtype="float32", transformers_version="4.57.1")
     vae_cfg.update(vae_cfg_over or {})
