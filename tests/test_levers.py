@@ -2,9 +2,12 @@
 paper): t rising along each prior block. The mutation each test guards against is named in its docstring."""
 import torch
 
+import train
 from decoder import denoise_block, time_grid
 from diffusion import LossConfig, rising_t
 from test_generate import V, tiny_model
+from test_train import TINY
+from tokendata import TokenData
 
 
 def test_rising_t():
@@ -45,3 +48,13 @@ def test_rising_t_in_the_sampler():
     z = denoise_block(model, torch.zeros(1, 4, 4), grid, torch.zeros(1, 0, dtype=torch.bool), 1.0, None)
     assert torch.equal(torch.stack(seen), grid[:-1])
     assert torch.allclose(z[0, :, 0], -(grid[0] - grid[-1]))  # v = 1: each latent moved by its own span of t
+
+
+def test_the_stage_trains_and_stores_the_same_rise(tmp_path, data_dir):
+    """--t_rise reaches both the loss and the sampler the checkpoint stores (sample.py and eval.py read that one).
+    Mutation: train.py leaving t_rise out of the stored SamplerConfig."""
+    common = ["--data_dir", data_dir, "--out_dir", str(tmp_path), "--vae_iters", "1", "--eval_interval", "1"] + TINY
+    train.main(common + ["--stage", "vae", "--eval_sample", "0"])
+    args = train.get_args(common + ["--stage", "joint", "--t_rise", "1.5"])
+    run = train.stage_joint(args, dict(rank=0, world=1, device="cpu", master=True), TokenData(data_dir, args.seq_len))
+    assert run.loss_args[0].t_rise == 1.5 and run.ckpt_fields["sampler"]["t_rise"] == 1.5
