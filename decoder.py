@@ -156,9 +156,9 @@ def generate(model, prompts, max_new_tokens, sampler=SamplerConfig(), generator=
     B, bs, d = len(prompts), model.block_size, model.vae.cfg.latent_dim
     tokens, hist_valid, caches, part, n_blocks = start(model, prompts, max_new_tokens, sampler.pad_id)
     seen = torch.zeros(B, model.vae.cfg.vocab_size, dtype=torch.bool, device=tokens.device)  # tokens decoded so far
-    outputs, ended, rise = [[] for _ in range(B)], [False] * B, sampler.t_rise
-    grid = time_grid(sampler.steps, tokens.device, 1 + rise)  # (steps + 1,); (steps + 1, bs) with a rising t:
-    grid = rising_t(grid, bs, rise) if rise else grid
+    outputs, ended = [[] for _ in range(B)], [False] * B
+    grid = time_grid(sampler.steps, tokens.device, 1 + sampler.t_rise)  # (steps + 1,): from t = 1 (+ the rise) to 0
+    grid = rising_t(grid, bs, sampler.t_rise) if sampler.t_rise else grid  # (steps + 1, bs): one t per latent
     for k in range(n_blocks):
         shape = (B, bs, d)
         z = noise(k, shape) if noise else torch.randn(shape, device=tokens.device, generator=generator)
