@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffusion import rising_t, sampler_step, time_grid
+from diffusion import euler_step, rising_t, time_grid
 from layers import prefix_mask
 
 
@@ -19,7 +19,6 @@ class SamplerConfig:
     steps: int = 16                 # Euler steps per block (paper: 16)
     guidance: float = 7.0           # classifier-free guidance on the whole velocity; 1 = off (paper: 7)
     noise_scale: float = 1.0        # std of each block's starting noise; < 1 is a lower-temperature draw (paper: 1)
-    eta: float = 0.0                # > 0: a stochastic sampler, this share of each step's noise drawn afresh (paper: 0)
     t_rise: float = 0.0             # the prior's rising t (diffusion.rising_t) as it was trained (paper: 0)
     temperature: float = 0.0        # token choice: 0 = greedy
     top_k: int = 0                  # keep the k most likely tokens (0 = all)
@@ -88,9 +87,8 @@ def encode_normalised(model, tokens, valid):
     return model.normalize(mu.float())
 
 
-def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin_z=None, on_step=None, eta=0.0,
-                  generator=None):
-    """Guided steps (sampler_step's, eta) of the next block z (B, bs, d) along `grid` (steps + 1,) or (steps + 1, bs),
+def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin_z=None, on_step=None):
+    """Guided Euler steps of the next block z (B, bs, d) along `grid` (steps + 1,) or (steps + 1, bs) (rising t),
     after the history in the DiT cache; latents in `pin` (B, bs) are held at pin_z, at t = 0. on_step(i, x0) sees
     step i's estimate of the clean block, x0 = z_t - t v (B, bs, d): at the last step, the block itself."""
     B, bs, _ = z.shape
@@ -102,8 +100,7 @@ def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin
         v = model.guided_velocity(z, t_tok, hist_valid, guidance, dit_cache).float()
         if on_step is not None:
             on_step(i, torch.where(pin.unsqueeze(-1), pin_z, z - t_tok.unsqueeze(-1) * v))
-        noise = torch.randn(z.shape, device=z.device, generator=generator) if eta else None
-        z = sampler_step(z, v, grid[i].unsqueeze(-1), grid[i + 1].unsqueeze(-1), eta, noise)
+        z = euler_step(z, v, (grid[i] - grid[i + 1]).unsqueeze(-1))
     return torch.where(pin.unsqueeze(-1), pin_z, z)
 
 
@@ -168,7 +165,7 @@ def generate(model, prompts, max_new_tokens, sampler=SamplerConfig(), generator=
         scale, has_history = sampler.guidance, hist_valid.any(1)  # (B,): a row with none has equal passes: unguided
         guidance = scale if scale == 1.0 or has_history.all() else torch.where(has_history, scale, 1.0)
         z = denoise_block(model, sampler.noise_scale * z, grid, hist_valid, guidance, caches[0], part.pin, part.pin_z,
-                          step_hook, sampler.eta, generator)
+                          step_hook)
         if not torch.isfinite(z).all():
             raise GenerationError(f"block {k}'s latents are not finite: lower the guidance or the noise scale")
         logits = model.decode_block(z, hist_valid, caches)  # (B, tpb, V)

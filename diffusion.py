@@ -34,12 +34,9 @@ def velocity_target(z0, eps):
     return eps - z0
 
 
-def sampler_step(z, v, t, t_next, eta=0.0, noise=None):
-    """One step from t to t_next < t (towards data). eta = 0: Euler's; eta > 0 keeps the clean estimate z - t v and
-    draws a share eta^2 of the noise estimate z + (1 - t) v afresh (noise ~ N(0, I)): DDIM's eta on the flow path."""
-    if not eta:
-        return z - (t - t_next) * v
-    return (1 - t_next) * (z - t * v) + t_next * ((1 - eta ** 2) ** 0.5 * (z + (1 - t) * v) + eta * noise)
+def euler_step(z, v, dt):
+    """One step from t to t - dt (towards data)."""
+    return z - dt * v
 
 
 def apply_guidance(v_cond, v_uncond, scale):
