@@ -72,12 +72,10 @@ def check_judge(judge):
         return
     if os.path.exists(judge) or os.path.basename(judge) != "ckpt.pt":
         fail(f"--judge {judge} is not a checkpoint file (a judge scaling.py trains is named NEW_FOLDER/ckpt.pt)")
-    out = os.path.dirname(os.path.abspath(judge))
-    others = sorted(set(os.listdir(out)) - {"train.log"}) if os.path.isdir(out) else []
-    if others:
-        fail(f"--judge {judge} does not exist, and its folder holds {', '.join(others[:3])}: "
-             "train the judge into a new folder")
-    if os.path.isdir(out):
+    if os.path.isdir(out := os.path.dirname(os.path.abspath(judge))):
+        if others := sorted(set(os.listdir(out)) - {"train.log"}):
+            fail(f"--judge {judge} does not exist, and its folder holds {', '.join(others[:3])}: "
+                 "train the judge into a new folder")
         check_writable_dir(out, "--judge's folder")
 
 
@@ -108,9 +106,8 @@ def plan_ablations(a):
     except (OSError, UnicodeDecodeError) as e:
         raise RuntimeError(f"{a.ablations} cannot be read as UTF-8 text ({e.__class__.__name__})") from None
     names = [words[0] for words in lines]
-    for name in names:
-        if not re.fullmatch(r"[\w-][\w.-]*", name):
-            raise RuntimeError(f"{a.ablations}: run name {name!r} must be a plain folder name")
+    if bad := [name for name in names if not re.fullmatch(r"[\w-][\w.-]*", name)]:
+        raise RuntimeError(f"{a.ablations}: run name {bad[0]!r} must be a plain folder name")
     if names[:1] != ["base"]:
         raise RuntimeError(f"{a.ablations}: the first run must be named base (the shared stage 1)")
     if len(set(names)) < len(names):
@@ -139,8 +136,7 @@ def ablation_table(rows):
         lines.append(f"| {r['name']} | `{' '.join(r['flags']) or '(defaults)'}` | {r['train_flops']:.2e} | "
                      f"{r['fm_cond']:.3f} / {r['fm_uncond']:.3f} | {sd.get('after_dit_0.5', 0):.3f} / "
                      f"{sd.get('after_dit_0.75', 0):.3f} / {sd.get('after_dit_1.0', 0):.3f} | "
-                     f"{r.get('next_token_acc') or 0:.3f} | {cell(sweep.get(1.0))} | "
-                     f"{cell(sweep.get(0.5))} |")
+                     f"{r.get('next_token_acc') or 0:.3f} | {cell(sweep.get(1.0))} | {cell(sweep.get(0.5))} |")
     return "\n".join(lines) + judges_line(rows)
 
 
@@ -273,8 +269,7 @@ def run_all(a):
         n_base = len(runs[0][3])  # ablations: base's flags lead every run's
         done = lambda r: os.path.exists(os.path.join(r[2], "eval.json"))
         if a.table_only:
-            missing = [r[0] if a.ablations else f"{r[0]}_{r[1]:g}" for r in runs if not done(r)]
-            if missing:
+            if missing := [r[0] if a.ablations else f"{r[0]}_{r[1]:g}" for r in runs if not done(r)]:
                 print(f"[scaling] not yet trained and evaluated: {', '.join(missing)}", flush=True)
             runs = [r for r in runs if done(r)] or fail("no run has an eval.json yet")
         for r in filter(done, runs):  # a broken eval.json stops the command before any training
