@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cli import pyplot, save_figure, write_atomic
-from baselines import ar_generate, llada_generate
+from baselines import lm_generate
 from decoder import denoise_block, encode_normalised, generate
 from release import release_generate, row_noise
 from diffusion import flow_path, sample_t, time_grid
@@ -201,19 +201,15 @@ def sample_quality(make_gen, prompts, sample_len, seed, repeats, train_ngrams, j
 def make_generator(kind, model, sampler, seed, temperature=0.0, release=False):
     """fn(prompts, max_new, row_seeds=None) -> (new-token lists, model passes): Cola with `sampler` (a snapshot as the
     release samples); AR and LLaDA at `temperature` (0: greedy), repetition penalty 1.1 (the paper's task settings)."""
-    g, stop = torch.Generator(device=str(next(model.parameters()).device)).manual_seed(seed), sampler.stop_ids[0]
+    g = torch.Generator(device=str(next(model.parameters()).device)).manual_seed(seed)
 
     def run(prompts, max_new, row_seeds=None):
         if kind == "cola":  # row_seeds: each row's noise from its own seed (--item_noise_seed), as the release's
             outs, st = (release_generate(model, prompts, max_new, sampler, row_seeds, g) if release
                         else generate(model, prompts, max_new, sampler, g, row_noise(row_seeds, g.device)))
             return outs, st["blocks"] * (sampler.steps + 2) * len(prompts)  # per block: steps, commit, decode
-        if kind == "ar":
-            outs, st = ar_generate(model, prompts, max_new, temperature, repetition_penalty=1.1, eos_id=stop,
-                                   generator=g)
-        else:
-            outs, st = llada_generate(model, prompts, max_new, steps=max(sampler.steps, 8),
-                                      block_length=min(16, max_new), temperature=temperature, eos_id=stop, generator=g)
+        lm = replace(sampler, temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.1)  # LLaDA: no penalty
+        outs, st = lm_generate(kind, model, prompts, max_new, lm, g, max(sampler.steps, 8), min(16, max_new))
         return outs, st["passes"] * len(prompts)
     return run
 
