@@ -263,10 +263,8 @@ RUN_ONLY = ("resume", "overwrite", "dry_run", "stop_after", "device", "out_dir",
 
 def stage_files(args):
     """[(checkpoint path, kind)] this invocation writes, in order."""
-    if args.model != "cola":
-        return [(os.path.join(args.out_dir, "ckpt.pt"), args.model)]
-    return ([(os.path.join(args.out_dir, "vae.pt"), "vae")] if args.stage in ("vae", "all") else []) + \
-        ([(os.path.join(args.out_dir, "ckpt.pt"), "cola")] if args.stage != "vae" else [])
+    kinds = [args.model] if args.model != "cola" else {"vae": ["vae"], "all": ["vae", "cola"]}.get(args.stage, ["cola"])
+    return [(os.path.join(args.out_dir, "vae.pt" if kind == "vae" else "ckpt.pt"), kind) for kind in kinds]
 
 
 def stage_log(kind):
