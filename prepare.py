@@ -18,7 +18,6 @@ import os
 import re
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from cli import Parser, check_writable_dir, fail, float_in, folder_lock, json_loads, positive_int, script, write_json

@@ -42,8 +42,7 @@ def similarity(a, b, floor=0.0):
 
 
 def first_word(text):
-    words = normalize(text).split()
-    return words[0] if words else ""
+    return (normalize(text).split() or [""])[0]
 
 
 _ANSWER_LINE = re.compile(r"(?i)\b(?:final\s+answer|answer)\b\s*(?:is|=|:|：)?\s*(.+)$")
@@ -122,13 +121,10 @@ def parse_task(obj, name, where, index):
     before the prompt; no id: its index) or this repo's (prompt, answer, options, scoring); TaskError names where."""
     if not isinstance(obj, dict):
         raise TaskError(f"{where}: each line must be a JSON object")
-    truth_key = "ground_truth" if "ground_truth" in obj else "answer"
-    for key in ("prompt", truth_key):
-        if not isinstance(obj.get(key), str):
+    truth_key, prefix = "ground_truth" if "ground_truth" in obj else "answer", obj.get("few_shot_prefix") or ""
+    for key, value in (("prompt", obj.get("prompt")), (truth_key, obj.get(truth_key)), ("few_shot_prefix", prefix)):
+        if not isinstance(value, str):
             raise TaskError(f"{where}: '{key}' must be a string")
-    prefix = obj.get("few_shot_prefix") or ""
-    if not isinstance(prefix, str):
-        raise TaskError(f"{where}: 'few_shot_prefix' must be a string")
     choices = obj.get("choices", obj.get("options"))
     if choices is not None and (not isinstance(choices, list) or len(choices) < 2
                                 or not all(isinstance(c, str) for c in choices)):
@@ -172,8 +168,7 @@ def read_tasks(path):
 def score_file(path):
     """Score the existing generations ('generate' field) of a task file -> {task, n, accuracy (percent)}."""
     name, tasks = read_tasks(path)
-    missing = sum("generate" not in t for t in tasks)
-    if missing:
+    if missing := sum("generate" not in t for t in tasks):
         raise TaskError(f"{path}: {missing} of {len(tasks)} lines have no 'generate' field to score")
     return {"task": name, "n": len(tasks), "accuracy": 100.0 * sum(score(t["generate"], t) for t in tasks) / len(tasks)}
 
