@@ -53,13 +53,6 @@ _BRACKET_LETTER = re.compile(r"[\(\[]\s*([A-Za-z])\s*[\)\]]")
 _ANSWER_PREFIX = re.compile(r"(?i)^(the\s+)?(correct\s+)?(final\s+)?(answer|option|choice)\b\s*(is|=|:|：)?\s*")
 
 
-def answer_segment(text):
-    """What follows "answer (is)" on the last line that has it; else the whole stripped text."""
-    raw = str(text or "").strip()
-    found = [m for m in map(_ANSWER_LINE.search, map(str.strip, raw.splitlines())) if m]
-    return found[-1].group(1) if found else raw
-
-
 def letter_in(text, n_choices):
     """A choice letter written as such: bare, after a keyword, or bracketed in a short reply; '' if none (a letter
     past the last choice does not count: the next form is tried)."""
@@ -92,7 +85,8 @@ def choice_by_text(text, choices):
 def choice_of(text, choices):
     """The choice letter a generation maps to, or '' (unmapped): a letter written as such (letter_in), else the
     choice its words name (choice_by_text); the last "answer is ..." line is tried before the whole reply."""
-    seg, n = answer_segment(text), min(len(choices), 26)
+    found = [m for m in map(_ANSWER_LINE.search, map(str.strip, str(text or "").splitlines())) if m]
+    seg, n = found[-1].group(1) if found else str(text or "").strip(), min(len(choices), 26)  # after "answer (is)"
     return letter_in(seg, n) or choice_by_text(seg, choices) or letter_in(text, n) or choice_by_text(text, choices)
 
 
