@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cli import Parser, check_writable_dir, fail, float_in, folder_lock, json_loads, positive_int, script, write_json
-from tokendata import DEFAULT_DATA_DIR, SHARD, load_meta, shard_ends
+from tokendata import DEFAULT_DATA_DIR, SHARD, SHARD_ENDS, load_meta
 from tokenizer import REPO_DIR, DataError, get_tokenizer, sha256_of
 
 DEFAULT_CORPUS = os.path.join(REPO_DIR, "data", "shakespeare_tiny.txt")
@@ -150,7 +150,7 @@ class Shards:
             path = os.path.join(self.out_dir, s["file"])
             if keep:
                 os.replace(path + self.tmp, path)
-                s["ends"] = shard_ends(path)  # meta.json (which holds self.shards) names what the shard holds
+                s["ends"] = sha256_of(path, ends=SHARD_ENDS)  # meta.json (self.shards) names what the shard holds
             for p in [path + self.tmp] + ([] if keep else [path]):
                 os.remove(p) if os.path.exists(p) else None
 
