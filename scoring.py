@@ -193,8 +193,7 @@ class TrainNgrams:
         if not len(g):
             return 0.0
         code, table = self.code(g.T), self.codes[n]
-        idx = np.clip(np.searchsorted(table, code), 0, len(table) - 1)
-        return float((table[idx] == code).mean())
+        return float((table[np.clip(np.searchsorted(table, code), 0, len(table) - 1)] == code).mean())
 
 
 def ngram_metrics(samples, train_ngrams=None):
