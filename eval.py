@@ -89,12 +89,10 @@ def main(argv=None):
         return None
     try:
         if args.score:
-            scores = [score_file(path) for path in args.score]
-            for sc in scores:
+            scores, n = [score_file(path) for path in args.score], len(args.score)
+            mean = {"task": "average", "n_tasks": n, "accuracy": sum(sc["accuracy"] for sc in scores) / n}
+            for sc in scores + [mean] * (n > 1):  # the paper's average: the mean of the per-task accuracies
                 print(json.dumps({**sc, "accuracy": round(sc["accuracy"], 2)}))
-            if len(scores) > 1:  # the paper's average: the mean of the per-task accuracies
-                mean = sum(sc["accuracy"] for sc in scores) / len(scores)
-                print(json.dumps({"task": "average", "n_tasks": len(scores), "accuracy": round(mean, 2)}))
             return scores
         return evaluate(args)
     except (DataError, CheckpointError, TaskError, GenerationError) as e:
