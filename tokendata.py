@@ -57,7 +57,7 @@ class TokenData:
     def __init__(self, data_dir, seq_len):
         self.meta, self.data_dir, self.seq_len = load_meta(data_dir), data_dir, seq_len
         self.shards, self.starts, vocab = {}, {}, self.meta["vocab_size"]
-        if (n_vocab := get_tokenizer(self.meta["tokenizer"]).n_vocab) != vocab:  # a hand-edited meta.json disagrees
+        if (n_vocab := get_tokenizer(self.meta["tokenizer"]).n_vocab) != vocab:  # an edited tokenizer or vocab_size
             raise DataError(f"{data_dir}/meta.json: tokenizer {self.meta['tokenizer']} has {n_vocab} ids, not its "
                             f"vocab_size {vocab}; prepare the data again")
         for split in ("train", "val"):
