@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffusion import euler_step, rising_t, time_grid
+from diffusion import rising_t, sampler_step, time_grid
 from layers import prefix_mask
 
 
@@ -19,6 +19,7 @@ class SamplerConfig:
     steps: int = 16                 # Euler steps per block (paper: 16)
     guidance: float = 7.0           # classifier-free guidance on the whole velocity; 1 = off (paper: 7)
     noise_scale: float = 1.0        # std of each block's starting noise; < 1 is a lower-temperature draw (paper: 1)
+    eta: float = 0.0                # > 0: a stochastic sampler, this share of each step's noise drawn afresh (paper: 0)
     t_rise: float = 0.0             # the prior's rising t (diffusion.rising_t) as it was trained (paper: 0)
     temperature: float = 0.0        # token choice: 0 = greedy
     top_k: int = 0                  # keep the k most likely tokens (0 = all)
@@ -87,8 +88,9 @@ def encode_normalised(model, tokens, valid):
     return model.normalize(mu.float())
 
 
-def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin_z=None, on_step=None):
-    """Guided Euler steps of the next block z (B, bs, d) along `grid` (steps + 1,) or (steps + 1, bs) (rising t),
+def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin_z=None, on_step=None, eta=0.0,
+                  generator=None):
+    """Guided steps (sampler_step's, eta) of the next block z (B, bs, d) along `grid` (steps + 1,) or (steps + 1, bs),
     after the history in the DiT cache; latents in `pin` (B, bs) are held at pin_z, at t = 0. on_step(i, x0) sees
     step i's estimate of the clean block, x0 = z_t - t v (B, bs, d): at the last step, the block itself."""
     B, bs, _ = z.shape
@@ -100,7 +102,8 @@ def denoise_block(model, z, grid, hist_valid, guidance, dit_cache, pin=None, pin
         v = model.guided_velocity(z, t_tok, hist_valid, guidance, dit_cache).float()
         if on_step is not None:
             on_step(i, torch.where(pin.unsqueeze(-1), pin_z, z - t_tok.unsqueeze(-1) * v))
-        z = euler_step(z, v, (grid[i] - grid[i + 1]).unsqueeze(-1))
+        noise = torch.randn(z.shape, device=z.device, generator=generator) if eta else None
+        z = sampler_step(z, v, grid[i].unsqueeze(-1), grid[i + 1].unsqueeze(-1), eta, noise)
     return torch.where(pin.unsqueeze(-1), pin_z, z)
 
 
@@ -160,13 +163,12 @@ def generate(model, prompts, max_new_tokens, sampler=SamplerConfig(), generator=
     grid = time_grid(sampler.steps, tokens.device, 1 + sampler.t_rise)  # (steps + 1,): from t = 1 (+ the rise) to 0
     grid = rising_t(grid, bs, sampler.t_rise) if sampler.t_rise else grid  # (steps + 1, bs): one t per latent
     for k in range(n_blocks):
-        shape = (B, bs, d)
-        z = noise(k, shape) if noise else torch.randn(shape, device=tokens.device, generator=generator)
+        z = noise(k, (B, bs, d)) if noise else torch.randn(B, bs, d, device=tokens.device, generator=generator)
         step_hook = on_step and (lambda i, x0: on_step(StepState(k, i, grid[i], x0, hist_valid, caches, seen)))
         scale, has_history = sampler.guidance, hist_valid.any(1)  # (B,): a row with none has equal passes: unguided
         guidance = scale if scale == 1.0 or has_history.all() else torch.where(has_history, scale, 1.0)
         z = denoise_block(model, sampler.noise_scale * z, grid, hist_valid, guidance, caches[0], part.pin, part.pin_z,
-                          step_hook)
+                          step_hook, sampler.eta, generator)
         if not torch.isfinite(z).all():
             raise GenerationError(f"block {k}'s latents are not finite: lower the guidance or the noise scale")
         logits = model.decode_block(z, hist_valid, caches)  # (B, tpb, V)

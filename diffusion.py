@@ -19,8 +19,7 @@ def sample_t(n, loc=1.0, scale=1.0, uniform=False, device="cpu", generator=None)
     """n times in (0, 1): logit-normal, t = sigmoid(u) with u ~ N(loc, scale^2), or uniform."""
     if uniform:
         return torch.rand(n, device=device, generator=generator)
-    u = torch.randn(n, device=device, generator=generator) * scale + loc
-    return torch.sigmoid(u)
+    return torch.sigmoid(torch.randn(n, device=device, generator=generator) * scale + loc)
 
 
 def flow_path(z0, eps, t):
@@ -35,9 +34,12 @@ def velocity_target(z0, eps):
     return eps - z0
 
 
-def euler_step(z, v, dt):
-    """One step from t to t - dt (towards data)."""
-    return z - dt * v
+def sampler_step(z, v, t, t_next, eta=0.0, noise=None):
+    """One step from t to t_next < t (towards data). eta = 0: Euler's; eta > 0 keeps the clean estimate z - t v and
+    draws a share eta^2 of the noise estimate z + (1 - t) v afresh (noise ~ N(0, I)): DDIM's eta on the flow path."""
+    if not eta:
+        return z - (t - t_next) * v
+    return (1 - t_next) * (z - t * v) + t_next * ((1 - eta ** 2) ** 0.5 * (z + (1 - t) * v) + eta * noise)
 
 
 def apply_guidance(v_cond, v_uncond, scale):
@@ -81,8 +83,7 @@ def partial_known_prefix(B, L, block_size, prob, device="cpu", generator=None):
     nb = L // block_size
     pick = torch.rand(B, nb, device=device, generator=generator) < prob  # (B, nb)
     length = torch.randint(1, max(block_size, 2), (B, nb), device=device, generator=generator)  # (B, nb)
-    idx = torch.arange(block_size, device=device)
-    known = pick.unsqueeze(-1) & (idx < length.unsqueeze(-1))  # (B, nb, bs)
+    known = pick.unsqueeze(-1) & (torch.arange(block_size, device=device) < length.unsqueeze(-1))  # (B, nb, bs)
     return known.reshape(B, L)
 
 
@@ -91,7 +92,6 @@ def fm_loss(v_pred, v_target, valid=None):
     err = (v_pred.float() - v_target.float()).pow(2).mean(-1)  # (B, T)
     if valid is None:
         return err.mean()
-    valid = valid.float()
     return (err * valid).sum() / valid.sum().clamp(min=1)
 
 

@@ -18,8 +18,8 @@ import time
 import torch
 
 from checkpoint import CheckpointError, load_model, log_row, prompt_ids, stored_sampler
-from cli import Parser, check_writable_dir, check_writable_file, fail, float_list, int_at_least, int_list, \
-    nonneg_float, nonneg_int, pick_device, positive_float, positive_int, readable_file, script, write_json, json_loads
+from cli import Parser, check_writable_dir, check_writable_file, fail, float_list, int_at_least, int_list, json_loads, \
+    nonneg_float, nonneg_int, pick_device, positive_float, positive_int, readable_file, script, unit_float, write_json
 from decoder import GenerationError
 from measures import (builtin_tasks, eval_history_drift, eval_history_gap, eval_latent_fit, eval_likelihood,
                       eval_prefix_prediction, eval_sdedit, eval_testbed, eval_vae, make_generator, plot_diagnostics,
@@ -72,6 +72,7 @@ def get_args(argv=None):
     arg("--steps", type=positive_int, help="Euler steps per block (Cola) / LLaDA steps (paper 16)")
     arg("--guidance", type=positive_float, help="guidance scale (Cola; paper 7)")
     arg("--noise_scale", type=positive_float, help="Cola: std of each block's starting noise (paper 1)")
+    arg("--eta", type=unit_float, help="Cola: > 0 a stochastic sampler, this share of each step's noise drawn afresh")
     arg("--sweep_steps", type=int_list, help="comma list of step counts to sweep (Cola)")
     arg("--sweep_guidance", type=float_list, help="comma list of guidance scales to sweep (Cola)")
     arg("--sweep_noise", type=float_list, help="comma list of starting-noise scales to sweep (Cola)")
@@ -129,7 +130,7 @@ def setup(args):
     if clash and args.builtin_n and data is not None:
         raise TaskError(f"task file {clash[0]} has the name of a built-in task; rename it or pass --builtin_n 0")
     sampler = stored_sampler(info, enc.eot_token, steps=args.steps, guidance=args.guidance,
-                             noise_scale=args.noise_scale, repetition_penalty=1.1)
+                             noise_scale=args.noise_scale, eta=args.eta, repetition_penalty=1.1)
     args.steps, args.guidance = sampler.steps, sampler.guidance
     return dict(sampler=sampler, device=device, path=path, run_dir=run_dir, out_path=out_path, tasks=tasks,
                 model=model, info=info, enc=enc, judge=judge, data=data, curves=training_curves(run_dir))

@@ -16,7 +16,7 @@ import torch
 from baselines import lm_generate
 from checkpoint import CheckpointError, load_model, prompt_ids, release_sampler, stored_sampler
 from cli import (Parser, autocast, float_in, int_at_least, nonneg_float, nonneg_int, output_file, pick_device,
-                 positive_float, positive_int, read_prompt, script)
+                 positive_float, positive_int, read_prompt, script, unit_float)
 from decoder import GenerationError, generate
 from tokenizer import REPO_DIR, DataError, get_tokenizer
 from scoring import seen_ngrams_line
@@ -36,6 +36,7 @@ def get_args(argv=None):
     add("--steps", type=positive_int, help="Cola: Euler steps per block; LLaDA: unmasking passes")
     add("--guidance", type=float_in(0.0, 1e3, low_open=True), help="Cola: guidance scale, 1 = off")
     add("--noise_scale", type=float_in(0.0, 1e3, low_open=True), help="Cola: std of each block's starting noise")
+    add("--eta", type=unit_float, help="Cola: > 0 a stochastic sampler, this share of each step's noise drawn afresh")
     add("--block_length", type=nonneg_int, default=0, help="LLaDA: semi-autoregressive block length (0: all at once)")
     add("--temperature", type=nonneg_float, help="0 = greedy (stored: 0)")
     add("--top_k", type=nonneg_int, help="Cola, AR: keep the k most likely tokens, 0 = all (stored: 0)")
@@ -61,7 +62,7 @@ def main(argv=None):
         model, info = load_model(path, device, dtype=getattr(torch, args.dtype))
         enc = get_tokenizer(info["tokenizer"])
         prompt = prompt_ids(info, enc, text)
-        flags = ("steps", "guidance", "noise_scale", "temperature", "top_k", "top_p", "repetition_penalty")
+        flags = ("steps", "guidance", "noise_scale", "eta", "temperature", "top_k", "top_p", "repetition_penalty")
         sampler = stored_sampler(info, enc.eot_token, **{k: getattr(args, k) for k in flags})
     except (DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")
@@ -71,8 +72,8 @@ def main(argv=None):
         model.vae.dec = torch.compile(model.vae.dec, dynamic=True)
     g = torch.Generator(device=device).manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    how = {"cola": f"steps {sampler.steps}, guidance {sampler.guidance}, noise scale {sampler.noise_scale}" +
-                   (", the release's sampler" if info.get("release") else ""), "ar": "KV cache",
+    how = {"cola": f"steps {sampler.steps}, guidance {sampler.guidance}, noise {sampler.noise_scale}, eta {sampler.eta}"
+                   + (", the release's sampler" if info.get("release") else ""), "ar": "KV cache",
            "llada": f"steps {args.steps or 32}, block length {args.block_length or args.max_new_tokens}"}[kind]
     print(f"# {path}: {kind}, step {info['step']}, {how}, prompt {len(prompt)} tokens", flush=True)
     show = lambda tokens: print(enc.decode(tokens), end="", flush=True)

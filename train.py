@@ -195,8 +195,7 @@ def stage_vae(args, env, data):
     loss_args = (args.beta, args.mask_prob, args.lam_mask)
 
     def validate(x):
-        out = model(x, *loss_args)
-        out["recon_acc"] = model.recon_accuracy(x)
+        out = {**model(x, *loss_args), "recon_acc": model.recon_accuracy(x)}
         return {k: out[k] for k in ("loss", "ce", "kl", "mask_acc", "recon_acc", "logsnr")}
 
     return Run("vae", model, vocab_lr_groups(model, 1.0, args.embed_lr_mult), loss_args, args.vae_iters, path,
@@ -230,8 +229,7 @@ def stage_joint(args, env, data):
                    if args.grad_clip_scope == "network" else {})
 
     def validate(x):  # the decoder terms over the whole validation batch
-        out = model(x, replace(loss, fm_batch_mult=1))
-        out["recon_acc"] = model.vae.recon_accuracy(x)
+        out = {**model(x, replace(loss, fm_batch_mult=1)), "recon_acc": model.vae.recon_accuracy(x)}
         return {k: out[k] for k in ("loss", "ce", "mask_acc", "recon_acc", "fm", "ref_kl", "logsnr")}
 
     eot = data.meta["eot_id"]  # ends a row and pads a prompt's partial block

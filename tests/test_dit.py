@@ -3,8 +3,8 @@ import math
 
 import torch
 
-from diffusion import (ColaDLM, LossConfig, apply_guidance, euler_step, flow_path, fm_loss, latent_stats,
-                       partial_known_prefix, sample_t, time_grid, two_l_layout, velocity_target)
+from diffusion import (ColaDLM, LossConfig, apply_guidance, flow_path, fm_loss, latent_stats,
+                       partial_known_prefix, sample_t, sampler_step, time_grid, two_l_layout, velocity_target)
 from measures import velocity_uncond
 from dit import DiT, DiTConfig
 from layers import KVCache, two_l_mask
@@ -134,7 +134,7 @@ def test_euler_with_exact_velocity_lands_on_target():
     grid = time_grid(5)
     z = eps.clone()
     for i in range(5):
-        z = euler_step(z, velocity_target(z0, eps), grid[i] - grid[i + 1])
+        z = sampler_step(z, velocity_target(z0, eps), grid[i], grid[i + 1])
     assert torch.allclose(z, z0, atol=1e-5)
 
 

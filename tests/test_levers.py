@@ -1,10 +1,11 @@
-"""The testbed's lever that changes stage 2 and its sampler (docs/results.md, the history testbed; off in --preset
-paper): t rising along each prior block. The mutation each test guards against is named in its docstring."""
+"""The testbed's levers (docs/results.md, the history testbed; off in --preset paper): t rising along each prior
+block, in stage 2 and its sampler, and the stochastic sampler (eta). The mutation each test guards against is named
+in its docstring."""
 import torch
 
 import train
-from decoder import denoise_block, time_grid
-from diffusion import LossConfig, rising_t
+from decoder import SamplerConfig, denoise_block, generate, time_grid
+from diffusion import LossConfig, flow_path, rising_t, sampler_step, velocity_target
 from test_generate import V, tiny_model
 from test_train import TINY
 from tokendata import TokenData
@@ -58,3 +59,46 @@ def test_the_stage_trains_and_stores_the_same_rise(tmp_path, data_dir):
     args = train.get_args(common + ["--stage", "joint", "--t_rise", "1.5"])
     run = train.stage_joint(args, dict(rank=0, world=1, device="cpu", master=True), TokenData(data_dir, args.seq_len))
     assert run.loss_args[0].t_rise == 1.5 and run.ckpt_fields["sampler"]["t_rise"] == 1.5
+
+
+def test_the_stochastic_step_keeps_the_flow_paths_marginals():
+    """eta = 0 is the Euler step; with the exact velocity of data z0 = 0, z_t = t eps stays t' times a standard
+    normal after an eta step, and new noise has entered. Mutation: sqrt(1 - eta^2) as 1 - eta, or the fresh noise
+    left out."""
+    z0, eps, noise = torch.zeros(20000, 4), torch.randn(20000, 4), torch.randn(20000, 4)
+    t, t_next = torch.tensor(0.8), torch.tensor(0.5)
+    zt, v = flow_path(z0, eps, t), velocity_target(z0, eps)
+    assert torch.equal(sampler_step(zt, v, t, t_next), zt - (t - t_next) * v)
+    z = sampler_step(zt, v, t, t_next, 0.7, noise) / t_next
+    corr = float(torch.corrcoef(torch.stack([z[:, 0], eps[:, 0]]))[0, 1])  # sqrt(1 - 0.49) = 0.71
+    assert abs(float(z.std()) - 1) < 0.02 and 0.68 < corr < 0.75
+    assert torch.allclose(sampler_step(zt, v, t, torch.tensor(0.0), 0.7, noise), z0)  # the last step lands on data
+
+
+def test_the_stochastic_sampler_in_denoise_block():
+    """eta > 0 draws new noise at each step from the generator, pinned latents stay pinned, eta = 0 draws none.
+    Mutation: eta not passed down, or noise added to pinned latents."""
+    model = tiny_model()
+    model.guided_velocity = lambda z, t_tok, *a: torch.ones_like(z)
+    grid, hist = time_grid(4), torch.zeros(2, 0, dtype=torch.bool)
+    pin, pin_z = torch.tensor([[True, False, False, False]] * 2), torch.full((2, 4, 4), 3.0)
+    start = torch.randn(2, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    ode = denoise_block(model, start, grid, hist, 1.0, None, pin, pin_z, generator=g)
+    assert g.initial_seed() == 0 and torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())
+    sde = denoise_block(model, start, grid, hist, 1.0, None, pin, pin_z, eta=0.5, generator=g)
+    assert not torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())
+    assert torch.equal(sde[:, 0], pin_z[:, 0]) and torch.equal(ode[:, 0], pin_z[:, 0])
+    assert not torch.allclose(sde[:, 1:], ode[:, 1:])
+
+
+def test_generate_passes_eta_down():
+    """generate's blocks differ with eta > 0 at the same seed, and eta = 0 is the stored ODE sampler. Mutation:
+    SamplerConfig.eta not handed to denoise_block."""
+    model, blocks = tiny_model(), {}
+    for eta in (0.0, 0.0, 0.5):
+        got = blocks.setdefault(eta, [])
+        generate(model, [[1, 2, 3]], 8, SamplerConfig(steps=3, eta=eta, stop_ids=(), pad_id=0), torch.Generator().manual_seed(0),
+                 on_block=lambda s: got.append(s.z.clone()))
+    assert len(blocks[0.0]) == 6 and torch.equal(blocks[0.0][0], blocks[0.0][3])
+    assert not torch.allclose(blocks[0.5][0], blocks[0.0][0])
