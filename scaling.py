@@ -4,8 +4,8 @@ corpus, `train.py --model ar --out_dir out_judge --main_iters 3000`; trained her
   matched training FLOPs (train.py --dry_run): level x scales the default Cola run's steps by x, each baseline gets
   the steps that match (its samples at temperature 1, tasks greedy); a markdown table and scaling.png;
 - recipe ablations (--ablations FILE): lines `name flags...` for train.py, `base` the default run; a run without
-  `--stage all` trains stage 2 from base's stage 1 (or from=RUN's); a table of the generation diagnostics and the
-  sample metrics at the paper's sampler and at starting noise 0.5.
+  `--stage all` trains stage 2 from base's stage 1 (or from=RUN's); a table of the prior's use of its history and
+  the sample metrics at the paper's sampler and at starting noise 0.5.
 A run that has its ckpt.pt / eval.json is not trained / evaluated again (e.g. out/ copied to out_scaling/cola_1).
 
     python scaling.py --tasks tasks/comedies.jsonl     # levels 0.25,0.5,1 at the cpu preset, one run at a time
@@ -124,19 +124,17 @@ def plan_ablations(a):
 
 
 def ablation_table(rows):
-    """One line per run: the diagnostics, then the sample metrics (mean over rounds) at noise 1 and 0.5."""
-    lines = ["| run | flags | train FLOPs | FM with / without history | block accuracy from t0 = 0.5 / 0.75 / 1 | next "
-             "token, the rest known | seen 2-gram / 3-gram, distinct-2, judge ppl (noise 1) | the same, noise 0.5 |",
-             "|---|---|---|---|---|---|---|---|"]
+    """One line per run: the prior's use of its history, then the sample metrics (mean over rounds) at noise 1, 0.5."""
+    lines = ["| run | flags | train FLOPs | FM with / without history | next token, the rest known | seen 2-gram / "
+             "3-gram, distinct-2, judge ppl (noise 1) | the same, noise 0.5 |", "|---|---|---|---|---|---|---|"]
     pm = lambda s, k, f: f"{s[k]:{f}} ± {s.get(k + '_se', 0.0):{f}}"
     cell = lambda s: (f"{pm(s, 'seen_2gram_rate', '.2f')} / {pm(s, 'seen_3gram_rate', '.2f')}, "
                       f"{s['distinct_2']:.2f}, {pm(s, 'judge_ppl', ',.0f')}") if s else "-"
     for r in rows:
-        sd, sweep = r.get("sdedit", {}), {s["noise_scale"]: s for s in r.get("sweep_noise_scale", [])}
+        sweep = {s["noise_scale"]: s for s in r.get("sweep_noise_scale", [])}
         lines.append(f"| {r['name']} | `{' '.join(r['flags']) or '(defaults)'}` | {r['train_flops']:.2e} | "
-                     f"{r['fm_cond']:.3f} / {r['fm_uncond']:.3f} | {sd.get('after_dit_0.5', 0):.3f} / "
-                     f"{sd.get('after_dit_0.75', 0):.3f} / {sd.get('after_dit_1.0', 0):.3f} | "
-                     f"{r.get('next_token_acc') or 0:.3f} | {cell(sweep.get(1.0))} | {cell(sweep.get(0.5))} |")
+                     f"{r['fm_cond']:.3f} / {r['fm_uncond']:.3f} | {r.get('next_token_acc') or 0:.3f} | "
+                     f"{cell(sweep.get(1.0))} | {cell(sweep.get(0.5))} |")
     return "\n".join(lines) + judges_line(rows)
 
 
@@ -285,7 +283,7 @@ def run_all(a):
             rows.append({**res, "name": m, "flags": flags if m == "base" else flags[n_base:]})
             continue
         user = [v for k, v in res.get("tasks", {}).items() if k not in ("lambada_style", "ending_choice")]
-        acc = res.get("next_token_acc" if m == "cola" else "val_acc")  # none: no diagnostics (--diag_windows 0)
+        acc = res.get("next_token_acc" if m == "cola" else "val_acc")  # none: not measured (--diag_windows 0)
         rows.append({**res, "level": level, **res.get("tasks", {}), "next_token_acc": acc,
                      "user_tasks": sum(user) / len(user) if user else None})
     md = (ablation_table if a.ablations else table)(rows)

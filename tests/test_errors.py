@@ -680,7 +680,7 @@ def test_a_failed_plot_keeps_the_earlier_one(tmp_path, monkeypatch):
     temporary file left (every plot goes through cli.save_figure). Mutation: savefig straight to the path tears it."""
     import matplotlib.figure
     from cli import pyplot, save_figure
-    plt, path = pyplot(), str(tmp_path / "diagnostics.png")
+    plt, path = pyplot(), str(tmp_path / "training_curves.png")
     save_figure(plt, plt.figure(), path)
     before = open(path, "rb").read()
 
@@ -691,7 +691,7 @@ def test_a_failed_plot_keeps_the_earlier_one(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", torn)
     with pytest.raises(OSError):
         save_figure(plt, plt.figure(), path)
-    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["diagnostics.png"]
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["training_curves.png"]
 
 
 # script | the function inside main that the interrupt or the closed pipe hits | argv ({name}: safe() or {fresh})
