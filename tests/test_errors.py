@@ -540,7 +540,6 @@ scaling | --train_args=--data_dir={bad_meta} --judge {ar}/ckpt.pt --out_root {fr
 scaling | --ablations {abl_up} --judge {ar}/ckpt.pt --out_root {fresh}    | must be a plain folder name
 scaling | --ablations {abl_two} --judge {ar}/ckpt.pt --out_root {fresh}   | two runs share the name x
 scaling | --ablations {abl_from} --judge {ar}/ckpt.pt --out_root {fresh}  | from=nope names no run
-prepare | --input {text} --out_dir {fresh} --workers 100000                | more than 4 per CPU core
 prepare | --input {text} --out_dir {locked} --tokenizer {tok}             | is being written by another prepare.py
 prepare | --input {deep} --out_dir {fresh} --tokenizer {tok}              | not a JSON object with a string 'text'
 prepare | --input {text} --out_dir {fresh} --tokenizer {deep_tok}         | is not a readable tokenizer.json
@@ -612,7 +611,7 @@ def test_prepare_overwrite_replaces_the_folder_whole_or_not_at_all(tmp_path, saf
     as it was; finished, it is the new one, without the old shards. Mutation: new shards under the old names (the
     old meta.json then refuses them as truncated or changed)."""
     out = str(tmp_path / "p")  # (a killed run's shard temporary is cleared by the next run, which holds the lock)
-    argv = ["--tokenizer", safe["tok"], "--min_seq_len", "16", "--workers", "1", "--out_dir", out, "--overwrite"]
+    argv = ["--tokenizer", safe["tok"], "--min_seq_len", "16", "--out_dir", out, "--overwrite"]
     prepare.main(argv + ["--input", safe["text"]])
     old = tokendata.load_meta(out)
     other = tmp_path / "other.txt"
