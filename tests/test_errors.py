@@ -99,13 +99,14 @@ def materials(tmp, runs, data_dir):
     torch.save(flipped, str(tmp / "bitflip.pt"))
     torch.save({**ck, "step": -1000000}, str(tmp / "step_edit.pt"))
     torch.save({k: v for k, v in ck.items() if k != "checksum"}, str(tmp / "no_checksum.pt"))
+    torch.save({**ck, "checksum": ck["checksum"].removeprefix("sha256:")}, str(tmp / "old_checksum.pt"))  # pre-12-08
     looped, dag = [1], [0]  # a list inside itself; 24 levels of shared lists (2^24 paths, 25 lists)
     looped.append(looped)
     for _ in range(24):
         dag = [dag, dag]
     torch.save({**ck, "extra": looped}, str(tmp / "looped.pt"))
     torch.save({**ck, "extra": dag}, str(tmp / "dag.pt"))
-    m.update({n: str(tmp / f"{n}.pt") for n in ("bitflip", "step_edit", "no_checksum", "looped", "dag")})
+    m.update({n: str(tmp / f"{n}.pt") for n in ("bitflip", "step_edit", "no_checksum", "old_checksum", "looped", "dag")})
     # config values of the wrong kind, or of a size no machine holds, checksummed as a writer that checks nothing
     for name, field, value in (("float", "width", 64.0), ("zero", "width", 0), ("huge", "width", 10**12),
                                ("null", "width", None), ("text", "width", "abc"), ("wide", "width", 99_999_998),
@@ -229,6 +230,7 @@ prepare | --input {nonutf8} --out_dir {fresh}                            | is no
 sample  | --ckpt {bitflip}                                               | is corrupt: its contents do not match their checksum
 sample  | --ckpt {step_edit}                                             | is corrupt: its contents do not match their checksum
 sample  | --ckpt {no_checksum}                                           | has no checksum
+sample  | --ckpt {old_checksum}                                          | has no checksum (sha256:)
 sample  | --ckpt {looped}                                                | holds a list or dict in two places or inside itself
 sample  | --ckpt {dag}                                                   | holds a list or dict in two places or inside itself
 sample  | --ckpt {cfg_wide}                                              | the weights its configs ask for alone need
