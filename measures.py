@@ -298,12 +298,10 @@ def prefilled(model, hist):
     return caches, valid
 
 
-def denoise_from(model, hist, start, t0, steps, guidance, pin=None, pin_z=None):
-    """The sampler's guided Euler steps for the block after history hist from `start` at t0 to 0, round(steps * t0) of
-    them (the sampler's step size); latents in `pin` held at pin_z."""
+def denoise_from(model, hist, start, steps, guidance, pin=None, pin_z=None):
+    """The sampler's guided Euler steps from `start` (t = 1) of the block after hist; latents in `pin` held at pin_z."""
     caches, valid = prefilled(model, hist)
-    grid = time_grid(max(1, round(steps * t0)), start.device, t_max=t0)
-    return denoise_block(model, start, grid, valid, guidance, caches[0], pin, pin_z)
+    return denoise_block(model, start, time_grid(steps, start.device), valid, guidance, caches[0], pin, pin_z)
 
 
 def decode_after(model, hist, z):
@@ -327,7 +325,7 @@ def eval_prefix_prediction(model, x, j, steps, guidance, generator, known=None, 
     for k in (0, bs // 2, bs - 1) if known is None else known:
         pin = (torch.arange(bs, device=x.device) < k).expand(x.shape[0], bs)
         z = torch.randn(true.shape, device=x.device, generator=generator) * noise_scale
-        out = denoise_from(model, hist, z, 1.0, steps, guidance, pin, true)
+        out = denoise_from(model, hist, z, steps, guidance, pin, true)
         hit = decode_after(model, hist, out).argmax(-1) == x[:, j * bs * patch:(j + 1) * bs * patch]
         res[f"known_{k}"] = float(hit[:, k * patch:].float().mean())
     return res

@@ -74,9 +74,9 @@ def test_cola_prior_reads_its_history(cola):
     target = x[:, j * BS:(j + 1) * BS]
     hist, true = dg.true_block(cola, x, j)
     noise = torch.randn(true.shape, generator=g)
-    with_history = float((dg.decode_after(cola, hist, dg.denoise_from(cola, hist, noise, 1.0, 8, 1.0)).argmax(-1)
+    with_history = float((dg.decode_after(cola, hist, dg.denoise_from(cola, hist, noise, 8, 1.0)).argmax(-1)
                           == target).float().mean())
-    hidden = float((dg.decode_after(cola, hist, dg.denoise_from(cola, hist[:, :0], noise, 1.0, 8, 1.0)).argmax(-1)
+    hidden = float((dg.decode_after(cola, hist, dg.denoise_from(cola, hist[:, :0], noise, 8, 1.0)).argmax(-1)
                     == target).float().mean())
     const = constant_answer(target)
     print(f"block accuracy after the true history {with_history:.3f}, history hidden {hidden:.3f}, constant {const:.3f}")
