@@ -188,9 +188,8 @@ def evaluate(args):
                                 args.testbed, args.n_samples, args.sample_len, args.seed, args.sample_repeats))
         write_json(env["out_path"], res)
         return print(json.dumps(res, indent=1)) or res
-    train_ngrams, batches = None, []
+    train_ngrams = TrainNgrams.of(data) if data is not None else None
     if data is not None:
-        train_ngrams = TrainNgrams.of(data)
         batches = [data.batch("val", args.batch_size, batch_seed(args.seed + 99, i, 0), device)
                    for i in range(args.batches)]
         res.update(seq_len=data.seq_len, heldout_tokens=args.batches * args.batch_size * data.seq_len)
@@ -199,17 +198,15 @@ def evaluate(args):
             res.update(eval_vae(model, batches, targs.get("beta", 1e-3), targs.get("mask_prob", 0.15), g))
             res.update(eval_history_gap(model, data, args.fm_batches, args.batch_size, args.seed, g, targs))
         res.update(eval_likelihood(model, kind, batches, env["sampler"].stop_ids[0], g, args.iwae_k, args.ll_steps))
-        print(f"[eval] losses and likelihood: {time.time() - t0:.1f} s", flush=True)
-    if kind == "cola" and args.diag_windows and data is not None:
-        t0 = time.time()
-        xp = data.batch("val", args.prefix_windows, batch_seed(args.seed + 95, 0, 0), device)
-        j = min(47, xp.shape[1] - 1) // (model.block_size * model.vae.cfg.patch_size)  # token 47's block, any size
-        res["prefix_prediction"] = eval_prefix_prediction(model, xp, j, args.steps, args.guidance, g)
-        k = model.block_size - 1  # next-token prediction: the block's other latents known
-        res.update(prefix_windows=args.prefix_windows, next_token_acc=res["prefix_prediction"][f"known_{k}"])
-        for name, guidance in (("next_token_acc_point", 1.0), ("next_token_acc_point_no_history", 0.0)):  # 0: v_u
-            res[name] = eval_prefix_prediction(model, xp, j, args.steps, guidance, g, (k,), 0.0)[f"known_{k}"]
-        print(f"[eval] the prior's next-token accuracy: {time.time() - t0:.1f} s", flush=True)
+        if kind == "cola" and args.diag_windows:  # the prior's next-token accuracy
+            xp = data.batch("val", args.prefix_windows, batch_seed(args.seed + 95, 0, 0), device)
+            j = min(47, xp.shape[1] - 1) // (model.block_size * model.vae.cfg.patch_size)  # token 47's block
+            res["prefix_prediction"] = eval_prefix_prediction(model, xp, j, args.steps, args.guidance, g)
+            k = model.block_size - 1  # next-token prediction: the block's other latents known
+            res.update(prefix_windows=args.prefix_windows, next_token_acc=res["prefix_prediction"][f"known_{k}"])
+            for name, guidance in (("next_token_acc_point", 1.0), ("next_token_acc_point_no_history", 0.0)):  # 0: v_u
+                res[name] = eval_prefix_prediction(model, xp, j, args.steps, guidance, g, (k,), 0.0)[f"known_{k}"]
+        print(f"[eval] held-out measures: {time.time() - t0:.1f} s", flush=True)
     res.update(generation(args, env, train_ngrams))
     if env["curves"]:
         plot_lines([(c, dict(title=stage, xlabel="step")) for stage, c in env["curves"].items()],
