@@ -162,11 +162,9 @@ def llada_generate(model, prompts, max_new_tokens, steps=32, block_length=None, 
     (B, P), device, mask_id = prompt.shape, prompt.device, model.cfg.mask_id
     x = torch.cat([prompt, torch.full((B, max_new_tokens), mask_id, dtype=torch.long, device=device)], 1)  # (B, T)
     key_valid = torch.cat([prompt_valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], 1)
-    T = x.shape[1]
+    T, block_length = x.shape[1], block_length or max_new_tokens
     attn = with_key_padding(torch.ones(T, T, dtype=torch.bool, device=device), key_valid, key_valid)
-    pos = torch.arange(T, device=device)
-    block_length = block_length or max_new_tokens
-    n_blocks = math.ceil(max_new_tokens / block_length)
+    pos, n_blocks = torch.arange(T, device=device), math.ceil(max_new_tokens / block_length)
     steps_per_block = max(1, steps // n_blocks)
     passes, unmasked_conf = 0, torch.zeros(B, T, device=device)
     for blk in range(n_blocks):

@@ -19,35 +19,32 @@ from cli import (CheckpointError, check_memory, check_writable_dir, fail, folder
 from tokenizer import DataError, get_tokenizer, same_tokenizer
 
 
-def digest(obj, tensors_only=False):
+def digest(obj):
     """'sha256:' + a sha256 over all a checkpoint holds but its checksum: every key, plain value and type, every
-    tensor's dtype, shape and bytes (tensors_only: the bare hex of checkpoints before 2026-12-08, tensors' bytes
-    alone). Each container is walked once (linear time); a list or dict met twice (shared, or in itself) is refused."""
-    h, seen = hashlib.sha256(), {}  # id -> (order of its first visit, holds a tensor); None while it is walked
-    add = lambda text: h.update(b"" if tensors_only else text.encode())
+    tensor's dtype, shape and bytes. Each container is walked once (linear time); a list or dict met twice (shared,
+    or in itself) is refused."""
+    h, seen = hashlib.sha256(), {}  # id -> order of its first visit; None while it is walked
+    add = lambda text: h.update(text.encode())
 
     def walk(o):
         if torch.is_tensor(o):
             add(f"tensor {o.dtype} {tuple(o.shape)}")
-            h.update(o.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-            return True
+            return h.update(o.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         if not isinstance(o, (dict, list, tuple)):
             return add(f"{type(o).__name__} {o!r}")
         if id(o) in seen:  # only a tuple may be shared (the optimizer's betas are): hashed as a reference
-            if seen[id(o)] is None or not isinstance(o, tuple) or tensors_only and seen[id(o)][1]:
+            if seen[id(o)] is None or not isinstance(o, tuple):
                 raise CheckpointError("holds a list or dict in two places or inside itself: not a checkpoint")
-            return add(f"ref {seen[id(o)][0]}")
+            return add(f"ref {seen[id(o)]}")
         seen[id(o)] = None
-        keys = sorted((k for k in o if k != "checksum"), key=str if tensors_only else repr) \
-            if isinstance(o, dict) else range(len(o))
+        keys = sorted((k for k in o if k != "checksum"), key=repr) if isinstance(o, dict) else range(len(o))
         add(f"{type(o).__name__} {[*keys] if isinstance(o, dict) else len(o)!r}")
-        seen[id(o)] = (len(seen), any([walk(o[k]) for k in keys]))
-        return seen[id(o)][1]
+        seen[id(o)] = (len(seen), [walk(o[k]) for k in keys])[0]  # its order counted before its contents'
     try:
         walk(obj)
     except RecursionError:
         raise CheckpointError("is nested too deeply to read") from None
-    return h.hexdigest() if tensors_only else "sha256:" + h.hexdigest()
+    return "sha256:" + h.hexdigest()
 
 
 def save_checkpoint(path, obj):
@@ -109,10 +106,10 @@ def load_checkpoint(path, kinds=None):
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this project")
-    if not isinstance(ckpt.get("checksum"), str):
-        raise CheckpointError(f"{path} has no checksum: not a checkpoint this project wrote")
+    if not (isinstance(ckpt.get("checksum"), str) and ckpt["checksum"].startswith("sha256:")):
+        raise CheckpointError(f"{path} has no checksum (sha256:): not a checkpoint this project wrote since 2026-12-08")
     try:
-        same = ckpt["checksum"] == digest(ckpt, tensors_only=not ckpt["checksum"].startswith("sha256:"))
+        same = ckpt["checksum"] == digest(ckpt)
     except CheckpointError as e:
         raise CheckpointError(f"{path} {e}") from None
     except ValueError:  # an int too long to print
@@ -263,10 +260,8 @@ RUN_ONLY = ("resume", "overwrite", "dry_run", "stop_after", "device", "out_dir",
 
 def stage_files(args):
     """[(checkpoint path, kind)] this invocation writes, in order."""
-    if args.model != "cola":
-        return [(os.path.join(args.out_dir, "ckpt.pt"), args.model)]
-    return ([(os.path.join(args.out_dir, "vae.pt"), "vae")] if args.stage in ("vae", "all") else []) + \
-        ([(os.path.join(args.out_dir, "ckpt.pt"), "cola")] if args.stage != "vae" else [])
+    kinds = [args.model] if args.model != "cola" else {"vae": ["vae"], "all": ["vae", "cola"]}.get(args.stage, ["cola"])
+    return [(os.path.join(args.out_dir, "vae.pt" if kind == "vae" else "ckpt.pt"), kind) for kind in kinds]
 
 
 def stage_log(kind):

@@ -57,23 +57,20 @@ def stop_signals():
     """SIGTERM and SIGHUP stop the work inside as Ctrl-C does; a closed stdout (`| head`) ends it quietly (status 1)."""
     def interrupt(*_):
         raise KeyboardInterrupt
-    def drop_stdout():  # stdout to nowhere, so that the exit's flush does not complain again
-        if sys.stdout is sys.__stdout__:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.stdout = open(os.devnull, "w")
     main_thread = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)} if main_thread else {}
     for stream in (sys.stdout, sys.stderr):  # text an ASCII terminal cannot show is escaped, not a traceback
         getattr(stream, "reconfigure", lambda **_: None)(errors="backslashreplace")
     try:
         yield
-    except BrokenPipeError:
-        drop_stdout()
-        sys.exit(1)
     except OSError as e:
-        if e.errno != errno.ENOSPC:
+        if not isinstance(e, BrokenPipeError) and e.errno != errno.ENOSPC:
             raise
-        drop_stdout()
+        if sys.stdout is sys.__stdout__:  # stdout to nowhere, so that the exit's flush does not complain again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.stdout = open(os.devnull, "w")
+        if isinstance(e, BrokenPipeError):
+            sys.exit(1)
         fail(f"cannot write ({e.strerror}: a full disk, or output sent to /dev/full)")
     finally:
         for s, handler in previous.items():
@@ -162,10 +159,8 @@ def output_file(flag, *endings):
 
 
 def readable_file(text):
-    if not os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"{text} is not a file")
-    if not os.access(text, os.R_OK):
-        raise argparse.ArgumentTypeError(f"{text} is not readable")
+    if not os.path.isfile(text) or not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text} is not {'readable' if os.path.isfile(text) else 'a file'}")
     return text
 
 
@@ -207,17 +202,16 @@ def check_writable_file(path, flag):
     return path
 
 
-@functools.lru_cache(maxsize=64)
-def _dry_run(script, flags):  # asked again with the same flags: answered once
-    import subprocess
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
-    return subprocess.run([sys.executable, path, "--dry_run", *flags], capture_output=True, text=True)
+_DRY_RUNS = {}  # (script, flags) -> its finished process: asked again with the same flags, answered once
 
 
 def dry_run(script, flags):
     """`script --dry_run flags` (train.py: its configs, parameters, FLOPs per step): scripts check each other's flags
     through the command line, never by importing each other; a bad flag is one line naming the script."""
-    out = _dry_run(script, tuple(flags))
+    import subprocess
+    path, key = os.path.join(os.path.dirname(os.path.abspath(__file__)), script), (script, tuple(flags))
+    out = _DRY_RUNS.get(key) or _DRY_RUNS.setdefault(key, subprocess.run(
+        [sys.executable, path, "--dry_run", *flags], capture_output=True, text=True))
     if out.returncode:
         last = (out.stderr.strip().splitlines() or ["failed"])[-1]
         fail(f"{script} {' '.join(flags)}: {last.removeprefix('error: ')}")
@@ -285,12 +279,10 @@ def cleanup_distributed():
 def keep_freed_memory():
     """glibc returns big freed buffers (the logits) to the OS each step and maps them again, 15-60% of a CPU step;
     keep them: no mmap for big blocks, no trimming (mallopt M_MMAP_MAX = -4, M_TRIM_THRESHOLD = -1)."""
-    try:
+    with contextlib.suppress(OSError):  # not glibc: nothing to do
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)
         libc.mallopt(-1, 2**31 - 1)
-    except OSError:
-        pass  # not glibc: nothing to do
 
 
 def autocast(device, dtype):

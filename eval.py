@@ -8,7 +8,7 @@
     python eval.py --init_from hf/Cola-DLM --tasks eval_output/lambada.jsonl   # the released model (-> out_release)
 
 Cola DLM's own measures (measures.py, docs/method.md §3-§7): the VAE, the prior's use of its history, likelihood
-through its CNF, the generation diagnostics. Every kind: bits per token, tasks by the paper's rules (generations
+through its CNF, the prior's next-token accuracy. Every kind: bits per token, tasks by the paper's rules (generations
 in its task schema), samples (seen n-gram rates, distinct-n, judge perplexity, speed); a snapshot: tasks, samples."""
 import json
 from dataclasses import replace
@@ -21,9 +21,8 @@ from checkpoint import CheckpointError, load_model, log_row, prompt_ids, stored_
 from cli import Parser, check_writable_dir, check_writable_file, fail, float_list, int_at_least, int_list, \
     nonneg_float, nonneg_int, pick_device, positive_float, positive_int, readable_file, script, write_json, json_loads
 from decoder import GenerationError
-from measures import (builtin_tasks, eval_history_drift, eval_history_gap, eval_latent_fit, eval_likelihood,
-                      eval_prefix_prediction, eval_sdedit, eval_testbed, eval_vae, make_generator, plot_diagnostics,
-                      plot_lines, run_tasks, sample_quality)
+from measures import (builtin_tasks, eval_history_gap, eval_likelihood, eval_prefix_prediction, eval_testbed,
+                      eval_vae, make_generator, plot_lines, run_tasks, sample_quality)
 from tokendata import TokenData, batch_seed
 from tokenizer import REPO_DIR, DataError, get_tokenizer, same_tokenizer
 from scoring import TaskError, TrainNgrams, completion_prefixes, ngram_metrics, read_tasks, score_file
@@ -56,7 +55,7 @@ def get_args(argv=None):
     arg("--fm_batches", type=positive_int, default=32, help="held-out batches for the FM history comparison (Cola)")
     arg("--ll_steps", type=positive_int, default=16, help="midpoint steps of Cola's CNF likelihood solve")
     arg("--iwae_k", type=positive_int, default=2, help="posterior samples per sequence for Cola's bounds")
-    arg("--diag_windows", type=nonneg_int, default=64, help="held-out windows for the generation diagnostics (Cola)")
+    arg("--diag_windows", type=nonneg_int, default=64, help="0: skip the prior's next-token accuracy (Cola)")
     arg("--prefix_windows", type=positive_int, default=512, help="held-out windows for the prior's next-token accuracy")
     arg("--tasks", nargs="*", type=readable_file, default=[], help="JSONL task files to generate answers for, scored")
     arg("--testbed", type=nonneg_int, default=0, help="held-out prompts: the testbed's measures only (testbed.py)")
@@ -89,12 +88,10 @@ def main(argv=None):
         return None
     try:
         if args.score:
-            scores = [score_file(path) for path in args.score]
-            for sc in scores:
+            scores, n = [score_file(path) for path in args.score], len(args.score)
+            mean = {"task": "average", "n_tasks": n, "accuracy": sum(sc["accuracy"] for sc in scores) / n}
+            for sc in scores + [mean] * (n > 1):  # the paper's average: the mean of the per-task accuracies
                 print(json.dumps({**sc, "accuracy": round(sc["accuracy"], 2)}))
-            if len(scores) > 1:  # the paper's average: the mean of the per-task accuracies
-                mean = sum(sc["accuracy"] for sc in scores) / len(scores)
-                print(json.dumps({"task": "average", "n_tasks": len(scores), "accuracy": round(mean, 2)}))
             return scores
         return evaluate(args)
     except (DataError, CheckpointError, TaskError, GenerationError) as e:
@@ -165,7 +162,7 @@ def read_task_files(paths, run_dir):
     check_writable_dir(run_dir, "run folder")
     if os.path.exists(gen_dir):
         check_writable_dir(gen_dir, "generations folder")
-    plots = ["training_curves.png", "diagnostics.png", "sweep_steps.png", "sweep_guidance.png", "sweep_noise_scale.png"]
+    plots = ["training_curves.png", "sweep_steps.png", "sweep_guidance.png", "sweep_noise_scale.png"]
     for f in plots + [f"generations/{name}.jsonl" for name in [*tasks, "lambada_style", "ending_choice"]]:
         if os.path.isdir(os.path.join(run_dir, f)):
             fail(f"{os.path.join(run_dir, f)} is a folder, where eval.py writes a file")
@@ -190,9 +187,8 @@ def evaluate(args):
                                 args.testbed, args.n_samples, args.sample_len, args.seed, args.sample_repeats))
         write_json(env["out_path"], res)
         return print(json.dumps(res, indent=1)) or res
-    train_ngrams, batches = None, []
+    train_ngrams = TrainNgrams.of(data) if data is not None else None
     if data is not None:
-        train_ngrams = TrainNgrams.of(data)
         batches = [data.batch("val", args.batch_size, batch_seed(args.seed + 99, i, 0), device)
                    for i in range(args.batches)]
         res.update(seq_len=data.seq_len, heldout_tokens=args.batches * args.batch_size * data.seq_len)
@@ -201,23 +197,15 @@ def evaluate(args):
             res.update(eval_vae(model, batches, targs.get("beta", 1e-3), targs.get("mask_prob", 0.15), g))
             res.update(eval_history_gap(model, data, args.fm_batches, args.batch_size, args.seed, g, targs))
         res.update(eval_likelihood(model, kind, batches, env["sampler"].stop_ids[0], g, args.iwae_k, args.ll_steps))
-        print(f"[eval] losses and likelihood: {time.time() - t0:.1f} s", flush=True)
-    if kind == "cola" and args.diag_windows and data is not None:
-        t0 = time.time()
-        x = data.batch("val", args.diag_windows, batch_seed(args.seed + 97, 0, 0), device)
-        j = min(47, x.shape[1] - 1) // (model.block_size * model.vae.cfg.patch_size)  # token 47's block, any block size
-        res["sdedit"] = eval_sdedit(model, x, j, args.steps, args.guidance, g)
-        res["latent_fit"] = eval_latent_fit(model, x, j, args.steps, args.guidance, g)
-        xp = data.batch("val", args.prefix_windows, batch_seed(args.seed + 95, 0, 0), device)
-        res["prefix_prediction"] = eval_prefix_prediction(model, xp, j, args.steps, args.guidance, g)
-        k = model.block_size - 1  # next-token prediction: the block's other latents known
-        res.update(prefix_windows=args.prefix_windows, next_token_acc=res["prefix_prediction"][f"known_{k}"])
-        for name, guidance in (("next_token_acc_point", 1.0), ("next_token_acc_point_no_history", 0.0)):  # 0: v_u
-            res[name] = eval_prefix_prediction(model, xp, j, args.steps, guidance, g, (k,), 0.0)[f"known_{k}"]
-        res["history_drift"] = eval_history_drift(model, [x[i, :16].tolist() for i in range(args.n_samples)],
-                                                  args.sample_len, env["sampler"], g, train_ngrams)
-        plot_diagnostics(res, os.path.join(run_dir, "diagnostics.png"))
-        print(f"[eval] generation diagnostics: {time.time() - t0:.1f} s", flush=True)
+        if kind == "cola" and args.diag_windows:  # the prior's next-token accuracy
+            xp = data.batch("val", args.prefix_windows, batch_seed(args.seed + 95, 0, 0), device)
+            j = min(47, xp.shape[1] - 1) // (model.block_size * model.vae.cfg.patch_size)  # token 47's block
+            res["prefix_prediction"] = eval_prefix_prediction(model, xp, j, args.steps, args.guidance, g)
+            k = model.block_size - 1  # next-token prediction: the block's other latents known
+            res.update(prefix_windows=args.prefix_windows, next_token_acc=res["prefix_prediction"][f"known_{k}"])
+            for name, guidance in (("next_token_acc_point", 1.0), ("next_token_acc_point_no_history", 0.0)):  # 0: v_u
+                res[name] = eval_prefix_prediction(model, xp, j, args.steps, guidance, g, (k,), 0.0)[f"known_{k}"]
+        print(f"[eval] held-out measures: {time.time() - t0:.1f} s", flush=True)
     res.update(generation(args, env, train_ngrams))
     if env["curves"]:
         plot_lines([(c, dict(title=stage, xlabel="step")) for stage, c in env["curves"].items()],

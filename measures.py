@@ -1,6 +1,6 @@
 """The measures eval.py reports for one model (docs/method.md §3-§9): Cola's VAE and its prior's use of the history,
 likelihood (Cola's ELBO / IWAE bounds through its prior's CNF, AR's exact NLL, LLaDA's Monte-Carlo ELBO), samplers at
-the paper's task settings, sample quality, tasks, the diagnostics of where block generation breaks (§6), the plots."""
+the paper's task settings, sample quality, tasks, the prior's next-token accuracy from a known prefix (§6), plots."""
 import json
 import math
 import random
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cli import pyplot, save_figure, write_atomic
-from baselines import ar_generate, llada_generate
-from decoder import denoise_block, encode_normalised, generate
+from baselines import lm_generate
+from decoder import denoise_block, generate
 from release import release_generate, row_noise
 from diffusion import flow_path, sample_t, time_grid
 from tokendata import batch_seed
@@ -201,19 +201,15 @@ def sample_quality(make_gen, prompts, sample_len, seed, repeats, train_ngrams, j
 def make_generator(kind, model, sampler, seed, temperature=0.0, release=False):
     """fn(prompts, max_new, row_seeds=None) -> (new-token lists, model passes): Cola with `sampler` (a snapshot as the
     release samples); AR and LLaDA at `temperature` (0: greedy), repetition penalty 1.1 (the paper's task settings)."""
-    g, stop = torch.Generator(device=str(next(model.parameters()).device)).manual_seed(seed), sampler.stop_ids[0]
+    g = torch.Generator(device=str(next(model.parameters()).device)).manual_seed(seed)
 
     def run(prompts, max_new, row_seeds=None):
         if kind == "cola":  # row_seeds: each row's noise from its own seed (--item_noise_seed), as the release's
             outs, st = (release_generate(model, prompts, max_new, sampler, row_seeds, g) if release
                         else generate(model, prompts, max_new, sampler, g, row_noise(row_seeds, g.device)))
             return outs, st["blocks"] * (sampler.steps + 2) * len(prompts)  # per block: steps, commit, decode
-        if kind == "ar":
-            outs, st = ar_generate(model, prompts, max_new, temperature, repetition_penalty=1.1, eos_id=stop,
-                                   generator=g)
-        else:
-            outs, st = llada_generate(model, prompts, max_new, steps=max(sampler.steps, 8),
-                                      block_length=min(16, max_new), temperature=temperature, eos_id=stop, generator=g)
+        lm = replace(sampler, temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.1)  # LLaDA: no penalty
+        outs, st = lm_generate(kind, model, prompts, max_new, lm, g, max(sampler.steps, 8), min(16, max_new))
         return outs, st["passes"] * len(prompts)
     return run
 
@@ -293,7 +289,7 @@ def eval_testbed(make_gen, encode, decode, val_text, n_prompts, n_samples, sampl
     return {**res, **texts}
 
 
-# -------------------------------------------------------------------------------- generation diagnostics
+# -------------------------------------------------------------------------------- next-token accuracy of the prior
 def prefilled(model, hist):
     """Fresh caches holding the clean history hist (B, Tc, d) -> (caches, validity of the history)."""
     caches, valid = model.new_caches(), torch.ones(hist.shape[:2], dtype=torch.bool, device=hist.device)
@@ -302,12 +298,10 @@ def prefilled(model, hist):
     return caches, valid
 
 
-def denoise_from(model, hist, start, t0, steps, guidance, pin=None, pin_z=None):
-    """The sampler's guided Euler steps for the block after history hist from `start` at t0 to 0, round(steps * t0) of
-    them (the sampler's step size); latents in `pin` held at pin_z."""
+def denoise_from(model, hist, start, steps, guidance, pin=None, pin_z=None):
+    """The sampler's guided Euler steps from `start` (t = 1) of the block after hist; latents in `pin` held at pin_z."""
     caches, valid = prefilled(model, hist)
-    grid = time_grid(max(1, round(steps * t0)), start.device, t_max=t0)
-    return denoise_block(model, start, grid, valid, guidance, caches[0], pin, pin_z)
+    return denoise_block(model, start, time_grid(steps, start.device), valid, guidance, caches[0], pin, pin_z)
 
 
 def decode_after(model, hist, z):
@@ -323,21 +317,6 @@ def true_block(model, x, j):
 
 
 @torch.no_grad()
-def eval_sdedit(model, x, j, steps, guidance, generator, t0s=(0.25, 0.5, 0.75, 1.0)):
-    """Token accuracy of block j of x (B, T) generated after the true history from its latents noised to t0 (1: from
-    noise), beside that of decoding the noisy start itself."""
-    tpb, (hist, true), res = model.block_size * model.vae.cfg.patch_size, true_block(model, x, j), {}
-    acc = lambda z: float((decode_after(model, hist, z).argmax(-1) == x[:, j * tpb:(j + 1) * tpb]).float().mean())
-    for t0 in t0s:
-        start = flow_path(true, torch.randn(true.shape, device=x.device, generator=generator),
-                          torch.tensor(t0, device=x.device))
-        res[f"after_dit_{t0}"] = acc(denoise_from(model, hist, start, t0, steps, guidance))
-        if t0 < 1:
-            res[f"noisy_{t0}"] = acc(start)
-    return res
-
-
-@torch.no_grad()
 def eval_prefix_prediction(model, x, j, steps, guidance, generator, known=None, noise_scale=1.0):
     """Token accuracy of block j generated from noise after the true history with its first k latents known and pinned,
     on the other positions (k = bs - 1: next-token prediction with the whole context); known: default 0, bs/2, bs-1.
@@ -346,87 +325,10 @@ def eval_prefix_prediction(model, x, j, steps, guidance, generator, known=None, 
     for k in (0, bs // 2, bs - 1) if known is None else known:
         pin = (torch.arange(bs, device=x.device) < k).expand(x.shape[0], bs)
         z = torch.randn(true.shape, device=x.device, generator=generator) * noise_scale
-        out = denoise_from(model, hist, z, 1.0, steps, guidance, pin, true)
+        out = denoise_from(model, hist, z, steps, guidance, pin, true)
         hit = decode_after(model, hist, out).argmax(-1) == x[:, j * bs * patch:(j + 1) * bs * patch]
         res[f"known_{k}"] = float(hit[:, k * patch:].float().mean())
     return res
-
-
-@torch.no_grad()
-def eval_latent_fit(model, x, j, steps, guidance, generator):
-    """The decoder's max probability and entropy on generated latents of block j (true history, from noise) and on
-    posterior ones, each latent's distance to the re-encoding of what it decodes to, and between neighbours."""
-    (hist, true), res = true_block(model, x, j), {}
-    noise = torch.randn(true.shape, device=x.device, generator=generator)
-    for name, z in (("generated", denoise_from(model, hist, noise, 1.0, steps, guidance)), ("posterior", true)):
-        p = torch.softmax(decode_after(model, hist, z).float(), -1)  # (B, tpb, V)
-        res[f"maxprob_{name}"] = float(p.max(-1).values.mean())
-        res[f"entropy_{name}"] = float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean())
-        decoded = torch.cat([x[:, :j * model.block_size * model.vae.cfg.patch_size], p.argmax(-1)], 1)
-        res[f"dist_to_reencoded_{name}"] = float((z - reencode(model, decoded)[:, hist.shape[1]:]).norm(dim=-1).mean())
-    res["dist_between_neighbours"] = float((true[:, 1:] - true[:, :-1]).norm(dim=-1).mean())
-    return res
-
-
-def history_drift(model, drift, reencode_history=False):
-    """An on_block hook of decoder.generate recording how far each block's latents sit from the re-encoded text;
-    with reencode_history, the caches are refilled from it: later blocks read re-encoded latents as history."""
-    def hook(s):
-        zr = encode_normalised(model, s.tokens, s.hist_valid)  # (B, N, d)
-        drift.append(float((zr[:, -model.block_size:] - s.z).norm(dim=-1).mean()))
-        if reencode_history:
-            fresh = model.new_caches()
-            model.prefill(zr, s.hist_valid, fresh)
-            for cache, new in zip(s.caches, fresh):
-                cache.layers[:] = new.layers
-    return hook
-
-
-def eval_history_drift(model, prompts, n_tokens, sampler, generator, train_ngrams):
-    """n-gram metrics and drift per block of free generation with generated and with re-encoded history."""
-    res = {}
-    for name, flag in (("generated", False), ("reencoded", True)):
-        drift = []
-        outs, _ = generate(model, prompts, n_tokens, replace(sampler, stop_ids=()), generator,
-                           on_block=history_drift(model, drift, flag))
-        res[f"{name}_history"] = {**ngram_metrics(outs, train_ngrams), "drift_per_block": drift}
-    return res
-
-
-def plot_diagnostics(res, path):
-    """The diagnostics' five panels (SDEdit, FM per t-bin, latent fit, drift, known prefix) drawn to path."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 5, figsize=(23, 3.6))
-    sd = res["sdedit"]
-    t0s = sorted(float(k.split("_")[-1]) for k in sd if k.startswith("after_dit_"))
-    noisy = [t for t in t0s if f"noisy_{t}" in sd]
-    axes[0].plot(t0s, [sd[f"after_dit_{t}"] for t in t0s], marker="o", label="after the DiT")
-    axes[0].plot(noisy, [sd[f"noisy_{t}"] for t in noisy], marker="s", label="decoding the noisy start")
-    axes[0].set(xlabel="t0 (1 = from noise)", ylabel="token accuracy of the block")
-    n = len(res["fm_cond_per_t_bin"])
-    centers = [(i + 0.5) / n for i in range(n)]
-    axes[1].plot(centers, res["fm_cond_per_t_bin"], marker="o", label="FM loss, with history")
-    axes[1].plot(centers, res["fm_uncond_per_t_bin"], marker="s", label="FM loss, without")
-    axes[1].set(xlabel="t")
-    ax2 = axes[1].twinx()
-    ax2.bar(centers, res["train_t_density_per_bin"], width=0.8 / n, alpha=0.25, color="gray")
-    ax2.set(ylabel="training share of t (bars)")
-    fit, names = res["latent_fit"], ["maxprob", "entropy", "dist_to_reencoded"]
-    for i, (src, color) in enumerate((("posterior", "tab:orange"), ("generated", "tab:blue"))):
-        axes[2].bar([j + 0.4 * i for j in range(3)], [fit[f"{n}_{src}"] for n in names], width=0.4,
-                    color=color, label=f"{src} latents")
-    axes[2].axhline(fit["dist_between_neighbours"], color="gray", ls="--", lw=1, label="distance between tokens")
-    axes[2].set_xticks([j + 0.2 for j in range(3)], ["max prob", "entropy", "|z - re-encoded|"])
-    axes[2].set_title("the decoder on the block's latents", fontsize=9)
-    for name, r in res["history_drift"].items():
-        axes[3].plot(r["drift_per_block"], marker="o", label=name)
-    axes[3].set(xlabel="generated block", ylabel="|generated latent - re-encoded|")
-    for ax in axes[:4]:
-        ax.legend(fontsize=7)
-    ks = sorted(int(k.split("_")[1]) for k in res["prefix_prediction"])
-    axes[4].bar([str(k) for k in ks], [res["prefix_prediction"][f"known_{k}"] for k in ks], color="tab:blue")
-    axes[4].set(xlabel="known latents (true history before the block)", ylabel="token accuracy, the other positions")
-    return save_figure(plt, fig, path)
 
 
 def plot_lines(panels, path):

@@ -7,22 +7,18 @@ tokendata.TokenData reads back. Documents are separated by <|endoftext|>; tokens
     python prepare.py --input docs.jsonl --out_dir data/d     # JSONL, one document per line in a "text" field
 
 Memory stays bounded whatever the corpus: the input streams in blocks of --block_bytes cut where the BPE cannot
-straddle the cut (else at --block_bytes), tokenized by --workers processes into shards of --shard_tokens tokens. A
-folder is locked while written; new shards take new numbers, the rename of meta.json switches to them: whole or not."""
+straddle the cut (else at --block_bytes), tokenized into shards of --shard_tokens tokens. A folder is locked while
+written; new shards take new numbers, the rename of meta.json switches to them: whole or not."""
 import codecs
-import contextlib
-import functools
 import json
-import multiprocessing
 import os
 import re
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from cli import Parser, check_writable_dir, fail, float_in, folder_lock, json_loads, positive_int, script, write_json
-from tokendata import DEFAULT_DATA_DIR, SHARD, load_meta, shard_ends
+from tokendata import DEFAULT_DATA_DIR, SHARD, SHARD_ENDS, load_meta
 from tokenizer import REPO_DIR, DataError, get_tokenizer, sha256_of
 
 DEFAULT_CORPUS = os.path.join(REPO_DIR, "data", "shakespeare_tiny.txt")
@@ -117,13 +113,6 @@ def read_pieces(files, block_bytes):
                     break
 
 
-def encode_piece(tokenizer, piece):
-    """(ids, bytes read, whether it holds text) of a read_pieces piece; a later document starts with EOT."""
-    text, new_document, done = piece
-    enc = get_tokenizer(tokenizer)  # loaded once per process
-    return ([enc.eot_token] if new_document else []) + enc.encode_ordinary(text), done, bool(text.strip())
-
-
 class Shards:
     """Train and val tokens appended to shards of <= shard_tokens (.<pid>.tmp until close), numbered on from `first`."""
 
@@ -151,12 +140,12 @@ class Shards:
             path = os.path.join(self.out_dir, s["file"])
             if keep:
                 os.replace(path + self.tmp, path)
-                s["ends"] = shard_ends(path)  # meta.json (which holds self.shards) names what the shard holds
+                s["ends"] = sha256_of(path, ends=SHARD_ENDS)  # meta.json (self.shards) names what the shard holds
             for p in [path + self.tmp] + ([] if keep else [path]):
                 os.remove(p) if os.path.exists(p) else None
 
 
-def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64, split="chunks", workers=1,
+def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64, split="chunks",
             block_bytes=8 << 20, shard_tokens=1 << 28):
     """Tokenize input_path (a file, a folder of .txt files, or JSONL) into out_dir's shards and meta.json: one block
     split exactly, a larger corpus as it streams (chunks sized from the first piece, 'tail' by bytes)."""
@@ -172,13 +161,11 @@ def prepare(input_path, out_dir, tokenizer="gpt2", val_fraction=0.1, seq_len=64,
         os.remove(os.path.join(out_dir, f)) if re.fullmatch(SHARD.pattern + r"\.\d+\.tmp", f) else None
     first = 1 + max((int(m[1]) for f in os.listdir(out_dir) if (m := SHARD.fullmatch(f))), default=-1)
     out, every = Shards(out_dir, dtype, shard_tokens, first), max(2, round(1 / val_fraction))
-    encode, pieces = functools.partial(encode_piece, tokenizer), read_pieces(files, block_bytes)
     small, held, any_text, before, pos, chunk = total_bytes <= block_bytes, [], False, 0, 0, None
     try:
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=None, leave=False) as bar, \
-                (multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext()) as pool:
-            for ids, done, has_text in (pool.imap if pool else map)(encode, pieces):
-                any_text |= has_text
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=None, leave=False) as bar:
+            for text, new_doc, done in read_pieces(files, block_bytes):  # a later document starts with EOT
+                ids, any_text = [enc.eot_token] * new_doc + enc.encode_ordinary(text), any_text or bool(text.strip())
                 bar.update(done - bar.n)
                 if small:  # everything fits in one block: split it exactly below
                     held += ids
@@ -226,13 +213,10 @@ def main(argv=None):
     add("--split", default="chunks", choices=["chunks", "tail"],
         help="chunks: every k-th 2048-token chunk is validation; tail: the end of the file (nanoGPT)")
     add("--min_seq_len", type=positive_int, default=64, help="each split must hold one sequence this long")
-    add("--workers", type=positive_int, default=max(1, (os.cpu_count() or 2) - 1), help="tokenizing processes")
     add("--block_bytes", type=positive_int, default=8 << 20, help="input bytes read (and held) at a time")
     add("--shard_tokens", type=int, default=1 << 28, help="tokens per shard file")
     add("--overwrite", action="store_true", help="replace the shards and meta.json in --out_dir")
     a = p.parse_args(argv)
-    if a.workers > 4 * (os.cpu_count() or 1):
-        p.error(f"--workers {a.workers} is more than 4 per CPU core of this machine ({os.cpu_count()} cores)")
     if a.shard_tokens < max(a.min_seq_len, 1024):
         p.error(f"--shard_tokens must be >= {max(a.min_seq_len, 1024)} (a training window never crosses a shard)")
     check_writable_dir(a.out_dir, "--out_dir")
@@ -250,8 +234,8 @@ def main(argv=None):
                 pass
             p.error(f"--out_dir {a.out_dir} already holds prepared data ({held[0]}); add --overwrite to replace it")
         try:
-            meta = prepare(a.input, a.out_dir, a.tokenizer, a.val_fraction, a.min_seq_len, a.split, a.workers,
-                           a.block_bytes, a.shard_tokens)
+            meta = prepare(a.input, a.out_dir, a.tokenizer, a.val_fraction, a.min_seq_len, a.split, a.block_bytes,
+                           a.shard_tokens)
         except DataError as e:
             fail(e)
         except BrokenPipeError:

@@ -32,10 +32,9 @@ def read_config(folder, required, fixed):
     path = os.path.join(folder, "config.json")
     try:
         cfg = read_json(path)
-    except FileNotFoundError:
-        raise SnapshotError(f"{path} is missing") from None
     except (OSError, ValueError) as e:
-        raise SnapshotError(f"{path} is not readable JSON ({type(e).__name__})") from None
+        why = "is missing" if isinstance(e, FileNotFoundError) else f"is not readable JSON ({type(e).__name__})"
+        raise SnapshotError(f"{path} {why}") from None
     if not isinstance(cfg, dict):
         raise SnapshotError(f"{path} is not a JSON object")
     for key in required:
@@ -124,19 +123,17 @@ def safetensors_files(folder):
     path = os.path.join(folder, "model.safetensors")
     if not os.path.exists(path):
         raise SnapshotError(f"{path} is missing (nor is there a model.safetensors.index.json)")
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {k: path for k in f.keys()}
-    except Exception as e:
-        raise SnapshotError(f"{path} is not a readable safetensors file ({type(e).__name__})") from None
+    return dict.fromkeys(read_tensor(path), path)
 
 
-def read_tensor(path, name):
+def read_tensor(path, name=None):
+    """Tensor `name` of a safetensors file (None: the names of its tensors); a file it cannot read is one line."""
     try:
         with safe_open(path, framework="pt") as f:
-            return f.get_tensor(name)
+            return list(f.keys()) if name is None else f.get_tensor(name)
     except Exception as e:
-        raise SnapshotError(f"{path}: cannot read tensor {name!r} ({type(e).__name__})") from None
+        what = " is not a readable safetensors file" if name is None else f": cannot read tensor {name!r}"
+        raise SnapshotError(f"{path}{what} ({type(e).__name__})") from None
 
 
 def load_weights(model, folder, prefix):

@@ -4,8 +4,8 @@ corpus, `train.py --model ar --out_dir out_judge --main_iters 3000`; trained her
   matched training FLOPs (train.py --dry_run): level x scales the default Cola run's steps by x, each baseline gets
   the steps that match (its samples at temperature 1, tasks greedy); a markdown table and scaling.png;
 - recipe ablations (--ablations FILE): lines `name flags...` for train.py, `base` the default run; a run without
-  `--stage all` trains stage 2 from base's stage 1 (or from=RUN's); a table of the generation diagnostics and the
-  sample metrics at the paper's sampler and at starting noise 0.5.
+  `--stage all` trains stage 2 from base's stage 1 (or from=RUN's); a table of the prior's use of its history and
+  the sample metrics at the paper's sampler and at starting noise 0.5.
 A run that has its ckpt.pt / eval.json is not trained / evaluated again (e.g. out/ copied to out_scaling/cola_1).
 
     python scaling.py --tasks tasks/comedies.jsonl     # levels 0.25,0.5,1 at the cpu preset, one run at a time
@@ -72,12 +72,10 @@ def check_judge(judge):
         return
     if os.path.exists(judge) or os.path.basename(judge) != "ckpt.pt":
         fail(f"--judge {judge} is not a checkpoint file (a judge scaling.py trains is named NEW_FOLDER/ckpt.pt)")
-    out = os.path.dirname(os.path.abspath(judge))
-    others = sorted(set(os.listdir(out)) - {"train.log"}) if os.path.isdir(out) else []
-    if others:
-        fail(f"--judge {judge} does not exist, and its folder holds {', '.join(others[:3])}: "
-             "train the judge into a new folder")
-    if os.path.isdir(out):
+    if os.path.isdir(out := os.path.dirname(os.path.abspath(judge))):
+        if others := sorted(set(os.listdir(out)) - {"train.log"}):
+            fail(f"--judge {judge} does not exist, and its folder holds {', '.join(others[:3])}: "
+                 "train the judge into a new folder")
         check_writable_dir(out, "--judge's folder")
 
 
@@ -108,9 +106,8 @@ def plan_ablations(a):
     except (OSError, UnicodeDecodeError) as e:
         raise RuntimeError(f"{a.ablations} cannot be read as UTF-8 text ({e.__class__.__name__})") from None
     names = [words[0] for words in lines]
-    for name in names:
-        if not re.fullmatch(r"[\w-][\w.-]*", name):
-            raise RuntimeError(f"{a.ablations}: run name {name!r} must be a plain folder name")
+    if bad := [name for name in names if not re.fullmatch(r"[\w-][\w.-]*", name)]:
+        raise RuntimeError(f"{a.ablations}: run name {bad[0]!r} must be a plain folder name")
     if names[:1] != ["base"]:
         raise RuntimeError(f"{a.ablations}: the first run must be named base (the shared stage 1)")
     if len(set(names)) < len(names):
@@ -127,20 +124,17 @@ def plan_ablations(a):
 
 
 def ablation_table(rows):
-    """One line per run: the diagnostics, then the sample metrics (mean over rounds) at noise 1 and 0.5."""
-    lines = ["| run | flags | train FLOPs | FM with / without history | block accuracy from t0 = 0.5 / 0.75 / 1 | next "
-             "token, the rest known | seen 2-gram / 3-gram, distinct-2, judge ppl (noise 1) | the same, noise 0.5 |",
-             "|---|---|---|---|---|---|---|---|"]
+    """One line per run: the prior's use of its history, then the sample metrics (mean over rounds) at noise 1, 0.5."""
+    lines = ["| run | flags | train FLOPs | FM with / without history | next token, the rest known | seen 2-gram / "
+             "3-gram, distinct-2, judge ppl (noise 1) | the same, noise 0.5 |", "|---|---|---|---|---|---|---|"]
     pm = lambda s, k, f: f"{s[k]:{f}} ± {s.get(k + '_se', 0.0):{f}}"
     cell = lambda s: (f"{pm(s, 'seen_2gram_rate', '.2f')} / {pm(s, 'seen_3gram_rate', '.2f')}, "
                       f"{s['distinct_2']:.2f}, {pm(s, 'judge_ppl', ',.0f')}") if s else "-"
     for r in rows:
-        sd, sweep = r.get("sdedit", {}), {s["noise_scale"]: s for s in r.get("sweep_noise_scale", [])}
+        sweep = {s["noise_scale"]: s for s in r.get("sweep_noise_scale", [])}
         lines.append(f"| {r['name']} | `{' '.join(r['flags']) or '(defaults)'}` | {r['train_flops']:.2e} | "
-                     f"{r['fm_cond']:.3f} / {r['fm_uncond']:.3f} | {sd.get('after_dit_0.5', 0):.3f} / "
-                     f"{sd.get('after_dit_0.75', 0):.3f} / {sd.get('after_dit_1.0', 0):.3f} | "
-                     f"{r.get('next_token_acc') or 0:.3f} | {cell(sweep.get(1.0))} | "
-                     f"{cell(sweep.get(0.5))} |")
+                     f"{r['fm_cond']:.3f} / {r['fm_uncond']:.3f} | {r.get('next_token_acc') or 0:.3f} | "
+                     f"{cell(sweep.get(1.0))} | {cell(sweep.get(0.5))} |")
     return "\n".join(lines) + judges_line(rows)
 
 
@@ -273,8 +267,7 @@ def run_all(a):
         n_base = len(runs[0][3])  # ablations: base's flags lead every run's
         done = lambda r: os.path.exists(os.path.join(r[2], "eval.json"))
         if a.table_only:
-            missing = [r[0] if a.ablations else f"{r[0]}_{r[1]:g}" for r in runs if not done(r)]
-            if missing:
+            if missing := [r[0] if a.ablations else f"{r[0]}_{r[1]:g}" for r in runs if not done(r)]:
                 print(f"[scaling] not yet trained and evaluated: {', '.join(missing)}", flush=True)
             runs = [r for r in runs if done(r)] or fail("no run has an eval.json yet")
         for r in filter(done, runs):  # a broken eval.json stops the command before any training
@@ -290,7 +283,7 @@ def run_all(a):
             rows.append({**res, "name": m, "flags": flags if m == "base" else flags[n_base:]})
             continue
         user = [v for k, v in res.get("tasks", {}).items() if k not in ("lambada_style", "ending_choice")]
-        acc = res.get("next_token_acc" if m == "cola" else "val_acc")  # none: no diagnostics (--diag_windows 0)
+        acc = res.get("next_token_acc" if m == "cola" else "val_acc")  # none: not measured (--diag_windows 0)
         rows.append({**res, "level": level, **res.get("tasks", {}), "next_token_acc": acc,
                      "user_tasks": sum(user) / len(user) if user else None})
     md = (ablation_table if a.ablations else table)(rows)

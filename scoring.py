@@ -42,8 +42,7 @@ def similarity(a, b, floor=0.0):
 
 
 def first_word(text):
-    words = normalize(text).split()
-    return words[0] if words else ""
+    return (normalize(text).split() or [""])[0]
 
 
 _ANSWER_LINE = re.compile(r"(?i)\b(?:final\s+answer|answer)\b\s*(?:is|=|:|：)?\s*(.+)$")
@@ -52,13 +51,6 @@ _KEYWORD_LETTER = re.compile(r"(?i)\b(?:final\s+answer|answer|option|choice)\b\s
                              r"[\(\[]?\s*([A-Za-z])\s*[\)\]]?(?=\s|$|[.,;:!?])")
 _BRACKET_LETTER = re.compile(r"[\(\[]\s*([A-Za-z])\s*[\)\]]")
 _ANSWER_PREFIX = re.compile(r"(?i)^(the\s+)?(correct\s+)?(final\s+)?(answer|option|choice)\b\s*(is|=|:|：)?\s*")
-
-
-def answer_segment(text):
-    """What follows "answer (is)" on the last line that has it; else the whole stripped text."""
-    raw = str(text or "").strip()
-    found = [m for m in map(_ANSWER_LINE.search, map(str.strip, raw.splitlines())) if m]
-    return found[-1].group(1) if found else raw
 
 
 def letter_in(text, n_choices):
@@ -93,7 +85,8 @@ def choice_by_text(text, choices):
 def choice_of(text, choices):
     """The choice letter a generation maps to, or '' (unmapped): a letter written as such (letter_in), else the
     choice its words name (choice_by_text); the last "answer is ..." line is tried before the whole reply."""
-    seg, n = answer_segment(text), min(len(choices), 26)
+    found = [m for m in map(_ANSWER_LINE.search, map(str.strip, str(text or "").splitlines())) if m]
+    seg, n = found[-1].group(1) if found else str(text or "").strip(), min(len(choices), 26)  # after "answer (is)"
     return letter_in(seg, n) or choice_by_text(seg, choices) or letter_in(text, n) or choice_by_text(text, choices)
 
 
@@ -122,13 +115,10 @@ def parse_task(obj, name, where, index):
     before the prompt; no id: its index) or this repo's (prompt, answer, options, scoring); TaskError names where."""
     if not isinstance(obj, dict):
         raise TaskError(f"{where}: each line must be a JSON object")
-    truth_key = "ground_truth" if "ground_truth" in obj else "answer"
-    for key in ("prompt", truth_key):
-        if not isinstance(obj.get(key), str):
+    truth_key, prefix = "ground_truth" if "ground_truth" in obj else "answer", obj.get("few_shot_prefix") or ""
+    for key, value in (("prompt", obj.get("prompt")), (truth_key, obj.get(truth_key)), ("few_shot_prefix", prefix)):
+        if not isinstance(value, str):
             raise TaskError(f"{where}: '{key}' must be a string")
-    prefix = obj.get("few_shot_prefix") or ""
-    if not isinstance(prefix, str):
-        raise TaskError(f"{where}: 'few_shot_prefix' must be a string")
     choices = obj.get("choices", obj.get("options"))
     if choices is not None and (not isinstance(choices, list) or len(choices) < 2
                                 or not all(isinstance(c, str) for c in choices)):
@@ -172,8 +162,7 @@ def read_tasks(path):
 def score_file(path):
     """Score the existing generations ('generate' field) of a task file -> {task, n, accuracy (percent)}."""
     name, tasks = read_tasks(path)
-    missing = sum("generate" not in t for t in tasks)
-    if missing:
+    if missing := sum("generate" not in t for t in tasks):
         raise TaskError(f"{path}: {missing} of {len(tasks)} lines have no 'generate' field to score")
     return {"task": name, "n": len(tasks), "accuracy": 100.0 * sum(score(t["generate"], t) for t in tasks) / len(tasks)}
 
@@ -204,8 +193,7 @@ class TrainNgrams:
         if not len(g):
             return 0.0
         code, table = self.code(g.T), self.codes[n]
-        idx = np.clip(np.searchsorted(table, code), 0, len(table) - 1)
-        return float((table[idx] == code).mean())
+        return float((table[np.clip(np.searchsorted(table, code), 0, len(table) - 1)] == code).mean())
 
 
 def ngram_metrics(samples, train_ngrams=None):

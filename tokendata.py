@@ -1,6 +1,5 @@
 """Reading a prepared data folder (prepare.py writes it): meta.json and every shard checked when opened, TokenData's
 random windows from memmaps, each batch a pure function of (seed, index, step)."""
-import hashlib
 import os
 import re
 
@@ -8,10 +7,11 @@ import numpy as np
 import torch
 
 from cli import read_json
-from tokenizer import REPO_DIR, DataError, get_tokenizer
+from tokenizer import REPO_DIR, DataError, get_tokenizer, sha256_of
 
 DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "data", "shakespeare")
 SHARD = re.compile(r"(?:train|val)_(\d{5,})\.bin")  # a shard's file name, numbered on from the folder's last one
+SHARD_ENDS = 2 ** 16  # meta.json's "ends" of a shard: the sha256 of its first and last SHARD_ENDS bytes (prepare.py)
 
 
 def load_meta(data_dir):
@@ -33,17 +33,6 @@ def load_meta(data_dir):
     return meta
 
 
-def shard_ends(path, n=2 ** 16):
-    """sha256 of a shard's first and last n bytes (prepare.py stores it): another corpus's shard of the same size
-    differs there, and the check costs no more for a large corpus than for a small one."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(n))
-        f.seek(max(n, os.path.getsize(path) - n))
-        h.update(f.read())
-    return h.hexdigest()
-
-
 def open_shard(data_dir, shard, dtype, vocab_size):
     """A shard as a memmap, checked against meta.json: its size, every id below the vocabulary, its ends' hash."""
     path = os.path.join(data_dir, shard["file"])
@@ -57,7 +46,7 @@ def open_shard(data_dir, shard, dtype, vocab_size):
     top = max(int(arr[i:i + (1 << 24)].max()) for i in range(0, len(arr), 1 << 24))
     if top >= vocab_size:
         raise DataError(f"{path} holds token id {top}, outside the vocabulary of {vocab_size}")
-    if "ends" in shard and shard["ends"] != shard_ends(path):  # folders prepared before 2026-12-08 have none
+    if "ends" in shard and shard["ends"] != sha256_of(path, ends=SHARD_ENDS):  # none in folders before 2026-12-08
         raise DataError(f"{path} is not the shard meta.json describes (its contents differ); prepare the data again")
     return arr
 
@@ -68,8 +57,7 @@ class TokenData:
     def __init__(self, data_dir, seq_len):
         self.meta, self.data_dir, self.seq_len = load_meta(data_dir), data_dir, seq_len
         self.shards, self.starts, vocab = {}, {}, self.meta["vocab_size"]
-        n_vocab = get_tokenizer(self.meta["tokenizer"]).n_vocab  # a hand-edited tokenizer or vocab_size disagrees
-        if n_vocab != vocab:
+        if (n_vocab := get_tokenizer(self.meta["tokenizer"]).n_vocab) != vocab:  # an edited tokenizer or vocab_size
             raise DataError(f"{data_dir}/meta.json: tokenizer {self.meta['tokenizer']} has {n_vocab} ids, not its "
                             f"vocab_size {vocab}; prepare the data again")
         for split in ("train", "val"):

@@ -99,13 +99,14 @@ def materials(tmp, runs, data_dir):
     torch.save(flipped, str(tmp / "bitflip.pt"))
     torch.save({**ck, "step": -1000000}, str(tmp / "step_edit.pt"))
     torch.save({k: v for k, v in ck.items() if k != "checksum"}, str(tmp / "no_checksum.pt"))
+    torch.save({**ck, "checksum": ck["checksum"].removeprefix("sha256:")}, str(tmp / "old_checksum.pt"))  # pre-12-08
     looped, dag = [1], [0]  # a list inside itself; 24 levels of shared lists (2^24 paths, 25 lists)
     looped.append(looped)
     for _ in range(24):
         dag = [dag, dag]
     torch.save({**ck, "extra": looped}, str(tmp / "looped.pt"))
     torch.save({**ck, "extra": dag}, str(tmp / "dag.pt"))
-    m.update({n: str(tmp / f"{n}.pt") for n in ("bitflip", "step_edit", "no_checksum", "looped", "dag")})
+    m.update({n: str(tmp / f"{n}.pt") for n in ("bitflip", "step_edit", "no_checksum", "old_checksum", "looped", "dag")})
     # config values of the wrong kind, or of a size no machine holds, checksummed as a writer that checks nothing
     for name, field, value in (("float", "width", 64.0), ("zero", "width", 0), ("huge", "width", 10**12),
                                ("null", "width", None), ("text", "width", "abc"), ("wide", "width", 99_999_998),
@@ -229,6 +230,7 @@ prepare | --input {nonutf8} --out_dir {fresh}                            | is no
 sample  | --ckpt {bitflip}                                               | is corrupt: its contents do not match their checksum
 sample  | --ckpt {step_edit}                                             | is corrupt: its contents do not match their checksum
 sample  | --ckpt {no_checksum}                                           | has no checksum
+sample  | --ckpt {old_checksum}                                          | has no checksum (sha256:)
 sample  | --ckpt {looped}                                                | holds a list or dict in two places or inside itself
 sample  | --ckpt {dag}                                                   | holds a list or dict in two places or inside itself
 sample  | --ckpt {cfg_wide}                                              | the weights its configs ask for alone need
@@ -540,7 +542,6 @@ scaling | --train_args=--data_dir={bad_meta} --judge {ar}/ckpt.pt --out_root {fr
 scaling | --ablations {abl_up} --judge {ar}/ckpt.pt --out_root {fresh}    | must be a plain folder name
 scaling | --ablations {abl_two} --judge {ar}/ckpt.pt --out_root {fresh}   | two runs share the name x
 scaling | --ablations {abl_from} --judge {ar}/ckpt.pt --out_root {fresh}  | from=nope names no run
-prepare | --input {text} --out_dir {fresh} --workers 100000                | more than 4 per CPU core
 prepare | --input {text} --out_dir {locked} --tokenizer {tok}             | is being written by another prepare.py
 prepare | --input {deep} --out_dir {fresh} --tokenizer {tok}              | not a JSON object with a string 'text'
 prepare | --input {text} --out_dir {fresh} --tokenizer {deep_tok}         | is not a readable tokenizer.json
@@ -612,7 +613,7 @@ def test_prepare_overwrite_replaces_the_folder_whole_or_not_at_all(tmp_path, saf
     as it was; finished, it is the new one, without the old shards. Mutation: new shards under the old names (the
     old meta.json then refuses them as truncated or changed)."""
     out = str(tmp_path / "p")  # (a killed run's shard temporary is cleared by the next run, which holds the lock)
-    argv = ["--tokenizer", safe["tok"], "--min_seq_len", "16", "--workers", "1", "--out_dir", out, "--overwrite"]
+    argv = ["--tokenizer", safe["tok"], "--min_seq_len", "16", "--out_dir", out, "--overwrite"]
     prepare.main(argv + ["--input", safe["text"]])
     old = tokendata.load_meta(out)
     other = tmp_path / "other.txt"
@@ -680,7 +681,7 @@ def test_a_failed_plot_keeps_the_earlier_one(tmp_path, monkeypatch):
     temporary file left (every plot goes through cli.save_figure). Mutation: savefig straight to the path tears it."""
     import matplotlib.figure
     from cli import pyplot, save_figure
-    plt, path = pyplot(), str(tmp_path / "diagnostics.png")
+    plt, path = pyplot(), str(tmp_path / "training_curves.png")
     save_figure(plt, plt.figure(), path)
     before = open(path, "rb").read()
 
@@ -691,7 +692,7 @@ def test_a_failed_plot_keeps_the_earlier_one(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", torn)
     with pytest.raises(OSError):
         save_figure(plt, plt.figure(), path)
-    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["diagnostics.png"]
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["training_curves.png"]
 
 
 # script | the function inside main that the interrupt or the closed pipe hits | argv ({name}: safe() or {fresh})

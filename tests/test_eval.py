@@ -10,10 +10,9 @@ import torch.nn.functional as F
 import eval as ev
 import measures as ms
 import scoring as sc
-from diffusion import flow_path
 from baselines import LMConfig, TransformerLM, match_layers
 from baselines import ar_generate, llada_generate
-from decoder import SamplerConfig, generate
+from decoder import SamplerConfig
 from flops import lm_train_flops
 
 
@@ -157,7 +156,7 @@ def test_eval_json_keys(tmp_path, data_dir):
               "fm_cond_per_t_bin", "fm_history_gap", "fm_history_gap_stderr", "bits_per_token", "bits_per_token_elbo", "tasks", "task_accuracy",
               "distinct_2", "repetition_4", "unigram_entropy_bits", "judge_ppl", "gen_tokens_per_s",
               "passes_per_token", "train_flops", "sweep_steps", "seen_2gram_rate", "seen_3gram_rate",
-              "train_t_density_per_bin", "sdedit", "latent_fit", "history_drift", "prefix_prediction",
+              "train_t_density_per_bin", "prefix_prediction",
               "seen_2gram_rate_se", "sweep_noise_scale", "next_token_acc_point", "next_token_acc_point_no_history"):
         assert k in saved, k
     assert saved["next_token_acc"] == max(saved["prefix_prediction"].items(), key=lambda kv: int(kv[0][6:]))[1]
@@ -167,7 +166,7 @@ def test_eval_json_keys(tmp_path, data_dir):
     # re-scoring the written generations gives the accuracy eval.py reported
     assert sc.score_file(str(tmp_path / "cola" / "generations" / "t.jsonl"))["accuracy"] == saved["tasks"]["t"]
     assert saved["bits_per_token"] <= saved["bits_per_token_elbo"] + 1e-6  # IWAE is the tighter bound
-    for png in ("training_curves.png", "sweep_steps.png", "diagnostics.png"):
+    for png in ("training_curves.png", "sweep_steps.png"):
         assert (tmp_path / "cola" / png).exists(), png
     res_ar = ev.main(["--out_dir", str(tmp_path / "ar")] + small)
     assert res_ar["kind"] == "ar" and res_ar["bits_per_token"] > 0
@@ -229,13 +228,13 @@ def test_ablation_table_only_tabulates_finished_runs(tmp_path, capsys, dry_run_h
     for name in ("base", "fast"):
         os.makedirs(tmp_path / "runs" / name)
         json.dump({"kind": "cola", "train_flops": 1e13, "fm_cond": 1.0, "fm_uncond": 1.1, "judge": "J.pt",
-                   "sdedit": {"after_dit_1.0": 0.05}, "sweep_noise_scale": [{"noise_scale": 0.5, **sample}]},
+                   "next_token_acc": 0.25, "sweep_noise_scale": [{"noise_scale": 0.5, **sample}]},
                   open(tmp_path / "runs" / name / "eval.json", "w"))
     scaling.main(["--ablations", abl, "--table_only", "--out_root", str(tmp_path / "runs")])
     out = capsys.readouterr().out
     assert "not yet trained and evaluated: never" in out and "judge: J.pt" in out
     rows = [line for line in out.splitlines() if line.startswith("| base") or line.startswith("| fast")]
-    assert len(rows) == 2 and "0.50 ± 0.01 / 0.10 ± 0.02, 0.70, 1,234 ± 5" in rows[1]
+    assert len(rows) == 2 and "| 1.000 / 1.100 | 0.250 | - | 0.50 ± 0.01 / 0.10 ± 0.02, 0.70, 1,234 ± 5 |" in rows[1]
     assert not os.path.exists(tmp_path / "runs" / "never")  # nothing trained
 
 
@@ -260,7 +259,7 @@ def test_ablation_lines_start_from_base_and_name_their_stage1(tmp_path, monkeypa
         scaling.plan_ablations(scaling.get_args(["--ablations", bad]))
 
 
-# ---------------------------------------------------------------------------------------------------- generation diagnostics
+# -------------------------------------------------------------------------------------- the prior's next-token accuracy
 
 def oracle(model, true):
     """Make the model's guided velocity the exact one towards the latents `true` (B, bs, d): v = (z - true) / t."""
@@ -278,43 +277,21 @@ def fit_vae(model, x, steps=80):
     model.eval()
 
 
-def test_sdedit_with_an_oracle_prior_recovers_the_true_block():
-    """An exact prior lands on the true latents from any t0, so every 'after the DiT' accuracy equals the
-    accuracy of decoding the true latents. Mutation: decoding after a history other than the true one
-    (e.g. without the prefill) breaks the equality."""
+def test_prefix_prediction_with_an_oracle_prior_scores_the_true_block():
+    """An exact prior lands on the true latents whatever is known, so each accuracy equals that of decoding the
+    true latents on the positions not known. Mutation: decoding after a history other than the true one (e.g.
+    without the prefill) breaks the equality."""
     from test_generate import tiny_model
     model = tiny_model()
     x = torch.randint(0, 100, (6, 16))
-    fit_vae(model, x)  # so that decoding the true latents gets the tokens right, and the noisy start does not
+    fit_vae(model, x)  # so that decoding the true latents gets the tokens right
     hist, true = ms.true_block(model, x, 2)
-    target = x[:, 8:12]
-    exact = float((ms.decode_after(model, hist, true).argmax(-1) == target).float().mean())
-    assert exact > 0.5
-    res = ms.eval_sdedit(oracle(model, true), x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0))
-    for t0 in (0.25, 0.5, 0.75, 1.0):
-        assert res[f"after_dit_{t0}"] == pytest.approx(exact)
-    assert res["noisy_0.75"] != pytest.approx(exact)  # decoding the noisy start is not the same
-
-
-def test_sdedit_starts_from_the_noised_truth_at_t0(monkeypatch):
-    """With a constant velocity c, the sampler run from t0 ends at start - t0 c, where start is the true block
-    noised to t0. Mutation: a grid that starts at t = 1 whatever t0 (it ends at start - c), or a start drawn
-    from pure noise."""
-    from test_generate import tiny_model
-    model = tiny_model()
-    c = 0.3
-    model.guided_velocity = lambda z, t_tok, hist_valid, guidance, cache, hint=None, **kw: torch.full_like(z, c)
-    decoded = []
-    real = ms.decode_after
-    monkeypatch.setattr(ms, "decode_after", lambda m, hist, z: (decoded.append(z.clone()), real(m, hist, z))[1])
-    x = torch.randint(0, 100, (3, 16))
-    _, true = ms.true_block(model, x, 2)
-    ms.eval_sdedit(model, x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(1), t0s=(0.5, 0.75))
-    g = torch.Generator().manual_seed(1)
-    for i, t0 in enumerate((0.5, 0.75)):
-        start = flow_path(true, torch.randn(true.shape, generator=g), torch.tensor(t0))
-        assert torch.allclose(decoded[2 * i], start - t0 * c, atol=1e-5)  # after the DiT
-        assert torch.allclose(decoded[2 * i + 1], start, atol=1e-6)  # the noisy start itself
+    hit = (ms.decode_after(model, hist, true).argmax(-1) == x[:, 8:12]).float()
+    assert hit.mean() > 0.5
+    res = ms.eval_prefix_prediction(oracle(model, true), x, 2, steps=4, guidance=3.0,
+                                    generator=torch.Generator().manual_seed(0))
+    for k in (0, 2, 3):
+        assert res[f"known_{k}"] == pytest.approx(float(hit[:, k:].mean()))
 
 
 def test_prefix_prediction_pins_the_known_latents(monkeypatch):
@@ -343,42 +320,6 @@ def test_prefix_prediction_pins_the_known_latents(monkeypatch):
     decoded.clear()
     ms.eval_prefix_prediction(model, x, 2, 4, 1.0, torch.Generator().manual_seed(0), known=(1,), noise_scale=0.0)
     assert torch.allclose(decoded[0][:, 1:], torch.full_like(decoded[0][:, 1:], -1.0))
-
-
-def test_latent_fit_of_an_oracle_prior_equals_the_posterior():
-    from test_generate import tiny_model
-    model = tiny_model()
-    x = torch.randint(0, 100, (6, 16))
-    _, true = ms.true_block(model, x, 2)
-    res = ms.eval_latent_fit(oracle(model, true), x, 2, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0))
-    for k in ("maxprob", "entropy", "dist_to_reencoded"):
-        assert res[f"{k}_generated"] == pytest.approx(res[f"{k}_posterior"], abs=1e-4), k
-    assert res["dist_between_neighbours"] > 0
-
-
-def test_reencoded_history_is_what_the_caches_hold():
-    """With reencode_history, the next block is generated after a DiT cache that equals a fresh prefill of the
-    re-encoded text; without it, after the generated latents. The first block's drift is the same in both."""
-    from test_generate import tiny_model
-    model = tiny_model()
-    seen = {}
-    real = model.guided_velocity
-
-    def spy(z, t_tok, hist_valid, guidance, cache):
-        seen.setdefault(hist_valid.shape[1], [l.k.clone() for l in cache.layers])
-        return real(z, t_tok, hist_valid, guidance, cache)
-    model.guided_velocity = spy
-    drift = []
-    sampler = SamplerConfig(steps=4, guidance=3.0, stop_ids=())
-    g = lambda: torch.Generator().manual_seed(0)
-    out, _ = generate(model, [[5, 6, 7, 8]], 8, sampler, g(), on_block=ms.history_drift(model, drift, True))
-    text = torch.tensor([[5, 6, 7, 8] + out[0][:4]])
-    fresh = model.new_caches()
-    model.prefill(ms.reencode(model, text), torch.ones(1, 8, dtype=torch.bool), fresh)
-    assert all(torch.allclose(a, b.k, atol=1e-5) for a, b in zip(seen[8], fresh[0].layers))
-    drift_plain = []
-    generate(model, [[5, 6, 7, 8]], 8, sampler, g(), on_block=ms.history_drift(model, drift_plain))
-    assert drift[0] == pytest.approx(drift_plain[0]) and len(drift) == 2
 
 
 def test_training_t_density_matches_the_sampler():

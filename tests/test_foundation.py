@@ -256,14 +256,13 @@ SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "data", "shakespeare
 
 
 def test_streamed_prepare_equals_the_whole_file_split(tmp_path):
-    """Read in 3 KB blocks by 2 worker processes into 40K-token shards, the corpus gives exactly the tokens
-    and the split of encoding it whole. Mutation: cutting blocks after any newline (then '\n\n' splits into
-    two tokens), or routing chunks per block instead of per token position."""
+    """Read in 3 KB blocks into 40K-token shards, the corpus gives exactly the tokens and the split of encoding
+    it whole. Mutation: cutting blocks after any newline (then '\n\n' splits into two tokens), or routing chunks
+    per block instead of per token position."""
     from tokendata import TokenData
     text = open(SHAKESPEARE, encoding="utf-8").read()[:200_000]
     (tmp_path / "in.txt").write_text(text, encoding="utf-8")
-    meta = prepare(str(tmp_path / "in.txt"), str(tmp_path / "out"), seq_len=64, workers=2, block_bytes=3000,
-                   shard_tokens=40_000)
+    meta = prepare(str(tmp_path / "in.txt"), str(tmp_path / "out"), seq_len=64, block_bytes=3000, shard_tokens=40_000)
     assert len(meta["shards"]["train"]) > 1
     data = TokenData(str(tmp_path / "out"), 64)
     train, val = split_tokens(np.array(get_tokenizer().encode_ordinary(text)), 0.1, "chunks", meta["chunk"], 64)
@@ -306,7 +305,7 @@ def test_prepare_memory_is_bounded_by_the_block(tmp_path):
         corpus = tmp_path / f"c{n}.txt"
         corpus.write_text(text[:n], encoding="utf-8")
         tracemalloc.start()
-        prepare(str(corpus), str(tmp_path / f"o{n}"), seq_len=64, workers=1, block_bytes=16_384, shard_tokens=20_000)
+        prepare(str(corpus), str(tmp_path / f"o{n}"), seq_len=64, block_bytes=16_384, shard_tokens=20_000)
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     assert peaks[1] < 1.25 * peaks[0] and peaks[1] < 900_000 / 2, peaks

@@ -6,8 +6,8 @@ frequent). Trained in-process with the real losses (stage 1, then the joint stag
 What free generation showed here (docs/results.md): a prior that recovers 99% of a block after its true history
 derails within two or three blocks when its history is its own generated latents, though it decodes them to the
 right tokens: the generated latents sit 0.5-1.5 (in norm) from the re-encoding of their own tokens, off the
-posterior latents the prior was trained to read. Re-encoding each finished block's tokens before it becomes
-history (measures.history_drift) continues the passage without an error."""
+posterior latents the prior was trained to read. Re-encoding each finished block's tokens before it became
+history continued the passage without an error (measures.history_drift, since removed; commit 991a67d)."""
 import pytest
 import torch
 
@@ -74,9 +74,9 @@ def test_cola_prior_reads_its_history(cola):
     target = x[:, j * BS:(j + 1) * BS]
     hist, true = dg.true_block(cola, x, j)
     noise = torch.randn(true.shape, generator=g)
-    with_history = float((dg.decode_after(cola, hist, dg.denoise_from(cola, hist, noise, 1.0, 8, 1.0)).argmax(-1)
+    with_history = float((dg.decode_after(cola, hist, dg.denoise_from(cola, hist, noise, 8, 1.0)).argmax(-1)
                           == target).float().mean())
-    hidden = float((dg.decode_after(cola, hist, dg.denoise_from(cola, hist[:, :0], noise, 1.0, 8, 1.0)).argmax(-1)
+    hidden = float((dg.decode_after(cola, hist, dg.denoise_from(cola, hist[:, :0], noise, 8, 1.0)).argmax(-1)
                     == target).float().mean())
     const = constant_answer(target)
     print(f"block accuracy after the true history {with_history:.3f}, history hidden {hidden:.3f}, constant {const:.3f}")
@@ -86,20 +86,14 @@ def test_cola_prior_reads_its_history(cola):
 
 @torch.no_grad()
 def test_cola_free_generation_continues_the_passage(cola):
-    """Prompted with the passage's first 16 symbols, the sampler (16 steps, guidance 1) continues it for 8 blocks.
-    With each finished block re-encoded from its tokens before it becomes history, every block holds; from its
-    own generated latents the first block holds and later ones derail (printed: the level reached, not asserted).
+    """Prompted with the passage's first 16 symbols, the sampler (16 steps, guidance 1) continues it: the first block
+    holds; later ones, read from the prior's own generated latents, derail (printed: the level reached, not asserted).
     Mutation: the hidden-history mask above drops every block to chance."""
     cfg, truth = SamplerConfig(steps=16, guidance=1.0, stop_ids=(), repetition_penalty=1.0), PASSAGE[16:48].tolist()
-    accuracy = {}
-    for name, reencode in (("own latents", False), ("re-encoded", True)):
-        out, _ = generate(cola, [PASSAGE[:16].tolist()], 32, cfg, torch.Generator().manual_seed(3),
-                          on_block=dg.history_drift(cola, [], reencode))
-        accuracy[name] = [sum(a == b for a, b in zip(out[0][k:k + BS], truth[k:k + BS])) / BS for k in range(0, 32, BS)]
-        print(f"free generation, history = {name}: token accuracy per block {accuracy[name]}")
-    mean = {name: sum(acc) / len(acc) for name, acc in accuracy.items()}
-    assert accuracy["own latents"][0] >= 0.75
-    assert min(accuracy["re-encoded"]) >= 0.75 and mean["re-encoded"] >= mean["own latents"] + 0.2
+    out, _ = generate(cola, [PASSAGE[:16].tolist()], 32, cfg, torch.Generator().manual_seed(3))
+    accuracy = [sum(a == b for a, b in zip(out[0][k:k + BS], truth[k:k + BS])) / BS for k in range(0, 32, BS)]
+    print(f"free generation: token accuracy per block {accuracy}")
+    assert accuracy[0] >= 0.75
 
 
 @pytest.mark.parametrize("kind", ["ar", "llada"])
