@@ -39,7 +39,10 @@ def digest(obj):
         seen[id(o)] = None
         keys = sorted((k for k in o if k != "checksum"), key=repr) if isinstance(o, dict) else range(len(o))
         add(f"{type(o).__name__} {[*keys] if isinstance(o, dict) else len(o)!r}")
-        seen[id(o)] = (len(seen), [walk(o[k]) for k in keys])[0]  # its order counted before its contents'
+        order = len(seen)  # counted before its contents'
+        for k in keys:
+            walk(o[k])
+        seen[id(o)] = order
     try:
         walk(obj)
     except RecursionError:

@@ -210,8 +210,9 @@ def dry_run(script, flags):
     through the command line, never by importing each other; a bad flag is one line naming the script."""
     import subprocess
     path, key = os.path.join(os.path.dirname(os.path.abspath(__file__)), script), (script, tuple(flags))
-    out = _DRY_RUNS.get(key) or _DRY_RUNS.setdefault(key, subprocess.run(
-        [sys.executable, path, "--dry_run", *flags], capture_output=True, text=True))
+    if key not in _DRY_RUNS:
+        _DRY_RUNS[key] = subprocess.run([sys.executable, path, "--dry_run", *flags], capture_output=True, text=True)
+    out = _DRY_RUNS[key]
     if out.returncode:
         last = (out.stderr.strip().splitlines() or ["failed"])[-1]
         fail(f"{script} {' '.join(flags)}: {last.removeprefix('error: ')}")

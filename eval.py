@@ -55,8 +55,7 @@ def get_args(argv=None):
     arg("--fm_batches", type=positive_int, default=32, help="held-out batches for the FM history comparison (Cola)")
     arg("--ll_steps", type=positive_int, default=16, help="midpoint steps of Cola's CNF likelihood solve")
     arg("--iwae_k", type=positive_int, default=2, help="posterior samples per sequence for Cola's bounds")
-    arg("--diag_windows", type=nonneg_int, default=64, help="0: skip the prior's next-token accuracy (Cola)")
-    arg("--prefix_windows", type=positive_int, default=512, help="held-out windows for the prior's next-token accuracy")
+    arg("--prefix_windows", type=nonneg_int, default=512, help="held-out windows, Cola's next-token accuracy (0: skip)")
     arg("--tasks", nargs="*", type=readable_file, default=[], help="JSONL task files to generate answers for, scored")
     arg("--testbed", type=nonneg_int, default=0, help="held-out prompts: the testbed's measures only (testbed.py)")
     arg("--builtin_n", type=nonneg_int, default=32, help="examples per built-in task (0: skip them)")
@@ -197,7 +196,7 @@ def evaluate(args):
             res.update(eval_vae(model, batches, targs.get("beta", 1e-3), targs.get("mask_prob", 0.15), g))
             res.update(eval_history_gap(model, data, args.fm_batches, args.batch_size, args.seed, g, targs))
         res.update(eval_likelihood(model, kind, batches, env["sampler"].stop_ids[0], g, args.iwae_k, args.ll_steps))
-        if kind == "cola" and args.diag_windows:  # the prior's next-token accuracy
+        if kind == "cola" and args.prefix_windows:  # the prior's next-token accuracy
             xp = data.batch("val", args.prefix_windows, batch_seed(args.seed + 95, 0, 0), device)
             j = min(47, xp.shape[1] - 1) // (model.block_size * model.vae.cfg.patch_size)  # token 47's block
             res["prefix_prediction"] = eval_prefix_prediction(model, xp, j, args.steps, args.guidance, g)

@@ -283,7 +283,7 @@ def run_all(a):
             rows.append({**res, "name": m, "flags": flags if m == "base" else flags[n_base:]})
             continue
         user = [v for k, v in res.get("tasks", {}).items() if k not in ("lambada_style", "ending_choice")]
-        acc = res.get("next_token_acc" if m == "cola" else "val_acc")  # none: not measured (--diag_windows 0)
+        acc = res.get("next_token_acc" if m == "cola" else "val_acc")  # none: not measured (--prefix_windows 0)
         rows.append({**res, "level": level, **res.get("tasks", {}), "next_token_acc": acc,
                      "user_tasks": sum(user) / len(user) if user else None})
     md = (ablation_table if a.ablations else table)(rows)

@@ -212,7 +212,7 @@ sample  | --init_from {empty_dir}                                        | cola_
 eval    | --ckpt {cola}/ckpt.pt --batches 0                              | argument --batches: must be >= 1
 eval    | --ckpt {cola}/ckpt.pt --steps 0                                | argument --steps: must be >= 1
 eval    | --ckpt {cola}/ckpt.pt --sample_repeats 0                       | argument --sample_repeats
-eval    | --ckpt {cola}/ckpt.pt --diag_windows -3                        | argument --diag_windows: must be >= 0
+eval    | --ckpt {cola}/ckpt.pt --prefix_windows -3                      | argument --prefix_windows: must be >= 0
 eval    | --ckpt {cola}/ckpt.pt --sweep_steps a,b                        | is not a comma list of integers
 eval    | --ckpt {cola}/ckpt.pt --results {unwritable}/eval.json         | --results
 eval    | --ckpt {cola}/ckpt.pt --tasks {nonutf8}                        | is not UTF-8 text
@@ -456,7 +456,7 @@ def test_overwrite_replaces_a_checkpoint_of_another_kind(tmp_path, runs, data_di
 # (--overwrite); every check runs before the work.
 
 SMALL_EVAL = ["--batches", "1", "--batch_size", "2", "--builtin_n", "2", "--n_samples", "2", "--sample_len", "8",
-              "--task_max_new", "4", "--sample_repeats", "1", "--diag_windows", "0", "--fm_batches", "2",
+              "--task_max_new", "4", "--sample_repeats", "1", "--prefix_windows", "0", "--fm_batches", "2",
               "--ll_steps", "2", "--iwae_k", "1", "--steps", "2"]
 
 

@@ -149,7 +149,7 @@ def test_eval_json_keys(tmp_path, data_dir):
     small = ["--batches", "1", "--batch_size", "2", "--fm_batches", "2", "--ll_steps", "2", "--iwae_k", "2", "--builtin_n", "2",
              "--n_samples", "2", "--sample_len", "8", "--task_max_new", "4", "--steps", "2", "--tasks", task,
              "--prefix_windows", "4"]
-    ev.main(["--out_dir", str(tmp_path / "cola"), "--judge", judge, "--sweep_steps", "1,2", "--diag_windows", "2",
+    ev.main(["--out_dir", str(tmp_path / "cola"), "--judge", judge, "--sweep_steps", "1,2",
              "--sweep_noise", "1,0.5", "--sample_repeats", "2"] + small)
     saved = json.load(open(tmp_path / "cola" / "eval.json"))
     for k in ("recon_acc", "mask_acc", "logsnr", "recon_acc_vs_t", "fm", "fm_cond", "fm_uncond",
